@@ -1,0 +1,77 @@
+//! The compute device from a `--device` string: `cpu`, or `cuda:N` (LibTorch builds only).
+//!
+//! Backend choice is a build feature: `flex` (default, pure Rust) or `tch` (LibTorch). When both are
+//! compiled in, LibTorch is used.
+
+use crate::error::{ModelError, Result};
+use burn::tensor::Device;
+
+/// Which backend this binary computes with.
+pub fn backend_name() -> &'static str {
+    if cfg!(feature = "tch") { "tch" } else { "flex" }
+}
+
+/// Parses `cpu` or `cuda:N` (`cuda` = `cuda:0`).
+#[allow(deprecated)] // burn marks its LibTorch devices deprecated; the tch feature keeps them in use.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    if spec == "cpu" {
+        #[cfg(feature = "tch")]
+        return Ok(Device::libtorch());
+        #[cfg(all(feature = "flex", not(feature = "tch")))]
+        return Ok(Device::flex());
+        #[cfg(not(any(feature = "flex", feature = "tch")))]
+        return Err(ModelError::Device(
+            spec.into(),
+            "no backend compiled in; build with --features flex or tch".into(),
+        ));
+    }
+    if let Some(rest) = spec.strip_prefix("cuda") {
+        let index = match rest.strip_prefix(':') {
+            Some(n) => n.parse::<usize>().map_err(|_| {
+                ModelError::Device(spec.into(), "expected cuda:N with N a GPU index".into())
+            })?,
+            None if rest.is_empty() => 0,
+            None => {
+                return Err(ModelError::Device(
+                    spec.into(),
+                    "expected `cpu` or `cuda:N`".into(),
+                ));
+            }
+        };
+        #[cfg(feature = "tch")]
+        return Ok(Device::libtorch_cuda(index));
+        #[cfg(not(feature = "tch"))]
+        {
+            let _ = index;
+            return Err(ModelError::Device(
+                spec.into(),
+                "CUDA needs the LibTorch backend: rebuild with `--no-default-features --features tch`"
+                    .into(),
+            ));
+        }
+    }
+    Err(ModelError::Device(
+        spec.into(),
+        "expected `cpu` or `cuda:N`".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_rejects_nonsense() {
+        assert!(parse_device("cpu").is_ok());
+        let e = parse_device("gpu0").unwrap_err().to_string();
+        assert!(e.contains("expected `cpu` or `cuda:N`"), "{e}");
+        let e = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(e.contains("cuda:N"), "{e}");
+        #[cfg(not(feature = "tch"))]
+        {
+            let e = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(e.contains("--features tch"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The shared model crate of the RLHF pipeline: causal language models on burn (Llama family and
+//! GPT-2, read from Hugging Face `config.json`), an LM head and a scalar head for reward and value
+//! models, a training forward over padded batches, an incremental forward with an external KV
+//! cache, batched sampling, Hugging Face checkpoint folders (safetensors in, safetensors out), and
+//! tokenizers (load `tokenizer.json`, or train a byte-level BPE).
+//!
+//! It is not a trainer: optimisers, schedules and data live in the stage crates; [`ops`] holds the
+//! few tensor functions they all share.
+
+pub mod batch;
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod ops;
+pub mod tokenizer;
+pub mod transformer;
+pub mod weights;
+
+pub use batch::TokenBatch;
+pub use checkpoint::{Loaded, load, save};
+pub use config::{Family, ModelConfig};
+pub use device::{backend_name, parse_device};
+pub use error::{ModelError, Result};
+pub use generate::{Generation, SamplingConfig, generate};
+pub use tokenizer::{PromptTemplate, Tokenizer};
+pub use transformer::{CausalLm, KvCache};
+pub use weights::SafetensorsFiles;

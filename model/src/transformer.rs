@@ -1,0 +1,623 @@
+//! The decoder-only transformer: Llama family (RMSNorm, RoPE, SwiGLU, grouped-query attention;
+//! Touvron et al. 2023, `transformers` `modeling_llama.py`) and GPT-2 (LayerNorm, learned
+//! positions, gelu_new; Radford et al. 2019, `modeling_gpt2.py`), with an LM head and an optional
+//! scalar head (reward / value).
+//!
+//! Two forward paths share one implementation: [`CausalLm::forward`] over a whole padded batch (for
+//! training and scoring), and [`CausalLm::forward_cached`], which appends to a [`KvCache`] passed in
+//! from outside (for generation). Position ids are derived from the attention mask, so a left-padded
+//! row gives the same outputs as the same row unpadded.
+
+use crate::batch::TokenBatch;
+use crate::config::{Activation, Family, ModelConfig};
+use crate::error::Result;
+use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::sync::Arc;
+
+/// Additive attention bias for masked positions. Finite, so that a fully masked row (a padding
+/// query) gives uniform weights rather than NaN.
+const MASKED: f32 = -1e9;
+
+/// RMSNorm (Llama) or LayerNorm (GPT-2), computed in f32.
+#[derive(Module, Debug)]
+struct Norm {
+    weight: Param<Tensor<1>>,
+    bias: Option<Param<Tensor<1>>>,
+    #[module(skip)]
+    eps: f64,
+    #[module(skip)]
+    rms: bool,
+}
+
+impl Norm {
+    /// x: [b, t, d]
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = if self.rms {
+            let inv = x
+                .clone()
+                .powi_scalar(2)
+                .mean_dim(2)
+                .add_scalar(self.eps)
+                .sqrt()
+                .recip();
+            x * inv
+        } else {
+            let mean = x.clone().mean_dim(2);
+            let centered = x - mean;
+            let var = centered.clone().powi_scalar(2).mean_dim(2);
+            centered * var.add_scalar(self.eps).sqrt().recip()
+        };
+        let x = x * self.weight.val().unsqueeze::<3>();
+        match &self.bias {
+            Some(b) => x + b.val().unsqueeze::<3>(),
+            None => x,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+struct Attention {
+    /// q | k | v fused: [d, (heads + 2·kv_heads)·head_dim].
+    qkv: Linear,
+    o: Linear,
+}
+
+#[derive(Module, Debug)]
+struct Mlp {
+    /// gate | up fused for SwiGLU ([d, 2·inter]); `c_fc` for GPT-2 ([d, inter]).
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Module, Debug)]
+struct Block {
+    norm1: Norm,
+    attn: Attention,
+    norm2: Norm,
+    mlp: Mlp,
+}
+
+/// Keys and values of the tokens seen so far, per layer, plus what each row's next position is.
+/// Created empty by [`KvCache::new`] and filled by [`CausalLm::forward_cached`].
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    /// Per layer: (k, v), each [b, kv_heads, t_past, head_dim].
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// [b][t_past]: whether each cached key is a real token (false for padding).
+    key_mask: Vec<Vec<bool>>,
+    /// [b]: the position id the next real token of each row gets.
+    next_position: Vec<i64>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, batch: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            key_mask: vec![Vec::new(); batch],
+            next_position: vec![0; batch],
+        }
+    }
+
+    /// Number of cached positions (padding included).
+    pub fn len(&self) -> usize {
+        self.key_mask.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A causal language model with an LM head and an optional scalar head.
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    embed: Embedding,
+    /// GPT-2's learned position table; None for RoPE models.
+    positions: Option<Embedding>,
+    layers: Vec<Block>,
+    norm: Norm,
+    /// Untied LM head; None when the head is tied to `embed`.
+    lm_head: Option<Linear>,
+    /// Scalar head `[d, 1]` (reward / value), HF `score`.
+    score: Option<Linear>,
+    dropout: Dropout,
+    #[module(skip)]
+    config: Arc<ModelConfig>,
+    #[module(skip)]
+    specs: Arc<Vec<ParamSpec>>,
+    /// RoPE inverse frequencies [head_dim / 2] (llama3 scaling applied).
+    #[module(skip)]
+    inv_freq: Arc<Vec<f32>>,
+}
+
+fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    if cfg.family != Family::Llama {
+        return Vec::new();
+    }
+    let dim = cfg.head_dim;
+    // As transformers: base ** (arange(0, dim, 2) / dim) in f32.
+    let mut inv: Vec<f32> = (0..dim / 2)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / dim as f32))
+        .collect();
+    if let Some(s) = cfg.rope_llama3 {
+        let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+        let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+        for f in inv.iter_mut() {
+            let freq = *f as f64;
+            let wavelen = std::f64::consts::TAU / freq;
+            let scaled = if wavelen > low_wavelen {
+                freq / s.factor
+            } else {
+                freq
+            };
+            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            let out = if medium {
+                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * scaled / s.factor + smooth * scaled
+            } else {
+                scaled
+            };
+            *f = out as f32;
+        }
+    }
+    inv
+}
+
+impl CausalLm {
+    fn build(cfg: &ModelConfig, b: &mut Builder, scalar_head: bool) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let std = cfg.initializer_range;
+        // GPT-2's scaled init of the residual projections, for new models.
+        let proj_std = std / (2.0 * cfg.num_layers as f64).sqrt();
+        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let rms = cfg.family == Family::Llama;
+        let norm_bias = !rms;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        let (embed, positions) = match cfg.family {
+            Family::Llama => (
+                b.embedding("model.embed_tokens.weight", cfg.vocab_size, d, std)?,
+                None,
+            ),
+            Family::Gpt2 => (
+                b.embedding("transformer.wte.weight", cfg.vocab_size, d, std)?,
+                Some(b.embedding(
+                    "transformer.wpe.weight",
+                    cfg.max_position_embeddings,
+                    d,
+                    0.01,
+                )?),
+            ),
+        };
+        for l in 0..cfg.num_layers {
+            let block = match cfg.family {
+                Family::Llama => {
+                    let p = format!("model.layers.{l}");
+                    let a = format!("{p}.self_attn");
+                    let m = format!("{p}.mlp");
+                    Block {
+                        norm1: norm(b, &format!("{p}.input_layernorm"), cfg, false)?,
+                        attn: Attention {
+                            qkv: b.linear(
+                                &[
+                                    (&format!("{a}.q_proj"), h * hd),
+                                    (&format!("{a}.k_proj"), kv * hd),
+                                    (&format!("{a}.v_proj"), kv * hd),
+                                ],
+                                d,
+                                cfg.qkv_bias,
+                                Layout::OutIn,
+                                std,
+                            )?,
+                            o: b.linear(
+                                &[(&format!("{a}.o_proj"), d)],
+                                h * hd,
+                                cfg.o_bias,
+                                Layout::OutIn,
+                                proj_std,
+                            )?,
+                        },
+                        norm2: norm(b, &format!("{p}.post_attention_layernorm"), cfg, false)?,
+                        mlp: Mlp {
+                            up: b.linear(
+                                &[
+                                    (&format!("{m}.gate_proj"), cfg.intermediate_size),
+                                    (&format!("{m}.up_proj"), cfg.intermediate_size),
+                                ],
+                                d,
+                                cfg.mlp_bias,
+                                Layout::OutIn,
+                                std,
+                            )?,
+                            down: b.linear(
+                                &[(&format!("{m}.down_proj"), d)],
+                                cfg.intermediate_size,
+                                cfg.mlp_bias,
+                                Layout::OutIn,
+                                proj_std,
+                            )?,
+                        },
+                    }
+                }
+                Family::Gpt2 => {
+                    let p = format!("transformer.h.{l}");
+                    Block {
+                        norm1: norm(b, &format!("{p}.ln_1"), cfg, norm_bias)?,
+                        attn: Attention {
+                            qkv: b.linear(
+                                &[(&format!("{p}.attn.c_attn"), 3 * d)],
+                                d,
+                                true,
+                                Layout::InOut,
+                                std,
+                            )?,
+                            o: b.linear(
+                                &[(&format!("{p}.attn.c_proj"), d)],
+                                d,
+                                true,
+                                Layout::InOut,
+                                proj_std,
+                            )?,
+                        },
+                        norm2: norm(b, &format!("{p}.ln_2"), cfg, norm_bias)?,
+                        mlp: Mlp {
+                            up: b.linear(
+                                &[(&format!("{p}.mlp.c_fc"), cfg.intermediate_size)],
+                                d,
+                                true,
+                                Layout::InOut,
+                                std,
+                            )?,
+                            down: b.linear(
+                                &[(&format!("{p}.mlp.c_proj"), d)],
+                                cfg.intermediate_size,
+                                true,
+                                Layout::InOut,
+                                proj_std,
+                            )?,
+                        },
+                    }
+                }
+            };
+            layers.push(block);
+        }
+        let final_norm = match cfg.family {
+            Family::Llama => norm(b, "model.norm", cfg, false)?,
+            Family::Gpt2 => norm(b, "transformer.ln_f", cfg, true)?,
+        };
+        // A sequence classifier has no LM head in HF; ours keeps the embedding-tied one (or a
+        // fresh untied one) so that a value model can still be inspected, but it is not saved.
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let has_file_head = match &b.source {
+                crate::weights::Source::File(f) => f.contains("lm_head.weight"),
+                crate::weights::Source::Random(_) => true,
+            };
+            if has_file_head {
+                Some(b.linear(&[("lm_head", cfg.vocab_size)], d, false, Layout::OutIn, std)?)
+            } else {
+                // Reading a sequence classifier: nothing to load; a fresh head is not recorded.
+                let mut fresh = Builder::random(0, &b.device);
+                Some(fresh.linear(&[("lm_head", cfg.vocab_size)], d, false, Layout::OutIn, std)?)
+            }
+        };
+        let score = if scalar_head {
+            Some(b.linear(
+                &[("score", 1)],
+                d,
+                false,
+                Layout::OutIn,
+                1.0 / (d as f64 + 1.0).sqrt(),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embed,
+            positions,
+            layers,
+            norm: final_norm,
+            lm_head,
+            score,
+            dropout: DropoutConfig::new(cfg.dropout).init(),
+            inv_freq: Arc::new(rope_inv_freq(cfg)),
+            config: Arc::new(cfg.clone()),
+            specs: Arc::new(std::mem::take(&mut b.specs)),
+        })
+    }
+
+    /// A new model with seeded random weights.
+    pub fn new(cfg: &ModelConfig, scalar_head: bool, seed: u64, device: &Device) -> Result<Self> {
+        let mut b = Builder::random(seed, device);
+        Self::build(cfg, &mut b, scalar_head)
+    }
+
+    /// A model with the weights of `files`; `scalar_head` reads `score.weight` too.
+    pub fn from_safetensors(
+        cfg: &ModelConfig,
+        files: &SafetensorsFiles,
+        scalar_head: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut b = Builder::from_files(files, device);
+        Self::build(cfg, &mut b, scalar_head)
+    }
+
+    /// Adds a freshly initialised scalar head (a reward model started from a policy); keeps an
+    /// existing one.
+    pub fn with_scalar_head(mut self, seed: u64) -> Self {
+        if self.score.is_some() {
+            return self;
+        }
+        let device = self.embed.weight.val().device();
+        let d = self.config.hidden_size;
+        let mut b = Builder::random(seed, &device);
+        let score = b
+            .linear(
+                &[("score", 1)],
+                d,
+                false,
+                Layout::OutIn,
+                1.0 / (d as f64 + 1.0).sqrt(),
+            )
+            .expect("random init cannot fail");
+        let mut specs = (*self.specs).clone();
+        specs.extend(b.specs);
+        self.specs = Arc::new(specs);
+        self.score = Some(score);
+        self
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn has_scalar_head(&self) -> bool {
+        self.score.is_some()
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed.weight.val().device()
+    }
+
+    /// The model's tensors under their HF names, as saved (f32). A model with a scalar head is
+    /// saved as `*ForSequenceClassification`, which has no LM head.
+    pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut t = hf_tensors(self, &self.specs);
+        if self.score.is_some() {
+            t.retain(|(n, _, _)| n != "lm_head.weight");
+        }
+        t
+    }
+
+    /// Hidden states after the final norm. tokens/mask: [b, t] → [b, t, d].
+    pub fn forward(&self, batch: &TokenBatch) -> Tensor<3> {
+        let mut cache = KvCache::new(self.layers.len(), batch.batch);
+        self.forward_cached(batch, &mut cache)
+    }
+
+    /// Runs `batch` after what `cache` holds and appends its keys and values to the cache.
+    /// Padding tokens in `batch` (mask 0) are never attended to. Returns hidden states
+    /// [b, t_new, d].
+    pub fn forward_cached(&self, batch: &TokenBatch, cache: &mut KvCache) -> Tensor<3> {
+        let device = self.device();
+        let (bsz, t) = (batch.batch, batch.seq);
+        let past = cache.len();
+        // Positions: each row continues from its own next position; padding takes the position
+        // of the next real token (its value never matters, it is masked as a key).
+        let mut pos = Vec::with_capacity(bsz * t);
+        for (r, next) in cache.next_position.iter_mut().enumerate() {
+            for j in 0..t {
+                pos.push(*next);
+                if batch.mask[r * t + j] {
+                    *next += 1;
+                }
+            }
+            cache.key_mask[r].extend_from_slice(&batch.mask[r * t..(r + 1) * t]);
+        }
+        // Attention bias [b, 1, t, past + t]: masked keys and the future.
+        let total = past + t;
+        let mut bias = vec![0f32; bsz * t * total];
+        for r in 0..bsz {
+            let km = &cache.key_mask[r];
+            for i in 0..t {
+                let row = &mut bias[(r * t + i) * total..(r * t + i + 1) * total];
+                for (j, v) in row.iter_mut().enumerate() {
+                    if j > past + i || !km[j] {
+                        *v = MASKED;
+                    }
+                }
+            }
+        }
+        let bias: Tensor<4> = Tensor::from_data(TensorData::new(bias, [bsz, 1, t, total]), &device);
+        let tokens: Tensor<2, Int> = Tensor::from_data(
+            TensorData::new(
+                batch.tokens.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+                [bsz, t],
+            ),
+            &device,
+        );
+        let mut x = self.embed.forward(tokens);
+        let rope = match &self.positions {
+            Some(table) => {
+                let max = self.config.max_position_embeddings as i64 - 1;
+                let p: Vec<i64> = pos.iter().map(|&p| p.min(max)).collect();
+                let p: Tensor<2, Int> = Tensor::from_data(TensorData::new(p, [bsz, t]), &device);
+                x = x + table.forward(p);
+                None
+            }
+            None => Some(self.rope_tables(&pos, bsz, t, &device)),
+        };
+        x = self.dropout.forward(x);
+        for (l, block) in self.layers.iter().enumerate() {
+            let h = block.norm1.forward(x.clone());
+            let a = self.attention(&block.attn, h, &bias, rope.as_ref(), &mut cache.layers[l]);
+            x = x + self.dropout.forward(a);
+            let h = block.norm2.forward(x.clone());
+            let m = self.mlp(&block.mlp, h);
+            x = x + self.dropout.forward(m);
+        }
+        self.norm.forward(x)
+    }
+
+    /// cos and sin tables [b, 1, t, head_dim] for RoPE at the given positions.
+    fn rope_tables(
+        &self,
+        pos: &[i64],
+        bsz: usize,
+        t: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let half = self.inv_freq.len();
+        let hd = 2 * half;
+        let mut cos = Vec::with_capacity(pos.len() * hd);
+        let mut sin = Vec::with_capacity(pos.len() * hd);
+        for &p in pos {
+            let start = cos.len();
+            for &f in self.inv_freq.iter() {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+            cos.extend_from_within(start..start + half);
+            sin.extend_from_within(start..start + half);
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [bsz, 1, t, hd]), device),
+            Tensor::from_data(TensorData::new(sin, [bsz, 1, t, hd]), device),
+        )
+    }
+
+    /// x: [b, t, d] → [b, t, d]
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: Tensor<3>,
+        bias: &Tensor<4>,
+        rope: Option<&(Tensor<4>, Tensor<4>)>,
+        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+    ) -> Tensor<3> {
+        let cfg = &*self.config;
+        let [bsz, t, _] = x.dims();
+        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let qkv = attn.qkv.forward(x);
+        let q = qkv.clone().slice([0..bsz, 0..t, 0..h * hd]);
+        let k = qkv.clone().slice([0..bsz, 0..t, h * hd..(h + kv) * hd]);
+        let v = qkv.slice([0..bsz, 0..t, (h + kv) * hd..(h + 2 * kv) * hd]);
+        let q = q.reshape([bsz, t, h, hd]).swap_dims(1, 2);
+        let mut k = k.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
+        let v = v.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
+        let q = match rope {
+            Some((cos, sin)) => {
+                k = apply_rope(k, cos, sin);
+                apply_rope(q, cos, sin)
+            }
+            None => q,
+        };
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let total = k.dims()[2];
+        let (k, v) = if h == kv {
+            (k, v)
+        } else {
+            let rep = h / kv;
+            let expand = |x: Tensor<4>| {
+                x.reshape([bsz, kv, 1, total, hd])
+                    .expand([bsz, kv, rep, total, hd])
+                    .reshape([bsz, h, total, hd])
+            };
+            (expand(k), expand(v))
+        };
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt())
+            + bias.clone();
+        let ctx = softmax(scores, 3).matmul(v);
+        let ctx = ctx.swap_dims(1, 2).reshape([bsz, t, h * hd]);
+        attn.o.forward(ctx)
+    }
+
+    fn mlp(&self, mlp: &Mlp, x: Tensor<3>) -> Tensor<3> {
+        let up = mlp.up.forward(x);
+        let hidden = match self.config.activation {
+            Activation::Silu => {
+                let [b, t, two_i] = up.dims();
+                let i = two_i / 2;
+                let gate = up.clone().slice([0..b, 0..t, 0..i]);
+                let up = up.slice([0..b, 0..t, i..two_i]);
+                silu(gate) * up
+            }
+            Activation::GeluTanh => gelu_tanh(up),
+            Activation::Gelu => gelu(up),
+        };
+        mlp.down.forward(hidden)
+    }
+
+    /// LM logits. hidden: [b, t, d] → [b, t, vocab]
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, d] = hidden.dims();
+                let w = self.embed.weight.val();
+                let v = w.dims()[0];
+                hidden
+                    .reshape([b * t, d])
+                    .matmul(w.transpose())
+                    .reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Scalar head at every position. hidden: [b, t, d] → [b, t]. Panics without a scalar head.
+    pub fn scalar(&self, hidden: Tensor<3>) -> Tensor<2> {
+        let head = self.score.as_ref().expect("model has no scalar head");
+        let [b, t, _] = hidden.dims();
+        head.forward(hidden).reshape([b, t])
+    }
+
+    /// The scalar head's value at each row's last real token (as HF's sequence classifiers pool).
+    /// → [b]
+    pub fn scalar_last(&self, batch: &TokenBatch, hidden: Tensor<3>) -> Tensor<1> {
+        let values = self.scalar(hidden);
+        let idx: Vec<i64> = batch.last_real_index().iter().map(|&i| i as i64).collect();
+        let n = idx.len();
+        let idx: Tensor<2, Int> = Tensor::from_data(TensorData::new(idx, [n, 1]), &values.device());
+        values.gather(1, idx).reshape([n])
+    }
+}
+
+fn norm(b: &mut Builder, prefix: &str, cfg: &ModelConfig, bias: bool) -> Result<Norm> {
+    let (weight, bias) = b.norm_params(prefix, cfg.hidden_size, bias)?;
+    Ok(Norm {
+        weight,
+        bias,
+        eps: cfg.norm_eps,
+        rms: cfg.family == Family::Llama,
+    })
+}
+
+/// x: [b, h, t, hd]; cos, sin: [b, 1, t, hd]. rotate_half layout, as transformers.
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [b, h, t, hd] = x.dims();
+    let half = hd / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..t, half..hd]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// GELU, tanh approximation (`gelu_new`).
+fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let c = (2.0f64 / std::f64::consts::PI).sqrt();
+    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar(c);
+    x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+}

@@ -1,0 +1,439 @@
+//! Weights in Hugging Face safetensors files: reading one file or a sharded set (f32, bf16, f16,
+//! all computed in f32), the builder that creates every parameter of a model either from a file or
+//! from a seeded random init, and writing a model back under its HF tensor names.
+//!
+//! Each parameter is created in exactly one place ([`Builder`]) with the HF names it comes from; the
+//! builder records them ([`ParamSpec`]), so saving needs no second list of names.
+
+use crate::error::{ModelError, Result, io_err};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// How a weight matrix is stored in the HF file, relative to burn's `[in, out]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// `nn.Linear`: `[out, in]`; transposed on load and on save.
+    OutIn,
+    /// GPT-2 `Conv1D`: already `[in, out]`.
+    InOut,
+    /// Vectors and embedding tables: stored as they are.
+    Same,
+}
+
+/// One model parameter and the HF tensors it is made of. A fused parameter (q|k|v, gate|up) lists
+/// several tensors, concatenated along the output dimension in the given order.
+#[derive(Clone, Debug)]
+pub(crate) struct ParamSpec {
+    pub id: ParamId,
+    /// (HF tensor name, width along the output dimension).
+    pub parts: Vec<(String, usize)>,
+    pub layout: Layout,
+}
+
+/// The tensors of a checkpoint: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub struct SafetensorsFiles {
+    files: Vec<(PathBuf, Vec<u8>)>,
+    /// tensor name → index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsFiles {
+    /// Opens the weights of the model folder `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if single.exists() {
+            vec!["model.safetensors".into()]
+        } else if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Json {
+                    path: index_path.clone(),
+                    msg: format!("not valid JSON: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::ConfigKey {
+                    path: index_path.clone(),
+                    key: "weight_map".into(),
+                    msg: "is missing or not an object".into(),
+                })?;
+            let set: BTreeSet<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
+            set.into_iter().collect()
+        } else {
+            return Err(ModelError::Io {
+                path: single,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors nor model.safetensors.index.json in the model folder",
+                ),
+            });
+        };
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for name in shard_names {
+            let path = dir.join(&name);
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+            for n in st.names() {
+                index.insert(n.to_string(), files.len());
+            }
+            drop(st);
+            files.push((path, bytes));
+        }
+        Ok(Self { files, index })
+    }
+
+    /// The path used in messages about tensor `name` (its shard, or the first file).
+    pub fn path_of(&self, name: &str) -> &Path {
+        let i = self.index.get(name).copied().unwrap_or(0);
+        &self.files[i].0
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Dtypes found in the files, e.g. `["BF16"]`.
+    pub fn dtypes(&self) -> Vec<String> {
+        let mut set = BTreeSet::new();
+        for (_, bytes) in &self.files {
+            if let Ok(st) = SafeTensors::deserialize(bytes) {
+                for (_, view) in st.tensors() {
+                    set.insert(format!("{:?}", view.dtype()));
+                }
+            }
+        }
+        set.into_iter().collect()
+    }
+
+    /// Reads tensor `name`, checks its shape, and converts it to f32.
+    pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let Some(&i) = self.index.get(name) else {
+            return Err(ModelError::MissingTensor {
+                path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+                name: name.to_string(),
+            });
+        };
+        let (path, bytes) = &self.files[i];
+        let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let view = st.tensor(name).map_err(|e| ModelError::Safetensors {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        if view.shape() != expected {
+            return Err(ModelError::TensorShape {
+                path: path.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let data = view.data();
+        let out = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::TensorDtype {
+                    path: path.clone(),
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        Ok(out)
+    }
+}
+
+/// Where new parameters come from.
+pub(crate) enum Source<'a> {
+    /// Normal(0, std) weights from a seeded generator; biases zero, norm weights one.
+    Random(StdRng),
+    File(&'a SafetensorsFiles),
+}
+
+/// Creates parameters on a device and records their HF names.
+pub(crate) struct Builder<'a> {
+    pub source: Source<'a>,
+    pub device: Device,
+    pub specs: Vec<ParamSpec>,
+}
+
+impl<'a> Builder<'a> {
+    pub fn random(seed: u64, device: &Device) -> Self {
+        Self {
+            source: Source::Random(StdRng::seed_from_u64(seed)),
+            device: device.clone(),
+            specs: Vec::new(),
+        }
+    }
+
+    pub fn from_files(files: &'a SafetensorsFiles, device: &Device) -> Self {
+        Self {
+            source: Source::File(files),
+            device: device.clone(),
+            specs: Vec::new(),
+        }
+    }
+
+    fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
+        // Box-Muller: deterministic across platforms for a given seed.
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = rng.random::<f64>();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let t = std::f64::consts::TAU * u2;
+            out.push((r * t.cos()) as f32);
+            out.push((r * t.sin()) as f32);
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// A `[rows, cols]` matrix in burn layout from the parts' HF tensors (or random).
+    fn matrix(
+        &mut self,
+        parts: &[(String, usize)],
+        d_in: usize,
+        layout: Layout,
+        std: f64,
+    ) -> Result<Tensor<2>> {
+        let d_out: usize = parts.iter().map(|p| p.1).sum();
+        let data = match &mut self.source {
+            Source::Random(rng) => Self::normal(rng, d_in * d_out, std),
+            Source::File(files) => {
+                let mut full = vec![0f32; d_in * d_out];
+                let mut col0 = 0;
+                for (name, w) in parts {
+                    let w = *w;
+                    match layout {
+                        Layout::OutIn => {
+                            let part = files.read(name, &[w, d_in])?;
+                            for o in 0..w {
+                                for i in 0..d_in {
+                                    full[i * d_out + col0 + o] = part[o * d_in + i];
+                                }
+                            }
+                        }
+                        Layout::InOut | Layout::Same => {
+                            let part = files.read(name, &[d_in, w])?;
+                            for i in 0..d_in {
+                                full[i * d_out + col0..i * d_out + col0 + w]
+                                    .copy_from_slice(&part[i * w..(i + 1) * w]);
+                            }
+                        }
+                    }
+                    col0 += w;
+                }
+                full
+            }
+        };
+        Ok(Tensor::from_data(
+            TensorData::new(data, [d_in, d_out]),
+            &self.device,
+        ))
+    }
+
+    /// A vector made of the parts' HF tensors (or `fill`).
+    fn vector(&mut self, parts: &[(String, usize)], fill: f32) -> Result<Tensor<1>> {
+        let n: usize = parts.iter().map(|p| p.1).sum();
+        let data = match &self.source {
+            Source::Random(_) => vec![fill; n],
+            Source::File(files) => {
+                let mut v = Vec::with_capacity(n);
+                for (name, w) in parts {
+                    v.extend(files.read(name, &[*w])?);
+                }
+                v
+            }
+        };
+        Ok(Tensor::from_data(TensorData::new(data, [n]), &self.device))
+    }
+
+    fn record<const D: usize>(
+        &mut self,
+        t: Tensor<D>,
+        parts: Vec<(String, usize)>,
+        layout: Layout,
+    ) -> Param<Tensor<D>> {
+        let p = Param::from_tensor(t);
+        self.specs.push(ParamSpec {
+            id: p.id,
+            parts,
+            layout,
+        });
+        p
+    }
+
+    /// A linear layer whose output is the concatenation of `outputs` (HF prefix, width).
+    pub fn linear(
+        &mut self,
+        outputs: &[(&str, usize)],
+        d_in: usize,
+        bias: bool,
+        layout: Layout,
+        std: f64,
+    ) -> Result<Linear> {
+        let w_parts: Vec<(String, usize)> = outputs
+            .iter()
+            .map(|(p, w)| (format!("{p}.weight"), *w))
+            .collect();
+        let weight = self.matrix(&w_parts, d_in, layout, std)?;
+        let weight = self.record(weight, w_parts, layout);
+        let bias = if bias {
+            let b_parts: Vec<(String, usize)> = outputs
+                .iter()
+                .map(|(p, w)| (format!("{p}.bias"), *w))
+                .collect();
+            let b = self.vector(&b_parts, 0.0)?;
+            Some(self.record(b, b_parts, Layout::Same))
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// An embedding table `[n, d]` stored under `name`.
+    pub fn embedding(&mut self, name: &str, n: usize, d: usize, std: f64) -> Result<Embedding> {
+        // Stored [n, d] in both layouts; `matrix` with d_in = n reads it unchanged.
+        let parts = vec![(name.to_string(), d)];
+        let w = self.matrix(&parts, n, Layout::Same, std)?;
+        Ok(Embedding {
+            weight: self.record(w, parts, Layout::Same),
+        })
+    }
+
+    /// A norm's weight (ones when new) and optional bias (zeros).
+    pub fn norm_params(
+        &mut self,
+        prefix: &str,
+        d: usize,
+        bias: bool,
+    ) -> Result<(Param<Tensor<1>>, Option<Param<Tensor<1>>>)> {
+        let wp = vec![(format!("{prefix}.weight"), d)];
+        let w = self.vector(&wp, 1.0)?;
+        let w = self.record(w, wp, Layout::Same);
+        let b = if bias {
+            let bp = vec![(format!("{prefix}.bias"), d)];
+            let b = self.vector(&bp, 0.0)?;
+            Some(self.record(b, bp, Layout::Same))
+        } else {
+            None
+        };
+        Ok((w, b))
+    }
+}
+
+/// Collects every float parameter's current value by id.
+struct Collect {
+    values: HashMap<ParamId, TensorData>,
+}
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.values.insert(param.id, param.val().into_data());
+    }
+}
+
+/// The HF tensors (name, shape, f32 data) of a module built by a [`Builder`] with `specs`.
+pub(crate) fn hf_tensors<M: Module>(
+    module: &M,
+    specs: &[ParamSpec],
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut c = Collect {
+        values: HashMap::new(),
+    };
+    module.visit(&mut c);
+    let mut out = Vec::new();
+    for spec in specs {
+        let Some(data) = c.values.get(&spec.id) else {
+            continue;
+        };
+        let shape: Vec<usize> = data.shape().to_vec();
+        let values = crate::ops::data_f32(data.clone());
+        if shape.len() == 1 {
+            let mut off = 0;
+            for (name, w) in &spec.parts {
+                out.push((name.clone(), vec![*w], values[off..off + w].to_vec()));
+                off += w;
+            }
+            continue;
+        }
+        let (d_in, d_out) = (shape[0], shape[1]);
+        let mut col0 = 0;
+        for (name, w) in &spec.parts {
+            let w = *w;
+            match spec.layout {
+                Layout::OutIn => {
+                    let mut t = vec![0f32; w * d_in];
+                    for i in 0..d_in {
+                        for o in 0..w {
+                            t[o * d_in + i] = values[i * d_out + col0 + o];
+                        }
+                    }
+                    out.push((name.clone(), vec![w, d_in], t));
+                }
+                Layout::InOut | Layout::Same => {
+                    let mut t = Vec::with_capacity(w * d_in);
+                    for i in 0..d_in {
+                        t.extend_from_slice(&values[i * d_out + col0..i * d_out + col0 + w]);
+                    }
+                    out.push((name.clone(), vec![d_in, w], t));
+                }
+            }
+            col0 += w;
+        }
+    }
+    out
+}
+
+/// Writes f32 tensors to a safetensors file (with `format = pt` metadata, as transformers expects).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                    .expect("shape matches data length"),
+            )
+        })
+        .collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg: format!("cannot write: {e}"),
+    })
+}
