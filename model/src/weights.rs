@@ -283,7 +283,10 @@ impl<'a> Builder<'a> {
         parts: Vec<(String, usize)>,
         layout: Layout,
     ) -> Param<Tensor<D>> {
-        let p = Param::from_tensor(t);
+        // The id is derived from the HF name, so that it is the same in every process: optimizer
+        // state saved with a checkpoint finds its parameters again on resume.
+        let mut p = Param::from_tensor(t);
+        p.id = ParamId::from(stable_id(&parts[0].0));
         self.specs.push(ParamSpec {
             id: p.id,
             parts,
@@ -349,6 +352,13 @@ impl<'a> Builder<'a> {
         };
         Ok((w, b))
     }
+}
+
+/// FNV-1a hash of a tensor name.
+fn stable_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// Collects every float parameter's current value by id.
