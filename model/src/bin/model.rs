@@ -61,6 +61,22 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
+    /// Create a new model folder from a preset, with a byte-level BPE trained on text files.
+    Init {
+        /// tiny, small, medium or large.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Text files (each line a text) to train the tokenizer on.
+        #[arg(long, required = true, num_args = 1..)]
+        texts: Vec<PathBuf>,
+        /// Tokenizer vocabulary size, special tokens included.
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Training and generation tokens/s of this build and of HF transformers on PyTorch.
     Bench {
         /// small, medium, or all.
@@ -105,7 +121,9 @@ fn run(cli: Cli) -> Result<()> {
             let tok = loaded.tokenizer.with_context(|| {
                 format!("{}: no tokenizer.json in the model folder", dir.display())
             })?;
-            let template = PromptTemplate::new(&template)?;
+            // Shells pass "\n" literally; templates mean a newline.
+            let template =
+                PromptTemplate::new(&template.replace("\\n", "\n").replace("\\t", "\t"))?;
             let ids = tok.encode(&template.render(&prompt))?;
             if ids.is_empty() {
                 bail!("the prompt is empty after tokenization");
@@ -132,6 +150,42 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("{completion}");
             }
+            Ok(())
+        }
+        Command::Init {
+            preset,
+            texts,
+            vocab_size,
+            seed,
+            out,
+        } => {
+            let mut lines = Vec::new();
+            for path in &texts {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("{}: cannot read", path.display()))?;
+                lines.extend(
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(str::to_string),
+                );
+            }
+            if lines.is_empty() {
+                bail!("no text to train the tokenizer on in {:?}", texts);
+            }
+            let tok = model::Tokenizer::train_bpe(lines.iter(), vocab_size)?;
+            let mut cfg = model::ModelConfig::preset(&preset, tok.vocab_size())?;
+            cfg.bos_token_id = tok.bos_id;
+            cfg.eos_token_id = Some(tok.eos_id);
+            cfg.pad_token_id = Some(tok.pad_id);
+            let m = model::CausalLm::new(&cfg, false, seed, &device)?;
+            model::save(&m, Some(&tok), &out)?;
+            println!(
+                "wrote {} ({} preset, {} parameters, {} tokens)",
+                out.display(),
+                preset,
+                cfg.num_params(false),
+                tok.vocab_size()
+            );
             Ok(())
         }
         Command::Score {

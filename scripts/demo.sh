@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The demo pipeline: what exists of it so far, end to end on a tiny model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bin model
+out=${OUT_DIR:-runs/demo}
+mkdir -p "$out"
+target/release/model init --preset tiny --texts README.md --vocab-size 1024 --out "$out/init"
+target/release/model info "$out/init"
+target/release/model generate "$out/init" --prompt "What is RLHF?" \
+  --template "Human: {prompt}\n\nAssistant:" --max-new-tokens 16 --seed 1 --json
+python=${PYTHON:-}
+[ -z "$python" ] && [ -x .venv/bin/python ] && python=.venv/bin/python
+target/release/model bench --shape small --steps 3 ${python:+--python "$python"}
