@@ -341,13 +341,13 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_key_value_heads ({}) must divide num_attention_heads ({})",
                 self.num_kv_heads, self.num_heads
             ));
         }
-        if self.family == Family::Llama && self.head_dim % 2 != 0 {
+        if self.family == Family::Llama && !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim

@@ -154,7 +154,7 @@ fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             } else {
                 freq
             };
-            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
             let out = if medium {
                 let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
                     / (s.high_freq_factor - s.low_freq_factor);

@@ -174,7 +174,7 @@ impl SafetensorsFiles {
 /// Where new parameters come from.
 pub(crate) enum Source<'a> {
     /// Normal(0, std) weights from a seeded generator; biases zero, norm weights one.
-    Random(StdRng),
+    Random(Box<StdRng>),
     File(&'a SafetensorsFiles),
 }
 
@@ -188,7 +188,7 @@ pub(crate) struct Builder<'a> {
 impl<'a> Builder<'a> {
     pub fn random(seed: u64, device: &Device) -> Self {
         Self {
-            source: Source::Random(StdRng::seed_from_u64(seed)),
+            source: Source::Random(Box::new(StdRng::seed_from_u64(seed))),
             device: device.clone(),
             specs: Vec::new(),
         }
