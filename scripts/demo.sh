@@ -12,3 +12,6 @@ target/release/model generate "$out/init" --prompt "What is RLHF?" \
 python=${PYTHON:-}
 [ -z "$python" ] && [ -x .venv/bin/python ] && python=.venv/bin/python
 target/release/model bench --shape small --steps 3 ${python:+--python "$python"}
+# Labeler rankings (the project's own demo file) → rankings.parquet, pairs.parquet, stats.json.
+cargo build --release --bin labeling
+target/release/labeling import datasets/demo/rankings_wide.csv --out "$out/labels"
