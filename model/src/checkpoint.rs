@@ -70,6 +70,17 @@ pub fn save(model: &CausalLm, tokenizer: Option<&Tokenizer>, dir: &Path) -> Resu
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    write_model_files(model, tokenizer, &tmp)?;
+    replace_dir(&tmp, dir)
+}
+
+/// Writes config.json, model.safetensors (and the tokenizer files) into the existing folder `tmp`,
+/// not atomically: for callers that add files of their own before renaming the folder into place.
+pub fn write_model_files(
+    model: &CausalLm,
+    tokenizer: Option<&Tokenizer>,
+    tmp: &Path,
+) -> Result<()> {
     let mut config = model.config().clone();
     if let Some(t) = tokenizer {
         config.eos_token_id = Some(t.eos_id);
@@ -85,13 +96,13 @@ pub fn save(model: &CausalLm, tokenizer: Option<&Tokenizer>, dir: &Path) -> Resu
     .map_err(io_err(&cpath))?;
     write_safetensors(&tmp.join("model.safetensors"), &model.hf_tensors())?;
     if let Some(t) = tokenizer {
-        t.save(&tmp)?;
+        t.save(tmp)?;
     }
-    replace_dir(&tmp, dir)
+    Ok(())
 }
 
 /// `dir` with a suffix on its last component, e.g. `out/ckpt` → `out/.ckpt.tmp`.
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

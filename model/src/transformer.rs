@@ -373,6 +373,15 @@ impl CausalLm {
         self
     }
 
+    /// Sets the dropout probability of the embeddings and residual branches (training only).
+    pub fn with_dropout(mut self, prob: f64) -> Self {
+        self.dropout = DropoutConfig::new(prob).init();
+        let mut cfg = (*self.config).clone();
+        cfg.dropout = prob;
+        self.config = Arc::new(cfg);
+        self
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

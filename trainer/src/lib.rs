@@ -1,0 +1,80 @@
+//! Training plumbing shared by the `sft`, `reward` and `ppo` stages, written once: the command
+//! line, TOML configs with `--set` overrides, learning-rate schedules, checkpoints with exact
+//! resume, `metrics.jsonl` and progress, and the NaN guard. Gradient clipping by global norm lives
+//! in `model::ops`.
+//!
+//! It holds no algorithm: each stage's loop reads top to bottom in its own crate.
+
+pub mod config;
+pub mod metrics;
+pub mod schedule;
+pub mod state;
+
+use anyhow::{Result, bail};
+use std::path::{Path, PathBuf};
+
+/// The command line every stage takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StageArgs {
+    /// The stage's TOML config (see configs/).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key: --set train.lr=1e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub sets: Vec<String>,
+    /// Output folder (overrides `out` in the config).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue exactly from a checkpoint folder written by this stage.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// `cpu` or `cuda:N` (overrides `device`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Overrides `seed`.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl StageArgs {
+    /// The config overrides implied by --out, --device and --seed, after the explicit --set ones.
+    pub fn all_sets(&self) -> Vec<String> {
+        let mut s = self.sets.clone();
+        if let Some(o) = &self.out {
+            s.push(format!("out={}", toml_string(&o.to_string_lossy())));
+        }
+        if let Some(d) = &self.device {
+            s.push(format!("device={}", toml_string(d)));
+        }
+        if let Some(seed) = self.seed {
+            s.push(format!("seed={seed}"));
+        }
+        s
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Stops the run on a NaN or infinite loss, naming the last good checkpoint.
+pub fn check_finite(loss: f64, step: usize, last_checkpoint: Option<&Path>) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    let last = last_checkpoint.map_or("none was written yet".to_string(), |p| {
+        p.display().to_string()
+    });
+    bail!(
+        "loss is {loss} at step {step}; stopping. The last good checkpoint is {last}. Lower the learning rate or check the data."
+    )
+}
+
+/// Creates `out`, and writes the config used into it as `config.toml`.
+pub fn prepare_out(out: &Path, config_used: &str) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let tmp = out.join(".config.toml.tmp");
+    std::fs::write(&tmp, config_used)?;
+    std::fs::rename(&tmp, out.join("config.toml"))?;
+    Ok(())
+}
