@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo pipeline: what exists of it so far, end to end on a tiny model.
+# The demo pipeline: what exists of it so far, end to end on tiny models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin model
@@ -15,3 +15,8 @@ target/release/model bench --shape small --steps 3 ${python:+--python "$python"}
 # Labeler rankings (the project's own demo file) → rankings.parquet, pairs.parquet, stats.json.
 cargo build --release --bin labeling
 target/release/labeling import datasets/demo/rankings_wide.csv --out "$out/labels"
+# Stage 1: supervised fine-tuning of a tiny model on the bundled demonstrations, then a sample.
+cargo build --release --bin sft
+target/release/sft --config configs/sft.toml --out "$out/sft"
+target/release/model generate "$out/sft/final" --prompt "What is 4 plus 5?" \
+  --template "Human: {prompt}\n\nAssistant:" --temperature 0 --max-new-tokens 16 --json

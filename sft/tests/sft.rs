@@ -42,7 +42,14 @@ fn weights(dir: &Path) -> Vec<u8> {
 fn tiny_model_learns_the_demo_data() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let (ok, stdout, err) = sft(&["train.max_steps=60"], &["--out", out.to_str().unwrap()]);
+    let (ok, stdout, err) = sft(
+        &[
+            "train.max_steps=60",
+            "train.eval_every=20",
+            "train.save_every=20",
+        ],
+        &["--out", out.to_str().unwrap()],
+    );
     assert!(ok, "{err}");
     assert!(stdout.contains("done: 60 steps"), "{stdout}");
     let m = metrics(&out);
