@@ -272,11 +272,7 @@ pub struct ExportOptions {
     pub prompts: datasets::Source,
     pub k: usize,
     pub out: PathBuf,
-    pub template: String,
-    pub max_new_tokens: usize,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub seed: u64,
+    pub sampling: model::generate::SamplingArgs,
     pub device: String,
 }
 
@@ -295,7 +291,7 @@ pub fn export_sheet(opts: &ExportOptions) -> Result<usize> {
             opts.policy.display()
         )
     })?;
-    let template = model::PromptTemplate::new(&opts.template)?;
+    let template = opts.sampling.template()?;
     let prompts = datasets::load_prompts(&opts.prompts)?;
     anyhow::ensure!(
         !prompts.is_empty(),
@@ -317,19 +313,10 @@ pub fn export_sheet(opts: &ExportOptions) -> Result<usize> {
     for (i, p) in prompts.iter().enumerate() {
         let ids = tok.encode(&template.render(&p.prompt))?;
         let batch = vec![ids; opts.k];
-        let g = model::generate(
-            &loaded.model,
-            &batch,
-            &model::SamplingConfig {
-                max_new_tokens: opts.max_new_tokens,
-                temperature: opts.temperature,
-                top_k: 0,
-                top_p: opts.top_p,
-                seed: opts.seed.wrapping_add(i as u64),
-                eos_token_ids: vec![tok.eos_id],
-                pad_token_id: tok.pad_id,
-            },
-        );
+        // Each prompt gets its own seed, so a sheet's rows do not depend on the prompts before.
+        let mut sampling = opts.sampling.config(tok.eos_id, tok.pad_id);
+        sampling.seed = opts.sampling.seed.wrapping_add(i as u64);
+        let g = model::generate(&loaded.model, &batch, &sampling);
         for (k, resp) in g.responses().iter().enumerate() {
             let ids: Vec<u32> = resp.iter().copied().filter(|&t| t != tok.eos_id).collect();
             let text = tok.decode(&ids)?;

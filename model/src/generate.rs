@@ -216,3 +216,46 @@ mod tests {
         assert!((freq - 0.8).abs() < 0.015, "freq {freq}");
     }
 }
+
+/// The sampling flags shared by every command that samples (`model generate`,
+/// `labeling export-sheet`, …).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Prompt template with one `{prompt}`, e.g. "Human: {prompt}\n\nAssistant:" (`\n` and `\t`
+    /// are read as newline and tab).
+    #[arg(long, default_value = "{prompt}")]
+    pub template: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 1.0 disables.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The prompt template, with shell-typed `\n` / `\t` turned into newline / tab.
+    pub fn template(&self) -> crate::Result<crate::PromptTemplate> {
+        crate::PromptTemplate::new(&self.template.replace("\\n", "\n").replace("\\t", "\t"))
+    }
+
+    /// The sampling config for a tokenizer's EOS and padding ids.
+    pub fn config(&self, eos: u32, pad: u32) -> SamplingConfig {
+        SamplingConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            eos_token_ids: vec![eos],
+            pad_token_id: pad,
+        }
+    }
+}

@@ -48,16 +48,8 @@ enum Command {
         k: usize,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "{prompt}")]
-        template: String,
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
-        #[arg(long, default_value_t = 1.0)]
-        temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: model::generate::SamplingArgs,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -107,11 +99,7 @@ fn run(cli: Cli) -> Result<()> {
             prompts,
             k,
             out,
-            template,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
+            sampling,
             device,
         } => {
             let rows = export_sheet(&ExportOptions {
@@ -119,11 +107,7 @@ fn run(cli: Cli) -> Result<()> {
                 prompts: datasets::Source::new(prompts),
                 k,
                 out: out.clone(),
-                template: template.replace("\\n", "\n"),
-                max_new_tokens,
-                temperature,
-                top_p,
-                seed,
+                sampling,
                 device,
             })?;
             println!(

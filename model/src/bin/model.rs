@@ -3,9 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
-use model::{
-    PromptTemplate, SamplingConfig, TokenBatch, backend_name, generate, load, parse_device,
-};
+use model::{TokenBatch, backend_name, generate, generate::SamplingArgs, load, parse_device};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
@@ -32,22 +30,8 @@ enum Command {
         dir: PathBuf,
         #[arg(long)]
         prompt: String,
-        /// Prompt template with one `{prompt}`, e.g. "Human: {prompt}\n\nAssistant:".
-        #[arg(long, default_value = "{prompt}")]
-        template: String,
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
-        /// 0 means greedy.
-        #[arg(long, default_value_t = 1.0)]
-        temperature: f32,
-        /// 0 disables.
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        /// 1.0 disables.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         /// Print {"prompt", "completion", "tokens"} as JSON.
         #[arg(long)]
         json: bool,
@@ -109,34 +93,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate {
             dir,
             prompt,
-            template,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
+            sampling,
             json,
         } => {
             let loaded = load(&dir, &device)?;
             let tok = loaded.tokenizer.with_context(|| {
                 format!("{}: no tokenizer.json in the model folder", dir.display())
             })?;
-            // Shells pass "\n" literally; templates mean a newline.
-            let template =
-                PromptTemplate::new(&template.replace("\\n", "\n").replace("\\t", "\t"))?;
-            let ids = tok.encode(&template.render(&prompt))?;
+            let ids = tok.encode(&sampling.template()?.render(&prompt))?;
             if ids.is_empty() {
                 bail!("the prompt is empty after tokenization");
             }
-            let cfg = SamplingConfig {
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                seed,
-                eos_token_ids: vec![tok.eos_id],
-                pad_token_id: tok.pad_id,
-            };
+            let cfg = sampling.config(tok.eos_id, tok.pad_id);
             let g = generate(&loaded.model, &[ids], &cfg);
             let tokens: Vec<u32> = g.responses()[0]
                 .iter()
