@@ -452,7 +452,11 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
     }
     let mut order = Order::new(data.train.len(), cfg.seed);
     let mut metrics = trainer::metrics::Metrics::open(&cfg.out, total_steps, state.step)?;
-    let mut last_ckpt: Option<PathBuf> = resume.map(Path::to_path_buf);
+    // Checkpoints this run can fall back to: (step, folder).
+    let mut saved: Vec<(usize, PathBuf)> = resume
+        .map(|d| (state.step, d.to_path_buf()))
+        .into_iter()
+        .collect();
     let mut last_eval = None;
     let mut last_loss = f64::NAN;
     let mut window = (0usize, 0.0f64); // (tokens, seconds) since the last log line
@@ -505,7 +509,14 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
             accumulator.accumulate(&model, grads);
             step_tokens += b.inputs.real_tokens();
         }
-        trainer::check_finite(step_loss, state.step + 1, last_ckpt.as_deref())?;
+        // This loss was computed with the weights of step `state.step`: the newest checkpoint
+        // known good is one from before that.
+        let good = saved
+            .iter()
+            .rev()
+            .find(|(s, p)| *s < state.step && p.exists())
+            .map(|(_, p)| p.as_path());
+        trainer::check_finite(step_loss, state.step + 1, good)?;
         let mut grads = accumulator.grads();
         let grad_norm = if t.max_grad_norm > 0.0 {
             clip_grad_norm(&model, &mut grads, t.max_grad_norm as f32)
@@ -559,7 +570,7 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
         {
             let dir = save_checkpoint(&cfg.out, &model.valid(), Some(&tok), &optim, &state)?;
             prune_checkpoints(&cfg.out, t.keep_last)?;
-            last_ckpt = Some(dir);
+            saved.push((state.step, dir));
         }
     }
     metrics.finish();

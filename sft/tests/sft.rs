@@ -256,3 +256,79 @@ fn gsm8k_validation_perplexity_falls() {
         "validation perplexity {before} → {after}"
     );
 }
+
+#[test]
+fn non_finite_loss_stops_the_run_and_names_a_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nan");
+    // A huge unclipped learning rate blows the weights up within a few steps.
+    let sets = [
+        "train.lr=1e8",
+        "train.max_grad_norm=0",
+        "train.warmup_steps=0",
+        "train.decay=\"constant\"",
+        "train.save_every=1",
+        "train.keep_last=5",
+        "train.max_steps=40",
+        "train.eval_every=0",
+    ];
+    let (ok, _, err) = sft(&sets, &["--out", out.to_str().unwrap()]);
+    assert!(!ok, "the run should stop");
+    let at = err.find("at step ").expect(&err);
+    let step: usize = err[at + 8..].split(';').next().unwrap().parse().unwrap();
+    assert!(
+        err.contains("loss is NaN") || err.contains("loss is inf"),
+        "{err}"
+    );
+    // The named checkpoint holds weights from before the step whose loss was not finite, and it
+    // loads and gives finite logits.
+    let good = out.join(format!("checkpoint-{:06}", step - 2));
+    assert!(err.contains(&good.display().to_string()), "{err}");
+    let device = model::parse_device("cpu").unwrap();
+    let m = model::load(&good, &device).unwrap().model;
+    let logits =
+        model::ops::to_f32_vec(m.logits(m.forward(&model::TokenBatch::dense(vec![5, 6, 7], 1, 3))));
+    assert!(logits.iter().all(|x| x.is_finite()));
+    assert!(!out.join("final").exists());
+}
+
+#[test]
+fn same_config_and_seed_give_the_same_weights_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let out = tmp.path().join(name);
+        let (ok, _, err) = sft(
+            &[
+                "train.max_steps=8",
+                "model.dropout=0.1",
+                "train.eval_every=4",
+            ],
+            &["--out", out.to_str().unwrap()],
+        );
+        assert!(ok, "{err}");
+        out
+    };
+    let (a, b) = (run("a"), run("b"));
+    assert_eq!(weights(&a.join("final")), weights(&b.join("final")));
+    let strip = |m: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        m.into_iter()
+            .map(|mut l| {
+                l.as_object_mut().unwrap().remove("tokens_per_s");
+                l
+            })
+            .collect()
+    };
+    assert_eq!(strip(metrics(&a)), strip(metrics(&b)));
+    // Another seed gives other weights.
+    let out = tmp.path().join("c");
+    let (ok, _, err) = sft(
+        &[
+            "train.max_steps=8",
+            "model.dropout=0.1",
+            "train.eval_every=4",
+        ],
+        &["--out", out.to_str().unwrap(), "--seed", "1"],
+    );
+    assert!(ok, "{err}");
+    assert_ne!(weights(&a.join("final")), weights(&out.join("final")));
+}
