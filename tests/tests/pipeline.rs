@@ -1,0 +1,143 @@
+//! The pipeline as it exists, end to end, through the real binaries on tiny configs:
+//! sft on the bundled demonstrations → sample from the result → export a labeling sheet from the
+//! SFT policy → two labelers fill it → import the rankings.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A workspace binary, built by `cargo test --workspace` before the tests run.
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo test --release --workspace`",
+        p.display()
+    );
+    p
+}
+
+fn run(name: &str, args: &[&str]) -> String {
+    let out = Command::new(bin(name))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sft_then_sample_then_label_then_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+
+    let out = run(
+        "sft",
+        &[
+            "--config",
+            "configs/sft.toml",
+            "--out",
+            &t("sft"),
+            "--set",
+            "train.max_steps=150",
+            "--set",
+            "train.save_every=0",
+        ],
+    );
+    assert!(out.contains("done: 150 steps"), "{out}");
+    let info = run("model", &["info", &t("sft/final")]);
+    assert!(
+        info.contains("LlamaForCausalLM") && info.contains("file dtype      F32"),
+        "{info}"
+    );
+
+    // The fine-tuned policy answers in the demonstrations' format.
+    let sample = run(
+        "model",
+        &[
+            "generate",
+            &t("sft/final"),
+            "--prompt",
+            "What colour is snow?",
+            "--template",
+            "Human: {prompt}\\n\\nAssistant:",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(sample.trim()).unwrap();
+    let completion = v["completion"].as_str().unwrap();
+    assert!(completion.contains(" is "), "completion {completion:?}");
+
+    // Sheet from the SFT policy, filled by two labelers, imported.
+    run(
+        "labeling",
+        &[
+            "export-sheet",
+            "--policy",
+            &t("sft/final"),
+            "--prompts",
+            "datasets/demo/prompts.jsonl",
+            "--k",
+            "3",
+            "--out",
+            &t("sheet.csv"),
+            "--template",
+            "Human: {prompt}\\n\\nAssistant:",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+        ],
+    );
+    let mut rdr = csv::Reader::from_path(t("sheet.csv")).unwrap();
+    let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), 64 * 3);
+    let mut w = csv::Writer::from_path(t("filled.csv")).unwrap();
+    w.write_record([
+        "prompt_id",
+        "prompt",
+        "response_id",
+        "response",
+        "labeler_id",
+        "rank",
+    ])
+    .unwrap();
+    for (labeler, ranks) in [("ann", ["1", "2", "3"]), ("bo", ["1", "3", "2"])] {
+        for (i, r) in rows.iter().enumerate() {
+            w.write_record([&r[0], &r[1], &r[2], &r[3], labeler, ranks[i % 3]])
+                .unwrap();
+        }
+    }
+    w.flush().unwrap();
+    run(
+        "labeling",
+        &["import", &t("filled.csv"), "--out", &t("labels")],
+    );
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("labels/stats.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["groups"], 128);
+    assert_eq!(stats["pairs"], 128 * 3);
+    // Per prompt the labelers agree on (r1, r2) and (r1, r3) and disagree on (r2, r3).
+    assert!((stats["pairwise_agreement"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+}
