@@ -75,3 +75,14 @@ mod tests {
         }
     }
 }
+
+/// Lets a command-line tool end quietly when its output pipe closes (`model info DIR | head`),
+/// as Unix tools do, instead of panicking on a failed print.
+pub fn exit_quietly_on_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE at the start of main, before any
+    // thread is spawned, is what C programs get by default.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

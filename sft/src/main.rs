@@ -14,6 +14,7 @@ struct Cli {
 }
 
 fn main() {
+    model::device::exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     match sft::run_from_args(&cli.args) {
         Ok(s) => {

@@ -14,9 +14,27 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Opens `out/metrics.jsonl` for appending (a resumed run continues the file).
+    /// Opens `out/metrics.jsonl` for appending. A run resumed at `start_step` into the same folder
+    /// first drops the lines of later steps, which the resumed run writes again.
     pub fn open(out: &Path, total_steps: usize, start_step: usize) -> Result<Self> {
         let path = out.join("metrics.jsonl");
+        if start_step > 0
+            && let Ok(text) = std::fs::read_to_string(&path)
+        {
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|s| s as usize <= start_step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let tmp = out.join(".metrics.jsonl.tmp");
+            std::fs::write(&tmp, kept)?;
+            std::fs::rename(&tmp, &path)?;
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -71,5 +89,37 @@ impl Metrics {
         if let Some(b) = &self.bar {
             b.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_into_the_same_folder_drops_later_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Metrics::open(dir.path(), 4, 0).unwrap();
+        for s in 1..=4 {
+            let mut f = Map::new();
+            f.insert("loss".into(), (s as f64).into());
+            m.log(s, f).unwrap();
+        }
+        drop(m);
+        let mut m = Metrics::open(dir.path(), 4, 2).unwrap();
+        let mut f = Map::new();
+        f.insert("loss".into(), 30.0.into());
+        m.log(3, f).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, vec![1, 2, 3]);
+        assert!(text.lines().last().unwrap().contains("30.0"));
     }
 }

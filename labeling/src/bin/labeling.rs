@@ -56,6 +56,7 @@ enum Command {
 }
 
 fn main() {
+    model::device::exit_quietly_on_broken_pipe();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

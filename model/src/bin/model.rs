@@ -79,6 +79,7 @@ enum Command {
 }
 
 fn main() {
+    model::device::exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
