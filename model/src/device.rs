@@ -57,6 +57,17 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     ))
 }
 
+/// Lets a command-line tool end quietly when its output pipe closes (`model info DIR | head`),
+/// as Unix tools do, instead of panicking on a failed print.
+pub fn exit_quietly_on_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE at the start of main, before any
+    // thread is spawned, is what C programs get by default.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,16 +84,5 @@ mod tests {
             let e = parse_device("cuda:0").unwrap_err().to_string();
             assert!(e.contains("--features tch"), "{e}");
         }
-    }
-}
-
-/// Lets a command-line tool end quietly when its output pipe closes (`model info DIR | head`),
-/// as Unix tools do, instead of panicking on a failed print.
-pub fn exit_quietly_on_broken_pipe() {
-    #[cfg(unix)]
-    // SAFETY: restoring the default disposition of SIGPIPE at the start of main, before any
-    // thread is spawned, is what C programs get by default.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
