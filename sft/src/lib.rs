@@ -216,6 +216,15 @@ pub struct EvalMetrics {
     pub token_accuracy: f64,
 }
 
+impl EvalMetrics {
+    /// Adds `eval_loss`, `eval_perplexity` and `eval_token_accuracy` to a metrics line.
+    pub fn record(&self, fields: &mut Map<String, serde_json::Value>) {
+        fields.insert("eval_loss".into(), json!(self.loss));
+        fields.insert("eval_perplexity".into(), json!(self.perplexity));
+        fields.insert("eval_token_accuracy".into(), json!(self.token_accuracy));
+    }
+}
+
 /// The tokenized data of a run.
 pub struct Prepared {
     pub train: Vec<SftExample>,
@@ -466,9 +475,7 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
     {
         // The baseline every later evaluation is compared with.
         let mut fields = Map::new();
-        fields.insert("eval_loss".into(), json!(m.loss));
-        fields.insert("eval_perplexity".into(), json!(m.perplexity));
-        fields.insert("eval_token_accuracy".into(), json!(m.token_accuracy));
+        m.record(&mut fields);
         metrics.log(0, fields)?;
     }
     while state.step < total_steps {
@@ -537,9 +544,7 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
         if eval_now
             && let Some(m) = evaluate(&model.valid(), &data.valid, t.eval_batch_size, tok.pad_id)
         {
-            fields.insert("eval_loss".into(), json!(m.loss));
-            fields.insert("eval_perplexity".into(), json!(m.perplexity));
-            fields.insert("eval_token_accuracy".into(), json!(m.token_accuracy));
+            m.record(&mut fields);
             if state.best_val_loss.is_none_or(|b| m.loss < b) {
                 state.best_val_loss = Some(m.loss);
                 state.best_step = Some(state.step);
