@@ -83,8 +83,8 @@ pub fn lm_batch(examples: &[SftExample], pad: u32) -> LmBatch {
     }
 }
 
-/// Left-padded prompts for generation.
-pub fn prompt_batch(
+/// Token ids of each templated prompt, ready for `model::generate`, which left-pads them.
+pub fn encode_prompts(
     tok: &Tokenizer,
     template: &PromptTemplate,
     prompts: &[&str],

@@ -17,6 +17,16 @@ pub enum CsvFormat {
     Wide,
 }
 
+/// The header of a long rankings CSV, as `export-sheet` writes it.
+pub const LONG_HEADER: [&str; 6] = [
+    "prompt_id",
+    "prompt",
+    "response_id",
+    "response",
+    "labeler_id",
+    "rank",
+];
+
 /// One labeler's ranking of K ≥ 2 responses to one prompt; rank 1 = best, equal = tie.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Judgement {

@@ -301,17 +301,11 @@ pub fn export_sheet(opts: &ExportOptions) -> Result<usize> {
     let tmp = opts.out.with_extension("csv.tmp");
     let mut w =
         csv::Writer::from_path(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    w.write_record([
-        "prompt_id",
-        "prompt",
-        "response_id",
-        "response",
-        "labeler_id",
-        "rank",
-    ])?;
+    w.write_record(import::LONG_HEADER)?;
     let mut rows = 0;
-    for (i, p) in prompts.iter().enumerate() {
-        let ids = tok.encode(&template.render(&p.prompt))?;
+    let texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
+    let encoded = datasets::tokenize::encode_prompts(&tok, &template, &texts)?;
+    for (i, (p, ids)) in prompts.iter().zip(encoded).enumerate() {
         let batch = vec![ids; opts.k];
         // Each prompt gets its own seed, so a sheet's rows do not depend on the prompts before.
         let mut sampling = opts.sampling.config(tok.eos_id, tok.pad_id);

@@ -385,15 +385,7 @@ fn export_sheet_then_rank_then_import() {
     assert!(rows.iter().all(|r| r[5].is_empty() && r[4].is_empty()));
     let filled = dir.path().join("filled.csv");
     let mut w = csv::Writer::from_path(&filled).unwrap();
-    w.write_record([
-        "prompt_id",
-        "prompt",
-        "response_id",
-        "response",
-        "labeler_id",
-        "rank",
-    ])
-    .unwrap();
+    w.write_record(labeling::import::LONG_HEADER).unwrap();
     for (labeler, ranks) in [("alice", ["1", "2", "3"]), ("bob", ["2", "1", "2"])] {
         for (i, r) in rows.iter().enumerate() {
             w.write_record([&r[0], &r[1], &r[2], &r[3], labeler, ranks[i % 3]])

@@ -83,9 +83,7 @@ pub fn write_model_files(
 ) -> Result<()> {
     let mut config = model.config().clone();
     if let Some(t) = tokenizer {
-        config.eos_token_id = Some(t.eos_id);
-        config.pad_token_id = Some(t.pad_id);
-        config.bos_token_id = t.bos_id.or(config.bos_token_id);
+        config.set_special_tokens(t);
     }
     let json = config.to_hf_json(model.has_scalar_head());
     let cpath = tmp.join("config.json");

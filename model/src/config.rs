@@ -413,6 +413,14 @@ impl ModelConfig {
         })
     }
 
+    /// Takes the tokenizer's special-token ids (eos, pad, and bos where it has one), so that
+    /// config.json and tokenizer agree.
+    pub fn set_special_tokens(&mut self, tok: &crate::Tokenizer) {
+        self.eos_token_id = Some(tok.eos_id);
+        self.pad_token_id = Some(tok.pad_id);
+        self.bos_token_id = tok.bos_id.or(self.bos_token_id);
+    }
+
     /// The HF `architectures` entry for a causal LM, or for a scalar-head sequence classifier.
     pub fn architecture_name(&self, scalar_head: bool) -> String {
         let base = match self.model_type.as_str() {

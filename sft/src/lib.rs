@@ -257,7 +257,7 @@ fn load_model(
             "set model.base (an HF model folder) or model.preset (tiny, small, medium, large)",
         )?;
         let tok = match &cfg.model.tokenizer {
-            Some(p) => load_tokenizer(p, &ModelConfig::preset(preset, usize::MAX)?)?,
+            Some(p) => Tokenizer::from_file(p, None, None, None)?,
             None => {
                 let texts = demos
                     .iter()
@@ -266,9 +266,7 @@ fn load_model(
             }
         };
         let mut mc = ModelConfig::preset(preset, tok.vocab_size())?;
-        mc.bos_token_id = tok.bos_id;
-        mc.eos_token_id = Some(tok.eos_id);
-        mc.pad_token_id = Some(tok.pad_id);
+        mc.set_special_tokens(&tok);
         (CausalLm::new(&mc, false, cfg.seed, device)?, tok)
     };
     if tok.vocab_size() > m.config().vocab_size {
@@ -541,14 +539,16 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let eval_now = (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every))
             || state.step == total_steps;
         let mut fields = Map::new();
-        if eval_now
-            && let Some(m) = evaluate(&model.valid(), &data.valid, t.eval_batch_size, tok.pad_id)
+        // One inference copy of the weights serves the evaluation and the best-model save.
+        let frozen = eval_now.then(|| model.valid());
+        if let Some(frozen) = &frozen
+            && let Some(m) = evaluate(frozen, &data.valid, t.eval_batch_size, tok.pad_id)
         {
             m.record(&mut fields);
             if state.best_val_loss.is_none_or(|b| m.loss < b) {
                 state.best_val_loss = Some(m.loss);
                 state.best_step = Some(state.step);
-                save_best(&cfg.out, &model.valid(), Some(&tok))?;
+                save_best(&cfg.out, frozen, Some(&tok))?;
             }
             last_eval = Some(m);
         }

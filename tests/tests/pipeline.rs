@@ -112,15 +112,7 @@ fn sft_then_sample_then_label_then_import() {
     let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
     assert_eq!(rows.len(), 64 * 3);
     let mut w = csv::Writer::from_path(t("filled.csv")).unwrap();
-    w.write_record([
-        "prompt_id",
-        "prompt",
-        "response_id",
-        "response",
-        "labeler_id",
-        "rank",
-    ])
-    .unwrap();
+    w.write_record(labeling::import::LONG_HEADER).unwrap();
     for (labeler, ranks) in [("ann", ["1", "2", "3"]), ("bo", ["1", "3", "2"])] {
         for (i, r) in rows.iter().enumerate() {
             w.write_record([&r[0], &r[1], &r[2], &r[3], labeler, ranks[i % 3]])

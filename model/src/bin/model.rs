@@ -143,9 +143,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let tok = model::Tokenizer::train_bpe(lines.iter(), vocab_size)?;
             let mut cfg = model::ModelConfig::preset(&preset, tok.vocab_size())?;
-            cfg.bos_token_id = tok.bos_id;
-            cfg.eos_token_id = Some(tok.eos_id);
-            cfg.pad_token_id = Some(tok.pad_id);
+            cfg.set_special_tokens(&tok);
             let m = model::CausalLm::new(&cfg, false, seed, &device)?;
             model::save(&m, Some(&tok), &out)?;
             println!(
