@@ -4,8 +4,9 @@
 //!   by humans, rank 0 = best).
 
 use crate::error::{DataError, Result};
+use crate::preference::{Comparison, RankedGroup};
 use crate::read::{Format, read_records};
-use crate::records::{Comparison, Demonstration, RankedGroup};
+use crate::records::Demonstration;
 use serde_json::Value;
 use std::path::Path;
 
@@ -57,10 +58,15 @@ pub fn read_hh_rlhf(path: &Path) -> Result<HhRlhf> {
             continue;
         }
         out.comparisons.push(Comparison {
+            prompt_id: String::new(),
             prompt: pc.to_string(),
+            labeler_id: String::new(),
+            chosen_id: String::new(),
             chosen: c.to_string(),
+            rejected_id: String::new(),
             rejected: r.to_string(),
             margin: None,
+            tie: false,
         });
     }
     Ok(out)
@@ -69,7 +75,9 @@ pub fn read_hh_rlhf(path: &Path) -> Result<HhRlhf> {
 /// OpenAssistant trees as ranked groups and demonstrations.
 #[derive(Debug, Default)]
 pub struct Oasst {
-    /// Sibling assistant replies with human ranks (K ≥ 2); rank = OASST rank + 1.
+    /// Sibling assistant replies with human ranks (K ≥ 2); rank = OASST rank + 1, response ids =
+    /// the replies' `message_id`s ("1".."K" where one is missing or repeated), line = the line of
+    /// the tree.
     pub groups: Vec<RankedGroup>,
     /// Each best-ranked (rank 0) assistant reply with the conversation before it.
     pub demonstrations: Vec<Demonstration>,
@@ -140,6 +148,18 @@ fn walk(
     if !ranked.is_empty() {
         let prompt = render(history);
         if ranked.len() >= 2 {
+            let mut response_ids: Vec<String> = ranked
+                .iter()
+                .map(|(r, _)| r.get("message_id").and_then(Value::as_str).unwrap_or(""))
+                .map(str::to_string)
+                .collect();
+            let unique = response_ids
+                .iter()
+                .enumerate()
+                .all(|(i, id)| !id.is_empty() && !response_ids[..i].contains(id));
+            if !unique {
+                response_ids = (1..=ranked.len()).map(|i| i.to_string()).collect();
+            }
             out.groups.push(RankedGroup {
                 prompt_id: msg
                     .get("message_id")
@@ -147,6 +167,7 @@ fn walk(
                     .map_or_else(|| format!("{tree_id}:{}", history.len()), str::to_string),
                 prompt: prompt.clone(),
                 labeler_id: String::new(),
+                response_ids,
                 responses: ranked
                     .iter()
                     .map(|(r, _)| {
@@ -157,6 +178,7 @@ fn walk(
                     })
                     .collect(),
                 ranks: ranked.iter().map(|(_, k)| *k as u32 + 1).collect(),
+                line,
             });
         }
         for (r, k) in &ranked {

@@ -1,20 +1,23 @@
 //! Data for the RLHF pipeline: readers for JSONL, CSV and Parquet into typed records
-//! (demonstrations, prompts, comparisons, ranked groups) with column mapping, adapters for HH-RLHF
-//! and OpenAssistant, deterministic splitting by prompt, de-duplication and length filtering, and
-//! the tokenisation and batching the stages train on.
+//! (demonstrations, prompts, comparisons, ranked groups) with column mapping, the preference types
+//! shared with the `labeling` crate and the one expansion of ranked groups into pairs, adapters for
+//! HH-RLHF and OpenAssistant, deterministic splitting by prompt, de-duplication and length
+//! filtering, and the tokenisation and batching the stages train on.
 //!
 //! It is not a labeling tool (see the `labeling` crate) and holds no model code.
 
 pub mod adapters;
 pub mod error;
+pub mod preference;
 pub mod read;
 pub mod records;
 pub mod split;
 pub mod tokenize;
 
 pub use error::{DataError, Result};
+pub use preference::{Comparison, RankedGroup, expand_pairs};
 pub use read::{Format, Record, read_records};
 pub use records::{
-    Comparison, Demonstration, PromptRecord, RankedGroup, Source, load_comparisons,
-    load_demonstrations, load_prompts, load_ranked_groups,
+    Demonstration, PromptRecord, Source, load_comparisons, load_demonstrations, load_prompts,
+    load_ranked_groups,
 };

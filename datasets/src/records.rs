@@ -1,7 +1,9 @@
-//! Typed records of the pipeline and their loading from any readable file, with column names
-//! mapped by config (our field name → the file's column).
+//! Typed records of the pipeline (demonstrations, prompts; the preference types live in
+//! [`crate::preference`]) and their loading from any readable file, with column names mapped by
+//! config (our field name → the file's column) and every error naming file, line and column.
 
 use crate::error::{DataError, Result};
+use crate::preference::{Comparison, RankedGroup};
 use crate::read::{Format, Record, read_records};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -18,50 +20,6 @@ pub struct Demonstration {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PromptRecord {
     pub prompt: String,
-}
-
-/// One pairwise judgement (reward model).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Comparison {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-    /// How much better `chosen` is (e.g. a rank difference); None when unknown.
-    pub margin: Option<f64>,
-}
-
-/// K ≥ 2 responses to one prompt ranked by one labeler; rank 1 = best, equal ranks = tie.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RankedGroup {
-    pub prompt_id: String,
-    pub prompt: String,
-    pub labeler_id: String,
-    pub responses: Vec<String>,
-    pub ranks: Vec<u32>,
-}
-
-impl RankedGroup {
-    /// Every pair with different ranks, better first, with margin = rank difference (InstructGPT:
-    /// each of the K choose 2 comparisons is a training example). Ties are skipped.
-    pub fn comparisons(&self) -> Vec<Comparison> {
-        let mut out = Vec::new();
-        for i in 0..self.responses.len() {
-            for j in i + 1..self.responses.len() {
-                let (ri, rj) = (self.ranks[i], self.ranks[j]);
-                if ri == rj {
-                    continue;
-                }
-                let (c, r) = if ri < rj { (i, j) } else { (j, i) };
-                out.push(Comparison {
-                    prompt: self.prompt.clone(),
-                    chosen: self.responses[c].clone(),
-                    rejected: self.responses[r].clone(),
-                    margin: Some(ri.abs_diff(rj) as f64),
-                });
-            }
-        }
-        out
-    }
 }
 
 /// Where a data set is and how to read it: the `[data]` tables of the stage configs.
@@ -117,6 +75,43 @@ impl Fields<'_> {
         })
     }
 
+    /// The field's value, None when the column is absent or the cell null.
+    fn present(&self, field: &str) -> Option<&Value> {
+        match self.rec.fields.get(self.src.column(field)) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v),
+        }
+    }
+
+    /// An optional string column: empty when absent or null.
+    fn opt_string(&self, field: &str) -> Result<String> {
+        match self.present(field) {
+            None => Ok(String::new()),
+            Some(_) => self.string(field),
+        }
+    }
+
+    /// An optional flag: a bool, 0 or 1, or the strings "true"/"false"/"1"/"0" (any case); false
+    /// when absent, null or an empty cell.
+    fn opt_bool(&self, field: &str) -> Result<bool> {
+        const EXPECTED: &str = "true or false (or 1 or 0)";
+        match self.present(field) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v @ Value::Number(n)) => match n.as_f64() {
+                Some(0.0) => Ok(false),
+                Some(1.0) => Ok(true),
+                _ => Err(self.type_err(field, EXPECTED, v)),
+            },
+            Some(v @ Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
+                "" | "false" | "0" => Ok(false),
+                "true" | "1" => Ok(true),
+                _ => Err(self.type_err(field, EXPECTED, v)),
+            },
+            Some(other) => Err(self.type_err(field, EXPECTED, other)),
+        }
+    }
+
     fn string(&self, field: &str) -> Result<String> {
         match self.value(field)? {
             Value::String(s) => Ok(s.clone()),
@@ -155,6 +150,22 @@ impl Fields<'_> {
         }
     }
 
+    /// A list of ids: strings, or numbers taken as their text.
+    fn id_list(&self, field: &str) -> Result<Vec<String>> {
+        const EXPECTED: &str = "a list of ids (strings)";
+        match self.value(field)? {
+            Value::Array(a) => a
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Number(n) => Ok(n.to_string()),
+                    other => Err(self.type_err(field, EXPECTED, other)),
+                })
+                .collect(),
+            other => Err(self.type_err(field, EXPECTED, other)),
+        }
+    }
+
     fn rank_list(&self, field: &str) -> Result<Vec<u32>> {
         match self.value(field)? {
             Value::Array(a) => a
@@ -166,6 +177,10 @@ impl Fields<'_> {
                 .collect(),
             other => Err(self.type_err(field, "a list of integer ranks ≥ 1", other)),
         }
+    }
+
+    fn err(&self, field: &str, msg: String) -> DataError {
+        DataError::at(self.path, self.rec.line, Some(self.src.column(field)), msg)
     }
 
     fn type_err(&self, field: &str, expected: &str, found: &Value) -> DataError {
@@ -214,46 +229,80 @@ pub fn load_prompts(src: &Source) -> Result<Vec<PromptRecord>> {
     })
 }
 
-/// Comparisons: fields `prompt`, `chosen`, `rejected`, optional `margin`.
+/// Comparisons: fields `prompt`, `chosen`, `rejected`; optional `prompt_id`, `labeler_id`,
+/// `chosen_id`, `rejected_id` (empty when absent), `margin` (a number) and `tie` (a bool, 0/1 or
+/// "true"/"false"; false when absent), as `labeling import` writes them to `pairs.parquet`.
 pub fn load_comparisons(src: &Source) -> Result<Vec<Comparison>> {
     load(src, |f| {
         Ok(Comparison {
+            prompt_id: f.opt_string("prompt_id")?,
             prompt: f.string("prompt")?,
+            labeler_id: f.opt_string("labeler_id")?,
+            chosen_id: f.opt_string("chosen_id")?,
             chosen: f.string("chosen")?,
+            rejected_id: f.opt_string("rejected_id")?,
             rejected: f.string("rejected")?,
             margin: f.opt_f64("margin")?,
+            tie: f.opt_bool("tie")?,
         })
     })
 }
 
-/// Ranked groups: fields `prompt_id`, `prompt`, `labeler_id` (optional), `responses` (list),
-/// `ranks` (list of integers ≥ 1, same length, K ≥ 2).
+/// Ranked groups: fields `prompt_id`, `prompt`, `responses` (list, K ≥ 2), `ranks` (list of
+/// integers ≥ 1, one per response); optional `labeler_id` (empty when absent) and `response_ids`
+/// (list, one unique id per response; "1".."K" when absent), as `labeling import` writes them to
+/// `rankings.parquet`. Each group's `line` is the line (or Parquet row) of its record.
 pub fn load_ranked_groups(src: &Source) -> Result<Vec<RankedGroup>> {
     load(src, |f| {
         let responses = f.string_list("responses")?;
-        let ranks = f.rank_list("ranks")?;
-        if responses.len() != ranks.len() || responses.len() < 2 {
-            return Err(DataError::at(
-                f.path,
-                f.rec.line,
-                Some(f.src.column("ranks")),
+        let k = responses.len();
+        if k < 2 {
+            return Err(f.err(
+                "responses",
                 format!(
-                    "needs K ≥ 2 responses and one rank each; found {} responses and {} ranks",
-                    responses.len(),
+                    "found {k} response(s); a ranked group needs K ≥ 2 responses to compare (drop the record or add responses)"
+                ),
+            ));
+        }
+        let ranks = f.rank_list("ranks")?;
+        if ranks.len() != k {
+            return Err(f.err(
+                "ranks",
+                format!(
+                    "found {} ranks for {k} responses; give one rank per response, in the order of `responses`",
                     ranks.len()
                 ),
             ));
         }
-        let labeler_id = match f.rec.fields.get(f.src.column("labeler_id")) {
-            None | Some(Value::Null) => String::new(),
-            Some(_) => f.string("labeler_id")?,
+        let response_ids = match f.present("response_ids") {
+            None => (1..=k).map(|i| i.to_string()).collect(),
+            Some(_) => f.id_list("response_ids")?,
         };
+        if response_ids.len() != k {
+            return Err(f.err(
+                "response_ids",
+                format!(
+                    "found {} response ids for {k} responses; give one id per response, in the order of `responses`, or leave the column out",
+                    response_ids.len()
+                ),
+            ));
+        }
+        for (i, id) in response_ids.iter().enumerate() {
+            if response_ids[..i].contains(id) {
+                return Err(f.err(
+                    "response_ids",
+                    format!("response id {id:?} appears twice; each response needs its own id"),
+                ));
+            }
+        }
         Ok(RankedGroup {
             prompt_id: f.string("prompt_id")?,
             prompt: f.string("prompt")?,
-            labeler_id,
+            labeler_id: f.opt_string("labeler_id")?,
+            response_ids,
             responses,
             ranks,
+            line: f.rec.line,
         })
     })
 }

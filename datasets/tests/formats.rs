@@ -62,7 +62,7 @@ fn oasst_trees_give_212_groups_and_754_pairs() {
     };
     let o = read_oasst(&path).unwrap();
     assert_eq!(o.groups.len(), 212);
-    let pairs: usize = o.groups.iter().map(|g| g.comparisons().len()).sum();
+    let pairs: usize = o.groups.iter().map(|g| g.pairs(false).len()).sum();
     assert_eq!(pairs, 754);
     let sizes: Vec<usize> = o.groups.iter().map(|g| g.responses.len()).collect();
     assert_eq!(*sizes.iter().min().unwrap(), 2);
@@ -193,8 +193,116 @@ fn ranked_groups_read_from_jsonl() {
     .unwrap();
     let g = load_ranked_groups(&Source::new(&p)).unwrap();
     assert_eq!(g[0].labeler_id, "");
-    let c = g[0].comparisons();
+    let c = g[0].pairs(false);
     // (b > a) and (b > c); a = c is a tie and gives no pair.
     assert_eq!(c.len(), 2);
     assert!(c.iter().all(|x| x.chosen == "b" && x.margin == Some(1.0)));
+}
+
+#[test]
+fn ranked_groups_get_response_ids_and_lines_and_name_their_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.jsonl");
+    let load = |text: &str| {
+        std::fs::write(&p, text).unwrap();
+        load_ranked_groups(&Source::new(&p))
+    };
+    let g = load(
+        "{\"prompt_id\":\"p1\",\"prompt\":\"q\",\"responses\":[\"a\",\"b\"],\"ranks\":[1,2]}\n\n\
+         {\"prompt_id\":\"p2\",\"prompt\":\"q\",\"response_ids\":[\"x\",7],\"responses\":[\"a\",\"b\"],\"ranks\":[2,1]}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        (g[0].response_ids.clone(), g[0].line),
+        (vec!["1".to_string(), "2".into()], 1)
+    );
+    assert_eq!(
+        (g[1].response_ids.clone(), g[1].line),
+        (vec!["x".to_string(), "7".into()], 3)
+    );
+    let c = g[1].pairs(false);
+    assert_eq!(
+        (c[0].chosen_id.as_str(), c[0].rejected_id.as_str()),
+        ("7", "x")
+    );
+
+    let e = load("{\"prompt_id\":\"p\",\"prompt\":\"q\",\"responses\":[\"a\",\"b\"]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("g.jsonl line 1, field `ranks`: column missing") && e.contains("columns.ranks"),
+        "{e}"
+    );
+    let e = load(
+        "{\"prompt_id\":\"p\",\"prompt\":\"q\",\"responses\":[\"a\",\"b\"],\"ranks\":[1,2,3]}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(
+            "line 1, field `ranks`: found 3 ranks for 2 responses; give one rank per response"
+        ),
+        "{e}"
+    );
+    let e = load("{\"prompt_id\":\"p\",\"prompt\":\"q\",\"responses\":[],\"ranks\":[]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 1, field `responses`: found 0 response(s)") && e.contains("K ≥ 2"),
+        "{e}"
+    );
+    let e = load("{\"prompt_id\":\"p\",\"prompt\":\"q\",\"response_ids\":[\"x\"],\"responses\":[\"a\",\"b\"],\"ranks\":[1,2]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("field `response_ids`: found 1 response ids for 2 responses"),
+        "{e}"
+    );
+    let e = load("{\"prompt_id\":\"p\",\"prompt\":\"q\",\"response_ids\":[\"x\",\"x\"],\"responses\":[\"a\",\"b\"],\"ranks\":[1,2]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("field `response_ids`: response id \"x\" appears twice"),
+        "{e}"
+    );
+}
+
+#[test]
+fn comparisons_read_optional_ids_and_tie_flags_from_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.csv");
+    std::fs::write(
+        &p,
+        "prompt_id,prompt,chosen_id,chosen,rejected_id,rejected,margin,verdict\n\
+         p1,q,a,x,b,y,0,1\np1,q,a,x,c,z,2,0\np1,q,b,y,c,z,,TRUE\np1,q,b,y,d,w,1,\n",
+    )
+    .unwrap();
+    let src = Source {
+        columns: HashMap::from([("tie".to_string(), "verdict".to_string())]),
+        ..Source::new(&p)
+    };
+    let c = load_comparisons(&src).unwrap();
+    assert_eq!(
+        c.iter().map(|c| (c.tie, c.margin)).collect::<Vec<_>>(),
+        vec![
+            (true, Some(0.0)),
+            (false, Some(2.0)),
+            (true, None),
+            (false, Some(1.0))
+        ]
+    );
+    assert!(
+        c.iter()
+            .all(|c| c.prompt_id == "p1" && c.labeler_id.is_empty())
+    );
+    assert_eq!(
+        (c[1].chosen_id.as_str(), c[1].rejected_id.as_str()),
+        ("a", "c")
+    );
+    std::fs::write(&p, "prompt,chosen,rejected,verdict\nq,x,y,2\n").unwrap();
+    let e = load_comparisons(&src).unwrap_err().to_string();
+    assert!(
+        e.contains("c.csv line 2, field `verdict`: expected true or false"),
+        "{e}"
+    );
 }

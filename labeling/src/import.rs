@@ -1,6 +1,8 @@
-//! Reading labelers' rankings from CSV, long or wide, with every rule checked and every error (up
-//! to [`MAX_ERRORS`]) named by file, line, column and value.
+//! Reading labelers' rankings from CSV, long or wide, into [`RankedGroup`]s (the preference type
+//! of the `datasets` crate; each with its response ids and the line where it starts), with every
+//! rule checked and every error (up to [`MAX_ERRORS`]) named by file, line, column and value.
 
+use datasets::RankedGroup;
 use datasets::read::{csv_rows, utf8_text};
 use std::collections::HashMap;
 use std::fmt;
@@ -26,20 +28,6 @@ pub const LONG_HEADER: [&str; 6] = [
     "labeler_id",
     "rank",
 ];
-
-/// One labeler's ranking of K ≥ 2 responses to one prompt; rank 1 = best, equal = tie.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Judgement {
-    pub prompt_id: String,
-    pub prompt: String,
-    /// Empty for an anonymous labeler.
-    pub labeler_id: String,
-    pub response_ids: Vec<String>,
-    pub responses: Vec<String>,
-    pub ranks: Vec<u32>,
-    /// Line where the group's first row starts.
-    pub line: usize,
-}
 
 /// All errors found in a file (at most [`MAX_ERRORS`]).
 #[derive(Debug)]
@@ -97,12 +85,13 @@ fn shown(v: &str) -> String {
     format!("{s:?}")
 }
 
-/// Reads a rankings CSV. `renames` maps our column names to the file's headers (`--col`).
+/// Reads a rankings CSV into one ranked group per (prompt_id, labeler), in the order of their first
+/// rows. `renames` maps our column names to the file's headers (`--col`).
 pub fn read_rankings(
     path: &Path,
     format: Option<CsvFormat>,
     renames: &HashMap<String, String>,
-) -> Result<Vec<Judgement>, ImportErrors> {
+) -> Result<Vec<RankedGroup>, ImportErrors> {
     let one = |line: usize, col: Option<&str>, msg: String| {
         let mut e = Errors {
             path: path.to_path_buf(),
@@ -248,14 +237,14 @@ fn long(
     find: &Find,
     col_name: &ColName,
     errs: &mut Errors,
-) -> Vec<Judgement> {
+) -> Vec<RankedGroup> {
     let [pid_c, prompt_c, rid_c, resp_c, rank_c] =
         ["prompt_id", "prompt", "response_id", "response", "rank"]
             .map(|c| find(c).expect("checked"));
     let labeler_c = find("labeler_id");
     let mut check = Consistency::default();
     let mut order: Vec<(String, String)> = Vec::new();
-    let mut groups: HashMap<(String, String), Judgement> = HashMap::new();
+    let mut groups: HashMap<(String, String), RankedGroup> = HashMap::new();
     // (group, response_id) → line, for duplicates within a group.
     let mut seen: HashMap<(String, String, String), usize> = HashMap::new();
     for (line, cells) in rows {
@@ -331,7 +320,7 @@ fn long(
         let Some(rank) = rank else { continue };
         let g = groups.entry(key.clone()).or_insert_with(|| {
             order.push(key.clone());
-            Judgement {
+            RankedGroup {
                 prompt_id: pid.clone(),
                 prompt: prompt.clone(),
                 labeler_id: labeler.clone(),
@@ -395,7 +384,7 @@ fn wide(
     find: &Find,
     col_name: &ColName,
     errs: &mut Errors,
-) -> Vec<Judgement> {
+) -> Vec<RankedGroup> {
     let [pid_c, prompt_c, ranking_c] =
         ["prompt_id", "prompt", "ranking"].map(|c| find(c).expect("checked"));
     let labeler_c = find("labeler_id");
@@ -513,7 +502,7 @@ fn wide(
         }
         seen_groups.insert((pid.clone(), labeler.clone()), line);
         check.prompt(&pid, &prompt, line, &col_name("prompt"), errs);
-        let mut j = Judgement {
+        let mut j = RankedGroup {
             prompt_id: pid.clone(),
             prompt,
             labeler_id: labeler,

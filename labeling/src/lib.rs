@@ -1,7 +1,9 @@
 //! Labeling: importing labelers' rankings of K responses per prompt from CSV (long or wide) into
 //! `rankings.parquet`, `pairs.parquet` and `stats.json`, with agreement statistics between
 //! labelers; and exporting sheets of sampled responses for labelers to rank, which closes the
-//! InstructGPT data loop.
+//! InstructGPT data loop. Groups and pairs are the `datasets` crate's [`RankedGroup`] and
+//! [`Comparison`], and the files written read back with `datasets::load_ranked_groups` and
+//! `datasets::load_comparisons` (ties included, as `tie = true`).
 //!
 //! It is not a labeling UI: labelers fill the sheet in any spreadsheet program.
 
@@ -9,8 +11,9 @@ pub mod import;
 pub mod pairs;
 
 use anyhow::{Context, Result};
-use import::{CsvFormat, Judgement, read_rankings};
-use pairs::{Pair, agreement, kendall_w_mean, majority, pairs};
+use datasets::{Comparison, RankedGroup, expand_pairs};
+use import::{CsvFormat, read_rankings};
+use pairs::{agreement, kendall_w_mean, majority};
 use polars::prelude::{Column, DataFrame, NamedFrom, ParquetWriter, Series};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -102,14 +105,14 @@ impl Stats {
 
 /// The groups, the pairs to write and the statistics of a rankings file.
 pub struct Imported {
-    pub groups: Vec<Judgement>,
-    pub pairs: Vec<Pair>,
+    pub groups: Vec<RankedGroup>,
+    pub pairs: Vec<Comparison>,
     pub stats: Stats,
 }
 
 pub fn import(opts: &ImportOptions) -> Result<Imported> {
     let groups = read_rankings(&opts.input, opts.format, &opts.renames)?;
-    let (all_pairs, ties) = pairs(&groups, opts.keep_ties);
+    let (all_pairs, ties) = expand_pairs(&groups, opts.keep_ties);
     let (out_pairs, maj) = match opts.aggregate {
         Aggregate::None => (all_pairs, None),
         Aggregate::Majority => {
@@ -210,8 +213,8 @@ fn str_col(name: &str, v: Vec<&str>) -> Column {
 
 /// One row per ranked group: prompt_id, prompt, labeler_id, k, response_ids, responses, ranks.
 /// The datasets crate reads it back as ranked groups.
-pub fn rankings_frame(groups: &[Judgement]) -> Result<DataFrame> {
-    let list = |name: &str, f: &dyn Fn(&Judgement) -> Series| -> Column {
+pub fn rankings_frame(groups: &[RankedGroup]) -> Result<DataFrame> {
+    let list = |name: &str, f: &dyn Fn(&RankedGroup) -> Series| -> Column {
         let s: Vec<Series> = groups.iter().map(f).collect();
         Column::new(name.into(), s)
     };
@@ -243,9 +246,10 @@ pub fn rankings_frame(groups: &[Judgement]) -> Result<DataFrame> {
     Ok(DataFrame::new(groups.len(), cols)?)
 }
 
-/// One row per pairwise judgement.
-pub fn pairs_frame(pairs: &[Pair]) -> Result<DataFrame> {
-    let s = |f: fn(&Pair) -> &str| pairs.iter().map(f).collect::<Vec<_>>();
+/// One row per pairwise judgement: prompt_id, prompt, labeler_id, chosen_id, chosen, rejected_id,
+/// rejected, margin, tie. The datasets crate reads it back as comparisons.
+pub fn pairs_frame(pairs: &[Comparison]) -> Result<DataFrame> {
+    let s = |f: fn(&Comparison) -> &str| pairs.iter().map(f).collect::<Vec<_>>();
     let cols = vec![
         str_col("prompt_id", s(|p| &p.prompt_id)),
         str_col("prompt", s(|p| &p.prompt)),
@@ -310,7 +314,7 @@ pub fn export_sheet(opts: &ExportOptions) -> Result<usize> {
         // Each prompt gets its own seed, so a sheet's rows do not depend on the prompts before.
         let mut sampling = opts.sampling.config(tok.eos_id, tok.pad_id);
         sampling.seed = opts.sampling.seed.wrapping_add(i as u64);
-        let g = model::generate(&loaded.model, &batch, &sampling);
+        let g = model::generate(&loaded.model, &batch, &sampling)?;
         for (k, resp) in g.responses().iter().enumerate() {
             let ids: Vec<u32> = resp.iter().copied().filter(|&t| t != tok.eos_id).collect();
             let text = tok.decode(&ids)?;

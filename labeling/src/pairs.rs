@@ -1,58 +1,11 @@
-//! Pairwise comparisons from ranked groups (each labeler's judgement of each pair is one training
-//! example, as in InstructGPT), majority aggregation, and agreement statistics between labelers:
-//! pairwise agreement, Fleiss' κ (raters per item may vary) and Kendall's W.
+//! What several labelers' rankings say together: majority aggregation of their pairwise judgements
+//! into [`Comparison`]s, and agreement statistics between labelers: pairwise agreement, Fleiss' κ
+//! (raters per item may vary) and Kendall's W. Each labeler's own pairs come from the one pair
+//! expansion of the `datasets` crate ([`RankedGroup::pairs`], [`datasets::expand_pairs`]), which
+//! the votes here are built on too.
 
-use crate::import::Judgement;
+use datasets::{Comparison, RankedGroup};
 use std::collections::{BTreeMap, HashMap};
-
-/// One pairwise judgement.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Pair {
-    pub prompt_id: String,
-    pub prompt: String,
-    pub labeler_id: String,
-    pub chosen_id: String,
-    pub chosen: String,
-    pub rejected_id: String,
-    pub rejected: String,
-    /// Rank difference (0 for a kept tie).
-    pub margin: f64,
-    pub tie: bool,
-}
-
-/// Every pair of each group, better first; ties dropped unless `keep_ties`. Returns the pairs and
-/// the number of tied pairs seen.
-pub fn pairs(groups: &[Judgement], keep_ties: bool) -> (Vec<Pair>, usize) {
-    let mut out = Vec::new();
-    let mut ties = 0;
-    for g in groups {
-        for i in 0..g.ranks.len() {
-            for j in i + 1..g.ranks.len() {
-                let (ri, rj) = (g.ranks[i], g.ranks[j]);
-                let tie = ri == rj;
-                if tie {
-                    ties += 1;
-                    if !keep_ties {
-                        continue;
-                    }
-                }
-                let (c, r) = if ri <= rj { (i, j) } else { (j, i) };
-                out.push(Pair {
-                    prompt_id: g.prompt_id.clone(),
-                    prompt: g.prompt.clone(),
-                    labeler_id: g.labeler_id.clone(),
-                    chosen_id: g.response_ids[c].clone(),
-                    chosen: g.responses[c].clone(),
-                    rejected_id: g.response_ids[r].clone(),
-                    rejected: g.responses[r].clone(),
-                    margin: ri.abs_diff(rj) as f64,
-                    tie,
-                });
-            }
-        }
-    }
-    (out, ties)
-}
 
 /// A labeler's verdict on the unordered pair (a, b), a < b by id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,29 +18,24 @@ enum Verdict {
 /// (prompt_id, a, b) with a < b → verdicts, one per labeler.
 type Votes = BTreeMap<(String, String, String), Vec<(Verdict, f64)>>;
 
-fn votes(groups: &[Judgement]) -> Votes {
+fn votes(groups: &[RankedGroup]) -> Votes {
     let mut v: Votes = BTreeMap::new();
     for g in groups {
-        for i in 0..g.ranks.len() {
-            for j in i + 1..g.ranks.len() {
-                let (mut a, mut b) = (i, j);
-                if g.response_ids[a] > g.response_ids[b] {
-                    std::mem::swap(&mut a, &mut b);
-                }
-                let (ra, rb) = (g.ranks[a], g.ranks[b]);
-                let verdict = match ra.cmp(&rb) {
-                    std::cmp::Ordering::Less => Verdict::ABetter,
-                    std::cmp::Ordering::Greater => Verdict::BBetter,
-                    std::cmp::Ordering::Equal => Verdict::Tie,
-                };
-                v.entry((
-                    g.prompt_id.clone(),
-                    g.response_ids[a].clone(),
-                    g.response_ids[b].clone(),
-                ))
+        for p in g.pairs(true) {
+            let a_first = p.chosen_id < p.rejected_id;
+            let verdict = match (p.tie, a_first) {
+                (true, _) => Verdict::Tie,
+                (false, true) => Verdict::ABetter,
+                (false, false) => Verdict::BBetter,
+            };
+            let (a, b) = if a_first {
+                (p.chosen_id, p.rejected_id)
+            } else {
+                (p.rejected_id, p.chosen_id)
+            };
+            v.entry((p.prompt_id, a, b))
                 .or_default()
-                .push((verdict, ra.abs_diff(rb) as f64));
-            }
+                .push((verdict, p.margin.unwrap_or(0.0)));
         }
     }
     v
@@ -97,7 +45,7 @@ fn votes(groups: &[Judgement]) -> Votes {
 /// than half the votes). Pairs whose majority is a tie, and pairs with no majority, are dropped;
 /// the merged pair's labeler is `majority` and its margin the mean margin of the majority's votes.
 /// Returns (pairs, dropped as tie, dropped without majority).
-pub fn majority(groups: &[Judgement]) -> (Vec<Pair>, usize, usize) {
+pub fn majority(groups: &[RankedGroup]) -> (Vec<Comparison>, usize, usize) {
     let mut text: HashMap<(&str, &str), &str> = HashMap::new();
     let mut prompts: HashMap<&str, &str> = HashMap::new();
     for g in groups {
@@ -125,7 +73,7 @@ pub fn majority(groups: &[Judgement]) -> (Vec<Pair>, usize, usize) {
             }
         };
         let agreeing: Vec<f64> = vs.iter().filter(|x| x.0 == verdict).map(|x| x.1).collect();
-        out.push(Pair {
+        out.push(Comparison {
             prompt: prompts[pid.as_str()].to_string(),
             chosen: text[&(pid.as_str(), c.as_str())].to_string(),
             rejected: text[&(pid.as_str(), r.as_str())].to_string(),
@@ -133,7 +81,7 @@ pub fn majority(groups: &[Judgement]) -> (Vec<Pair>, usize, usize) {
             labeler_id: "majority".into(),
             chosen_id: c,
             rejected_id: r,
-            margin: agreeing.iter().sum::<f64>() / agreeing.len() as f64,
+            margin: Some(agreeing.iter().sum::<f64>() / agreeing.len() as f64),
             tie: false,
         });
     }
@@ -143,7 +91,7 @@ pub fn majority(groups: &[Judgement]) -> (Vec<Pair>, usize, usize) {
 /// Agreement between labelers over the response pairs that ≥ 2 of them judged: the share of
 /// labeler pairs that agree (a better / b better / tie), and Fleiss' κ over those three categories
 /// with a varying number of raters per item. None when no pair was judged twice.
-pub fn agreement(groups: &[Judgement]) -> Option<(f64, f64)> {
+pub fn agreement(groups: &[RankedGroup]) -> Option<(f64, f64)> {
     let items: Vec<[usize; 3]> = votes(groups)
         .values()
         .filter(|vs| vs.len() >= 2)
@@ -186,7 +134,7 @@ pub fn agreement(groups: &[Judgement]) -> Option<(f64, f64)> {
 
 /// Kendall's W (with the correction for ties) of the labelers who ranked the same set of K ≥ 3
 /// responses to a prompt, averaged over such sets. None when there is none.
-pub fn kendall_w_mean(groups: &[Judgement]) -> Option<f64> {
+pub fn kendall_w_mean(groups: &[RankedGroup]) -> Option<f64> {
     // (prompt_id, sorted response ids) → each labeler's ranks in that id order.
     let mut sets: BTreeMap<(String, Vec<String>), Vec<Vec<f64>>> = BTreeMap::new();
     for g in groups.iter().filter(|g| g.ranks.len() >= 3) {
@@ -258,9 +206,10 @@ pub fn kendall_w(raters: &[Vec<f64>]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datasets::expand_pairs;
 
-    fn j(pid: &str, lab: &str, ids: &[&str], ranks: &[u32]) -> Judgement {
-        Judgement {
+    fn j(pid: &str, lab: &str, ids: &[&str], ranks: &[u32]) -> RankedGroup {
+        RankedGroup {
             prompt_id: pid.into(),
             prompt: format!("prompt {pid}"),
             labeler_id: lab.into(),
@@ -274,10 +223,10 @@ mod tests {
     #[test]
     fn pairs_skip_or_keep_ties() {
         let g = [j("p", "x", &["a", "b", "c", "d"], &[1, 3, 3, 7])];
-        let (p, ties) = pairs(&g, false);
+        let (p, ties) = expand_pairs(&g, false);
         assert_eq!(p.len(), 5);
         assert_eq!(ties, 1);
-        assert!(p.iter().all(|x| x.margin > 0.0 && !x.tie));
+        assert!(p.iter().all(|x| x.margin.unwrap() > 0.0 && !x.tie));
         let first = &p[0];
         assert_eq!(
             (
@@ -285,14 +234,14 @@ mod tests {
                 first.rejected_id.as_str(),
                 first.margin
             ),
-            ("a", "b", 2.0)
+            ("a", "b", Some(2.0))
         );
         let d = p
             .iter()
             .find(|x| x.rejected_id == "d" && x.chosen_id == "b")
             .unwrap();
-        assert_eq!(d.margin, 4.0);
-        let (p, _) = pairs(&g, true);
+        assert_eq!(d.margin, Some(4.0));
+        let (p, _) = expand_pairs(&g, true);
         assert_eq!(p.len(), 6);
         assert_eq!(p.iter().filter(|x| x.tie).count(), 1);
     }

@@ -66,7 +66,7 @@ fn oasst_as_long_csv_imports_to_212_groups_and_754_pairs() {
         datasets::load_ranked_groups(&datasets::Source::new(out.join("rankings.parquet"))).unwrap();
     assert_eq!(groups.len(), 212);
     assert_eq!(
-        groups.iter().map(|g| g.comparisons().len()).sum::<usize>(),
+        groups.iter().map(|g| g.pairs(false).len()).sum::<usize>(),
         754
     );
     let stats_json: serde_json::Value =
@@ -128,7 +128,7 @@ fn wide_file_with_ties_crlf_bom_cjk_and_quotes() {
     assert_eq!(
         keep.pairs
             .iter()
-            .filter(|x| x.tie && x.margin == 0.0)
+            .filter(|x| x.tie && x.margin == Some(0.0))
             .count(),
         2
     );
@@ -442,4 +442,93 @@ proptest::proptest! {
         std::fs::write(&p, &data).unwrap();
         let _ = read_rankings(&p, None, &HashMap::new());
     }
+}
+
+// Regression: load_comparisons ignored pairs.parquet's tie column, so ties trained as preferences.
+#[test]
+fn load_comparisons_reads_the_tie_column_that_import_keep_ties_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("long.csv");
+    // b = c is the one tie.
+    std::fs::write(
+        &p,
+        "prompt_id,prompt,response_id,response,labeler_id,rank\n\
+         p1,Q,a,x,l1,1\np1,Q,b,y,l1,2\np1,Q,c,z,l1,2\np1,Q,d,w,l1,4\n",
+    )
+    .unwrap();
+    let out = dir.path().join("labels");
+    let o = ImportOptions {
+        keep_ties: true,
+        ..opts(&p, &out)
+    };
+    let stats = import_to_dir(&o).unwrap();
+    assert_eq!((stats.pairs, stats.ties), (6, 1));
+    let read =
+        datasets::load_comparisons(&datasets::Source::new(out.join("pairs.parquet"))).unwrap();
+    let got: Vec<(&str, &str, Option<f64>, bool)> = read
+        .iter()
+        .map(|c| {
+            (
+                c.chosen_id.as_str(),
+                c.rejected_id.as_str(),
+                c.margin,
+                c.tie,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a", "b", Some(1.0), false),
+            ("a", "c", Some(1.0), false),
+            ("a", "d", Some(3.0), false),
+            ("b", "c", Some(0.0), true),
+            ("b", "d", Some(2.0), false),
+            ("c", "d", Some(2.0), false),
+        ]
+    );
+    // Everything else round-trips too: what was read is what was imported.
+    assert_eq!(read, import(&o).unwrap().pairs);
+    assert!(
+        read.iter()
+            .all(|c| c.prompt_id == "p1" && c.labeler_id == "l1")
+    );
+
+    // JSONL: true, 1, "true" are ties; false, 0, "false" and absent are not; "maybe" is an error.
+    let j = dir.path().join("ties.jsonl");
+    let row =
+        |tie: &str| format!("{{\"prompt\":\"q\",\"chosen\":\"a\",\"rejected\":\"b\"{tie}}}\n");
+    let text: String = [
+        ",\"tie\":true",
+        ",\"tie\":1",
+        ",\"tie\":\"true\"",
+        ",\"tie\":false",
+        ",\"tie\":0",
+        ",\"tie\":\"false\"",
+        "",
+    ]
+    .map(row)
+    .concat();
+    std::fs::write(&j, text).unwrap();
+    let c = datasets::load_comparisons(&datasets::Source::new(&j)).unwrap();
+    assert_eq!(
+        c.iter().map(|c| c.tie).collect::<Vec<_>>(),
+        vec![true, true, true, false, false, false, false]
+    );
+    std::fs::write(
+        &j,
+        [",\"tie\":true", ",\"tie\":false", ",\"tie\":\"maybe\""]
+            .map(row)
+            .concat(),
+    )
+    .unwrap();
+    let e = datasets::load_comparisons(&datasets::Source::new(&j))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "ties.jsonl line 3, field `tie`: expected true or false (or 1 or 0), found \"maybe\""
+        ),
+        "{e}"
+    );
 }

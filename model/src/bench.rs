@@ -85,7 +85,7 @@ pub fn train_tokens_per_s(s: &Shape, steps: usize, warmup: usize, device: &Devic
             targets.extend_from_slice(&ids[r * (t + 1) + 1..(r + 1) * (t + 1)]);
         }
         let batch = TokenBatch::dense(inputs, b, t);
-        let logits = model.logits(model.forward(&batch));
+        let logits = model.logits(model.forward(&batch))?;
         let targets = token_tensor(&targets, b, t, &device);
         let loss = token_logprobs(logits, targets).mean().neg();
         let grads = loss.backward();
@@ -125,7 +125,7 @@ pub fn generate_tokens_per_s(s: &Shape, reps: usize, device: &Device) -> Result<
                 seed: rep as u64,
                 ..sampling.clone()
             },
-        );
+        )?;
         assert_eq!(g.tokens[0].len(), s.gen_new);
         if rep > 0 {
             timed += start.elapsed().as_secs_f64();

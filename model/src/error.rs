@@ -48,6 +48,12 @@ pub enum ModelError {
         tokenizer_vocab: usize,
         model_vocab: usize,
     },
+    #[error("{}the model has no {head}: {hint}", if path.as_os_str().is_empty() { String::new() } else { format!("{}: ", path.display()) })]
+    MissingHead {
+        path: PathBuf,
+        head: &'static str,
+        hint: String,
+    },
     #[error("unknown model preset `{0}`; available: tiny, small, medium, large")]
     UnknownPreset(String),
     #[error("invalid device `{0}`: {1}")]

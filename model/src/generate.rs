@@ -67,7 +67,12 @@ impl Generation {
 }
 
 /// Samples up to `cfg.max_new_tokens` tokens after each prompt.
-pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Generation {
+/// An error for a model without an LM head.
+pub fn generate(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+) -> crate::Result<Generation> {
     let b = prompts.len();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut out = Generation {
@@ -76,7 +81,7 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig) ->
         mask: vec![Vec::new(); b],
     };
     if b == 0 || cfg.max_new_tokens == 0 {
-        return out;
+        return Ok(out);
     }
     let mut cache = KvCache::new(model.config().num_layers, b);
     let mut batch = TokenBatch::left_padded(prompts, cfg.pad_token_id);
@@ -85,7 +90,7 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig) ->
         let hidden = model.forward_cached(&batch, &mut cache);
         let [_, t, d] = hidden.dims();
         let last = hidden.slice([0..b, t - 1..t, 0..d]);
-        let mut logits = model.logits(last);
+        let mut logits = model.logits(last)?;
         if cfg.temperature > 0.0 {
             logits = logits.div_scalar(cfg.temperature);
         }
@@ -126,7 +131,7 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig) ->
         };
     }
     // Rows that finished early were padded step by step; every row has the same length.
-    out
+    Ok(out)
 }
 
 fn argmax(row: &[f32]) -> u32 {

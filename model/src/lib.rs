@@ -20,11 +20,13 @@ pub mod transformer;
 pub mod weights;
 
 pub use batch::TokenBatch;
-pub use checkpoint::{Loaded, load, save};
+pub use checkpoint::{
+    Loaded, ModelMeta, RewardNormalization, load, load_with, save, save_with_meta,
+};
 pub use config::{Family, ModelConfig};
 pub use device::{backend_name, parse_device};
 pub use error::{ModelError, Result};
 pub use generate::{Generation, SamplingConfig, generate};
 pub use tokenizer::{PromptTemplate, Tokenizer};
-pub use transformer::{CausalLm, KvCache};
+pub use transformer::{CausalLm, Heads, KvCache};
 pub use weights::SafetensorsFiles;

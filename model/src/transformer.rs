@@ -10,7 +10,7 @@
 
 use crate::batch::TokenBatch;
 use crate::config::{Activation, Family, ModelConfig};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
@@ -112,7 +112,36 @@ impl KvCache {
     }
 }
 
-/// A causal language model with an LM head and an optional scalar head.
+/// Which heads a model is created or loaded with. A policy has an LM head; a reward or value
+/// model has a scalar head and no LM head (HF `*ForSequenceClassification` has none); a trunk
+/// alone (`Heads::NONE`) is what a new reward model starts from before its head is added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub lm: bool,
+    pub scalar: bool,
+}
+
+impl Heads {
+    pub const LM: Self = Self {
+        lm: true,
+        scalar: false,
+    };
+    pub const SCALAR: Self = Self {
+        lm: false,
+        scalar: true,
+    };
+    pub const BOTH: Self = Self {
+        lm: true,
+        scalar: true,
+    };
+    pub const NONE: Self = Self {
+        lm: false,
+        scalar: false,
+    };
+}
+
+/// A causal language model with the heads it was created with: an LM head, a scalar head
+/// (reward / value), or both.
 #[derive(Module, Debug)]
 pub struct CausalLm {
     embed: Embedding,
@@ -120,8 +149,11 @@ pub struct CausalLm {
     positions: Option<Embedding>,
     layers: Vec<Block>,
     norm: Norm,
-    /// Untied LM head; None when the head is tied to `embed`.
+    /// Untied LM head; None when the head is tied to `embed` or there is no LM head.
     lm_head: Option<Linear>,
+    /// Whether the model has an LM head (tied to `embed` when `lm_head` is None).
+    #[module(skip)]
+    has_lm: bool,
     /// Scalar head `[d, 1]` (reward / value), HF `score`.
     score: Option<Linear>,
     dropout: Dropout,
@@ -169,7 +201,7 @@ fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
 }
 
 impl CausalLm {
-    fn build(cfg: &ModelConfig, b: &mut Builder, scalar_head: bool) -> Result<Self> {
+    fn build(cfg: &ModelConfig, b: &mut Builder, heads: Heads) -> Result<Self> {
         let d = cfg.hidden_size;
         let std = cfg.initializer_range;
         // GPT-2's scaled init of the residual projections, for new models.
@@ -289,24 +321,21 @@ impl CausalLm {
             Family::Llama => norm(b, "model.norm", cfg, false)?,
             Family::Gpt2 => norm(b, "transformer.ln_f", cfg, true)?,
         };
-        // A sequence classifier has no LM head in HF; ours keeps the embedding-tied one (or a
-        // fresh untied one) so that a value model can still be inspected, but it is not saved.
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            let has_file_head = match &b.source {
-                crate::weights::Source::File(f) => f.contains("lm_head.weight"),
-                crate::weights::Source::Random(_) => true,
-            };
-            if has_file_head {
-                Some(b.linear(&[("lm_head", cfg.vocab_size)], d, false, Layout::OutIn, std)?)
-            } else {
-                // Reading a sequence classifier: nothing to load; a fresh head is not recorded.
-                let mut fresh = Builder::random(0, &b.device);
-                Some(fresh.linear(&[("lm_head", cfg.vocab_size)], d, false, Layout::OutIn, std)?)
+        let lm_head = if heads.lm && !cfg.tie_word_embeddings {
+            if let crate::weights::Source::File(f) = &b.source
+                && !f.contains("lm_head.weight")
+            {
+                return Err(ModelError::MissingHead {
+                    path: f.path_of("lm_head.weight").to_path_buf(),
+                    head: "LM head (lm_head.weight)",
+                    hint: "this looks like a reward or value model (*ForSequenceClassification); give a causal-LM (policy / SFT) folder here".into(),
+                });
             }
+            Some(b.linear(&[("lm_head", cfg.vocab_size)], d, false, Layout::OutIn, std)?)
+        } else {
+            None
         };
-        let score = if scalar_head {
+        let score = if heads.scalar {
             Some(b.linear(
                 &[("score", 1)],
                 d,
@@ -323,6 +352,7 @@ impl CausalLm {
             layers,
             norm: final_norm,
             lm_head,
+            has_lm: heads.lm,
             score,
             dropout: DropoutConfig::new(cfg.dropout).init(),
             inv_freq: Arc::new(rope_inv_freq(cfg)),
@@ -331,21 +361,46 @@ impl CausalLm {
         })
     }
 
-    /// A new model with seeded random weights.
+    /// A new causal LM with seeded random weights: an LM head, and a scalar head too when
+    /// `scalar_head`.
     pub fn new(cfg: &ModelConfig, scalar_head: bool, seed: u64, device: &Device) -> Result<Self> {
+        let heads = Heads {
+            lm: true,
+            scalar: scalar_head,
+        };
         let mut b = Builder::random(seed, device);
-        Self::build(cfg, &mut b, scalar_head)
+        Self::build(cfg, &mut b, heads)
     }
 
-    /// A model with the weights of `files`; `scalar_head` reads `score.weight` too.
+    /// A model with the weights of `files` and the given heads. A head asked for but absent from
+    /// the files (`lm_head.weight` of an untied model, `score.weight`) is an error naming it.
     pub fn from_safetensors(
         cfg: &ModelConfig,
         files: &SafetensorsFiles,
-        scalar_head: bool,
+        heads: Heads,
         device: &Device,
     ) -> Result<Self> {
         let mut b = Builder::from_files(files, device);
-        Self::build(cfg, &mut b, scalar_head)
+        Self::build(cfg, &mut b, heads)
+    }
+
+    /// The same model without its LM head (a reward or value model carries none).
+    pub fn without_lm_head(mut self) -> Self {
+        self.lm_head = None;
+        self.has_lm = false;
+        self
+    }
+
+    /// The heads this model has.
+    pub fn heads(&self) -> Heads {
+        Heads {
+            lm: self.has_lm,
+            scalar: self.score.is_some(),
+        }
+    }
+
+    pub fn has_lm_head(&self) -> bool {
+        self.has_lm
     }
 
     /// Adds a freshly initialised scalar head (a reward model started from a policy); keeps an
@@ -570,9 +625,16 @@ impl CausalLm {
         mlp.down.forward(hidden)
     }
 
-    /// LM logits. hidden: [b, t, d] → [b, t, vocab]
-    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match &self.lm_head {
+    /// LM logits. hidden: [b, t, d] → [b, t, vocab]. An error for a model without an LM head.
+    pub fn logits(&self, hidden: Tensor<3>) -> Result<Tensor<3>> {
+        if !self.has_lm {
+            return Err(ModelError::MissingHead {
+                path: Default::default(),
+                head: "LM head",
+                hint: "it is a reward or value model; a policy or SFT model is needed here".into(),
+            });
+        }
+        Ok(match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, t, d] = hidden.dims();
@@ -583,24 +645,29 @@ impl CausalLm {
                     .matmul(w.transpose())
                     .reshape([b, t, v])
             }
-        }
+        })
     }
 
-    /// Scalar head at every position. hidden: [b, t, d] → [b, t]. Panics without a scalar head.
-    pub fn scalar(&self, hidden: Tensor<3>) -> Tensor<2> {
-        let head = self.score.as_ref().expect("model has no scalar head");
+    /// Scalar head at every position. hidden: [b, t, d] → [b, t]. An error for a model without
+    /// a scalar head.
+    pub fn scalar(&self, hidden: Tensor<3>) -> Result<Tensor<2>> {
+        let head = self.score.as_ref().ok_or_else(|| ModelError::MissingHead {
+            path: Default::default(),
+            head: "scalar head (score.weight)",
+            hint: "it is a causal LM; a reward or value model (*ForSequenceClassification) is needed here".into(),
+        })?;
         let [b, t, _] = hidden.dims();
-        head.forward(hidden).reshape([b, t])
+        Ok(head.forward(hidden).reshape([b, t]))
     }
 
     /// The scalar head's value at each row's last real token (as HF's sequence classifiers pool).
     /// → [b]
-    pub fn scalar_last(&self, batch: &TokenBatch, hidden: Tensor<3>) -> Tensor<1> {
-        let values = self.scalar(hidden);
+    pub fn scalar_last(&self, batch: &TokenBatch, hidden: Tensor<3>) -> Result<Tensor<1>> {
+        let values = self.scalar(hidden)?;
         let idx: Vec<i64> = batch.last_real_index().iter().map(|&i| i as i64).collect();
         let n = idx.len();
         let idx: Tensor<2, Int> = Tensor::from_data(TensorData::new(idx, [n, 1]), &values.device());
-        values.gather(1, idx).reshape([n])
+        Ok(values.gather(1, idx).reshape([n]))
     }
 }
 

@@ -79,7 +79,7 @@ fn info_generate_and_score_on_a_saved_model() {
     // The parameter count agrees with the tensors actually saved.
     let files = SafetensorsFiles::open(&dir).unwrap();
     let device = parse_device("cpu").unwrap();
-    let loaded = CausalLm::from_safetensors(&cfg, &files, false, &device).unwrap();
+    let loaded = CausalLm::from_safetensors(&cfg, &files, model::Heads::LM, &device).unwrap();
     let saved: usize = loaded.hf_tensors().iter().map(|t| t.2.len()).sum();
     assert_eq!(saved, cfg.num_params(false));
 

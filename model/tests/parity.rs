@@ -62,7 +62,7 @@ fn load_fixture(name: &str) -> CausalLm {
 /// Max |ours - reference| over the real positions of the reference batch.
 fn max_logit_diff(model: &CausalLm, r: &Value) -> f32 {
     let batch = reference_batch(r);
-    let logits = to_f32_vec(model.logits(model.forward(&batch)));
+    let logits = to_f32_vec(model.logits(model.forward(&batch)).unwrap());
     let v = model.config().vocab_size;
     let want = &r["logits"];
     let mut worst = 0f32;
@@ -118,10 +118,10 @@ fn greedy_continuations_match_transformers() {
         let want = rows_u32(&r["greedy"]);
         // One row at a time and both rows left-padded together give the reference tokens.
         for (p, w) in prompts.iter().zip(&want) {
-            let g = generate(&model, std::slice::from_ref(p), &greedy(w.len()));
+            let g = generate(&model, std::slice::from_ref(p), &greedy(w.len())).unwrap();
             assert_eq!(&g.tokens[0], w, "{name}: single-row greedy");
         }
-        let g = generate(&model, &prompts, &greedy(want[0].len()));
+        let g = generate(&model, &prompts, &greedy(want[0].len())).unwrap();
         assert_eq!(g.tokens, want, "{name}: batched left-padded greedy");
     }
 }
@@ -132,7 +132,7 @@ fn scalar_head_matches_sequence_classifier() {
     assert!(model.has_scalar_head());
     let r = reference("llama_score");
     let batch = reference_batch(&r);
-    let got = to_f32_vec(model.scalar_last(&batch, model.forward(&batch)));
+    let got = to_f32_vec(model.scalar_last(&batch, model.forward(&batch)).unwrap());
     for (g, w) in got.iter().zip(r["scores"].as_array().unwrap()) {
         let w = w.as_f64().unwrap() as f32;
         assert!((g - w).abs() < 1e-4, "score {g} vs transformers {w}");
@@ -212,13 +212,13 @@ fn kv_cache_generation_equals_full_recompute() {
             })
             .collect();
         let n = 12;
-        let cached = generate(&model, &prompts, &greedy(n));
+        let cached = generate(&model, &prompts, &greedy(n)).unwrap();
         // Full recomputation: re-run the whole left-padded sequence for every new token.
         let v = model.config().vocab_size;
         let mut seqs = prompts.clone();
         for _ in 0..n {
             let b = TokenBatch::left_padded(&seqs, 0);
-            let logits = to_f32_vec(model.logits(model.forward(&b)));
+            let logits = to_f32_vec(model.logits(model.forward(&b)).unwrap());
             for (r, s) in seqs.iter_mut().enumerate() {
                 let last = &logits[((r + 1) * b.seq - 1) * v..((r + 1) * b.seq) * v];
                 let best = (0..v).fold(0, |a, k| if last[k] > last[a] { k } else { a });
@@ -258,8 +258,8 @@ fn left_padding_does_not_change_logits_or_scalar_value() {
             }
         }
         if model.has_scalar_head() {
-            let va = to_f32_vec(model.scalar_last(&alone, h_alone))[0];
-            let vp = to_f32_vec(model.scalar_last(&padded, h_pad))[0];
+            let va = to_f32_vec(model.scalar_last(&alone, h_alone).unwrap())[0];
+            let vp = to_f32_vec(model.scalar_last(&padded, h_pad).unwrap())[0];
             assert!((va - vp).abs() < 1e-5, "{name}: value {va} vs {vp}");
         }
     }
@@ -277,8 +277,8 @@ fn sampling_is_seeded_and_stops_rows_at_eos() {
         seed: 11,
         ..Default::default()
     };
-    let a = generate(&model, &prompts, &cfg);
-    let b = generate(&model, &prompts, &cfg);
+    let a = generate(&model, &prompts, &cfg).unwrap();
+    let b = generate(&model, &prompts, &cfg).unwrap();
     assert_eq!(a, b, "same seed, same samples");
     let c = generate(
         &model,
@@ -287,7 +287,8 @@ fn sampling_is_seeded_and_stops_rows_at_eos() {
             seed: 12,
             ..cfg.clone()
         },
-    );
+    )
+    .unwrap();
     assert_ne!(a.tokens, c.tokens, "another seed, other samples");
     // Make the 3rd sampled token of row 0 the EOS: that row stops there, the other goes on.
     let eos = a.tokens[0][2];
@@ -296,7 +297,7 @@ fn sampling_is_seeded_and_stops_rows_at_eos() {
         pad_token_id: 0,
         ..cfg
     };
-    let s = generate(&model, &prompts, &stop);
+    let s = generate(&model, &prompts, &stop).unwrap();
     let first_eos = s.tokens[0].iter().position(|&t| t == eos).unwrap();
     assert!(first_eos <= 2);
     assert!(s.mask[0][..=first_eos].iter().all(|&m| m));
@@ -310,4 +311,40 @@ fn sampling_is_seeded_and_stops_rows_at_eos() {
         }
     }
     assert_eq!(s.tokens[0].len(), s.tokens[1].len());
+}
+
+#[test]
+fn heads_are_explicit_and_missing_ones_are_errors() {
+    let device = parse_device("cpu").unwrap();
+    // A sequence classifier loads with its scalar head and no LM head.
+    let rm = load_fixture("llama_score");
+    assert_eq!(rm.heads(), model::Heads::SCALAR);
+    let batch = TokenBatch::dense(vec![3, 4, 5], 1, 3);
+    let e = rm.logits(rm.forward(&batch)).unwrap_err().to_string();
+    assert!(e.contains("has no LM head"), "{e}");
+    assert!(!rm.hf_tensors().iter().any(|t| t.0 == "lm_head.weight"));
+    // Asking a reward model for an LM head, or a causal LM for a scalar head, names the folder.
+    let e = model::load_with(&fixture("llama_score"), Some(model::Heads::LM), &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("llama_score") && e.contains("reward or value model"),
+        "{e}"
+    );
+    let e = model::load_with(&fixture("gpt2"), Some(model::Heads::SCALAR), &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("gpt2") && e.contains("scalar head"), "{e}");
+    // scalar() on a causal LM is an error, not a panic.
+    let lm = load_fixture("gpt2");
+    assert!(lm.scalar(lm.forward(&batch)).is_err());
+    // A trunk with a fresh scalar head and no LM head: what a new reward model starts as.
+    let trunk = model::load_with(&fixture("gpt2"), Some(model::Heads::NONE), &device)
+        .unwrap()
+        .model
+        .with_scalar_head(1);
+    assert_eq!(trunk.heads(), model::Heads::SCALAR);
+    assert!(trunk.scalar_last(&batch, trunk.forward(&batch)).is_ok());
 }

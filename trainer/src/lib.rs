@@ -7,10 +7,18 @@
 
 pub mod config;
 pub mod metrics;
+pub mod optim;
+pub mod order;
+pub mod run;
 pub mod schedule;
 pub mod state;
 
-use anyhow::{Result, bail};
+pub use optim::{Check, TrainSection, optimizer_step};
+pub use order::{EpochOrder, Fingerprint};
+pub use run::{Best, Cadence, Run};
+pub use state::SavedModel;
+
+use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
 /// The command line every stage takes.
@@ -57,22 +65,35 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// Stops the run on a NaN or infinite loss, naming the last good checkpoint.
-pub fn check_finite(loss: f64, step: usize, last_checkpoint: Option<&Path>) -> Result<()> {
-    if loss.is_finite() {
+/// Stops the run on a NaN or infinite `what` (loss, gradient norm), naming the last good
+/// checkpoint.
+pub fn check_finite(
+    what: &str,
+    value: f64,
+    step: usize,
+    last_checkpoint: Option<&Path>,
+) -> Result<()> {
+    if value.is_finite() {
         return Ok(());
     }
     let last = last_checkpoint.map_or("none was written yet".to_string(), |p| {
         p.display().to_string()
     });
     bail!(
-        "loss is {loss} at step {step}; stopping. The last good checkpoint is {last}. Lower the learning rate or check the data."
+        "{what} is {value} at step {step}; stopping. The last good checkpoint is {last}. Lower the learning rate or check the data."
     )
 }
 
 /// Creates `out`, and writes the config used into it as `config.toml`.
 pub fn prepare_out(out: &Path, config_used: &str) -> Result<()> {
-    std::fs::create_dir_all(out)?;
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "{}: the output folder is an existing file; choose another `out` (or --out)",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create the output folder", out.display()))?;
     let tmp = out.join(".config.toml.tmp");
     std::fs::write(&tmp, config_used)?;
     std::fs::rename(&tmp, out.join("config.toml"))?;

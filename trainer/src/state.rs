@@ -1,35 +1,55 @@
-//! Training checkpoints: an HF model folder plus `trainer_state/` (step, data position, seed, best
-//! validation loss, and the optimizer's moments), written to a temporary folder and renamed, so a
-//! crash never leaves half a checkpoint. Keeps the last N and the best by validation loss.
+//! Training checkpoints: HF model folders plus `trainer_state/` (step, data position, seed, data
+//! fingerprint, best metric, the stage's own state, and each optimizer's moments), written to a
+//! temporary folder and renamed, so a crash never leaves half a checkpoint.
+//!
+//! A checkpoint holds one or more named models: the first is written at the folder's root (so the
+//! checkpoint is itself an HF folder that `transformers` and our stages load), the others in
+//! sub-folders named after them (PPO: the policy at the root, `critic/` beside it).
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::optim::ModuleOptimizer;
 use model::checkpoint::{replace_dir, sibling, write_model_files};
-use model::{CausalLm, Tokenizer};
+use model::{CausalLm, ModelMeta, Tokenizer};
 use std::path::{Path, PathBuf};
 
 /// Everything besides the weights that a resumed run needs to continue exactly. The data order
-/// and dropout masks are functions of `seed` and the position, so they are the RNG state.
+/// and dropout masks are functions of `seed` and the position, so they are the RNG state; a
+/// stage with more state (PPO's KL controller, sampling RNG) keeps it in `stage`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainerState {
-    /// Optimizer steps taken.
+    /// Optimizer steps (or PPO iterations) taken.
     pub step: usize,
     /// Examples consumed since the start of training (the position in the data order).
     pub examples_seen: usize,
     pub seed: u64,
-    /// Best validation loss so far and its step.
-    pub best_val_loss: Option<f64>,
+    /// Fingerprint of the training data ([`crate::order::Fingerprint`]).
+    #[serde(default)]
+    pub data_fingerprint: String,
+    /// Best validation metric so far, and its step.
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    #[serde(default)]
     pub best_step: Option<usize>,
+    /// The stage's own state.
+    #[serde(default)]
+    pub stage: serde_json::Value,
 }
 
 pub const STATE_DIR: &str = "trainer_state";
 
-/// Writes `out/checkpoint-{step}` atomically; returns its path.
+/// One model of a checkpoint: `name` is the sub-folder (the first model goes to the root).
+pub struct SavedModel<'a> {
+    pub name: &'a str,
+    pub model: &'a CausalLm,
+    pub tokenizer: Option<&'a Tokenizer>,
+    pub meta: &'a ModelMeta,
+}
+
+/// Writes `out/checkpoint-{step:06}` atomically; returns its path.
 pub fn save_checkpoint(
     out: &Path,
-    model: &CausalLm,
-    tokenizer: Option<&Tokenizer>,
-    optim: &ModuleOptimizer,
+    models: &[SavedModel],
+    optimizers: &[(&str, &ModuleOptimizer)],
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let dir = out.join(format!("checkpoint-{:06}", state.step));
@@ -39,16 +59,44 @@ pub fn save_checkpoint(
     }
     std::fs::create_dir_all(tmp.join(STATE_DIR))
         .with_context(|| format!("creating {}", tmp.display()))?;
-    write_model_files(model, tokenizer, &tmp)?;
+    for (i, m) in models.iter().enumerate() {
+        let at = if i == 0 {
+            tmp.clone()
+        } else {
+            tmp.join(m.name)
+        };
+        std::fs::create_dir_all(&at)?;
+        write_model_files(m.model, m.tokenizer, m.meta, &at)?;
+    }
     std::fs::write(
         tmp.join(STATE_DIR).join("state.json"),
         serde_json::to_string_pretty(state)? + "\n",
     )?;
-    optim
-        .save(tmp.join(STATE_DIR).join("optimizer.bpk"))
-        .map_err(|e| anyhow::anyhow!("saving optimizer state: {e:?}"))?;
+    for (name, optim) in optimizers {
+        optim
+            .save(tmp.join(STATE_DIR).join(optimizer_file(name)))
+            .map_err(|e| anyhow::anyhow!("saving the {name} optimizer state: {e:?}"))?;
+    }
     replace_dir(&tmp, &dir)?;
     Ok(dir)
+}
+
+/// `optimizer.bpk` for a stage's one optimizer (`model`), `optimizer-{name}.bpk` for others.
+fn optimizer_file(name: &str) -> String {
+    if name == "model" {
+        "optimizer.bpk".into()
+    } else {
+        format!("optimizer-{name}.bpk")
+    }
+}
+
+/// The folder of model `name` in checkpoint `dir` (`first` = the one at the root).
+pub fn model_dir(dir: &Path, name: &str, first: bool) -> PathBuf {
+    if first {
+        dir.to_path_buf()
+    } else {
+        dir.join(name)
+    }
 }
 
 /// Reads `trainer_state/state.json` of a checkpoint folder.
@@ -56,19 +104,39 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE_DIR).join("state.json");
     let text = std::fs::read_to_string(&p).with_context(|| {
         format!(
-            "{}: not a training checkpoint (no {STATE_DIR}/state.json)",
+            "{}: not a training checkpoint (no {STATE_DIR}/state.json); --resume takes a checkpoint-NNNNNN folder of this stage",
             dir.display()
         )
     })?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid trainer state", p.display()))
 }
 
-/// Loads the optimizer moments saved with a checkpoint.
-pub fn load_optimizer(dir: &Path, optim: ModuleOptimizer) -> Result<ModuleOptimizer> {
-    let p = dir.join(STATE_DIR).join("optimizer.bpk");
+/// Loads optimizer `name`'s moments saved with a checkpoint.
+pub fn load_optimizer(dir: &Path, name: &str, optim: ModuleOptimizer) -> Result<ModuleOptimizer> {
+    let p = dir.join(STATE_DIR).join(optimizer_file(name));
     optim
         .load(&p)
         .map_err(|e| anyhow::anyhow!("{}: cannot load optimizer state: {e:?}", p.display()))
+}
+
+/// Checks that a resumed run has the checkpoint's seed and data; says which differs and how.
+pub fn check_resume(dir: &Path, state: &TrainerState, seed: u64, fingerprint: &str) -> Result<()> {
+    if state.seed != seed {
+        bail!(
+            "{}: the checkpoint was trained with seed {} but this run has seed {seed}; an exact resume needs the same seed (--seed {})",
+            dir.display(),
+            state.seed,
+            state.seed
+        );
+    }
+    if !state.data_fingerprint.is_empty() && state.data_fingerprint != fingerprint {
+        bail!(
+            "{}: the training data differs from the checkpoint's (fingerprint {} vs {fingerprint}); an exact resume needs the same data, split and tokenizer settings",
+            dir.display(),
+            state.data_fingerprint
+        );
+    }
+    Ok(())
 }
 
 /// Removes all but the newest `keep` `checkpoint-*` folders in `out`.
@@ -86,11 +154,5 @@ pub fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
     for d in &dirs[..n] {
         std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
     }
-    Ok(())
-}
-
-/// Saves the model as `out/best` (atomically).
-pub fn save_best(out: &Path, model: &CausalLm, tokenizer: Option<&Tokenizer>) -> Result<()> {
-    model::save(model, tokenizer, &out.join("best"))?;
     Ok(())
 }

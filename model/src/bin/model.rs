@@ -106,7 +106,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("the prompt is empty after tokenization");
             }
             let cfg = sampling.config(tok.eos_id, tok.pad_id);
-            let g = generate(&loaded.model, &[ids], &cfg);
+            let g = generate(&loaded.model, &[ids], &cfg)?;
             let tokens: Vec<u32> = g.responses()[0]
                 .iter()
                 .copied()
@@ -260,7 +260,7 @@ fn score(dir: &Path, input: &Path, batch_size: usize, device: &burn::tensor::Dev
         } else {
             let batch = TokenBatch::right_padded(&inputs, tok.pad_id);
             let tgt = TokenBatch::right_padded(&targets, tok.pad_id);
-            let logits = model.logits(model.forward(&batch));
+            let logits = model.logits(model.forward(&batch))?;
             let lp = to_f32_vec(token_logprobs(
                 logits,
                 token_tensor(&tgt.tokens, tgt.batch, tgt.seq, device),

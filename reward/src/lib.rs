@@ -1,0 +1,688 @@
+//! Stage 2 of InstructGPT (Ouyang et al. 2022, §3.5): a reward model trained on labelers'
+//! rankings of K responses per prompt. Each ranked group is one batch element: its K responses go
+//! through the model once, and the loss is the mean over its C(K,2) pairs of
+//! −log σ(r_better − r_worse − margin) (or a listwise Plackett–Luce loss). After training the
+//! rewards are shifted so that the SFT demonstrations score 0 on average.
+//!
+//! `run` reads top to bottom: load data → split by prompt → load the base model's trunk and add a
+//! scalar head → tokenize → for each optimizer step: one padded forward over the batch's groups,
+//! loss, backward, clip, AdamW → validate (pairwise accuracy with a Wilson interval, by K, gap and
+//! labeler, the human ceiling) → checkpoint → normalise and save. The plumbing is in `trainer`,
+//! the loss math in [`loss`].
+
+pub mod data;
+pub mod eval;
+pub mod loss;
+pub mod score;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Device;
+use data::{DataSection, Group, Ties};
+use datasets::{Demonstration, RankedGroup, Source, load_demonstrations};
+use eval::Validation;
+use loss::{ListTerm, PairTerm};
+use model::{
+    CausalLm, Heads, ModelMeta, PromptTemplate, RewardNormalization, TokenBatch, Tokenizer,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, json};
+use std::path::{Path, PathBuf};
+use trainer::state::load_optimizer;
+use trainer::{Best, Check, EpochOrder, Fingerprint, Run, SavedModel, TrainSection};
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// The `reward` config (configs/reward.toml documents every key).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardConfig {
+    /// Output folder: config.toml, metrics.jsonl, checkpoint-*/, best/, final/, summary.json.
+    pub out: PathBuf,
+    /// Seed of the scalar head's init, the split and the data order.
+    #[serde(default)]
+    pub seed: u64,
+    /// `cpu` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub loss: LossSection,
+    pub train: TrainSection,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// An SFT (or any HF causal-LM) folder, whose trunk gets a new scalar head; or an HF
+    /// `*ForSequenceClassification` folder to continue training.
+    pub base: PathBuf,
+    /// A tokenizer.json to use instead of the base's.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Pairwise (InstructGPT) or listwise (Plackett–Luce).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    #[default]
+    Pairwise,
+    Listwise,
+}
+
+/// The margin subtracted inside the sigmoid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Margin {
+    #[default]
+    None,
+    /// The rank difference of the pair (1 for adjacent ranks).
+    RankGap,
+    /// The data's `margin` field (comparisons); 0 where absent.
+    Data,
+}
+
+/// How responses go through the model: once per group (K forwards), or once per pair (2 per
+/// pair, as pairwise trainers do; for measuring what grouping saves).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Forward {
+    #[default]
+    Groups,
+    Pairs,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSection {
+    /// pairwise or listwise.
+    #[serde(default)]
+    pub kind: LossKind,
+    /// none, rank_gap or data.
+    #[serde(default)]
+    pub margin: Margin,
+    /// Multiplies `margin` (rank gaps are integers; 0.5 · gap is a gentler margin).
+    #[serde(default = "one")]
+    pub margin_scale: f64,
+    /// Reward-centering coefficient on mean(r²); 0 off, 0.01 as TRL suggests.
+    #[serde(default)]
+    pub centering: f64,
+    /// groups or pairs.
+    #[serde(default)]
+    pub forward: Forward,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        Self {
+            kind: LossKind::Pairwise,
+            margin: Margin::None,
+            margin_scale: 1.0,
+            centering: 0.0,
+            forward: Forward::Groups,
+        }
+    }
+}
+
+impl RewardConfig {
+    /// Range checks; every error names the key and the config file.
+    pub fn check(&self, file: &Path) -> Result<()> {
+        let mut c = Check::new(file);
+        self.train.check(&mut c);
+        c.that(
+            "data.validation_fraction",
+            self.data.validation_fraction,
+            (0.0..1.0).contains(&self.data.validation_fraction),
+            "in [0, 1)",
+        );
+        c.that(
+            "data.max_length",
+            self.data.max_length,
+            self.data.max_length >= 2,
+            "at least 2",
+        );
+        c.within("loss.centering", self.loss.centering, 0.0, 10.0);
+        c.within("loss.margin_scale", self.loss.margin_scale, 0.0, 100.0);
+        if self.loss.kind == LossKind::Listwise && self.loss.margin != Margin::None {
+            c.that(
+                "loss.margin",
+                format!("{:?}", self.loss.margin),
+                false,
+                "none with loss.kind = \"listwise\" (Plackett–Luce has no margin)",
+            );
+        }
+        c.finish()
+    }
+}
+
+/// What a run ends with (`summary.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub train_loss: f64,
+    pub train_groups: usize,
+    pub validation_groups: usize,
+    pub dropped: data::Dropped,
+    pub validation: Option<Validation>,
+    pub normalization: RewardNormalization,
+    pub final_dir: PathBuf,
+}
+
+/// The rows of one forward and the loss terms over them.
+pub struct BatchPlan {
+    pub rows: Vec<Vec<u32>>,
+    pub pairs: Vec<PairTerm>,
+    pub lists: Vec<ListTerm>,
+}
+
+/// Plans one forward over `groups`: each response once (K per group), or two rows per pair.
+pub fn plan(groups: &[&Group], loss: &LossSection, ties: Ties) -> BatchPlan {
+    let mut p = BatchPlan {
+        rows: Vec::new(),
+        pairs: Vec::new(),
+        lists: Vec::new(),
+    };
+    for (gi, g) in groups.iter().enumerate() {
+        let base = p.rows.len();
+        if loss.forward == Forward::Groups {
+            p.rows.extend(g.sequences.iter().cloned());
+        }
+        match loss.kind {
+            LossKind::Pairwise => {
+                for i in 0..g.k() {
+                    for j in i + 1..g.k() {
+                        let tie = g.ranks[i] == g.ranks[j];
+                        if tie && ties == Ties::Drop {
+                            continue;
+                        }
+                        let (a, b) = if g.ranks[i] <= g.ranks[j] {
+                            (i, j)
+                        } else {
+                            (j, i)
+                        };
+                        let margin = if tie {
+                            0.0
+                        } else {
+                            match loss.margin {
+                                Margin::None => 0.0,
+                                Margin::RankGap => g.ranks[i].abs_diff(g.ranks[j]) as f64,
+                                Margin::Data => g.data_margin.unwrap_or(0.0),
+                            }
+                        } * loss.margin_scale;
+                        let (ra, rb) = if loss.forward == Forward::Groups {
+                            (base + a, base + b)
+                        } else {
+                            p.rows.push(g.sequences[a].clone());
+                            p.rows.push(g.sequences[b].clone());
+                            (p.rows.len() - 2, p.rows.len() - 1)
+                        };
+                        p.pairs.push(PairTerm {
+                            a: ra,
+                            b: rb,
+                            margin: margin as f32,
+                            tie,
+                            group: gi,
+                        });
+                    }
+                }
+            }
+            LossKind::Listwise => {
+                if loss.forward == Forward::Pairs {
+                    p.rows.extend(g.sequences.iter().cloned());
+                }
+                let worst = *g.ranks.iter().max().expect("K ≥ 2");
+                for i in 0..g.k() {
+                    if g.ranks[i] == worst {
+                        continue;
+                    }
+                    p.lists.push(ListTerm {
+                        item: base + i,
+                        candidates: (0..g.k())
+                            .filter(|&j| g.ranks[j] >= g.ranks[i])
+                            .map(|j| base + j)
+                            .collect(),
+                        group: gi,
+                    });
+                }
+            }
+        }
+    }
+    p
+}
+
+/// The loss of a planned batch. rewards: [rows]; → [1].
+pub fn batch_loss(
+    rewards: burn::tensor::Tensor<1>,
+    plan: &BatchPlan,
+    loss: &LossSection,
+) -> burn::tensor::Tensor<1> {
+    let main = match loss.kind {
+        LossKind::Pairwise => loss::pairwise_loss(rewards.clone(), &plan.pairs),
+        LossKind::Listwise => loss::listwise_loss(rewards.clone(), &plan.lists),
+    };
+    if loss.centering > 0.0 {
+        main + loss::centering_loss(rewards, loss.centering)
+    } else {
+        main
+    }
+}
+
+/// Scalar rewards of `rows` at their last real token. rows: [R] sequences → [R].
+pub fn rewards_of(
+    model: &CausalLm,
+    rows: &[Vec<u32>],
+    pad: u32,
+) -> Result<burn::tensor::Tensor<1>> {
+    let batch = TokenBatch::right_padded(rows, pad);
+    Ok(model.scalar_last(&batch, model.forward(&batch))?)
+}
+
+/// Raw rewards of many sequences, in order, in batches of similar length (no autodiff).
+pub fn score_sequences(
+    model: &CausalLm,
+    seqs: &[Vec<u32>],
+    batch_size: usize,
+    pad: u32,
+) -> Result<Vec<f32>> {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].len());
+    let mut out = vec![0f32; seqs.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].clone()).collect();
+        let r = model::ops::to_f32_vec(rewards_of(model, &rows, pad)?);
+        for (&i, v) in chunk.iter().zip(r) {
+            out[i] = v;
+        }
+    }
+    Ok(out)
+}
+
+/// Validation metrics of `model` on `groups`.
+pub fn validate(
+    model: &CausalLm,
+    groups: &[Group],
+    batch_size: usize,
+    pad: u32,
+) -> Result<Option<Validation>> {
+    if groups.is_empty() {
+        return Ok(None);
+    }
+    let flat: Vec<Vec<u32>> = groups.iter().flat_map(|g| g.sequences.clone()).collect();
+    let scores = score_sequences(model, &flat, batch_size, pad)?;
+    let mut at = 0;
+    let per_group: Vec<Vec<f32>> = groups
+        .iter()
+        .map(|g| {
+            let r = scores[at..at + g.k()].to_vec();
+            at += g.k();
+            r
+        })
+        .collect();
+    Ok(Some(eval::validate(groups, &per_group)))
+}
+
+impl Validation {
+    /// Adds the headline validation numbers to a metrics line.
+    pub fn record(&self, f: &mut Map<String, serde_json::Value>) {
+        f.insert("eval_accuracy".into(), json!(self.pairwise.accuracy));
+        f.insert("eval_accuracy_low".into(), json!(self.pairwise.low));
+        f.insert("eval_accuracy_high".into(), json!(self.pairwise.high));
+        f.insert("eval_loss".into(), json!(self.loss));
+        f.insert("eval_mean_margin".into(), json!(self.mean_margin));
+        if let Some(c) = &self.human_ceiling {
+            f.insert("eval_human_ceiling".into(), json!(c.accuracy));
+        }
+    }
+}
+
+/// Loads the model to train: from `resume`, or the base's trunk with a new scalar head (or the
+/// base's own head when it is a reward model already). Dropout off.
+fn load_model(
+    cfg: &RewardConfig,
+    resume: Option<&Path>,
+    device: &Device,
+) -> Result<(CausalLm, Tokenizer)> {
+    let tokenizer = cfg.model.tokenizer.as_deref();
+    let (m, tok) = match resume {
+        Some(dir) => {
+            let (m, t, _) = model::checkpoint::load_with_tokenizer(
+                dir,
+                Some(Heads::SCALAR),
+                tokenizer,
+                device,
+            )?;
+            (m, t)
+        }
+        None => {
+            let base = &cfg.model.base;
+            let declared = model::checkpoint::declared_heads(base)
+                .with_context(|| format!("model.base = {}", base.display()))?;
+            if declared.scalar {
+                let (m, t, _) = model::checkpoint::load_with_tokenizer(
+                    base,
+                    Some(Heads::SCALAR),
+                    tokenizer,
+                    device,
+                )?;
+                (m, t)
+            } else {
+                let (m, t, _) = model::checkpoint::load_with_tokenizer(
+                    base,
+                    Some(Heads::NONE),
+                    tokenizer,
+                    device,
+                )?;
+                (m.with_scalar_head(cfg.seed), t)
+            }
+        }
+    };
+    Ok((m.with_dropout(0.0), tok))
+}
+
+/// Reads the data, merges labelers by majority when asked, and splits by prompt.
+#[allow(clippy::type_complexity)]
+fn read_data(
+    cfg: &RewardConfig,
+) -> Result<(
+    Vec<(RankedGroup, Option<f64>)>,
+    Vec<(RankedGroup, Option<f64>)>,
+)> {
+    let mut groups = data::read_groups(&cfg.data)?;
+    if cfg.data.aggregate == data::Aggregate::Majority {
+        let plain: Vec<RankedGroup> = groups.into_iter().map(|(g, _)| g).collect();
+        let (pairs, tied, split) = labeling::pairs::majority(&plain);
+        println!(
+            "data: majority of labelers: {} pairs ({tied} dropped as ties, {split} without a majority)",
+            pairs.len()
+        );
+        groups = pairs
+            .into_iter()
+            .map(|c| {
+                let margin = c.margin;
+                let (mut g, _) = data::comparison_group(c);
+                g.labeler_id = "majority".into();
+                (g, margin)
+            })
+            .collect();
+    }
+    if cfg.data.max_groups > 0 {
+        groups.truncate(cfg.data.max_groups);
+    }
+    if groups.is_empty() {
+        bail!("{}: no preference groups found", cfg.data.path.display());
+    }
+    data::split(
+        groups,
+        &cfg.data.path,
+        cfg.data.validation_fraction,
+        cfg.seed,
+    )
+}
+
+/// InstructGPT's normalisation: the offset that makes the reference responses (the SFT
+/// demonstrations, else the training responses) score 0 on average.
+fn normalization(
+    model: &CausalLm,
+    cfg: &RewardConfig,
+    train: &[Group],
+    tok: &Tokenizer,
+    template: &PromptTemplate,
+) -> Result<RewardNormalization> {
+    let (seqs, reference) = match &cfg.data.demonstrations {
+        Some(p) => {
+            let demos: Vec<Demonstration> = load_demonstrations(&Source::new(p))?;
+            let mut seqs = Vec::new();
+            for d in &demos {
+                if let Some((s, _)) =
+                    data::sequence(tok, template, &d.prompt, &d.response, cfg.data.max_length)?
+                {
+                    seqs.push(s);
+                }
+            }
+            let n = seqs.len();
+            (seqs, format!("sft demonstrations {} ({n})", p.display()))
+        }
+        None => {
+            let mut seqs: Vec<Vec<u32>> = train.iter().flat_map(|g| g.sequences.clone()).collect();
+            seqs.sort();
+            seqs.dedup();
+            let n = seqs.len();
+            (seqs, format!("training responses ({n})"))
+        }
+    };
+    if seqs.is_empty() {
+        bail!("{reference}: no sequence fits data.max_length to normalise the rewards on");
+    }
+    let raw = score_sequences(model, &seqs, cfg.train.eval_batch_size, tok.pad_id)?;
+    let n = raw.len() as f64;
+    let offset = raw.iter().map(|&r| r as f64).sum::<f64>() / n;
+    let var = raw
+        .iter()
+        .map(|&r| (r as f64 - offset).powi(2))
+        .sum::<f64>()
+        / n;
+    Ok(RewardNormalization {
+        offset,
+        mean: 0.0,
+        std: var.sqrt(),
+        reference,
+    })
+}
+
+/// Trains a reward model with the config and its TOML text as used.
+pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
+    let device = model::parse_device(&cfg.device)?.autodiff();
+    let t = &cfg.train;
+    let template = model::checkpoint::resolve_template(
+        cfg.data.template.as_deref(),
+        resume.or(Some(cfg.model.base.as_path())),
+    )?;
+    let mut meta = ModelMeta {
+        stage: Some("reward".into()),
+        prompt_template: Some(template.as_str().to_string()),
+        reward_normalization: None,
+    };
+    let (train_raw, valid_raw) = read_data(cfg)?;
+    let (mut model, tok) = load_model(cfg, resume, &device)?;
+    let (train, dropped) = data::tokenize(
+        &train_raw,
+        &tok,
+        &template,
+        cfg.data.max_length,
+        cfg.data.ties,
+    )?;
+    let (valid, _) = data::tokenize(
+        &valid_raw,
+        &tok,
+        &template,
+        cfg.data.max_length,
+        cfg.data.ties,
+    )?;
+    println!(
+        "data: {} train groups, {} validation groups; dropped {} responses longer than {} tokens, {} groups left with < 2 responses, {} all-tied groups; {} prompts cut from the left",
+        train.len(),
+        valid.len(),
+        dropped.long_responses,
+        cfg.data.max_length,
+        dropped.groups,
+        dropped.all_tied,
+        dropped.truncated_prompts
+    );
+    if train.is_empty() {
+        bail!(
+            "{}: no training group has two responses that fit data.max_length = {}; raise it",
+            cfg.data.path.display(),
+            cfg.data.max_length
+        );
+    }
+
+    // Derived values, computed once.
+    let per_step = t.batch_size * t.grad_accum;
+    let total_steps = t.total_steps(train.len());
+    let schedule = t.schedule(total_steps);
+    let mut fingerprint = Fingerprint::default();
+    for g in &train {
+        for s in &g.sequences {
+            fingerprint.tokens(s);
+        }
+        fingerprint.tokens(&g.ranks);
+    }
+    let mut run = Run::start(
+        &cfg.out,
+        config_used,
+        total_steps,
+        t.into(),
+        Best {
+            metric: "eval_accuracy",
+            higher_is_better: true,
+        },
+        cfg.seed,
+        fingerprint.hex(),
+        resume,
+    )?;
+    let mut optim = t.adamw();
+    if let Some(dir) = resume {
+        optim = load_optimizer(dir, "model", optim)?;
+        println!("resumed from {} at step {}", dir.display(), run.state.step);
+    }
+    let mut order = EpochOrder::new(train.len(), cfg.seed);
+    let mut last_eval = None;
+    let mut last_loss = f64::NAN;
+
+    if run.state.step == 0
+        && let Some(v) = validate(&model.valid(), &valid, t.eval_batch_size, tok.pad_id)?
+    {
+        let mut fields = Map::new();
+        v.record(&mut fields);
+        run.log_baseline(fields)?;
+    }
+    while !run.done() {
+        run.begin_step();
+        let step = run.state.step;
+        let idx = order.take(run.state.examples_seen, per_step);
+        let mut accumulator = GradientsAccumulator::new();
+        let (mut step_loss, mut responses, mut correct, mut judged) = (0.0, 0, 0, 0);
+        for micro in idx.chunks(t.batch_size) {
+            let groups: Vec<&Group> = micro.iter().map(|&i| &train[i]).collect();
+            let plan = plan(&groups, &cfg.loss, cfg.data.ties);
+            let rewards = rewards_of(&model, &plan.rows, tok.pad_id)?;
+            // Every micro-batch weighs the same in the step.
+            let loss =
+                batch_loss(rewards.clone(), &plan, &cfg.loss).div_scalar(t.grad_accum as f64);
+            step_loss += loss.clone().into_scalar::<f32>() as f64;
+            let r = model::ops::to_f32_vec(rewards.clone().detach());
+            for p in plan.pairs.iter().filter(|p| !p.tie) {
+                correct += (r[p.a] > r[p.b]) as usize;
+                judged += 1;
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+            responses += plan.rows.len();
+        }
+        run.check_finite("loss", step_loss)?;
+        let lr = schedule.at(step);
+        let grad_norm;
+        (model, grad_norm) = trainer::optimizer_step(
+            &mut optim,
+            model,
+            accumulator.grads(),
+            lr,
+            t.max_grad_norm,
+            step + 1,
+            run.last_good(),
+        )?;
+        run.end_step(responses, per_step);
+        last_loss = step_loss;
+
+        let mut fields = Map::new();
+        let frozen = run.eval_due().then(|| model.valid());
+        let mut evaluated = false;
+        if let Some(frozen) = &frozen
+            && let Some(v) = validate(frozen, &valid, t.eval_batch_size, tok.pad_id)?
+        {
+            v.record(&mut fields);
+            if run.improved(v.pairwise.accuracy) {
+                run.save_best(frozen, Some(&tok), &meta)?;
+            }
+            last_eval = Some(v);
+            evaluated = true;
+        }
+        fields.insert(
+            "epoch".into(),
+            json!(run.state.examples_seen as f64 / train.len() as f64),
+        );
+        fields.insert("loss".into(), json!(step_loss));
+        if judged > 0 {
+            fields.insert("accuracy".into(), json!(correct as f64 / judged as f64));
+        }
+        fields.insert("lr".into(), json!(lr));
+        fields.insert("grad_norm".into(), json!(grad_norm));
+        run.log_step(fields, evaluated, "responses_per_s")?;
+        if run.save_due() {
+            let frozen = frozen.unwrap_or_else(|| model.valid());
+            run.save(
+                &[SavedModel {
+                    name: "model",
+                    model: &frozen,
+                    tokenizer: Some(&tok),
+                    meta: &meta,
+                }],
+                &[("model", &optim)],
+                serde_json::Value::Null,
+            )?;
+        }
+    }
+    // Normalise as InstructGPT, and store the shift with the final and the best model.
+    let trained = model.valid();
+    let norm = normalization(&trained, cfg, &train, &tok, &template)?;
+    meta.reward_normalization = Some(norm.clone());
+    let final_dir = cfg.out.join("final");
+    model::save_with_meta(&trained, Some(&tok), &meta, &final_dir)?;
+    let best = cfg.out.join("best");
+    if best.exists() {
+        let (best_model, _, _) = model::checkpoint::load_with_tokenizer(
+            &best,
+            Some(Heads::SCALAR),
+            None,
+            &trained.device(),
+        )?;
+        let best_meta = ModelMeta {
+            reward_normalization: Some(normalization(&best_model, cfg, &train, &tok, &template)?),
+            ..meta.clone()
+        };
+        model::save_with_meta(&best_model, Some(&tok), &best_meta, &best)?;
+    }
+    println!(
+        "normalised: offset {:.4} (mean raw reward of the {}), std {:.4}",
+        norm.offset, norm.reference, norm.std
+    );
+    let summary = Summary {
+        steps: run.state.step,
+        train_loss: last_loss,
+        train_groups: train.len(),
+        validation_groups: valid.len(),
+        dropped,
+        validation: last_eval,
+        normalization: norm,
+        final_dir,
+    };
+    run.finish(&summary)?;
+    Ok(summary)
+}
+
+/// Reads the config (with overrides), checks it and runs; what `main` calls.
+pub fn run_from_args(args: &trainer::StageArgs) -> Result<Summary> {
+    let (cfg, used): (RewardConfig, String) =
+        trainer::config::load_config(&args.config, &args.all_sets())?;
+    cfg.check(&args.config)?;
+    run(&cfg, &used, args.resume.as_deref())
+}

@@ -1,0 +1,573 @@
+//! The `reward` binary end to end on tiny models: a learnable preference is learned, K forwards
+//! per group, exact resume after kill -9, transformers scores what we save the same, real data,
+//! and bad input.
+
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs `reward` with the repo's config and overrides; returns (success, stdout, stderr).
+fn reward(sets: &[String], extra: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reward"));
+    cmd.current_dir(root())
+        .args(["--config", "configs/reward.toml"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.args(extra).output().expect("running reward");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sets(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A tiny from-scratch base model (random weights, BPE on `texts`), via `model init`.
+fn base_model(dir: &Path, texts: &Path) -> PathBuf {
+    let out = dir.join("base");
+    let st = Command::new(root().join("target/release/model"))
+        .args([
+            "init",
+            "--preset",
+            "tiny",
+            "--vocab-size",
+            "300",
+            "--seed",
+            "0",
+        ])
+        .arg("--texts")
+        .arg(texts)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("running model init (built by cargo test --workspace)");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    out
+}
+
+/// A deterministic generator (xorshift) for the synthetic data.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Ranked groups with a learnable preference: K = 4 responses of random words, ranked by how
+/// many times they say "apple" (3, 2, 1, 0 times: ranks 1..4).
+fn synthetic_groups(path: &Path, n: usize) {
+    let words = ["pear", "plum", "fig", "kiwi", "lime", "date"];
+    let mut rng = Rng(0x2545F4914F6CDD1D);
+    let mut lines = String::new();
+    for i in 0..n {
+        let mut responses = Vec::new();
+        let mut ranks = Vec::new();
+        for (rank, apples) in [(1u32, 3usize), (2, 2), (3, 1), (4, 0)] {
+            let mut w: Vec<&str> = (0..5).map(|_| words[rng.below(words.len())]).collect();
+            for _ in 0..apples {
+                let at = rng.below(w.len() + 1);
+                w.insert(at, "apple");
+            }
+            responses.push(w.join(" "));
+            ranks.push(rank);
+        }
+        // Shuffle the order of the responses within the group.
+        for j in (1..4).rev() {
+            let k = rng.below(j + 1);
+            responses.swap(j, k);
+            ranks.swap(j, k);
+        }
+        lines.push_str(
+            &json!({
+                "prompt_id": format!("p{i}"),
+                "prompt": format!("List some fruit, number {i}."),
+                "responses": responses,
+                "ranks": ranks,
+            })
+            .to_string(),
+        );
+        lines.push('\n');
+    }
+    std::fs::write(path, lines).unwrap();
+}
+
+fn texts_of(groups: &Path, out: &Path) {
+    let mut t = String::new();
+    for l in std::fs::read_to_string(groups).unwrap().lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        t.push_str(v["prompt"].as_str().unwrap());
+        t.push('\n');
+        for r in v["responses"].as_array().unwrap() {
+            t.push_str(r.as_str().unwrap());
+            t.push('\n');
+        }
+    }
+    std::fs::write(out, t).unwrap();
+}
+
+fn summary(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    data: PathBuf,
+    base: PathBuf,
+}
+
+fn fixture(groups: usize) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let data = dir.join("groups.jsonl");
+    synthetic_groups(&data, groups);
+    texts_of(&data, &dir.join("texts.txt"));
+    let base = base_model(&dir, &dir.join("texts.txt"));
+    Fixture {
+        _tmp: tmp,
+        dir,
+        data,
+        base,
+    }
+}
+
+fn common(f: &Fixture, out: &str) -> Vec<String> {
+    vec![
+        format!("model.base={}", f.base.display()),
+        format!("data.path={}", f.data.display()),
+        format!("out={}", f.dir.join(out).display()),
+        "data.demonstrations=\"\"".into(),
+    ]
+}
+
+#[test]
+fn a_learnable_preference_is_learned_and_transformers_scores_the_same() {
+    let f = fixture(240);
+    let mut s = common(&f, "rm");
+    s.retain(|x| !x.starts_with("data.demonstrations"));
+    s.extend(sets(&[
+        "train.max_steps=120",
+        "train.lr=2e-3",
+        "train.eval_every=60",
+        "data.validation_fraction=0.2",
+    ]));
+    // No demonstrations file: normalise on the training responses.
+    let cfg = f.dir.join("rm.toml");
+    let text = std::fs::read_to_string(root().join("configs/reward.toml"))
+        .unwrap()
+        .replace(
+            "demonstrations = \"datasets/demo/demonstrations.jsonl\"\n",
+            "",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reward"));
+    cmd.current_dir(root()).arg("--config").arg(&cfg);
+    for x in &s {
+        cmd.args(["--set", x]);
+    }
+    let o = cmd.output().unwrap();
+    let (stdout, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    let out = f.dir.join("rm");
+    let sum = summary(&out);
+    let acc = sum["validation"]["pairwise"]["accuracy"].as_f64().unwrap();
+    let (lo, hi) = (
+        sum["validation"]["pairwise"]["low"].as_f64().unwrap(),
+        sum["validation"]["pairwise"]["high"].as_f64().unwrap(),
+    );
+    println!("synthetic held-out accuracy {acc:.3} [{lo:.3}, {hi:.3}]\n{stdout}");
+    assert!(acc > 0.95, "held-out pairwise accuracy {acc}");
+    assert!(lo < acc && acc <= hi);
+    // K = 4 groups: all six pairs of each judged, by gap 1, 2 and 3+.
+    assert_eq!(
+        sum["validation"]["by_k"]["4"]["total"],
+        sum["validation"]["pairwise"]["total"]
+    );
+    assert!(
+        sum["validation"]["by_rank_gap"]["3+"]["total"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // The final folder is a sequence classifier with our normalisation beside it.
+    let final_dir = out.join("final");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(final_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(config["num_labels"], 1);
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(final_dir.join("rlhf.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["stage"], "reward");
+    let offset = meta["reward_normalization"]["offset"].as_f64().unwrap();
+    assert!(
+        meta["reward_normalization"]["reference"]
+            .as_str()
+            .unwrap()
+            .starts_with("training responses")
+    );
+    // Metrics carry the validation accuracy and the throughput.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("eval_accuracy") && metrics.contains("responses_per_s"));
+
+    // `reward score`: raw = normalised + offset; more apples, more reward.
+    let input = f.dir.join("score.jsonl");
+    std::fs::write(
+        &input,
+        [
+            json!({"prompt": "List some fruit, number 1.", "response": "apple pear apple fig apple kiwi"}),
+            json!({"prompt": "List some fruit, number 1.", "response": "pear fig kiwi lime date"}),
+        ]
+        .iter()
+        .map(|v| v.to_string() + "\n")
+        .collect::<String>(),
+    )
+    .unwrap();
+    let score = |raw: bool| -> Vec<f64> {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_reward"));
+        c.arg("score").arg(&final_dir).arg("--input").arg(&input);
+        if raw {
+            c.arg("--raw");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["reward"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (norm, raw) = (score(false), score(true));
+    assert_eq!(norm.len(), 2);
+    assert!(norm[0] > norm[1], "three apples beat none: {norm:?}");
+    for (n, r) in norm.iter().zip(&raw) {
+        assert!((n + offset - r).abs() < 1e-4, "{n} + {offset} vs {r}");
+    }
+
+    // transformers loads the folder and gives the same raw scores (RLHF_PYTHON set in CI).
+    let Ok(python) = std::env::var("RLHF_PYTHON") else {
+        eprintln!("skipped the transformers check: set RLHF_PYTHON");
+        return;
+    };
+    let device = model::parse_device("cpu").unwrap();
+    let (m, tok, _) =
+        model::checkpoint::load_with_tokenizer(&final_dir, None, None, &device).unwrap();
+    let template = model::checkpoint::resolve_template(None, Some(&final_dir)).unwrap();
+    let rows: Vec<Vec<u32>> = ["apple pear apple", "fig kiwi", "date date apple lime plum"]
+        .iter()
+        .map(|r| {
+            reward::data::sequence(&tok, &template, "List some fruit.", r, 64)
+                .unwrap()
+                .unwrap()
+                .0
+        })
+        .collect();
+    let batch = model::TokenBatch::right_padded(&rows, tok.pad_id);
+    let ours = model::ops::to_f32_vec(m.scalar_last(&batch, m.forward(&batch)).unwrap());
+    let positions: Vec<Vec<usize>> = (0..batch.batch)
+        .map(|r| (0..batch.seq).map(|j| j.min(rows[r].len() - 1)).collect())
+        .collect();
+    let reference = json!({
+        "input_ids": (0..batch.batch).map(|r| batch.row(r).to_vec()).collect::<Vec<_>>(),
+        "attention_mask": (0..batch.batch)
+            .map(|r| batch.row_mask(r).iter().map(|&b| b as u8).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        "position_ids": positions,
+        "scores": ours,
+    });
+    let ref_path = f.dir.join("reference.json");
+    std::fs::write(&ref_path, reference.to_string()).unwrap();
+    let st = Command::new(python)
+        .arg(root().join("scripts/check_hf_load.py"))
+        .arg(&final_dir)
+        .arg(&ref_path)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "transformers disagrees:\n{}{}",
+        String::from_utf8_lossy(&st.stdout),
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+#[test]
+fn rewards_do_not_depend_on_pad_side_or_amount() {
+    let f = fixture(8);
+    let device = model::parse_device("cpu").unwrap();
+    let (m, tok, _) =
+        model::checkpoint::load_with_tokenizer(&f.base, Some(model::Heads::NONE), None, &device)
+            .unwrap();
+    let m = m.with_scalar_head(3);
+    let row = tok.encode("pear apple fig").unwrap();
+    let long = tok
+        .encode("kiwi lime date plum pear apple fig kiwi lime")
+        .unwrap();
+    let alone = model::ops::to_f32_vec(
+        reward::rewards_of(&m, std::slice::from_ref(&row), tok.pad_id).unwrap(),
+    )[0];
+    let right = model::ops::to_f32_vec(
+        reward::rewards_of(&m, &[row.clone(), long.clone()], tok.pad_id).unwrap(),
+    )[0];
+    let left_batch = model::TokenBatch::left_padded(&[row.clone(), long], tok.pad_id);
+    let left =
+        model::ops::to_f32_vec(m.scalar_last(&left_batch, m.forward(&left_batch)).unwrap())[0];
+    assert!(
+        (alone - right).abs() < 1e-5,
+        "right padding: {alone} vs {right}"
+    );
+    assert!(
+        (alone - left).abs() < 1e-5,
+        "left padding: {alone} vs {left}"
+    );
+}
+
+#[test]
+fn killed_and_resumed_run_ends_bit_identical() {
+    let f = fixture(64);
+    let mut s = common(&f, "full");
+    s.extend(sets(&[
+        "train.max_steps=16",
+        "train.save_every=4",
+        "train.keep_last=10",
+        "train.eval_every=0",
+        "train.log_every=1",
+    ]));
+    s.retain(|x| !x.starts_with("data.demonstrations"));
+    let (ok, _, err) = reward(&s, &[]);
+    assert!(ok, "{err}");
+    // The same run, killed with SIGKILL once its step-8 checkpoint exists, then resumed.
+    let killed = f.dir.join("killed");
+    let mut s2: Vec<String> = s
+        .iter()
+        .filter(|x| !x.starts_with("out="))
+        .cloned()
+        .collect();
+    s2.push(format!("out={}", killed.display()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reward"));
+    cmd.current_dir(root())
+        .args(["--config", "configs/reward.toml"]);
+    for x in &s2 {
+        cmd.args(["--set", x]);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = killed.join("checkpoint-000008");
+    let start = std::time::Instant::now();
+    while !ckpt.exists() && start.elapsed().as_secs() < 300 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().ok(); // SIGKILL
+    child.wait().unwrap();
+    let newest = std::fs::read_dir(&killed)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint-")
+        })
+        .max()
+        .expect("a checkpoint was written before the kill");
+    let (ok, stdout, err) = reward(&s2, &["--resume", newest.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("resumed from"), "{stdout}");
+    assert_eq!(
+        weights(&f.dir.join("full/final")),
+        weights(&killed.join("final")),
+        "bit-identical weights after kill -9 and resume (from {})",
+        newest.display()
+    );
+    // Metrics of the steps after the resume point are the same too.
+    let lines = |d: &Path| -> Vec<Value> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("responses_per_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(lines(&f.dir.join("full")), lines(&killed));
+    // Resuming with another seed is refused, saying why.
+    let (ok, _, err) = reward(&s2, &["--resume", newest.to_str().unwrap(), "--seed", "5"]);
+    assert!(!ok);
+    assert!(err.contains("seed 0") && err.contains("seed 5"), "{err}");
+}
+
+#[test]
+fn bad_input_is_one_clear_error_and_writes_nothing() {
+    let f = fixture(12);
+    let out = f.dir.join("never");
+    let o = format!("out={}", out.display());
+    let base = format!("model.base={}", f.base.display());
+    let run = |extra: &[String]| {
+        let mut s = vec![o.clone(), base.clone()];
+        s.extend(extra.iter().cloned());
+        reward(&s, &[])
+    };
+    // A group with one response.
+    let one = f.dir.join("one.jsonl");
+    std::fs::write(
+        &one,
+        "{\"prompt_id\":\"a\",\"prompt\":\"x\",\"responses\":[\"r\",\"s\"],\"ranks\":[1,2]}\n{\"prompt_id\":\"b\",\"prompt\":\"y\",\"responses\":[\"r\"],\"ranks\":[1]}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&[format!("data.path={}", one.display())]);
+    assert!(!ok);
+    assert!(err.contains("one.jsonl") && err.contains("line 2"), "{err}");
+    // Ranks missing.
+    let noranks = f.dir.join("noranks.jsonl");
+    std::fs::write(
+        &noranks,
+        "{\"prompt_id\":\"a\",\"prompt\":\"x\",\"responses\":[\"r\",\"s\"]}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&[format!("data.path={}", noranks.display())]);
+    assert!(!ok);
+    assert!(
+        err.contains("noranks.jsonl") && err.contains("ranks"),
+        "{err}"
+    );
+    // Every prompt on one side of the split.
+    let (ok, _, err) = run(&[
+        format!("data.path={}", f.data.display()),
+        "data.validation_fraction=0.0001".into(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("training side") && err.contains("validation_fraction"),
+        "{err}"
+    );
+    // A base without a tokenizer.
+    let bare = f.dir.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for n in ["config.json", "model.safetensors"] {
+        std::fs::copy(f.base.join(n), bare.join(n)).unwrap();
+    }
+    let (ok, _, err) = reward(
+        &[
+            o.clone(),
+            format!("model.base={}", bare.display()),
+            format!("data.path={}", f.data.display()),
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("no tokenizer.json") && err.contains("model.tokenizer"),
+        "{err}"
+    );
+    // A value out of range.
+    let (ok, _, err) = run(&[
+        format!("data.path={}", f.data.display()),
+        "train.lr=-1".into(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("`train.lr` = -1 is out of range"), "{err}");
+    assert!(!out.exists(), "bad input left {}", out.display());
+    // `reward score` on a policy (no scalar head) names the folder and what is needed.
+    let input = f.dir.join("in.jsonl");
+    std::fs::write(&input, "{\"prompt\":\"x\",\"response\":\"y\"}\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_reward"))
+        .arg("score")
+        .arg(&f.base)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("base") && err.contains("scalar head"), "{err}");
+}
+
+/// Real data from ../shared/data: OpenAssistant ranked groups and HH-RLHF harmless pairs, a short
+/// run from a tiny model; the held-out accuracy and its interval are printed, whatever they are.
+#[test]
+fn real_preference_data_trains_and_reports_an_interval() {
+    let shared = root().join("../shared/data/preference");
+    let oasst = shared.join("oasst_en_100_tree.jsonl");
+    let hh = shared.join("hh-rlhf_harmless-base_test.jsonl.gz");
+    if !oasst.exists() || !hh.exists() {
+        eprintln!("skipped: ../shared/data is absent");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A tiny base with a BPE trained on a slice of both sources.
+    let texts = tmp.path().join("texts.txt");
+    let mut t = std::fs::read_to_string(&oasst).unwrap();
+    t.truncate(t.floor_char_boundary(400_000));
+    std::fs::write(&texts, t).unwrap();
+    let base = base_model(tmp.path(), &texts);
+    for (name, path, kind, steps) in [("oasst", &oasst, "oasst", 60), ("hh", &hh, "hh_rlhf", 60)] {
+        let out = tmp.path().join(name);
+        let (ok, stdout, err) = reward(
+            &[
+                format!("model.base={}", base.display()),
+                format!("data.path={}", path.display()),
+                format!("data.kind=\"{kind}\""),
+                format!("out={}", out.display()),
+                "data.max_length=256".into(),
+                "data.max_groups=600".into(),
+                format!("train.max_steps={steps}"),
+                "train.eval_every=0".into(),
+                "train.save_every=0".into(),
+            ],
+            &[],
+        );
+        assert!(ok, "{name}: {err}");
+        let v = &summary(&out)["validation"]["pairwise"];
+        let (acc, lo, hi) = (
+            v["accuracy"].as_f64().unwrap(),
+            v["low"].as_f64().unwrap(),
+            v["high"].as_f64().unwrap(),
+        );
+        println!(
+            "{name}: held-out pairwise accuracy {acc:.3} [{lo:.3}, {hi:.3}] on {} pairs\n{stdout}",
+            v["total"]
+        );
+        assert!(v["total"].as_u64().unwrap() > 20, "{name}: {v}");
+        assert!(lo <= acc && acc <= hi && acc.is_finite());
+    }
+}

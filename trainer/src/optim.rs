@@ -1,0 +1,246 @@
+//! The optimizer settings every gradient-trained stage shares (`[train]` of sft and reward), the
+//! AdamW built from them, and one optimizer step: global-norm clipping, a stop on a non-finite
+//! gradient norm (as on a non-finite loss), then AdamW at the scheduled learning rate.
+
+use crate::schedule::{Decay, Schedule};
+use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// `[train]` of the stages trained by gradient steps over a data set (sft, reward).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Examples (sft) or ranked groups (reward) per micro-batch.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "d_one")]
+    pub grad_accum: usize,
+    /// Passes over the training split (when max_steps is 0).
+    #[serde(default = "d_one")]
+    pub epochs: usize,
+    /// Optimizer steps; 0 means `epochs` decide.
+    #[serde(default)]
+    pub max_steps: usize,
+    /// Peak learning rate.
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// cosine, linear or constant after warmup.
+    #[serde(default = "d_decay")]
+    pub decay: Decay,
+    /// The decay ends at min_lr_ratio · lr.
+    #[serde(default = "d_min_lr")]
+    pub min_lr_ratio: f64,
+    /// AdamW (decoupled) weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub beta2: f64,
+    #[serde(default = "d_eps")]
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// Write metrics every N steps.
+    #[serde(default = "d_one")]
+    pub log_every: usize,
+    /// Evaluate every N steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Examples per validation batch.
+    #[serde(default = "d_eval_batch")]
+    pub eval_batch_size: usize,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Checkpoints kept (the newest).
+    #[serde(default = "d_keep")]
+    pub keep_last: usize,
+}
+
+fn d_batch() -> usize {
+    8
+}
+fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_decay() -> Decay {
+    Decay::Cosine
+}
+fn d_min_lr() -> f64 {
+    0.1
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_eval_batch() -> usize {
+    16
+}
+fn d_keep() -> usize {
+    2
+}
+
+/// Range checks of config values, each error naming the key, the value, the file and the range.
+pub struct Check<'a> {
+    pub file: &'a Path,
+    pub errors: Vec<String>,
+}
+
+impl<'a> Check<'a> {
+    pub fn new(file: &'a Path) -> Self {
+        Self {
+            file,
+            errors: Vec::new(),
+        }
+    }
+
+    /// `key` must satisfy `ok`; `range` says what is allowed, e.g. "> 0".
+    pub fn that(&mut self, key: &str, value: impl std::fmt::Display, ok: bool, range: &str) {
+        if !ok {
+            self.errors.push(format!(
+                "{}: key `{key}` = {value} is out of range; it must be {range}",
+                self.file.display()
+            ));
+        }
+    }
+
+    /// A finite number in [lo, hi].
+    pub fn within(&mut self, key: &str, v: f64, lo: f64, hi: f64) {
+        self.that(
+            key,
+            v,
+            v.is_finite() && v >= lo && v <= hi,
+            &format!("in [{lo}, {hi}]"),
+        );
+    }
+
+    /// A finite number > 0.
+    pub fn positive(&mut self, key: &str, v: f64) {
+        self.that(key, v, v.is_finite() && v > 0.0, "a finite number > 0");
+    }
+
+    /// An integer ≥ 1.
+    pub fn at_least_one(&mut self, key: &str, v: usize) {
+        self.that(key, v, v >= 1, "at least 1");
+    }
+
+    pub fn finish(self) -> Result<()> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", self.errors.join("\n"))
+        }
+    }
+}
+
+impl TrainSection {
+    /// Adds the range errors of `[train]` to `check`.
+    pub fn check(&self, c: &mut Check) {
+        c.at_least_one("train.batch_size", self.batch_size);
+        c.at_least_one("train.grad_accum", self.grad_accum);
+        c.that(
+            "train.epochs",
+            self.epochs,
+            self.epochs >= 1 || self.max_steps >= 1,
+            "at least 1 (or set train.max_steps)",
+        );
+        c.positive("train.lr", self.lr);
+        c.within("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0);
+        c.within("train.weight_decay", self.weight_decay, 0.0, 1.0);
+        c.that(
+            "train.beta1",
+            self.beta1,
+            (0.0..1.0).contains(&self.beta1),
+            "in [0, 1)",
+        );
+        c.that(
+            "train.beta2",
+            self.beta2,
+            (0.0..1.0).contains(&self.beta2),
+            "in [0, 1)",
+        );
+        c.positive("train.eps", self.eps);
+        c.that(
+            "train.max_grad_norm",
+            self.max_grad_norm,
+            self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
+            "≥ 0 (0 disables clipping)",
+        );
+        c.at_least_one("train.eval_batch_size", self.eval_batch_size);
+    }
+
+    /// The learning-rate schedule over `total_steps`.
+    pub fn schedule(&self, total_steps: usize) -> Schedule {
+        Schedule {
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            total_steps,
+            decay: self.decay,
+            min_lr_ratio: self.min_lr_ratio,
+        }
+    }
+
+    /// AdamW with these betas, eps and weight decay (clipping is done by [`optimizer_step`]).
+    pub fn adamw(&self) -> ModuleOptimizer {
+        adamw(self.beta1, self.beta2, self.eps, self.weight_decay)
+    }
+
+    /// Optimizer steps of the run: `max_steps`, or `epochs` passes of `examples` examples.
+    pub fn total_steps(&self, examples: usize) -> usize {
+        if self.max_steps > 0 {
+            self.max_steps
+        } else {
+            self.epochs * examples.div_ceil(self.batch_size * self.grad_accum)
+        }
+    }
+}
+
+/// AdamW (decoupled weight decay, Loshchilov & Hutter) with the given settings.
+pub fn adamw(beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_beta_1(beta1 as f32)
+        .with_beta_2(beta2 as f32)
+        .with_epsilon(eps as f32)
+        .with_weight_decay(weight_decay as f32)
+        .init()
+}
+
+/// Clips the gradients to global norm `max_grad_norm` (0: no clipping), stops on a non-finite
+/// norm (the update would poison the weights; `last_good` is named as by the NaN guard), and
+/// steps. Returns the updated module and the norm before clipping.
+pub fn optimizer_step<M: Module>(
+    optim: &mut ModuleOptimizer,
+    module: M,
+    mut grads: GradientsParams,
+    lr: f64,
+    max_grad_norm: f64,
+    step: usize,
+    last_good: Option<&Path>,
+) -> Result<(M, f32)> {
+    let norm = if max_grad_norm > 0.0 {
+        model::ops::clip_grad_norm(&module, &mut grads, max_grad_norm as f32)
+    } else {
+        model::ops::grad_norm(&module, &grads)
+    };
+    crate::check_finite("gradient norm", norm as f64, step, last_good)?;
+    Ok((optim.step(lr, module, grads), norm))
+}

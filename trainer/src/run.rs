@@ -1,0 +1,244 @@
+//! The bookkeeping of a training run, written once for every stage: the output folder, resume
+//! (state, seed and data checks), the log / eval / save cadence, throughput, the best checkpoint
+//! by a metric with a direction, the checkpoints the NaN guard can fall back to, and the final
+//! `summary.json`. A stage's loop calls it around its own math.
+
+use crate::metrics::Metrics;
+use crate::state::{
+    SavedModel, TrainerState, check_resume, load_state, prune_checkpoints, save_checkpoint,
+};
+use anyhow::Result;
+use burn::optim::ModuleOptimizer;
+use model::{CausalLm, ModelMeta, Tokenizer};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// When to log, evaluate and save, in steps (0: only at the end, except `log_every`).
+#[derive(Clone, Copy, Debug)]
+pub struct Cadence {
+    pub log_every: usize,
+    pub eval_every: usize,
+    pub save_every: usize,
+    pub keep_last: usize,
+}
+
+impl From<&crate::optim::TrainSection> for Cadence {
+    fn from(t: &crate::optim::TrainSection) -> Self {
+        Self {
+            log_every: t.log_every,
+            eval_every: t.eval_every,
+            save_every: t.save_every,
+            keep_last: t.keep_last,
+        }
+    }
+}
+
+/// Which validation metric picks `best/`, and whether higher is better.
+#[derive(Clone, Copy, Debug)]
+pub struct Best {
+    pub metric: &'static str,
+    pub higher_is_better: bool,
+}
+
+pub struct Run {
+    pub out: PathBuf,
+    pub state: TrainerState,
+    pub total_steps: usize,
+    /// The checkpoint this run resumed from.
+    pub resumed_from: Option<PathBuf>,
+    cadence: Cadence,
+    best: Best,
+    metrics: Metrics,
+    /// Checkpoints this run can fall back to: (step, folder).
+    saved: Vec<(usize, PathBuf)>,
+    /// (units, seconds) since the last log line.
+    window: (f64, f64),
+    step_started: Option<Instant>,
+}
+
+impl Run {
+    /// Creates `out` (writing the config used as `config.toml`) and, with `resume`, reads the
+    /// checkpoint's state after checking that its seed and data fingerprint match this run's.
+    /// Call it after the data and models have loaded, so that bad input leaves nothing behind.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        out: &Path,
+        config_used: &str,
+        total_steps: usize,
+        cadence: Cadence,
+        best: Best,
+        seed: u64,
+        data_fingerprint: String,
+        resume: Option<&Path>,
+    ) -> Result<Self> {
+        let mut state = TrainerState {
+            step: 0,
+            examples_seen: 0,
+            seed,
+            data_fingerprint: data_fingerprint.clone(),
+            best_metric: None,
+            best_step: None,
+            stage: Value::Null,
+        };
+        if let Some(dir) = resume {
+            let loaded = load_state(dir)?;
+            check_resume(dir, &loaded, seed, &data_fingerprint)?;
+            state = loaded;
+            state.data_fingerprint = data_fingerprint;
+        }
+        crate::prepare_out(out, config_used)?;
+        let metrics = Metrics::open(out, total_steps, state.step)?;
+        Ok(Self {
+            out: out.to_path_buf(),
+            saved: resume
+                .map(|d| (state.step, d.to_path_buf()))
+                .into_iter()
+                .collect(),
+            resumed_from: resume.map(Path::to_path_buf),
+            state,
+            total_steps,
+            cadence,
+            best,
+            metrics,
+            window: (0.0, 0.0),
+            step_started: None,
+        })
+    }
+
+    pub fn done(&self) -> bool {
+        self.state.step >= self.total_steps
+    }
+
+    /// The newest checkpoint written before the weights of the current step: what the NaN
+    /// guard names when this step's loss or gradient is not finite.
+    pub fn last_good(&self) -> Option<&Path> {
+        self.saved
+            .iter()
+            .rev()
+            .find(|(s, p)| *s < self.state.step && p.exists())
+            .map(|(_, p)| p.as_path())
+    }
+
+    /// Stops the run when this step's `what` (loss, gradient norm) is not finite.
+    pub fn check_finite(&self, what: &str, value: f64) -> Result<()> {
+        crate::check_finite(what, value, self.state.step + 1, self.last_good())
+    }
+
+    /// Starts the clock of a step.
+    pub fn begin_step(&mut self) {
+        self.step_started = Some(Instant::now());
+    }
+
+    /// Ends a step that processed `units` (tokens, responses, episodes) and consumed `examples`.
+    pub fn end_step(&mut self, units: usize, examples: usize) {
+        self.state.step += 1;
+        self.state.examples_seen += examples;
+        self.window.0 += units as f64;
+        self.window.1 += self
+            .step_started
+            .take()
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+    }
+
+    fn due(&self, every: usize) -> bool {
+        (every > 0 && self.state.step.is_multiple_of(every)) || self.state.step == self.total_steps
+    }
+
+    /// Whether to evaluate after the step just ended.
+    pub fn eval_due(&self) -> bool {
+        self.due(self.cadence.eval_every)
+    }
+
+    /// Whether to save a checkpoint after the step just ended.
+    pub fn save_due(&self) -> bool {
+        self.due(self.cadence.save_every)
+    }
+
+    /// Records a validation value of the best-by metric; true when it is the best so far.
+    pub fn improved(&mut self, value: f64) -> bool {
+        let better = match self.state.best_metric {
+            None => value.is_finite(),
+            Some(b) if self.best.higher_is_better => value > b,
+            Some(b) => value < b,
+        };
+        if better {
+            self.state.best_metric = Some(value);
+            self.state.best_step = Some(self.state.step);
+        }
+        better
+    }
+
+    /// The metric that picks `best/`.
+    pub fn best_metric_name(&self) -> &'static str {
+        self.best.metric
+    }
+
+    /// Writes a metrics line for step 0 (the baseline evaluation before training).
+    pub fn log_baseline(&mut self, fields: Map<String, Value>) -> Result<()> {
+        self.metrics.log(0, fields)
+    }
+
+    /// Writes the metrics line of the step just ended when it is due (every `log_every` steps,
+    /// after an evaluation — `fields` then hold more than `always` keys — and at the last step),
+    /// adding `{rate_name}` = units per second since the previous line.
+    pub fn log_step(
+        &mut self,
+        mut fields: Map<String, Value>,
+        evaluated: bool,
+        rate_name: &str,
+    ) -> Result<()> {
+        if !(self
+            .state
+            .step
+            .is_multiple_of(self.cadence.log_every.max(1))
+            || evaluated
+            || self.state.step == self.total_steps)
+        {
+            return Ok(());
+        }
+        fields.insert(
+            rate_name.into(),
+            json!(self.window.0 / self.window.1.max(1e-9)),
+        );
+        self.metrics.log(self.state.step, fields)?;
+        self.window = (0.0, 0.0);
+        Ok(())
+    }
+
+    /// Writes `checkpoint-NNNNNN` with the models, optimizers and the stage's state, and prunes
+    /// old ones.
+    pub fn save(
+        &mut self,
+        models: &[SavedModel],
+        optimizers: &[(&str, &ModuleOptimizer)],
+        stage: Value,
+    ) -> Result<PathBuf> {
+        self.state.stage = stage;
+        let dir = save_checkpoint(&self.out, models, optimizers, &self.state)?;
+        prune_checkpoints(&self.out, self.cadence.keep_last)?;
+        self.saved.push((self.state.step, dir.clone()));
+        Ok(dir)
+    }
+
+    /// Saves `out/best` (atomically).
+    pub fn save_best(
+        &self,
+        model: &CausalLm,
+        tokenizer: Option<&Tokenizer>,
+        meta: &ModelMeta,
+    ) -> Result<()> {
+        model::save_with_meta(model, tokenizer, meta, &self.out.join("best"))?;
+        Ok(())
+    }
+
+    /// Closes the progress bar and writes `summary.json` (atomically).
+    pub fn finish<S: Serialize>(self, summary: &S) -> Result<()> {
+        self.metrics.finish();
+        let tmp = self.out.join(".summary.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(summary)? + "\n")?;
+        std::fs::rename(&tmp, self.out.join("summary.json"))?;
+        Ok(())
+    }
+}
