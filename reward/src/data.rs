@@ -365,16 +365,16 @@ pub fn tokenize(
     Ok((out, dropped))
 }
 
+/// A ranked group with the data's margin (comparisons only).
+pub type Read = (RankedGroup, Option<f64>);
+
 /// Splits groups by prompt; every error names the file and says what to change.
 pub fn split(
-    groups: Vec<(RankedGroup, Option<f64>)>,
+    groups: Vec<Read>,
     path: &Path,
     validation_fraction: f64,
     seed: u64,
-) -> Result<(
-    Vec<(RankedGroup, Option<f64>)>,
-    Vec<(RankedGroup, Option<f64>)>,
-)> {
+) -> Result<(Vec<Read>, Vec<Read>)> {
     let prompts = groups
         .iter()
         .map(|(g, _)| g.prompt.as_str())

@@ -686,3 +686,88 @@ pub fn run_from_args(args: &trainer::StageArgs) -> Result<Summary> {
     cfg.check(&args.config)?;
     run(&cfg, &used, args.resume.as_deref())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(ranks: Vec<u32>) -> Group {
+        Group {
+            prompt_id: "p".into(),
+            labeler_id: String::new(),
+            origin: "line 1".into(),
+            response_ids: (1..=ranks.len()).map(|i| i.to_string()).collect(),
+            sequences: (0..ranks.len())
+                .map(|i| vec![i as u32 + 2; i + 1])
+                .collect(),
+            ranks,
+            data_margin: Some(0.5),
+        }
+    }
+
+    #[test]
+    fn grouped_forward_runs_each_response_once_and_pairs_twice_per_pair() {
+        let (a, b) = (group(vec![1, 2, 3, 4]), group(vec![2, 1]));
+        let loss = LossSection::default();
+        let p = plan(&[&a, &b], &loss, Ties::Drop);
+        // K forwards per group: 4 + 2 rows, for 6 + 1 pairs.
+        assert_eq!(p.rows.len(), 6);
+        assert_eq!(p.pairs.len(), 7);
+        // The better response first: in group b, response 2 (row 5) beats response 1 (row 4).
+        assert_eq!((p.pairs[6].a, p.pairs[6].b), (5, 4));
+        let flat = plan(
+            &[&a, &b],
+            &LossSection {
+                forward: Forward::Pairs,
+                ..LossSection::default()
+            },
+            Ties::Drop,
+        );
+        assert_eq!(flat.rows.len(), 2 * 7);
+        assert_eq!(flat.rows[2 * 6], b.sequences[1]);
+    }
+
+    #[test]
+    fn ties_are_dropped_or_kept_as_tie_terms_and_margins_follow_the_option() {
+        let g = group(vec![1, 1, 2]);
+        let keep = plan(&[&g], &LossSection::default(), Ties::Keep);
+        assert_eq!(keep.pairs.iter().filter(|p| p.tie).count(), 1);
+        assert_eq!(keep.pairs.len(), 3);
+        let drop = plan(&[&g], &LossSection::default(), Ties::Drop);
+        assert_eq!(drop.pairs.len(), 2);
+        assert!(drop.pairs.iter().all(|p| !p.tie));
+        let gap = plan(
+            &[&group(vec![1, 3, 2])],
+            &LossSection {
+                margin: Margin::RankGap,
+                margin_scale: 0.5,
+                ..LossSection::default()
+            },
+            Ties::Drop,
+        );
+        let margins: Vec<f32> = gap.pairs.iter().map(|p| p.margin).collect();
+        assert_eq!(margins, vec![1.0, 0.5, 0.5]);
+        let data = plan(
+            &[&group(vec![1, 2])],
+            &LossSection {
+                margin: Margin::Data,
+                ..LossSection::default()
+            },
+            Ties::Drop,
+        );
+        assert_eq!(data.pairs[0].margin, 0.5);
+        // Listwise: K − 1 terms for a strict ranking, each over the items ranked no better.
+        let list = plan(
+            &[&group(vec![2, 1, 3])],
+            &LossSection {
+                kind: LossKind::Listwise,
+                ..LossSection::default()
+            },
+            Ties::Drop,
+        );
+        assert_eq!(list.lists.len(), 2);
+        assert_eq!(list.lists[0].item, 0);
+        assert_eq!(list.lists[0].candidates, vec![0, 2]);
+        assert_eq!(list.lists[1].candidates, vec![0, 1, 2]);
+    }
+}

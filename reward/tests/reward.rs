@@ -323,6 +323,87 @@ fn a_learnable_preference_is_learned_and_transformers_scores_the_same() {
     );
 }
 
+/// Ties train as ties: two responses with the same number of apples ranked equal, one without
+/// ranked worse; with `ties = "keep"` the tied pair ends much closer than the preferred pair.
+#[test]
+fn ties_train_as_ties() {
+    let f = fixture(8);
+    let words = ["pear", "plum", "fig", "kiwi", "lime", "date"];
+    let mut rng = Rng(99);
+    let mut lines = String::new();
+    let mut phrase = |apples: usize| {
+        let mut w: Vec<&str> = (0..4).map(|_| words[rng.below(6)]).collect();
+        for _ in 0..apples {
+            let at = rng.below(w.len() + 1);
+            w.insert(at, "apple");
+        }
+        w.join(" ")
+    };
+    for i in 0..160 {
+        let (a, b, c) = (phrase(2), phrase(2), phrase(0));
+        lines.push_str(
+            &json!({"prompt_id": format!("t{i}"), "prompt": format!("Fruit {i}?"),
+                    "responses": [a, b, c], "ranks": [1, 1, 2]})
+            .to_string(),
+        );
+        lines.push('\n');
+    }
+    let data = f.dir.join("ties.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    let out = f.dir.join("ties");
+    let (ok, _, err) = reward(
+        &[
+            format!("model.base={}", f.base.display()),
+            format!("data.path={}", data.display()),
+            format!("out={}", out.display()),
+            "data.ties=\"keep\"".into(),
+            "train.max_steps=80".into(),
+            "train.lr=2e-3".into(),
+            "train.eval_every=0".into(),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let input = f.dir.join("tie_score.jsonl");
+    let mut l = String::new();
+    for _ in 0..20 {
+        for p in [phrase(2), phrase(2), phrase(0)] {
+            l.push_str(&json!({"prompt": "Fruit 1000?", "response": p}).to_string());
+            l.push('\n');
+        }
+    }
+    std::fs::write(&input, l).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_reward"))
+        .arg("score")
+        .arg(out.join("final"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Vec<f64> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let (mut tied, mut preferred) = (0.0, 0.0);
+    for c in r.chunks(3) {
+        tied += (c[0] - c[1]).abs() / 20.0;
+        preferred += ((c[0] + c[1]) / 2.0 - c[2]) / 20.0;
+    }
+    println!(
+        "ties: mean |r_tied_a - r_tied_b| {tied:.3}, mean r_preferred - r_worse {preferred:.3}"
+    );
+    assert!(preferred > 1.0, "the preference is learned: {preferred}");
+    assert!(
+        tied < 0.25 * preferred,
+        "tied {tied} vs preferred {preferred}"
+    );
+}
+
 #[test]
 fn rewards_do_not_depend_on_pad_side_or_amount() {
     let f = fixture(8);

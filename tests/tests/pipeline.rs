@@ -1,6 +1,6 @@
 //! The pipeline as it exists, end to end, through the real binaries on tiny configs:
 //! sft on the bundled demonstrations → sample from the result → export a labeling sheet from the
-//! SFT policy → two labelers fill it → import the rankings.
+//! SFT policy → two labelers fill it → import the rankings → a reward model on them → score.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,7 +40,7 @@ fn run(name: &str, args: &[&str]) -> String {
 }
 
 #[test]
-fn sft_then_sample_then_label_then_import() {
+fn sft_then_sample_then_label_then_import_then_reward() {
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
 
@@ -132,4 +132,71 @@ fn sft_then_sample_then_label_then_import() {
     assert_eq!(stats["pairs"], 128 * 3);
     // Per prompt the labelers agree on (r1, r2) and (r1, r3) and disagree on (r2, r3).
     assert!((stats["pairwise_agreement"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+
+    // A reward model on the imported K = 3 groups, from the SFT model's trunk; the prompt
+    // template travels from the SFT folder (the reward config does not set one).
+    let out = run(
+        "reward",
+        &[
+            "--config",
+            "configs/reward.toml",
+            "--out",
+            &t("rm"),
+            "--set",
+            &format!("model.base={}", t("sft/final")),
+            "--set",
+            &format!("data.path={}", t("labels")),
+            "--set",
+            "train.max_steps=20",
+        ],
+    );
+    assert!(
+        out.contains("done: 20 steps") && out.contains("validation accuracy"),
+        "{out}"
+    );
+    let info = run("model", &["info", &t("rm/final")]);
+    assert!(info.contains("LlamaForSequenceClassification"), "{info}");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("rm/final/rlhf.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["prompt_template"], "Human: {prompt}\n\nAssistant:");
+    assert!(
+        meta["reward_normalization"]["reference"]
+            .as_str()
+            .unwrap()
+            .starts_with("sft demonstrations")
+    );
+    // Both labelers put the first sampled response first: it should score above the others.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("rm/summary.json")).unwrap())
+            .unwrap();
+    assert!(summary["validation"]["pairwise"]["total"].as_u64().unwrap() > 0);
+    assert!(
+        summary["validation"]["human_ceiling"]["accuracy"]
+            .as_f64()
+            .is_some()
+    );
+
+    // `reward score`: one normalised reward per line, in order.
+    let lines: String = rows
+        .iter()
+        .take(5)
+        .map(|r| serde_json::json!({"prompt": &r[1], "response": &r[3]}).to_string() + "\n")
+        .collect();
+    std::fs::write(t("score.jsonl"), lines).unwrap();
+    let scored = run(
+        "reward",
+        &["score", &t("rm/final"), "--input", &t("score.jsonl")],
+    );
+    let rewards: Vec<f64> = scored
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rewards.len(), 5);
+    assert!(rewards.iter().all(|r| r.is_finite()));
 }
