@@ -8,6 +8,7 @@
 
 pub mod adapters;
 pub mod error;
+pub mod gold;
 pub mod preference;
 pub mod read;
 pub mod records;
@@ -15,6 +16,7 @@ pub mod split;
 pub mod tokenize;
 
 pub use error::{DataError, Result};
+pub use gold::{CompiledRule, Rule, extract_answer, gold_answer, normalize, parse_rule};
 pub use preference::{Comparison, RankedGroup, expand_pairs};
 pub use read::{Format, Record, read_records};
 pub use records::{

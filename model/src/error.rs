@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: cannot read file: {source}")]
+    #[error("{path}: cannot read file")]
     Io {
         path: PathBuf,
         #[source]

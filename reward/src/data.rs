@@ -103,7 +103,7 @@ pub struct DataSection {
     #[serde(default)]
     pub max_groups: usize,
     /// SFT demonstrations (`prompt`, `response`) whose mean reward is shifted to 0 after
-    /// training (InstructGPT); without them, the training responses are used.
+    /// training (InstructGPT); without them (absent or ""), the training responses are used.
     #[serde(default)]
     pub demonstrations: Option<PathBuf>,
 }

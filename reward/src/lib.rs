@@ -29,8 +29,8 @@ use model::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
 use std::path::{Path, PathBuf};
-use trainer::state::load_optimizer;
-use trainer::{Best, Check, EpochOrder, Fingerprint, Run, SavedModel, TrainSection};
+use trainer::run::{Evaluation, Saving};
+use trainer::{Best, Check, EpochOrder, Fingerprint, Run, TrainSection};
 
 fn default_device() -> String {
     "cpu".into()
@@ -330,9 +330,14 @@ pub fn validate(
     Ok(Some(eval::validate(groups, &per_group)))
 }
 
-impl Validation {
+impl Evaluation for Validation {
+    /// Pairwise accuracy picks `best/` (higher is better).
+    fn metric(&self) -> f64 {
+        self.pairwise.accuracy
+    }
+
     /// Adds the headline validation numbers to a metrics line.
-    pub fn record(&self, f: &mut Map<String, serde_json::Value>) {
+    fn record(&self, f: &mut Map<String, serde_json::Value>) {
         f.insert("eval_accuracy".into(), json!(self.pairwise.accuracy));
         f.insert("eval_accuracy_low".into(), json!(self.pairwise.low));
         f.insert("eval_accuracy_high".into(), json!(self.pairwise.high));
@@ -433,15 +438,15 @@ fn read_data(
 fn normalization(
     model: &CausalLm,
     cfg: &RewardConfig,
+    demos: Option<&(PathBuf, Vec<Demonstration>)>,
     train: &[Group],
     tok: &Tokenizer,
     template: &PromptTemplate,
 ) -> Result<RewardNormalization> {
-    let (seqs, reference) = match &cfg.data.demonstrations {
-        Some(p) => {
-            let demos: Vec<Demonstration> = load_demonstrations(&Source::new(p))?;
+    let (seqs, reference) = match demos {
+        Some((p, demos)) => {
             let mut seqs = Vec::new();
-            for d in &demos {
+            for d in demos {
                 if let Some((s, _)) =
                     data::sequence(tok, template, &d.prompt, &d.response, cfg.data.max_length)?
                 {
@@ -492,6 +497,13 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         reward_normalization: None,
     };
     let (train_raw, valid_raw) = read_data(cfg)?;
+    // Read now, so that a bad file stops the run before training rather than after.
+    let demos = match cfg.data.demonstrations.as_deref() {
+        Some(p) if !p.as_os_str().is_empty() => {
+            Some((p.to_path_buf(), load_demonstrations(&Source::new(p))?))
+        }
+        _ => None,
+    };
     let (mut model, tok) = load_model(cfg, resume, &device)?;
     let (train, dropped) = data::tokenize(
         &train_raw,
@@ -549,29 +561,19 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         fingerprint.hex(),
         resume,
     )?;
-    let mut optim = t.adamw();
-    if let Some(dir) = resume {
-        optim = load_optimizer(dir, "model", optim)?;
-        println!("resumed from {} at step {}", dir.display(), run.state.step);
-    }
+    let mut optim = run.optimizer(t)?;
     let mut order = EpochOrder::new(train.len(), cfg.seed);
     let mut last_eval = None;
     let mut last_loss = f64::NAN;
 
-    if run.state.step == 0
-        && let Some(v) = validate(&model.valid(), &valid, t.eval_batch_size, tok.pad_id)?
-    {
-        let mut fields = Map::new();
-        v.record(&mut fields);
-        run.log_baseline(fields)?;
-    }
+    run.baseline(|| validate(&model.valid(), &valid, t.eval_batch_size, tok.pad_id))?;
     while !run.done() {
         run.begin_step();
-        let step = run.state.step;
         let idx = order.take(run.state.examples_seen, per_step);
         let mut accumulator = GradientsAccumulator::new();
         let (mut step_loss, mut responses, mut correct, mut judged) = (0.0, 0, 0, 0);
         for micro in idx.chunks(t.batch_size) {
+            // All responses of the micro-batch's groups in one padded forward.
             let groups: Vec<&Group> = micro.iter().map(|&i| &train[i]).collect();
             let plan = plan(&groups, &cfg.loss, cfg.data.ties);
             let rewards = rewards_of(&model, &plan.rows, tok.pad_id)?;
@@ -579,7 +581,7 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
             let loss =
                 batch_loss(rewards.clone(), &plan, &cfg.loss).div_scalar(t.grad_accum as f64);
             step_loss += loss.clone().into_scalar::<f32>() as f64;
-            let r = model::ops::to_f32_vec(rewards.clone().detach());
+            let r = model::ops::to_f32_vec(rewards.detach());
             for p in plan.pairs.iter().filter(|p| !p.tie) {
                 correct += (r[p.a] > r[p.b]) as usize;
                 judged += 1;
@@ -588,62 +590,35 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
             accumulator.accumulate(&model, grads);
             responses += plan.rows.len();
         }
-        run.check_finite("loss", step_loss)?;
-        let lr = schedule.at(step);
-        let grad_norm;
-        (model, grad_norm) = trainer::optimizer_step(
+        let mut fields;
+        (model, fields) = run.optimizer_step(
             &mut optim,
             model,
             accumulator.grads(),
-            lr,
+            step_loss,
+            &schedule,
             t.max_grad_norm,
-            step + 1,
-            run.last_good(),
+            (responses, per_step, train.len()),
         )?;
-        run.end_step(responses, per_step);
         last_loss = step_loss;
-
-        let mut fields = Map::new();
-        let frozen = run.eval_due().then(|| model.valid());
-        let mut evaluated = false;
-        if let Some(frozen) = &frozen
-            && let Some(v) = validate(frozen, &valid, t.eval_batch_size, tok.pad_id)?
-        {
-            v.record(&mut fields);
-            if run.improved(v.pairwise.accuracy) {
-                run.save_best(frozen, Some(&tok), &meta)?;
-            }
-            last_eval = Some(v);
-            evaluated = true;
-        }
-        fields.insert(
-            "epoch".into(),
-            json!(run.state.examples_seen as f64 / train.len() as f64),
-        );
-        fields.insert("loss".into(), json!(step_loss));
         if judged > 0 {
             fields.insert("accuracy".into(), json!(correct as f64 / judged as f64));
         }
-        fields.insert("lr".into(), json!(lr));
-        fields.insert("grad_norm".into(), json!(grad_norm));
-        run.log_step(fields, evaluated, "responses_per_s")?;
-        if run.save_due() {
-            let frozen = frozen.unwrap_or_else(|| model.valid());
-            run.save(
-                &[SavedModel {
-                    name: "model",
-                    model: &frozen,
-                    tokenizer: Some(&tok),
-                    meta: &meta,
-                }],
-                &[("model", &optim)],
-                serde_json::Value::Null,
-            )?;
+        let saving = Saving {
+            tokenizer: &tok,
+            meta: &meta,
+            optimizer: &optim,
+            rate_name: "responses_per_s",
+        };
+        if let Some(v) = run.after_step(&model, fields, &saving, |frozen| {
+            validate(frozen, &valid, t.eval_batch_size, tok.pad_id)
+        })? {
+            last_eval = Some(v);
         }
     }
     // Normalise as InstructGPT, and store the shift with the final and the best model.
     let trained = model.valid();
-    let norm = normalization(&trained, cfg, &train, &tok, &template)?;
+    let norm = normalization(&trained, cfg, demos.as_ref(), &train, &tok, &template)?;
     meta.reward_normalization = Some(norm.clone());
     let final_dir = cfg.out.join("final");
     model::save_with_meta(&trained, Some(&tok), &meta, &final_dir)?;
@@ -656,7 +631,14 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
             &trained.device(),
         )?;
         let best_meta = ModelMeta {
-            reward_normalization: Some(normalization(&best_model, cfg, &train, &tok, &template)?),
+            reward_normalization: Some(normalization(
+                &best_model,
+                cfg,
+                demos.as_ref(),
+                &train,
+                &tok,
+                &template,
+            )?),
             ..meta.clone()
         };
         model::save_with_meta(&best_model, Some(&tok), &best_meta, &best)?;

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use trainer::state::load_optimizer;
-use trainer::{Best, Check, EpochOrder, Fingerprint, Run, SavedModel, TrainSection};
+use trainer::run::{Evaluation, Saving};
+use trainer::{Best, Check, EpochOrder, Fingerprint, Run, TrainSection};
 
 fn default_device() -> String {
     "cpu".into()
@@ -149,9 +149,14 @@ pub struct EvalMetrics {
     pub token_accuracy: f64,
 }
 
-impl EvalMetrics {
+impl Evaluation for EvalMetrics {
+    /// Validation loss picks `best/` (lower is better).
+    fn metric(&self) -> f64 {
+        self.loss
+    }
+
     /// Adds `eval_loss`, `eval_perplexity` and `eval_token_accuracy` to a metrics line.
-    pub fn record(&self, fields: &mut Map<String, serde_json::Value>) {
+    fn record(&self, fields: &mut Map<String, serde_json::Value>) {
         fields.insert("eval_loss".into(), json!(self.loss));
         fields.insert("eval_perplexity".into(), json!(self.perplexity));
         fields.insert("eval_token_accuracy".into(), json!(self.token_accuracy));
@@ -320,23 +325,11 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
         fingerprint.hex(),
         resume,
     )?;
-    let mut optim = t.adamw();
-    if let Some(dir) = resume {
-        optim = load_optimizer(dir, "model", optim)?;
-        println!("resumed from {} at step {}", dir.display(), run.state.step);
-    }
+    let mut optim = run.optimizer(t)?;
     let mut order = EpochOrder::new(data.train.len(), cfg.seed);
     let mut last_eval = None;
     let mut last_loss = f64::NAN;
-
-    if run.state.step == 0
-        && let Some(m) = evaluate(&model.valid(), &data.valid, t.eval_batch_size, tok.pad_id)?
-    {
-        // The baseline every later evaluation is compared with.
-        let mut fields = Map::new();
-        m.record(&mut fields);
-        run.log_baseline(fields)?;
-    }
+    run.baseline(|| evaluate(&model.valid(), &data.valid, t.eval_batch_size, tok.pad_id))?;
     while !run.done() {
         run.begin_step();
         let step = run.state.step;
@@ -370,55 +363,27 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
             accumulator.accumulate(&model, grads);
             step_tokens += b.inputs.real_tokens();
         }
-        run.check_finite("loss", step_loss)?;
-        let lr = schedule.at(step);
-        let grad_norm;
-        (model, grad_norm) = trainer::optimizer_step(
+        let fields;
+        (model, fields) = run.optimizer_step(
             &mut optim,
             model,
             accumulator.grads(),
-            lr,
+            step_loss,
+            &schedule,
             t.max_grad_norm,
-            step + 1,
-            run.last_good(),
+            (step_tokens, per_step, data.train.len()),
         )?;
-        run.end_step(step_tokens, per_step);
         last_loss = step_loss;
-
-        let mut fields = Map::new();
-        // One inference copy of the weights serves the evaluation and the best-model save.
-        let frozen = run.eval_due().then(|| model.valid());
-        let mut evaluated = false;
-        if let Some(frozen) = &frozen
-            && let Some(m) = evaluate(frozen, &data.valid, t.eval_batch_size, tok.pad_id)?
-        {
-            m.record(&mut fields);
-            if run.improved(m.loss) {
-                run.save_best(frozen, Some(&tok), &meta)?;
-            }
+        let saving = Saving {
+            tokenizer: &tok,
+            meta: &meta,
+            optimizer: &optim,
+            rate_name: "tokens_per_s",
+        };
+        if let Some(m) = run.after_step(&model, fields, &saving, |frozen| {
+            evaluate(frozen, &data.valid, t.eval_batch_size, tok.pad_id)
+        })? {
             last_eval = Some(m);
-            evaluated = true;
-        }
-        fields.insert(
-            "epoch".into(),
-            json!(run.state.examples_seen as f64 / data.train.len() as f64),
-        );
-        fields.insert("loss".into(), json!(step_loss));
-        fields.insert("lr".into(), json!(lr));
-        fields.insert("grad_norm".into(), json!(grad_norm));
-        run.log_step(fields, evaluated, "tokens_per_s")?;
-        if run.save_due() {
-            let frozen = frozen.unwrap_or_else(|| model.valid());
-            run.save(
-                &[SavedModel {
-                    name: "model",
-                    model: &frozen,
-                    tokenizer: Some(&tok),
-                    meta: &meta,
-                }],
-                &[("model", &optim)],
-                serde_json::Value::Null,
-            )?;
         }
     }
     let final_dir = cfg.out.join("final");

@@ -4,11 +4,14 @@
 //! `summary.json`. A stage's loop calls it around its own math.
 
 use crate::metrics::Metrics;
+use crate::optim::TrainSection;
+use crate::schedule::Schedule;
 use crate::state::{
     SavedModel, TrainerState, check_resume, load_state, prune_checkpoints, save_checkpoint,
 };
 use anyhow::Result;
-use burn::optim::ModuleOptimizer;
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use model::{CausalLm, ModelMeta, Tokenizer};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -33,6 +36,21 @@ impl From<&crate::optim::TrainSection> for Cadence {
             keep_last: t.keep_last,
         }
     }
+}
+
+/// A validation result: the value that picks `best/`, and the fields it adds to a metrics line.
+pub trait Evaluation {
+    fn metric(&self) -> f64;
+    fn record(&self, fields: &mut Map<String, Value>);
+}
+
+/// What a stage's one model needs for checkpoints and `best/`.
+pub struct Saving<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub meta: &'a ModelMeta,
+    pub optimizer: &'a ModuleOptimizer,
+    /// Units per second in metrics lines: `tokens_per_s`, `responses_per_s`.
+    pub rate_name: &'a str,
 }
 
 /// Which validation metric picks `best/`, and whether higher is better.
@@ -107,6 +125,115 @@ impl Run {
         })
     }
 
+    /// AdamW from `[train]`, with the moments of the checkpoint this run resumed from.
+    pub fn optimizer(&self, t: &TrainSection) -> Result<ModuleOptimizer> {
+        let optim = t.adamw();
+        match &self.resumed_from {
+            Some(dir) => {
+                let optim = crate::state::load_optimizer(dir, "model", optim)?;
+                println!("resumed from {} at step {}", dir.display(), self.state.step);
+                Ok(optim)
+            }
+            None => Ok(optim),
+        }
+    }
+
+    /// Evaluates the untrained model at step 0 (the baseline later evaluations are compared
+    /// with); nothing on a resumed run.
+    pub fn baseline<E: Evaluation>(
+        &mut self,
+        evaluate: impl FnOnce() -> Result<Option<E>>,
+    ) -> Result<()> {
+        if self.state.step == 0
+            && let Some(e) = evaluate()?
+        {
+            let mut fields = Map::new();
+            e.record(&mut fields);
+            self.metrics.log(0, fields)?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step after the step's gradients: the NaN guard on `loss`, the scheduled
+    /// learning rate, global-norm clipping (and the guard on the norm), AdamW; then the step is
+    /// counted with the `units` and `examples` it processed. Returns the updated module and the
+    /// metrics line so far (`loss`, `lr`, `grad_norm`, `epoch` over `train_len` examples).
+    #[allow(clippy::too_many_arguments)]
+    pub fn optimizer_step<M: Module>(
+        &mut self,
+        optim: &mut ModuleOptimizer,
+        module: M,
+        grads: GradientsParams,
+        loss: f64,
+        schedule: &Schedule,
+        max_grad_norm: f64,
+        (units, examples, train_len): (usize, usize, usize),
+    ) -> Result<(M, Map<String, Value>)> {
+        self.check_finite("loss", loss)?;
+        let step = self.state.step;
+        let lr = schedule.at(step);
+        let (module, grad_norm) = crate::optim::optimizer_step(
+            optim,
+            module,
+            grads,
+            lr,
+            max_grad_norm,
+            step + 1,
+            self.last_good(),
+        )?;
+        self.end_step(units, examples);
+        let mut fields = Map::new();
+        fields.insert(
+            "epoch".into(),
+            json!(self.state.examples_seen as f64 / train_len.max(1) as f64),
+        );
+        fields.insert("loss".into(), json!(loss));
+        fields.insert("lr".into(), json!(lr));
+        fields.insert("grad_norm".into(), json!(grad_norm));
+        Ok((module, fields))
+    }
+
+    /// After a step of a one-model stage: evaluate when due (saving `best/` on improvement),
+    /// write the metrics line when due, and the checkpoint when due. `model` is the trained
+    /// module; `evaluate` gets its inference copy. Returns the evaluation when there was one.
+    pub fn after_step<E: Evaluation>(
+        &mut self,
+        model: &CausalLm,
+        mut fields: Map<String, Value>,
+        saving: &Saving,
+        evaluate: impl FnOnce(&CausalLm) -> Result<Option<E>>,
+    ) -> Result<Option<E>> {
+        // One inference copy of the weights serves the evaluation, `best/` and the checkpoint.
+        let frozen = (self.eval_due() || self.save_due()).then(|| model.valid());
+        let mut evaluation = None;
+        if self.eval_due()
+            && let Some(frozen) = &frozen
+            && let Some(e) = evaluate(frozen)?
+        {
+            e.record(&mut fields);
+            if self.improved(e.metric()) {
+                self.save_best(frozen, Some(saving.tokenizer), saving.meta)?;
+            }
+            evaluation = Some(e);
+        }
+        self.log_step(fields, evaluation.is_some(), saving.rate_name)?;
+        if self.save_due()
+            && let Some(frozen) = &frozen
+        {
+            self.save(
+                &[SavedModel {
+                    name: "model",
+                    model: frozen,
+                    tokenizer: Some(saving.tokenizer),
+                    meta: saving.meta,
+                }],
+                &[("model", saving.optimizer)],
+                Value::Null,
+            )?;
+        }
+        Ok(evaluation)
+    }
+
     pub fn done(&self) -> bool {
         self.state.step >= self.total_steps
     }
@@ -173,11 +300,6 @@ impl Run {
     /// The metric that picks `best/`.
     pub fn best_metric_name(&self) -> &'static str {
         self.best.metric
-    }
-
-    /// Writes a metrics line for step 0 (the baseline evaluation before training).
-    pub fn log_baseline(&mut self, fields: Map<String, Value>) -> Result<()> {
-        self.metrics.log(0, fields)
     }
 
     /// Writes the metrics line of the step just ended when it is due (every `log_every` steps,
