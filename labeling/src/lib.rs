@@ -9,6 +9,7 @@
 
 pub mod import;
 pub mod pairs;
+pub mod simulate;
 
 use anyhow::{Context, Result};
 use datasets::{Comparison, RankedGroup, expand_pairs};

@@ -63,7 +63,7 @@ impl Default for SimulateParams {
             train_prompts: 400,
             eval_prompts: 100,
             demonstrations: 1000,
-            comparison_prompts: 120,
+            comparison_prompts: 180,
             labelers: 3,
             k: 4,
             noise: 0.15,
@@ -281,10 +281,7 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
             } else {
                 0.5 + j as f64 / (params.labelers - 1) as f64
             };
-            (
-                format!("labeler{}", j + 1),
-                (params.noise * scale).min(1.0),
-            )
+            (format!("labeler{}", j + 1), (params.noise * scale).min(1.0))
         })
         .collect();
     let mut comparisons = Vec::with_capacity(params.comparison_prompts);
@@ -384,7 +381,7 @@ impl Simulated {
             .map(|c| c.candidates.len() * c.rankings.len())
             .sum();
         TaskInfo {
-            generator: format!("labeling simulate {}", env!("CARGO_PKG_VERSION")),
+            generator: "labeling simulate".into(),
             params: self.params.clone(),
             chinese_fraction: CHINESE_FRACTION,
             gold_rule: "exact_answer".into(),
@@ -418,8 +415,7 @@ impl Simulated {
             .unwrap_or_else(|| "task".into());
         let tmp = out.with_file_name(format!(".{name}.tmp"));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .with_context(|| format!("removing {}", tmp.display()))?;
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
 
@@ -585,10 +581,7 @@ fn list(nums: &[u32]) -> String {
 }
 
 fn spelled(word: &str) -> String {
-    word.chars()
-        .map(String::from)
-        .collect::<Vec<_>>()
-        .join("-")
+    word.chars().map(String::from).collect::<Vec<_>>().join("-")
 }
 
 impl Problem {
@@ -623,9 +616,7 @@ impl Problem {
         match self {
             Problem::Add(a, b) => (a + b).to_string(),
             Problem::Sub(a, b) => (a - b).to_string(),
-            Problem::Compare { a, b, larger } => {
-                if *larger == (a > b) { a } else { b }.to_string()
-            }
+            Problem::Compare { a, b, larger } => if *larger == (a > b) { a } else { b }.to_string(),
             Problem::CountWords(w) => w.len().to_string(),
             Problem::CountLetters(w) => w.chars().count().to_string(),
             Problem::Sort { nums, ascending } => list(&sorted(nums, *ascending)),
@@ -763,18 +754,14 @@ impl Problem {
                 }
             }
             (Problem::CountWords(w), false) => {
-                format!(
-                    " The words are {}. The answer is {answer}.",
-                    w.join(", ")
-                )
+                format!(" The words are {}. The answer is {answer}.", w.join(", "))
             }
             (Problem::CountWords(w), true) => {
                 format!(" 单词是{}。答案是{answer}。", w.join("、"))
             }
-            (Problem::CountLetters(w), false) => format!(
-                " {w} is spelled {}. The answer is {answer}.",
-                spelled(w)
-            ),
+            (Problem::CountLetters(w), false) => {
+                format!(" {w} is spelled {}. The answer is {answer}.", spelled(w))
+            }
             (Problem::CountLetters(w), true) => {
                 format!(" {w}的拼写是{}。答案是{answer}。", spelled(w))
             }
@@ -798,9 +785,7 @@ impl Problem {
         match self {
             Problem::Add(a, b) => off_by_one(rng, a + b, 0),
             Problem::Sub(a, b) => off_by_one(rng, a - b, 0),
-            Problem::Compare { a, b, larger } => {
-                if *larger == (a > b) { b } else { a }.to_string()
-            }
+            Problem::Compare { a, b, larger } => if *larger == (a > b) { b } else { a }.to_string(),
             Problem::CountWords(w) => off_by_one(rng, w.len() as u32, 1),
             Problem::CountLetters(w) => off_by_one(rng, w.chars().count() as u32, 1),
             Problem::Sort { nums, ascending } => {
@@ -811,7 +796,8 @@ impl Problem {
             }
             Problem::Spell(w) => {
                 let mut c: Vec<char> = w.chars().collect();
-                let swappable: Vec<usize> = (0..c.len() - 1).filter(|&i| c[i] != c[i + 1]).collect();
+                let swappable: Vec<usize> =
+                    (0..c.len() - 1).filter(|&i| c[i] != c[i + 1]).collect();
                 match swappable.choose(rng) {
                     Some(&i) if rng.random_bool(0.5) => c.swap(i, i + 1),
                     _ => {

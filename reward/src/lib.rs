@@ -30,29 +30,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
 use std::path::{Path, PathBuf};
 use trainer::run::{Evaluation, Saving};
-use trainer::{Best, Check, EpochOrder, Fingerprint, Run, TrainSection};
+use trainer::{Best, Check, Fingerprint, Run, TrainSection};
 
-fn default_device() -> String {
-    "cpu".into()
-}
-
-/// The `reward` config (configs/reward.toml documents every key).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RewardConfig {
-    /// Output folder: config.toml, metrics.jsonl, checkpoint-*/, best/, final/, summary.json.
-    pub out: PathBuf,
-    /// Seed of the scalar head's init, the split and the data order.
-    #[serde(default)]
-    pub seed: u64,
-    /// `cpu` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
-    pub model: ModelSection,
-    pub data: DataSection,
-    #[serde(default)]
-    pub loss: LossSection,
-    pub train: TrainSection,
+trainer::stage_config! {
+    /// The `reward` config (configs/reward.toml documents every key).
+    pub struct RewardConfig {
+        pub model: ModelSection,
+        pub data: DataSection,
+        #[serde(default)]
+        pub loss: LossSection,
+        pub train: TrainSection,
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,23 +121,8 @@ impl Default for LossSection {
     }
 }
 
-impl RewardConfig {
-    /// Range checks; every error names the key and the config file.
-    pub fn check(&self, file: &Path) -> Result<()> {
-        let mut c = Check::new(file);
-        self.train.check(&mut c);
-        c.that(
-            "data.validation_fraction",
-            self.data.validation_fraction,
-            (0.0..1.0).contains(&self.data.validation_fraction),
-            "in [0, 1)",
-        );
-        c.that(
-            "data.max_length",
-            self.data.max_length,
-            self.data.max_length >= 2,
-            "at least 2",
-        );
+impl trainer::StageConfig for RewardConfig {
+    fn check(&self, c: &mut Check) {
         c.within("loss.centering", self.loss.centering, 0.0, 10.0);
         c.within("loss.margin_scale", self.loss.margin_scale, 0.0, 100.0);
         if self.loss.kind == LossKind::Listwise && self.loss.margin != Margin::None {
@@ -160,7 +133,9 @@ impl RewardConfig {
                 "none with loss.kind = \"listwise\" (Plackett–Luce has no margin)",
             );
         }
-        c.finish()
+        c.fraction("data.validation_fraction", self.data.validation_fraction);
+        c.at_least("data.max_length", self.data.max_length, 2);
+        self.train.check(c);
     }
 }
 
@@ -306,18 +281,19 @@ pub fn score_sequences(
     Ok(out)
 }
 
-/// Validation metrics of `model` on `groups`.
+/// Validation metrics of `model` on `groups` (None without groups), scored `batch` sequences at
+/// a time.
 pub fn validate(
     model: &CausalLm,
     groups: &[Group],
-    batch_size: usize,
-    pad: u32,
+    tok: &Tokenizer,
+    batch: usize,
 ) -> Result<Option<Validation>> {
-    if groups.is_empty() {
+    let flat: Vec<Vec<u32>> = groups.iter().flat_map(|g| g.sequences.clone()).collect();
+    if flat.is_empty() {
         return Ok(None);
     }
-    let flat: Vec<Vec<u32>> = groups.iter().flat_map(|g| g.sequences.clone()).collect();
-    let scores = score_sequences(model, &flat, batch_size, pad)?;
+    let scores = score_sequences(model, &flat, batch, tok.pad_id)?;
     let mut at = 0;
     let per_group: Vec<Vec<f32>> = groups
         .iter()
@@ -537,10 +513,7 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         );
     }
 
-    // Derived values, computed once.
-    let per_step = t.batch_size * t.grad_accum;
-    let total_steps = t.total_steps(train.len());
-    let schedule = t.schedule(total_steps);
+    let per_step = t.examples_per_step();
     let mut fingerprint = Fingerprint::default();
     for g in &train {
         for s in &g.sequences {
@@ -548,25 +521,19 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         }
         fingerprint.tokens(&g.ranks);
     }
-    let mut run = Run::start(
-        &cfg.out,
-        config_used,
-        total_steps,
-        t.into(),
-        Best {
-            metric: "eval_accuracy",
-            higher_is_better: true,
-        },
-        cfg.seed,
-        fingerprint.hex(),
-        resume,
-    )?;
-    let mut optim = run.optimizer(t)?;
-    let mut order = EpochOrder::new(train.len(), cfg.seed);
+    let data_id = (train.len(), fingerprint.hex());
+    let saving = Saving::new(
+        &tok,
+        &meta,
+        "responses_per_s",
+        Best::highest("eval_accuracy"),
+    );
+    let (mut run, mut optim, mut order) =
+        Run::for_training(cfg.setup(config_used, resume), t, data_id, saving)?;
     let mut last_eval = None;
     let mut last_loss = f64::NAN;
 
-    run.baseline(|| validate(&model.valid(), &valid, t.eval_batch_size, tok.pad_id))?;
+    run.baseline(|| validate(&model.valid(), &valid, &tok, t.eval_batch_size))?;
     while !run.done() {
         run.begin_step();
         let idx = order.take(run.state.examples_seen, per_step);
@@ -591,30 +558,16 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
             responses += plan.rows.len();
         }
         let mut fields;
-        (model, fields) = run.optimizer_step(
-            &mut optim,
-            model,
-            accumulator.grads(),
-            step_loss,
-            &schedule,
-            t.max_grad_norm,
-            (responses, per_step, train.len()),
-        )?;
+        let grads = accumulator.grads();
+        (model, fields) = run.optimizer_step(&mut optim, (model, grads), step_loss, responses)?;
         last_loss = step_loss;
         if judged > 0 {
             fields.insert("accuracy".into(), json!(correct as f64 / judged as f64));
         }
-        let saving = Saving {
-            tokenizer: &tok,
-            meta: &meta,
-            optimizer: &optim,
-            rate_name: "responses_per_s",
-        };
-        if let Some(v) = run.after_step(&model, fields, &saving, |frozen| {
-            validate(frozen, &valid, t.eval_batch_size, tok.pad_id)
-        })? {
-            last_eval = Some(v);
-        }
+        let evaluated = run.after_step(&model, &optim, fields, |frozen| {
+            validate(frozen, &valid, &tok, t.eval_batch_size)
+        })?;
+        last_eval = evaluated.or(last_eval);
     }
     // Normalise as InstructGPT, and store the shift with the final and the best model.
     let trained = model.valid();
@@ -659,14 +612,6 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
     };
     run.finish(&summary)?;
     Ok(summary)
-}
-
-/// Reads the config (with overrides), checks it and runs; what `main` calls.
-pub fn run_from_args(args: &trainer::StageArgs) -> Result<Summary> {
-    let (cfg, used): (RewardConfig, String) =
-        trainer::config::load_config(&args.config, &args.all_sets())?;
-    cfg.check(&args.config)?;
-    run(&cfg, &used, args.resume.as_deref())
 }
 
 #[cfg(test)]

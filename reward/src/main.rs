@@ -4,18 +4,6 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-/// Training: `reward --config ...`.
-#[derive(Parser)]
-#[command(
-    name = "reward",
-    version,
-    about = "Train a reward model on labelers' K-way rankings (`reward --config ...`), or score responses with one (`reward score DIR --input FILE`)"
-)]
-struct Cli {
-    #[command(flatten)]
-    args: trainer::StageArgs,
-}
-
 /// Scoring: `reward score ...`.
 #[derive(Parser)]
 #[command(name = "reward")]
@@ -59,25 +47,28 @@ fn main() {
         } = ScoreCli::parse().command;
         score(&dir, &input, batch_size, raw, template.as_deref(), &device)
     } else {
-        reward::run_from_args(&Cli::parse().args).map(|s| {
-            let v = s.validation.as_ref().map_or(String::new(), |v| {
-                format!(
-                    ", validation accuracy {:.3} [{:.3}, {:.3}] on {} pairs",
-                    v.pairwise.accuracy, v.pairwise.low, v.pairwise.high, v.pairwise.total
-                )
-            });
-            println!(
-                "done: {} steps, train loss {:.4}{v}; model in {}",
-                s.steps,
-                s.train_loss,
-                s.final_dir.display()
-            );
-        })
+        let args = trainer::StageArgs::parse(
+            "reward",
+            "Train a reward model on labelers' K-way rankings (`reward --config ...`), or score responses with one (`reward score DIR --input FILE`)",
+        );
+        args.load::<reward::RewardConfig>()
+            .and_then(|(cfg, used)| reward::run(&cfg, &used, args.resume.as_deref()))
+            .map(|s| {
+                let v = s.validation.as_ref().map_or(String::new(), |v| {
+                    format!(
+                        ", validation accuracy {:.3} [{:.3}, {:.3}] on {} pairs",
+                        v.pairwise.accuracy, v.pairwise.low, v.pairwise.high, v.pairwise.total
+                    )
+                });
+                println!(
+                    "done: {} steps, train loss {:.4}{v}; model in {}",
+                    s.steps,
+                    s.train_loss,
+                    s.final_dir.display()
+                );
+            })
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    trainer::exit_on_error(result);
 }
 
 fn score(

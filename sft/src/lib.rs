@@ -22,54 +22,24 @@ use serde_json::{Map, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use trainer::run::{Evaluation, Saving};
-use trainer::{Best, Check, EpochOrder, Fingerprint, Run, TrainSection};
+use trainer::{Best, Check, Fingerprint, Run, TrainSection};
 
-fn default_device() -> String {
-    "cpu".into()
+trainer::stage_config! {
+    /// The `sft` config (configs/sft.toml documents every key).
+    pub struct SftConfig {
+        pub model: ModelSection,
+        pub data: DataSection,
+        pub train: TrainSection,
+    }
 }
 
-/// The `sft` config (configs/sft.toml documents every key).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SftConfig {
-    /// Output folder: config.toml, metrics.jsonl, checkpoint-*/, best/, final/.
-    pub out: PathBuf,
-    /// Seed of the model init, the data order, the split and dropout.
-    #[serde(default)]
-    pub seed: u64,
-    /// `cpu` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
-    pub model: ModelSection,
-    pub data: DataSection,
-    pub train: TrainSection,
-}
-
-impl SftConfig {
-    /// Range checks; every error names the key and the config file.
-    fn check(&self, file: &Path) -> Result<()> {
-        let mut c = Check::new(file);
-        self.train.check(&mut c);
-        c.that(
-            "data.validation_fraction",
-            self.data.validation_fraction,
-            (0.0..1.0).contains(&self.data.validation_fraction),
-            "in [0, 1)",
-        );
-        c.that(
-            "data.max_length",
-            self.data.max_length,
-            self.data.max_length >= 2,
-            "at least 2",
-        );
-        c.that(
-            "model.dropout",
-            self.model.dropout,
-            (0.0..1.0).contains(&self.model.dropout),
-            "in [0, 1)",
-        );
+impl trainer::StageConfig for SftConfig {
+    fn check(&self, c: &mut Check) {
+        self.train.check(c);
+        c.fraction("data.validation_fraction", self.data.validation_fraction);
+        c.at_least("data.max_length", self.data.max_length, 2);
+        c.fraction("model.dropout", self.model.dropout);
         c.at_least_one("model.vocab_size", self.model.vocab_size);
-        c.finish()
     }
 }
 
@@ -304,29 +274,15 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
     let (mut model, tok) = load_model(cfg, &demos, &template, resume, &device)?;
     let data = prepare(cfg, &demos, &tok, &template)?;
 
-    // Derived values, computed once.
-    let per_step = t.batch_size * t.grad_accum;
-    let total_steps = t.total_steps(data.train.len());
-    let schedule = t.schedule(total_steps);
+    let per_step = t.examples_per_step();
     let mut fingerprint = Fingerprint::default();
     for e in &data.train {
         fingerprint.tokens(&e.tokens);
     }
-    let mut run = Run::start(
-        &cfg.out,
-        config_used,
-        total_steps,
-        t.into(),
-        Best {
-            metric: "eval_loss",
-            higher_is_better: false,
-        },
-        cfg.seed,
-        fingerprint.hex(),
-        resume,
-    )?;
-    let mut optim = run.optimizer(t)?;
-    let mut order = EpochOrder::new(data.train.len(), cfg.seed);
+    let data_id = (data.train.len(), fingerprint.hex());
+    let saving = Saving::new(&tok, &meta, "tokens_per_s", Best::lowest("eval_loss"));
+    let (mut run, mut optim, mut order) =
+        Run::for_training(cfg.setup(config_used, resume), t, data_id, saving)?;
     let mut last_eval = None;
     let mut last_loss = f64::NAN;
     run.baseline(|| evaluate(&model.valid(), &data.valid, t.eval_batch_size, tok.pad_id))?;
@@ -364,27 +320,13 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
             step_tokens += b.inputs.real_tokens();
         }
         let fields;
-        (model, fields) = run.optimizer_step(
-            &mut optim,
-            model,
-            accumulator.grads(),
-            step_loss,
-            &schedule,
-            t.max_grad_norm,
-            (step_tokens, per_step, data.train.len()),
-        )?;
+        let grads = accumulator.grads();
+        (model, fields) = run.optimizer_step(&mut optim, (model, grads), step_loss, step_tokens)?;
         last_loss = step_loss;
-        let saving = Saving {
-            tokenizer: &tok,
-            meta: &meta,
-            optimizer: &optim,
-            rate_name: "tokens_per_s",
-        };
-        if let Some(m) = run.after_step(&model, fields, &saving, |frozen| {
+        let evaluated = run.after_step(&model, &optim, fields, |frozen| {
             evaluate(frozen, &data.valid, t.eval_batch_size, tok.pad_id)
-        })? {
-            last_eval = Some(m);
-        }
+        })?;
+        last_eval = evaluated.or(last_eval);
     }
     let final_dir = cfg.out.join("final");
     model::save_with_meta(&model.valid(), Some(&tok), &meta, &final_dir)?;
@@ -396,12 +338,4 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
     };
     run.finish(&summary)?;
     Ok(summary)
-}
-
-/// Reads the config (with overrides) and runs; what `main` calls.
-pub fn run_from_args(args: &trainer::StageArgs) -> Result<Summary> {
-    let (cfg, used): (SftConfig, String) =
-        trainer::config::load_config(&args.config, &args.all_sets())?;
-    cfg.check(&args.config)?;
-    run(&cfg, &used, args.resume.as_deref())
 }

@@ -7,6 +7,50 @@ use serde::de::DeserializeOwned;
 use std::path::Path;
 use toml::{Table, Value};
 
+/// `cpu`, the default device of every stage.
+pub fn default_device() -> String {
+    "cpu".into()
+}
+
+/// Declares a stage's config struct with the top-level keys every stage has (`out`, `seed`,
+/// `device`) followed by the stage's own sections. (serde's `flatten` cannot be combined with
+/// `deny_unknown_fields`, which every stage config needs, hence a macro.)
+#[macro_export]
+macro_rules! stage_config {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// Output folder: config.toml, metrics.jsonl, checkpoint-NNNNNN/, final/, summary.json.
+            pub out: std::path::PathBuf,
+            /// Seed of everything random in the run (init, split, data order, dropout, sampling).
+            #[serde(default)]
+            pub seed: u64,
+            /// `cpu` or `cuda:N` (CUDA with the tch backend).
+            #[serde(default = "trainer::config::default_device")]
+            pub device: String,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// Where the run writes and what it continues from.
+            pub fn setup<'a>(
+                &'a self,
+                config_used: &'a str,
+                resume: Option<&'a std::path::Path>,
+            ) -> trainer::Setup<'a> {
+                trainer::Setup {
+                    out: &self.out,
+                    config_used,
+                    seed: self.seed,
+                    resume,
+                }
+            }
+        }
+    };
+}
+
 /// Parses one override value: TOML syntax when it parses (`3e-4`, `true`, `[1, 2]`, `"x"`),
 /// otherwise the raw text as a string (`--set data.path=train.jsonl`).
 fn override_value(raw: &str) -> Value {

@@ -15,7 +15,7 @@ pub mod state;
 
 pub use optim::{Check, TrainSection, optimizer_step};
 pub use order::{EpochOrder, Fingerprint};
-pub use run::{Best, Cadence, Run};
+pub use run::{Best, Cadence, Run, Setup};
 pub use state::SavedModel;
 
 use anyhow::{Context, Result, bail};
@@ -44,7 +44,34 @@ pub struct StageArgs {
     pub seed: Option<u64>,
 }
 
+/// A stage config: deserialised by [`config::load_config`], then range-checked.
+pub trait StageConfig: serde::de::DeserializeOwned + serde::Serialize {
+    /// Adds the config's range errors to `c` (each names the key and the config file).
+    fn check(&self, c: &mut Check);
+}
+
 impl StageArgs {
+    /// Parses the command line of stage `name`.
+    pub fn parse(name: &'static str, about: &'static str) -> Self {
+        use clap::{Args, FromArgMatches};
+        let cmd = Self::augment_args(
+            clap::Command::new(name)
+                .about(about)
+                .version(env!("CARGO_PKG_VERSION")),
+        );
+        Self::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Reads the config with every override applied and checks it; returns it with its TOML text
+    /// as used.
+    pub fn load<T: StageConfig>(&self) -> Result<(T, String)> {
+        let (cfg, used): (T, String) = config::load_config(&self.config, &self.all_sets())?;
+        let mut c = Check::new(&self.config);
+        cfg.check(&mut c);
+        c.finish()?;
+        Ok((cfg, used))
+    }
+
     /// The config overrides implied by --out, --device and --seed, after the explicit --set ones.
     pub fn all_sets(&self) -> Vec<String> {
         let mut s = self.sets.clone();
@@ -82,6 +109,14 @@ pub fn check_finite(
     bail!(
         "{what} is {value} at step {step}; stopping. The last good checkpoint is {last}. Lower the learning rate or check the data."
     )
+}
+
+/// Prints the error chain of a failed command (`error: …: …`) and exits with status 1.
+pub fn exit_on_error<T>(result: Result<T>) -> T {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        std::process::exit(1)
+    })
 }
 
 /// Creates `out`, and writes the config used into it as `config.toml`.

@@ -140,7 +140,17 @@ impl<'a> Check<'a> {
 
     /// An integer ≥ 1.
     pub fn at_least_one(&mut self, key: &str, v: usize) {
-        self.that(key, v, v >= 1, "at least 1");
+        self.at_least(key, v, 1);
+    }
+
+    /// An integer ≥ `min`.
+    pub fn at_least(&mut self, key: &str, v: usize, min: usize) {
+        self.that(key, v, v >= min, &format!("at least {min}"));
+    }
+
+    /// A fraction in [0, 1).
+    pub fn fraction(&mut self, key: &str, v: f64) {
+        self.that(key, v, (0.0..1.0).contains(&v), "in [0, 1)");
     }
 
     pub fn finish(self) -> Result<()> {
@@ -202,6 +212,11 @@ impl TrainSection {
     /// AdamW with these betas, eps and weight decay (clipping is done by [`optimizer_step`]).
     pub fn adamw(&self) -> ModuleOptimizer {
         adamw(self.beta1, self.beta2, self.eps, self.weight_decay)
+    }
+
+    /// Examples (or groups) per optimizer step.
+    pub fn examples_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum
     }
 
     /// Optimizer steps of the run: `max_steps`, or `epochs` passes of `examples` examples.

@@ -45,12 +45,30 @@ pub trait Evaluation {
 }
 
 /// What a stage's one model needs for checkpoints and `best/`.
-pub struct Saving<'a> {
-    pub tokenizer: &'a Tokenizer,
-    pub meta: &'a ModelMeta,
-    pub optimizer: &'a ModuleOptimizer,
+#[derive(Clone, Debug)]
+pub struct Saving {
+    pub tokenizer: Tokenizer,
+    pub meta: ModelMeta,
     /// Units per second in metrics lines: `tokens_per_s`, `responses_per_s`.
-    pub rate_name: &'a str,
+    pub rate_name: &'static str,
+    /// The validation metric that picks `best/`.
+    pub best: Best,
+}
+
+impl Saving {
+    pub fn new(
+        tokenizer: &Tokenizer,
+        meta: &ModelMeta,
+        rate_name: &'static str,
+        best: Best,
+    ) -> Self {
+        Self {
+            tokenizer: tokenizer.clone(),
+            meta: meta.clone(),
+            rate_name,
+            best,
+        }
+    }
 }
 
 /// Which validation metric picks `best/`, and whether higher is better.
@@ -60,8 +78,38 @@ pub struct Best {
     pub higher_is_better: bool,
 }
 
+impl Best {
+    /// `metric`, higher is better (accuracy).
+    pub fn highest(metric: &'static str) -> Self {
+        Self {
+            metric,
+            higher_is_better: true,
+        }
+    }
+
+    /// `metric`, lower is better (loss).
+    pub fn lowest(metric: &'static str) -> Self {
+        Self {
+            metric,
+            higher_is_better: false,
+        }
+    }
+}
+
+/// Where a run writes and what it continues from.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup<'a> {
+    pub out: &'a Path,
+    /// The config as used (overrides applied), written as `config.toml`.
+    pub config_used: &'a str,
+    pub seed: u64,
+    pub resume: Option<&'a Path>,
+}
+
 pub struct Run {
     pub out: PathBuf,
+    /// The learning-rate schedule over `total_steps`.
+    pub schedule: Schedule,
     pub state: TrainerState,
     pub total_steps: usize,
     /// The checkpoint this run resumed from.
@@ -74,23 +122,30 @@ pub struct Run {
     /// (units, seconds) since the last log line.
     window: (f64, f64),
     step_started: Option<Instant>,
+    /// What `after_step` saves with a one-model stage's checkpoints.
+    saving: Option<Saving>,
+    /// `[train]` of a run made by `for_training`: clipping, examples per step, data size.
+    training: Option<(f64, usize, usize)>,
 }
 
 impl Run {
     /// Creates `out` (writing the config used as `config.toml`) and, with `resume`, reads the
     /// checkpoint's state after checking that its seed and data fingerprint match this run's.
     /// Call it after the data and models have loaded, so that bad input leaves nothing behind.
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
-        out: &Path,
-        config_used: &str,
-        total_steps: usize,
+        setup: Setup,
+        schedule: Schedule,
         cadence: Cadence,
         best: Best,
-        seed: u64,
         data_fingerprint: String,
-        resume: Option<&Path>,
     ) -> Result<Self> {
+        let Setup {
+            out,
+            config_used,
+            seed,
+            resume,
+        } = setup;
+        let total_steps = schedule.total_steps;
         let mut state = TrainerState {
             step: 0,
             examples_seen: 0,
@@ -110,6 +165,7 @@ impl Run {
         let metrics = Metrics::open(out, total_steps, state.step)?;
         Ok(Self {
             out: out.to_path_buf(),
+            schedule,
             saved: resume
                 .map(|d| (state.step, d.to_path_buf()))
                 .into_iter()
@@ -122,7 +178,26 @@ impl Run {
             metrics,
             window: (0.0, 0.0),
             step_started: None,
+            saving: None,
+            training: None,
         })
+    }
+
+    /// A run over a data set of `train_len` examples with the `[train]` settings of sft and
+    /// reward (steps, schedule and cadence from `t`), its AdamW (resumed when the run is) and the
+    /// seeded order of the examples.
+    pub fn for_training(
+        setup: Setup,
+        t: &TrainSection,
+        (train_len, data_fingerprint): (usize, String),
+        saving: Saving,
+    ) -> Result<(Self, ModuleOptimizer, crate::EpochOrder)> {
+        let schedule = t.schedule(t.total_steps(train_len));
+        let mut run = Self::start(setup, schedule, t.into(), saving.best, data_fingerprint)?;
+        run.saving = Some(saving);
+        run.training = Some((t.max_grad_norm, t.examples_per_step(), train_len));
+        let optim = run.optimizer(t)?;
+        Ok((run, optim, crate::EpochOrder::new(train_len, setup.seed)))
     }
 
     /// AdamW from `[train]`, with the moments of the checkpoint this run resumed from.
@@ -154,24 +229,23 @@ impl Run {
         Ok(())
     }
 
-    /// One optimizer step after the step's gradients: the NaN guard on `loss`, the scheduled
-    /// learning rate, global-norm clipping (and the guard on the norm), AdamW; then the step is
-    /// counted with the `units` and `examples` it processed. Returns the updated module and the
-    /// metrics line so far (`loss`, `lr`, `grad_norm`, `epoch` over `train_len` examples).
-    #[allow(clippy::too_many_arguments)]
+    /// One optimizer step of a run made by `for_training`, after the step's gradients: the NaN
+    /// guard on `loss`, the scheduled learning rate, global-norm clipping (and the guard on the
+    /// norm), AdamW; then the step is counted with the `units` (tokens, responses) it processed.
+    /// Returns the updated module and the metrics line so far (`loss`, `lr`, `grad_norm`, `epoch`).
     pub fn optimizer_step<M: Module>(
         &mut self,
         optim: &mut ModuleOptimizer,
-        module: M,
-        grads: GradientsParams,
+        (module, grads): (M, GradientsParams),
         loss: f64,
-        schedule: &Schedule,
-        max_grad_norm: f64,
-        (units, examples, train_len): (usize, usize, usize),
+        units: usize,
     ) -> Result<(M, Map<String, Value>)> {
+        let (max_grad_norm, examples, train_len) = self
+            .training
+            .expect("optimizer_step is for runs made by Run::for_training");
         self.check_finite("loss", loss)?;
         let step = self.state.step;
-        let lr = schedule.at(step);
+        let lr = self.schedule.at(step);
         let (module, grad_norm) = crate::optim::optimizer_step(
             optim,
             module,
@@ -199,10 +273,14 @@ impl Run {
     pub fn after_step<E: Evaluation>(
         &mut self,
         model: &CausalLm,
+        optimizer: &ModuleOptimizer,
         mut fields: Map<String, Value>,
-        saving: &Saving,
         evaluate: impl FnOnce(&CausalLm) -> Result<Option<E>>,
     ) -> Result<Option<E>> {
+        let saving = self
+            .saving
+            .clone()
+            .expect("after_step is for runs made by Run::for_training");
         // One inference copy of the weights serves the evaluation, `best/` and the checkpoint.
         let frozen = (self.eval_due() || self.save_due()).then(|| model.valid());
         let mut evaluation = None;
@@ -212,7 +290,7 @@ impl Run {
         {
             e.record(&mut fields);
             if self.improved(e.metric()) {
-                self.save_best(frozen, Some(saving.tokenizer), saving.meta)?;
+                self.save_best(frozen, Some(&saving.tokenizer), &saving.meta)?;
             }
             evaluation = Some(e);
         }
@@ -224,10 +302,10 @@ impl Run {
                 &[SavedModel {
                     name: "model",
                     model: frozen,
-                    tokenizer: Some(saving.tokenizer),
-                    meta: saving.meta,
+                    tokenizer: Some(&saving.tokenizer),
+                    meta: &saving.meta,
                 }],
-                &[("model", saving.optimizer)],
+                &[("model", optimizer)],
                 Value::Null,
             )?;
         }

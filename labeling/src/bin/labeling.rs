@@ -1,8 +1,9 @@
-//! `labeling import` and `labeling export-sheet`.
+//! `labeling import`, `labeling export-sheet` and `labeling simulate`.
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use labeling::import::CsvFormat;
+use labeling::simulate::{SimulateParams, simulate_to_dir};
 use labeling::{Aggregate, ExportOptions, ImportOptions, export_sheet, import_to_dir};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 #[command(
     name = "labeling",
     version,
-    about = "Import labelers' rankings; export sheets to rank"
+    about = "Import labelers' rankings; export sheets to rank; simulate the demo task"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -52,6 +53,37 @@ enum Command {
         sampling: model::generate::SamplingArgs,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Generate the demo task deterministically: demonstrations.jsonl, prompts.jsonl,
+    /// eval_prompts.jsonl (with gold answers), rankings.csv from simulated labelers, and task.json.
+    Simulate {
+        /// Output folder (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Lines of prompts.jsonl (PPO prompts).
+        #[arg(long, default_value_t = 400)]
+        train_prompts: usize,
+        /// Lines of eval_prompts.jsonl (held out).
+        #[arg(long, default_value_t = 100)]
+        eval_prompts: usize,
+        /// Lines of demonstrations.jsonl (SFT).
+        #[arg(long, default_value_t = SimulateParams::default().demonstrations)]
+        demonstrations: usize,
+        /// Prompts with K ranked candidates in rankings.csv.
+        #[arg(long, default_value_t = SimulateParams::default().comparison_prompts)]
+        comparison_prompts: usize,
+        /// Simulated labelers; each ranks every comparison prompt.
+        #[arg(long, default_value_t = 3)]
+        labelers: usize,
+        /// Candidates per comparison prompt (2 to 5).
+        #[arg(long, default_value_t = 4)]
+        k: usize,
+        /// Probability that a labeler swaps two adjacent candidates (0.5x to 1.5x per labeler);
+        /// close candidates are tied at half of it.
+        #[arg(long, default_value_t = 0.15)]
+        noise: f64,
     },
 }
 
@@ -113,6 +145,49 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             println!(
                 "wrote {rows} rows to {}; fill labeler_id and rank (1 = best), then run `labeling import`",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Simulate {
+            out,
+            seed,
+            train_prompts,
+            eval_prompts,
+            demonstrations,
+            comparison_prompts,
+            labelers,
+            k,
+            noise,
+        } => {
+            let info = simulate_to_dir(
+                &SimulateParams {
+                    seed,
+                    train_prompts,
+                    eval_prompts,
+                    demonstrations,
+                    comparison_prompts,
+                    labelers,
+                    k,
+                    noise,
+                },
+                &out,
+            )?;
+            for (file, n) in &info.files {
+                println!("{file:<22} {n} lines");
+            }
+            let l = &info.labels;
+            let opt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+            println!(
+                "labels: {} groups, {} with ties, correct ranked first {:.3}, pairwise agreement {}, Fleiss' kappa {}",
+                l.groups,
+                l.groups_with_ties,
+                l.correct_ranked_first,
+                opt(l.pairwise_agreement),
+                opt(l.fleiss_kappa)
+            );
+            println!(
+                "wrote {}/{{demonstrations.jsonl, prompts.jsonl, eval_prompts.jsonl, rankings.csv, task.json}}",
                 out.display()
             );
             Ok(())
