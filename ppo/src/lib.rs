@@ -1,12 +1,979 @@
-//! Stage 3 of the pipeline: the SFT policy is optimised with PPO against the reward model of stage
-//! 2, with a KL penalty towards the frozen SFT (reference) policy so that it does not drift into
-//! reward-model exploits (InstructGPT, Ouyang et al. 2022, §3.5; the implementation details follow
-//! Huang et al. 2024, "The N+ implementation details of RLHF with PPO: a case study on TL;DR
-//! summarization"). Each iteration samples responses to a batch of prompts, scores them with the
-//! reward model, turns scores and per-token KL into per-token rewards, estimates advantages with
-//! GAE, and takes several epochs of clipped policy and value updates on minibatches.
+//! Stage 3 of InstructGPT (Ouyang et al. 2022, §3.5): the SFT policy optimised with PPO against a
+//! reward model, with a per-token KL penalty to the SFT (reference) policy. The details follow
+//! "The N+ implementation details of RLHF with PPO" (Huang et al. 2024), cleanrl's `ppo.py`,
+//! OpenRLHF and verl; the loss math is in [`core`].
 //!
-//! For now the crate holds the loss math of that loop as pure functions in [`core`], tested
-//! against PyTorch; the rollout and training loop will be added on top of it later.
+//! [`run`] reads top to bottom in the order of one iteration:
+//! 1. rollout: a batch of prompts (template from the policy's folder), left padded, sampled on
+//!    the model crate's KV-cache batch path; each response ends at its first EOS;
+//! 2. score: the reward model (normalised as stored with it, optionally clipped) or a rule
+//!    reward; a response without EOS gets `missing_eos_penalty` instead;
+//! 3. forward passes over the whole rollout, without autodiff: the policy's log-probabilities
+//!    (the "old" ones of the ratio, recomputed by a forward pass as TRL and OpenRLHF do, under the
+//!    same temperature-scaled distribution the loss uses), the reference policy's, the critic's
+//!    values;
+//! 4. per-token rewards −β·KL_t plus the score on the last token (β fixed or adaptive), or the KL
+//!    as a loss term instead;
+//! 5. GAE (γ, λ) and advantage whitening;
+//! 6. PPO epochs over shuffled minibatches: clipped policy loss, clipped value loss, entropy
+//!    bonus, optional PPO-ptx; token-mean aggregation; global-norm clipping; an epoch stops early
+//!    when the approximate KL passes a limit;
+//! 7. update β, log, write samples, checkpoint.
 
 pub mod core;
+pub mod rollout;
+
+use crate::core::{KlController, KlEstimator};
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+use datasets::gold::CompiledRule;
+use model::ops::{mask_tensor, to_f32_vec, token_tensor};
+use model::{CausalLm, Heads, ModelMeta, PromptTemplate, SamplingConfig, TokenBatch, Tokenizer};
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use rollout::{Prompt, Rollout};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use trainer::schedule::{Decay, Schedule};
+use trainer::state::{SavedModel, load_optimizer};
+use trainer::{Best, Cadence, Check, EpochOrder, Fingerprint, Run};
+
+trainer::stage_config! {
+    /// The `ppo` config (configs/ppo.toml documents every key).
+    pub struct PpoConfig {
+        pub model: ModelSection,
+        pub data: DataSection,
+        #[serde(default)]
+        pub reward: RewardSection,
+        pub rollout: RolloutSection,
+        #[serde(default)]
+        pub kl: KlSection,
+        #[serde(default)]
+        pub ppo: PpoSection,
+        pub train: TrainSection,
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The SFT policy (an HF causal-LM folder).
+    pub policy: PathBuf,
+    /// The reward model (an HF *ForSequenceClassification folder); empty with a rule reward.
+    #[serde(default)]
+    pub reward_model: Option<PathBuf>,
+    /// The critic's start: "reward_model" (default: its scalar head becomes the value head),
+    /// "policy" (the policy's trunk with a fresh head), or a reward-model folder.
+    #[serde(default)]
+    pub critic: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Prompts: .jsonl / .csv / .parquet with `prompt` (and `answer` for the exact-answer rule).
+    pub prompts: PathBuf,
+    /// Our field → the file's column, e.g. { prompt = "question" }.
+    #[serde(default)]
+    pub columns: std::collections::HashMap<String, String>,
+    /// How a prompt is shown; default: the template stored with the policy.
+    #[serde(default)]
+    pub template: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSection {
+    /// A rule reward instead of the reward model: "exact_answer" (against the prompts' `answer`;
+    /// GSM8K: the number after ####) or "regex:<pattern>".
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// Score of a response that ended without EOS (hit max_new_tokens); −1 is usual.
+    #[serde(default = "d_missing_eos")]
+    pub missing_eos_penalty: f64,
+    /// false: score responses without EOS as they are.
+    #[serde(default = "yes")]
+    pub penalize_missing_eos: bool,
+    /// Clip scores to ±this; 0 disables (10 is usual).
+    #[serde(default = "d_clip_score")]
+    pub clip_score: f64,
+    /// Whiten the per-token rewards over the batch (off in most recipes).
+    #[serde(default)]
+    pub whiten_rewards: bool,
+}
+
+impl Default for RewardSection {
+    fn default() -> Self {
+        Self {
+            rule: None,
+            missing_eos_penalty: d_missing_eos(),
+            penalize_missing_eos: true,
+            clip_score: d_clip_score(),
+            whiten_rewards: false,
+        }
+    }
+}
+
+fn d_missing_eos() -> f64 {
+    -1.0
+}
+fn d_clip_score() -> f64 {
+    10.0
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSection {
+    /// Prompts (episodes) per iteration.
+    pub batch_size: usize,
+    /// Longest response in tokens.
+    pub max_new_tokens: usize,
+    /// Sampling temperature (also applied to the log-probabilities of the loss); 1.0 usual.
+    #[serde(default = "d_one_f")]
+    pub temperature: f64,
+    /// 0 disables.
+    #[serde(default)]
+    pub top_k: usize,
+    /// 1.0 disables.
+    #[serde(default = "d_one_f")]
+    pub top_p: f64,
+}
+
+fn d_one_f() -> f64 {
+    1.0
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KlSection {
+    /// β: the initial (adaptive) or fixed KL coefficient; 0.05 in TRL's defaults.
+    #[serde(default = "d_kl_coef")]
+    pub coef: f64,
+    /// Adapt β to reach `target` (Ziegler et al. 2019).
+    #[serde(default)]
+    pub adaptive: bool,
+    /// Target KL per response for the adaptive controller; 6 in Ziegler et al.
+    #[serde(default = "d_kl_target")]
+    pub target: f64,
+    /// Horizon (episodes) of the adaptive controller; 10000 in Ziegler et al.
+    #[serde(default = "d_kl_horizon")]
+    pub horizon: f64,
+    /// k1 (log p − log p_ref, usual in the reward) or k3.
+    #[serde(default)]
+    pub estimator: KlEstimator,
+    /// true: −β·KL in the per-token rewards (InstructGPT); false: β·KL as a loss term (GRPO, verl).
+    #[serde(default = "yes")]
+    pub in_reward: bool,
+}
+
+impl Default for KlSection {
+    fn default() -> Self {
+        Self {
+            coef: d_kl_coef(),
+            adaptive: false,
+            target: d_kl_target(),
+            horizon: d_kl_horizon(),
+            estimator: KlEstimator::K1,
+            in_reward: true,
+        }
+    }
+}
+
+fn d_kl_coef() -> f64 {
+    0.05
+}
+fn d_kl_target() -> f64 {
+    6.0
+}
+fn d_kl_horizon() -> f64 {
+    10000.0
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoSection {
+    /// Passes over each rollout; 4 usual.
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    /// Episodes per minibatch.
+    #[serde(default = "d_minibatch")]
+    pub minibatch_size: usize,
+    /// ε of the clipped policy loss; 0.2.
+    #[serde(default = "d_clip")]
+    pub clip_eps: f64,
+    /// Clip range of the value loss; 0.2.
+    #[serde(default = "d_clip")]
+    pub value_clip: f64,
+    /// Weight of the value loss; 0.1 as TRL.
+    #[serde(default = "d_vf")]
+    pub vf_coef: f64,
+    /// Entropy bonus; 0 usual.
+    #[serde(default)]
+    pub entropy_coef: f64,
+    /// Discount; 1 in RLHF.
+    #[serde(default = "d_one_f")]
+    pub gamma: f64,
+    /// GAE λ; 0.95.
+    #[serde(default = "d_lam")]
+    pub lam: f64,
+    /// Whiten advantages over the batch; true usual.
+    #[serde(default = "yes")]
+    pub whiten_advantages: bool,
+    /// Stop an iteration's epochs when the minibatch approximate KL passes this; 0 disables.
+    #[serde(default)]
+    pub max_approx_kl: f64,
+    /// PPO-ptx: γ_ptx × the LM loss on demonstrations added to the policy loss; 0 disables.
+    #[serde(default)]
+    pub ptx_coef: f64,
+    /// Demonstrations (`prompt`, `response`) for PPO-ptx.
+    #[serde(default)]
+    pub ptx_data: Option<PathBuf>,
+}
+
+impl Default for PpoSection {
+    fn default() -> Self {
+        Self {
+            epochs: d_epochs(),
+            minibatch_size: d_minibatch(),
+            clip_eps: d_clip(),
+            value_clip: d_clip(),
+            vf_coef: d_vf(),
+            entropy_coef: 0.0,
+            gamma: 1.0,
+            lam: d_lam(),
+            whiten_advantages: true,
+            max_approx_kl: 0.0,
+            ptx_coef: 0.0,
+            ptx_data: None,
+        }
+    }
+}
+
+fn d_epochs() -> usize {
+    4
+}
+fn d_minibatch() -> usize {
+    8
+}
+fn d_clip() -> f64 {
+    0.2
+}
+fn d_vf() -> f64 {
+    0.1
+}
+fn d_lam() -> f64 {
+    0.95
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// PPO iterations (rollout + update).
+    pub iterations: usize,
+    /// Policy learning rate (1e-6 to 1e-5 for real models).
+    pub lr: f64,
+    /// Critic learning rate; default: the policy's.
+    #[serde(default)]
+    pub critic_lr: Option<f64>,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// constant (usual for PPO), linear or cosine over the iterations.
+    #[serde(default = "d_decay")]
+    pub decay: Decay,
+    #[serde(default = "d_one_f")]
+    pub min_lr_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub beta2: f64,
+    #[serde(default = "d_eps")]
+    pub eps: f64,
+    /// Global gradient-norm clip per model; 1.0 usual; 0 disables.
+    #[serde(default = "d_one_f")]
+    pub max_grad_norm: f64,
+    /// Write a metrics line every N iterations.
+    #[serde(default = "d_one")]
+    pub log_every: usize,
+    /// Write `samples_per_log` samples to samples.jsonl every N iterations (0: never).
+    #[serde(default = "d_one")]
+    pub sample_every: usize,
+    #[serde(default = "d_samples")]
+    pub samples_per_log: usize,
+    /// Checkpoint every N iterations (0: only at the end).
+    #[serde(default)]
+    pub save_every: usize,
+    #[serde(default = "d_keep")]
+    pub keep_last: usize,
+}
+
+fn d_decay() -> Decay {
+    Decay::Constant
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_one() -> usize {
+    1
+}
+fn d_samples() -> usize {
+    4
+}
+fn d_keep() -> usize {
+    2
+}
+
+impl trainer::StageConfig for PpoConfig {
+    fn check(&self, c: &mut Check) {
+        c.at_least_one("rollout.batch_size", self.rollout.batch_size);
+        c.at_least_one("rollout.max_new_tokens", self.rollout.max_new_tokens);
+        c.within("rollout.temperature", self.rollout.temperature, 0.0, 100.0);
+        c.that(
+            "rollout.top_p",
+            self.rollout.top_p,
+            self.rollout.top_p > 0.0 && self.rollout.top_p <= 1.0,
+            "in (0, 1]",
+        );
+        c.within("kl.coef", self.kl.coef, 0.0, 1e3);
+        c.positive("kl.target", self.kl.target);
+        c.positive("kl.horizon", self.kl.horizon);
+        c.at_least_one("ppo.epochs", self.ppo.epochs);
+        c.at_least_one("ppo.minibatch_size", self.ppo.minibatch_size);
+        c.within("ppo.clip_eps", self.ppo.clip_eps, 1e-6, 10.0);
+        c.within("ppo.value_clip", self.ppo.value_clip, 1e-6, 1e6);
+        c.within("ppo.vf_coef", self.ppo.vf_coef, 0.0, 1e3);
+        c.within("ppo.entropy_coef", self.ppo.entropy_coef, 0.0, 10.0);
+        c.within("ppo.gamma", self.ppo.gamma, 0.0, 1.0);
+        c.within("ppo.lam", self.ppo.lam, 0.0, 1.0);
+        c.within("ppo.max_approx_kl", self.ppo.max_approx_kl, 0.0, 1e3);
+        c.within("ppo.ptx_coef", self.ppo.ptx_coef, 0.0, 1e3);
+        c.at_least_one("train.iterations", self.train.iterations);
+        c.positive("train.lr", self.train.lr);
+        if let Some(lr) = self.train.critic_lr {
+            c.positive("train.critic_lr", lr);
+        }
+        c.within("train.min_lr_ratio", self.train.min_lr_ratio, 0.0, 1.0);
+        c.within("train.max_grad_norm", self.train.max_grad_norm, 0.0, 1e6);
+        c.within("reward.clip_score", self.reward.clip_score, 0.0, 1e9);
+        if self.model.reward_model.is_none() && self.reward.rule.is_none() {
+            c.that(
+                "model.reward_model",
+                "(unset)",
+                false,
+                "a reward-model folder, or set reward.rule",
+            );
+        }
+    }
+}
+
+/// What a run ends with (`summary.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub iterations: usize,
+    /// Mean score of the first and the last iteration's rollouts.
+    pub first_score_mean: f64,
+    pub last_score_mean: f64,
+    pub last_kl: f64,
+    pub final_dir: PathBuf,
+}
+
+/// The KL controller of the config.
+fn kl_controller(k: &KlSection) -> KlController {
+    if k.adaptive {
+        KlController::Adaptive(core::AdaptiveKlController::new(k.coef, k.target, k.horizon))
+    } else {
+        KlController::Fixed(k.coef)
+    }
+}
+
+/// The reward of a rollout: a reward model (with its tokenizer, template and normalisation) or a
+/// rule.
+pub enum Scorer {
+    Model {
+        model: CausalLm,
+        tokenizer: Tokenizer,
+        template: PromptTemplate,
+        meta: ModelMeta,
+    },
+    Rule(CompiledRule),
+}
+
+impl Scorer {
+    /// Scores of `responses` (text, EOS excluded) to `prompts`, normalised as stored.
+    pub fn score(&self, prompts: &[&Prompt], responses: &[String]) -> Result<Vec<f32>> {
+        match self {
+            Scorer::Rule(rule) => prompts
+                .iter()
+                .zip(responses)
+                .map(|(p, r)| {
+                    rule.score(r, p.answer.as_deref())
+                        .map_err(|e| anyhow::anyhow!("{} line {}: {e}", p.source, p.line))
+                })
+                .collect(),
+            Scorer::Model {
+                model,
+                tokenizer,
+                template,
+                meta,
+            } => {
+                let max_len = model.config().max_position_embeddings.max(2);
+                let mut seqs = Vec::with_capacity(responses.len());
+                for (p, r) in prompts.iter().zip(responses) {
+                    let s = reward::data::sequence(tokenizer, template, &p.text, r, max_len)?
+                        .map(|(s, _)| s)
+                        .unwrap_or_else(|| vec![tokenizer.eos_id]);
+                    seqs.push(s);
+                }
+                let raw = reward::score_sequences(model, &seqs, 32, tokenizer.pad_id)?;
+                Ok(match &meta.reward_normalization {
+                    Some(n) => raw.into_iter().map(|r| n.apply(r)).collect(),
+                    None => raw,
+                })
+            }
+        }
+    }
+}
+
+/// Checks that the critic's tokenizer is the policy's (the critic reads the policy's tokens).
+fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> bool {
+    let probe = "The quick brown fox, 12 + 7 = 19. 你好！\n\nHuman: Assistant:";
+    a.vocab_size() == b.vocab_size()
+        && a.eos_id == b.eos_id
+        && a.pad_id == b.pad_id
+        && a.encode(probe).ok() == b.encode(probe).ok()
+}
+
+/// The models of a run: the trained policy and critic (on the autodiff device), the frozen
+/// reference policy and the scorer (without autodiff).
+struct Models {
+    policy: CausalLm,
+    critic: CausalLm,
+    reference: CausalLm,
+    tokenizer: Tokenizer,
+    scorer: Scorer,
+    policy_meta: ModelMeta,
+}
+
+fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Result<Models> {
+    let frozen = device.clone(); // the inner (non-autodiff) device
+    let train = device.clone().autodiff();
+    let policy_dir = resume.unwrap_or(&cfg.model.policy);
+    let load_policy = |d: &Device| {
+        model::checkpoint::load_with_tokenizer(policy_dir, Some(Heads::LM), None, d)
+            .with_context(|| format!("model.policy = {}", policy_dir.display()))
+    };
+    let (policy, tokenizer, policy_meta) = load_policy(&train)?;
+    let (reference, _, _) =
+        model::checkpoint::load_with_tokenizer(&cfg.model.policy, Some(Heads::LM), None, &frozen)
+            .with_context(|| format!("model.policy = {}", cfg.model.policy.display()))?;
+    let scorer = match (&cfg.reward.rule, &cfg.model.reward_model) {
+        (Some(rule), _) => Scorer::Rule(
+            datasets::gold::parse_rule(rule)
+                .and_then(|r| r.compile())
+                .map_err(|e| anyhow::anyhow!("reward.rule = {rule:?}: {e}"))?,
+        ),
+        (None, Some(dir)) => {
+            let (model, tokenizer, meta) =
+                model::checkpoint::load_with_tokenizer(dir, Some(Heads::SCALAR), None, &frozen)
+                    .with_context(|| format!("model.reward_model = {}", dir.display()))?;
+            let template = model::checkpoint::resolve_template(None, Some(dir))?;
+            if meta.reward_normalization.is_none() {
+                println!(
+                    "note: {} stores no reward normalisation; its raw scores are used",
+                    dir.display()
+                );
+            }
+            Scorer::Model {
+                model,
+                tokenizer,
+                template,
+                meta,
+            }
+        }
+        (None, None) => bail!("set model.reward_model or reward.rule"),
+    };
+    let critic_choice = cfg.model.critic.as_deref().unwrap_or("reward_model");
+    let (critic, critic_tok) = if let Some(dir) = resume {
+        let d = dir.join("critic");
+        let (m, t, _) =
+            model::checkpoint::load_with_tokenizer(&d, Some(Heads::SCALAR), None, &train)?;
+        (m, t)
+    } else if critic_choice == "policy" {
+        let (m, t, _) = model::checkpoint::load_with_tokenizer(
+            &cfg.model.policy,
+            Some(Heads::NONE),
+            None,
+            &train,
+        )?;
+        (m.with_scalar_head(cfg.seed), t)
+    } else {
+        let dir: PathBuf = if critic_choice == "reward_model" {
+            cfg.model.reward_model.clone().context(
+                "model.critic = \"reward_model\" needs model.reward_model; with a rule reward set model.critic = \"policy\"",
+            )?
+        } else {
+            PathBuf::from(critic_choice)
+        };
+        let (m, t, _) =
+            model::checkpoint::load_with_tokenizer(&dir, Some(Heads::SCALAR), None, &train)
+                .with_context(|| format!("the critic ({})", dir.display()))?;
+        (m, t)
+    };
+    if !same_tokenizer(&tokenizer, &critic_tok) {
+        bail!(
+            "the critic's tokenizer differs from the policy's ({} vs {} tokens); the critic reads the policy's tokens, so start it from a reward model trained on the policy (or set model.critic = \"policy\")",
+            critic_tok.vocab_size(),
+            tokenizer.vocab_size()
+        );
+    }
+    Ok(Models {
+        policy: policy.with_dropout(0.0),
+        critic: critic.with_dropout(0.0),
+        reference: reference.with_dropout(0.0),
+        tokenizer,
+        scorer,
+        policy_meta,
+    })
+}
+
+/// Log-probabilities of each response token under `model` (temperature-scaled) and, with a
+/// critic, the values before each response token. batch: the rollout rows; → [b, n] tensors.
+fn response_logprobs(
+    model: &CausalLm,
+    batch: &TokenBatch,
+    responses: Tensor<2, burn::tensor::Int>,
+    prompt_len: usize,
+    temperature: f64,
+) -> Result<(Tensor<2>, Tensor<3>)> {
+    let [b, n] = responses.dims();
+    let hidden = model.forward(batch);
+    let d = hidden.dims()[2];
+    // Position p−1+t predicts response token t.
+    let h = hidden.slice([0..b, prompt_len - 1..prompt_len - 1 + n, 0..d]);
+    let logits = model.logits(h)?.div_scalar(temperature);
+    let lp = model::ops::token_logprobs(logits.clone(), responses);
+    Ok((lp, logits))
+}
+
+fn values_of(
+    critic: &CausalLm,
+    batch: &TokenBatch,
+    prompt_len: usize,
+    n: usize,
+) -> Result<Tensor<2>> {
+    let hidden = critic.forward(batch);
+    let [b, _, d] = hidden.dims();
+    let h = hidden.slice([0..b, prompt_len - 1..prompt_len - 1 + n, 0..d]);
+    Ok(critic.scalar(h)?)
+}
+
+fn float_tensor(v: &[f32], b: usize, t: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [b, t]), device)
+}
+
+/// Mean and (population) standard deviation.
+fn mean_std(x: &[f32]) -> (f64, f64) {
+    let n = x.len().max(1) as f64;
+    let m = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let v = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n;
+    (m, v.sqrt())
+}
+
+/// The seed of iteration `it`'s sampling and minibatch order: a function of (seed, iteration),
+/// so that a resumed run draws exactly what the uninterrupted one would.
+fn iteration_seed(seed: u64, it: usize, salt: u64) -> u64 {
+    seed.wrapping_mul(0x9E3779B97F4A7C15)
+        .wrapping_add((it as u64).wrapping_mul(1_000_003))
+        .wrapping_add(salt)
+}
+
+/// Runs PPO with the config and its TOML text as used; `resume` continues from a checkpoint.
+pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
+    let base_device = model::parse_device(&cfg.device)?;
+    let device = base_device.clone().autodiff();
+    let t = &cfg.train;
+    let ppo = &cfg.ppo;
+    let template = model::checkpoint::resolve_template(
+        cfg.data.template.as_deref(),
+        Some(cfg.model.policy.as_path()),
+    )?;
+    let Models {
+        mut policy,
+        mut critic,
+        reference,
+        tokenizer: tok,
+        scorer,
+        policy_meta,
+    } = load_models(cfg, resume, &base_device)?;
+    let context = policy.config().max_position_embeddings;
+    let prompts = rollout::read_prompts(
+        &cfg.data.prompts,
+        &cfg.data.columns,
+        &tok,
+        &template,
+        context.saturating_sub(cfg.rollout.max_new_tokens),
+        matches!(scorer, Scorer::Rule(ref r) if r.rule().needs_answer()),
+    )?;
+    let ptx = rollout::read_ptx(ppo, &tok, &template, context)?;
+    let meta = ModelMeta {
+        stage: Some("ppo".into()),
+        prompt_template: Some(template.as_str().to_string()),
+        reward_normalization: None,
+    };
+    let critic_meta = ModelMeta {
+        stage: Some("ppo-critic".into()),
+        ..policy_meta.clone()
+    };
+
+    // Derived values, computed once.
+    let b = cfg.rollout.batch_size;
+    let temperature = if cfg.rollout.temperature > 0.0 {
+        cfg.rollout.temperature
+    } else {
+        1.0
+    };
+    let schedule = Schedule {
+        lr: t.lr,
+        warmup_steps: t.warmup_steps,
+        total_steps: t.iterations,
+        decay: t.decay,
+        min_lr_ratio: t.min_lr_ratio,
+    };
+    let critic_lr_scale = t.critic_lr.map_or(1.0, |c| c / t.lr);
+    let mut fingerprint = Fingerprint::default();
+    for p in &prompts {
+        fingerprint.tokens(&p.tokens);
+    }
+    let mut run = Run::start(
+        cfg.setup(config_used, resume),
+        schedule,
+        Cadence {
+            log_every: t.log_every,
+            eval_every: 0,
+            save_every: t.save_every,
+            keep_last: t.keep_last,
+        },
+        Best::highest("score_mean"),
+        fingerprint.hex(),
+    )?;
+    let adamw = || trainer::optim::adamw(t.beta1, t.beta2, t.eps, t.weight_decay);
+    let (mut policy_optim, mut critic_optim): (ModuleOptimizer, ModuleOptimizer) = match resume {
+        Some(dir) => (
+            load_optimizer(dir, "policy", adamw())?,
+            load_optimizer(dir, "critic", adamw())?,
+        ),
+        None => (adamw(), adamw()),
+    };
+    let mut kl_ctl = match resume {
+        Some(_) => serde_json::from_value(run.state.stage["kl_controller"].clone())
+            .context("the checkpoint's KL controller state")?,
+        None => kl_controller(&cfg.kl),
+    };
+    if let Some(dir) = resume {
+        println!(
+            "resumed from {} at iteration {}",
+            dir.display(),
+            run.state.step
+        );
+    }
+    let mut order = EpochOrder::new(prompts.len(), cfg.seed);
+    let mut samples = rollout::Samples::open(&cfg.out, run.state.step)?;
+    let (mut first_score, mut last_score, mut last_kl) = (f64::NAN, f64::NAN, f64::NAN);
+
+    while !run.done() {
+        run.begin_step();
+        let it = run.state.step;
+        let started = Instant::now();
+
+        // 1. Rollout: sample responses on the KV-cache batch path.
+        let batch_prompts: Vec<&Prompt> = order
+            .take(run.state.examples_seen, b)
+            .into_iter()
+            .map(|i| &prompts[i])
+            .collect();
+        let sampling = SamplingConfig {
+            max_new_tokens: cfg.rollout.max_new_tokens,
+            temperature: cfg.rollout.temperature as f32,
+            top_k: cfg.rollout.top_k,
+            top_p: cfg.rollout.top_p as f32,
+            seed: iteration_seed(cfg.seed, it, 1),
+            eos_token_ids: vec![tok.eos_id],
+            pad_token_id: tok.pad_id,
+        };
+        let policy_frozen = policy.valid();
+        let prompt_tokens: Vec<Vec<u32>> = batch_prompts.iter().map(|p| p.tokens.clone()).collect();
+        let generation = model::generate(&policy_frozen, &prompt_tokens, &sampling)?;
+        let roll = Rollout::new(&prompt_tokens, &generation, &tok)?;
+        let t_generate = started.elapsed().as_secs_f64();
+
+        // 2–3. Score each response; a response without EOS gets the penalty.
+        let t0 = Instant::now();
+        let mut scores = scorer.score(&batch_prompts, &roll.texts)?;
+        for (s, &eos) in scores.iter_mut().zip(&roll.has_eos) {
+            if !eos && cfg.reward.penalize_missing_eos {
+                *s = cfg.reward.missing_eos_penalty as f32;
+            }
+            if cfg.reward.clip_score > 0.0 {
+                *s = s.clamp(-cfg.reward.clip_score as f32, cfg.reward.clip_score as f32);
+            }
+        }
+        let t_score = t0.elapsed().as_secs_f64();
+
+        // Forward passes over the whole rollout without autodiff: old log-probs, reference
+        // log-probs, values.
+        let t0 = Instant::now();
+        let (n, p) = (roll.n, roll.p);
+        let resp_tokens = token_tensor(&roll.response_tokens, b, n, &base_device);
+        let (old_lp, _) = response_logprobs(
+            &policy_frozen,
+            &roll.batch,
+            resp_tokens.clone(),
+            p,
+            temperature,
+        )?;
+        let (ref_lp, _) = response_logprobs(&reference, &roll.batch, resp_tokens, p, temperature)?;
+        let old_values = values_of(&critic.valid(), &roll.batch, p, n)?;
+        let (old_lp, ref_lp, old_values) = (
+            to_f32_vec(old_lp),
+            to_f32_vec(ref_lp),
+            to_f32_vec(old_values),
+        );
+        let t_forward = t0.elapsed().as_secs_f64();
+
+        // 4. Per-token rewards: −β·KL on every response token plus the score on the last one.
+        let t0 = Instant::now();
+        let mask = &roll.response_mask;
+        let kl = core::kl_per_token(&old_lp, &ref_lp, mask, cfg.kl.estimator);
+        let beta = kl_ctl.value();
+        let reward_kl_coef = if cfg.kl.in_reward { beta } else { 0.0 };
+        let mut rewards = core::per_token_rewards(&kl, &scores, mask, b, n, reward_kl_coef);
+        if cfg.reward.whiten_rewards {
+            rewards = core::whiten(&rewards, mask, false);
+        }
+        // 5. GAE and advantage whitening.
+        let (advantages, returns) =
+            core::gae(&rewards, &old_values, mask, b, n, ppo.gamma, ppo.lam);
+        let advantages = if ppo.whiten_advantages {
+            core::whiten(&advantages, mask, true)
+        } else {
+            advantages
+        };
+
+        // 6. PPO epochs over shuffled minibatches.
+        let lr = run.schedule.at(it);
+        let mut stats = rollout::UpdateStats::default();
+        let mut rng = StdRng::seed_from_u64(iteration_seed(cfg.seed, it, 2));
+        'epochs: for _epoch in 0..ppo.epochs {
+            let mut rows: Vec<usize> = (0..b).collect();
+            rows.shuffle(&mut rng);
+            for mb in rows.chunks(ppo.minibatch_size) {
+                let m = mb.len();
+                let mb_batch = roll.rows(mb);
+                let pick = |v: &[f32]| -> Vec<f32> {
+                    mb.iter()
+                        .flat_map(|&r| v[r * n..(r + 1) * n].to_vec())
+                        .collect()
+                };
+                let mb_mask_host: Vec<bool> = mb
+                    .iter()
+                    .flat_map(|&r| mask[r * n..(r + 1) * n].to_vec())
+                    .collect();
+                let mb_mask = mask_tensor(&mb_mask_host, m, n, &device);
+                let mb_tokens: Vec<u32> = mb
+                    .iter()
+                    .flat_map(|&r| roll.response_tokens[r * n..(r + 1) * n].to_vec())
+                    .collect();
+                let mb_resp = token_tensor(&mb_tokens, m, n, &device);
+                // Policy: clipped surrogate (+ entropy bonus, KL loss, PPO-ptx).
+                let (new_lp, logits) =
+                    response_logprobs(&policy, &mb_batch, mb_resp, p, temperature)?;
+                let pl = core::policy_loss(
+                    new_lp.clone(),
+                    float_tensor(&pick(&old_lp), m, n, &device),
+                    float_tensor(&pick(&advantages), m, n, &device),
+                    mb_mask.clone(),
+                    ppo.clip_eps,
+                );
+                let entropy_t =
+                    model::ops::masked_mean(core::entropy_from_logits(logits), mb_mask.clone());
+                let entropy = entropy_t.clone().into_scalar::<f32>();
+                let mut policy_total = pl.loss;
+                if ppo.entropy_coef > 0.0 {
+                    policy_total = policy_total - entropy_t.mul_scalar(ppo.entropy_coef);
+                }
+                if !cfg.kl.in_reward {
+                    let kl_term = core::kl_loss(
+                        new_lp,
+                        float_tensor(&pick(&ref_lp), m, n, &device),
+                        mb_mask.clone(),
+                        cfg.kl.estimator,
+                    );
+                    policy_total = policy_total + kl_term.mul_scalar(beta);
+                }
+                if ppo.ptx_coef > 0.0
+                    && let Some(ptx) = &ptx
+                {
+                    let lm = ptx.loss(&policy, it, stats.minibatches, m, tok.pad_id, &device)?;
+                    policy_total = policy_total + lm.mul_scalar(ppo.ptx_coef);
+                }
+                let policy_loss_value = policy_total.clone().into_scalar::<f32>() as f64;
+                run.check_finite("policy loss", policy_loss_value)?;
+                let grads = GradientsParams::from_grads(policy_total.backward(), &policy);
+                let (next, policy_norm) = trainer::optim::optimizer_step(
+                    &mut policy_optim,
+                    policy,
+                    grads,
+                    lr,
+                    t.max_grad_norm,
+                    it + 1,
+                    run.last_good(),
+                )?;
+                policy = next;
+                // Critic: clipped value loss.
+                let values = values_of(&critic, &mb_batch, p, n)?;
+                let vl = core::value_loss(
+                    values,
+                    float_tensor(&pick(&old_values), m, n, &device),
+                    float_tensor(&pick(&returns), m, n, &device),
+                    mb_mask,
+                    ppo.value_clip,
+                );
+                let value_total = vl.loss.mul_scalar(ppo.vf_coef);
+                let value_loss_value =
+                    value_total.clone().into_scalar::<f32>() as f64 / ppo.vf_coef.max(1e-12);
+                run.check_finite("value loss", value_loss_value)?;
+                let grads = GradientsParams::from_grads(value_total.backward(), &critic);
+                let (next, critic_norm) = trainer::optim::optimizer_step(
+                    &mut critic_optim,
+                    critic,
+                    grads,
+                    lr * critic_lr_scale,
+                    t.max_grad_norm,
+                    it + 1,
+                    run.last_good(),
+                )?;
+                critic = next;
+                stats.add(
+                    policy_loss_value,
+                    value_loss_value,
+                    entropy as f64,
+                    pl.clip_fraction as f64,
+                    vl.clip_fraction as f64,
+                    pl.approx_kl as f64,
+                    (policy_norm as f64, critic_norm as f64),
+                );
+                if ppo.max_approx_kl > 0.0 && pl.approx_kl as f64 > ppo.max_approx_kl {
+                    stats.early_stopped = true;
+                    break 'epochs;
+                }
+            }
+        }
+        let t_train = t0.elapsed().as_secs_f64();
+
+        // 7. Update β from this rollout's KL per response, log, write samples, checkpoint.
+        let kl_per_response: Vec<f32> = (0..b)
+            .map(|r| kl[r * n..(r + 1) * n].iter().sum::<f32>())
+            .collect();
+        let (kl_mean, _) = mean_std(&kl_per_response);
+        kl_ctl.update(kl_mean, b);
+        let (score_mean, score_std) = mean_std(&scores);
+        if it == 0 || first_score.is_nan() {
+            first_score = score_mean;
+        }
+        last_score = score_mean;
+        last_kl = kl_mean;
+        let lengths: Vec<f32> = roll.lengths.iter().map(|&l| l as f32).collect();
+        let (len_mean, len_std) = mean_std(&lengths);
+        let eos_rate = roll.has_eos.iter().filter(|&&e| e).count() as f64 / b as f64;
+        run.end_step(b, b);
+        let mut f = Map::new();
+        let mut put = |k: &str, v: Value| {
+            f.insert(k.into(), v);
+        };
+        put("score_mean", json!(score_mean));
+        put("score_std", json!(score_std));
+        put("kl_per_response", json!(kl_mean));
+        put("kl_coef", json!(beta));
+        put("entropy", json!(stats.mean(stats.entropy)));
+        put("policy_loss", json!(stats.mean(stats.policy_loss)));
+        put("value_loss", json!(stats.mean(stats.value_loss)));
+        put("clip_fraction", json!(stats.mean(stats.clip_fraction)));
+        put(
+            "value_clip_fraction",
+            json!(stats.mean(stats.value_clip_fraction)),
+        );
+        put("approx_kl", json!(stats.mean(stats.approx_kl)));
+        put("policy_grad_norm", json!(stats.mean(stats.grad_norms.0)));
+        put("critic_grad_norm", json!(stats.mean(stats.grad_norms.1)));
+        put("minibatches", json!(stats.minibatches));
+        put("early_stopped", json!(stats.early_stopped));
+        put(
+            "explained_variance",
+            json!(core::explained_variance(&old_values, &returns, mask)),
+        );
+        put("response_length_mean", json!(len_mean));
+        put("response_length_std", json!(len_std));
+        put("eos_rate", json!(eos_rate));
+        put("lr", json!(lr));
+        put("time_generate_s", json!(t_generate));
+        put("time_score_s", json!(t_score));
+        put("time_forward_s", json!(t_forward));
+        put("time_train_s", json!(t_train));
+        run.log_step(f, false, "episodes_per_s")?;
+        let done = it + 1;
+        if t.sample_every > 0 && done.is_multiple_of(t.sample_every) {
+            samples.write(
+                done,
+                &batch_prompts,
+                &roll.texts,
+                &scores,
+                t.samples_per_log,
+            )?;
+        }
+        if run.save_due() {
+            let (pf, cf) = (policy.valid(), critic.valid());
+            run.save(
+                &[
+                    SavedModel {
+                        name: "policy",
+                        model: &pf,
+                        tokenizer: Some(&tok),
+                        meta: &meta,
+                    },
+                    SavedModel {
+                        name: "critic",
+                        model: &cf,
+                        tokenizer: Some(&tok),
+                        meta: &critic_meta,
+                    },
+                ],
+                &[("policy", &policy_optim), ("critic", &critic_optim)],
+                json!({ "kl_controller": kl_ctl }),
+            )?;
+        }
+    }
+    let final_dir = cfg.out.join("final");
+    model::save_with_meta(&policy.valid(), Some(&tok), &meta, &final_dir)?;
+    let summary = Summary {
+        iterations: run.state.step,
+        first_score_mean: first_score,
+        last_score_mean: last_score,
+        last_kl,
+        final_dir,
+    };
+    run.finish(&summary)?;
+    Ok(summary)
+}

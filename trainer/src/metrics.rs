@@ -69,7 +69,12 @@ impl Metrics {
         for (k, label, digits) in [
             ("loss", "loss", 4),
             ("eval_loss", "eval loss", 4),
+            ("eval_accuracy", "eval acc", 3),
+            ("score_mean", "score", 3),
+            ("kl_per_response", "kl", 3),
             ("tokens_per_s", "tok/s", 0),
+            ("responses_per_s", "responses/s", 1),
+            ("episodes_per_s", "episodes/s", 1),
         ] {
             if let Some(v) = num(k) {
                 msg.push_str(&format!("{label} {v:.digits$}  "));

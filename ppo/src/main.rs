@@ -1,0 +1,21 @@
+//! `ppo --config configs/ppo.toml [--set key=value ...] [--out DIR] [--resume DIR] [--device D] [--seed N]`
+
+fn main() {
+    model::device::exit_quietly_on_broken_pipe();
+    let args = trainer::StageArgs::parse(
+        "ppo",
+        "PPO of an SFT policy against a reward model (or a rule reward), with a KL penalty",
+    );
+    let s = trainer::exit_on_error(
+        args.load::<ppo::PpoConfig>()
+            .and_then(|(cfg, used)| ppo::run(&cfg, &used, args.resume.as_deref())),
+    );
+    println!(
+        "done: {} iterations, score {:.4} → {:.4}, KL {:.4}; policy in {}",
+        s.iterations,
+        s.first_score_mean,
+        s.last_score_mean,
+        s.last_kl,
+        s.final_dir.display()
+    );
+}

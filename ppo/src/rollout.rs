@@ -1,0 +1,334 @@
+//! The data of PPO's loop: the prompts (with optional answers for rule rewards), a rollout (the
+//! prompt rows and the sampled responses as one padded batch), the PPO-ptx demonstrations, the
+//! per-iteration update statistics and `samples.jsonl`.
+
+use crate::PpoSection;
+use anyhow::{Result, bail};
+use burn::tensor::{Device, Tensor};
+use datasets::tokenize::{SftExample, lm_batch, sft_example};
+use datasets::{Demonstration, Source, load_demonstrations};
+use model::{CausalLm, Generation, PromptTemplate, TokenBatch, Tokenizer};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A prompt of the prompts file.
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    /// As in the file, without the template.
+    pub text: String,
+    pub answer: Option<String>,
+    /// template(prompt), tokenized.
+    pub tokens: Vec<u32>,
+    pub source: String,
+    pub line: usize,
+}
+
+/// Reads the prompts; errors name the file, the line and the field. `max_tokens` is the longest
+/// templated prompt that leaves room for the response in the policy's context.
+pub fn read_prompts(
+    path: &Path,
+    columns: &HashMap<String, String>,
+    tok: &Tokenizer,
+    template: &PromptTemplate,
+    max_tokens: usize,
+    need_answer: bool,
+) -> Result<Vec<Prompt>> {
+    let records = datasets::read_records(path, None)?;
+    let col = |f: &str| columns.get(f).map_or(f, String::as_str).to_string();
+    let (pcol, acol) = (col("prompt"), col("answer"));
+    let mut out = Vec::with_capacity(records.len());
+    for r in &records {
+        let at = |field: &str, msg: String| {
+            anyhow::anyhow!("{} line {}, field `{field}`: {msg}", path.display(), r.line)
+        };
+        let text = match r.fields.get(&pcol) {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => return Err(at(&pcol, format!("expected a string, found {other}"))),
+            None => {
+                return Err(at(
+                    &pcol,
+                    "missing; map it with data.columns.prompt = \"<column>\"".into(),
+                ));
+            }
+        };
+        let answer = match r.fields.get(&acol) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            None | Some(Value::Null) if need_answer => {
+                return Err(at(
+                    &acol,
+                    "missing; the exact_answer rule needs an answer per prompt".into(),
+                ));
+            }
+            None | Some(Value::Null) => None,
+            Some(other) => return Err(at(&acol, format!("expected a string, found {other}"))),
+        };
+        let tokens = tok.encode(&template.render(&text))?;
+        if tokens.is_empty() {
+            return Err(at(&pcol, "renders to no tokens".into()));
+        }
+        if tokens.len() > max_tokens {
+            return Err(at(
+                &pcol,
+                format!(
+                    "the prompt is {} tokens with its template, longer than the {max_tokens} the policy's context leaves after rollout.max_new_tokens; shorten it or lower max_new_tokens",
+                    tokens.len()
+                ),
+            ));
+        }
+        out.push(Prompt {
+            text,
+            answer,
+            tokens,
+            source: path.display().to_string(),
+            line: r.line,
+        });
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// One rollout: the prompt rows (left padded, width `p`) followed by the sampled responses
+/// (width `n`, right padded after EOS) as one batch.
+pub struct Rollout {
+    pub p: usize,
+    pub n: usize,
+    pub batch: TokenBatch,
+    /// [b, n] row-major: sampled tokens and whether each is a real response token.
+    pub response_tokens: Vec<u32>,
+    pub response_mask: Vec<bool>,
+    /// Response texts (EOS and special tokens left out), for the scorer and samples.
+    pub texts: Vec<String>,
+    pub has_eos: Vec<bool>,
+    /// Response lengths in tokens (EOS included).
+    pub lengths: Vec<usize>,
+}
+
+impl Rollout {
+    /// The rollout of `prompts` and their `generation` (which stopped each row at its EOS).
+    pub fn new(prompts: &[Vec<u32>], g: &Generation, tok: &Tokenizer) -> Result<Self> {
+        let left = TokenBatch::left_padded(prompts, tok.pad_id);
+        let (b, p) = (left.batch, left.seq);
+        let n = g.tokens.first().map_or(0, Vec::len);
+        let mut tokens = Vec::with_capacity(b * (p + n));
+        let mut mask = Vec::with_capacity(b * (p + n));
+        let mut response_tokens = Vec::with_capacity(b * n);
+        let mut response_mask = Vec::with_capacity(b * n);
+        let mut texts = Vec::with_capacity(b);
+        let mut has_eos = Vec::with_capacity(b);
+        let mut lengths = Vec::with_capacity(b);
+        for r in 0..b {
+            tokens.extend_from_slice(left.row(r));
+            mask.extend_from_slice(left.row_mask(r));
+            tokens.extend_from_slice(&g.tokens[r]);
+            mask.extend_from_slice(&g.mask[r]);
+            response_tokens.extend_from_slice(&g.tokens[r]);
+            response_mask.extend_from_slice(&g.mask[r]);
+            let real: Vec<u32> = g.tokens[r]
+                .iter()
+                .zip(&g.mask[r])
+                .filter(|(_, m)| **m)
+                .map(|(t, _)| *t)
+                .collect();
+            let eos = real.last() == Some(&tok.eos_id);
+            let body = if eos {
+                &real[..real.len() - 1]
+            } else {
+                &real[..]
+            };
+            texts.push(tok.decode(body)?);
+            has_eos.push(eos);
+            lengths.push(real.len());
+        }
+        Ok(Self {
+            p,
+            n,
+            batch: TokenBatch {
+                tokens,
+                mask,
+                batch: b,
+                seq: p + n,
+            },
+            response_tokens,
+            response_mask,
+            texts,
+            has_eos,
+            lengths,
+        })
+    }
+
+    /// The batch of the given rows (a minibatch).
+    pub fn rows(&self, rows: &[usize]) -> TokenBatch {
+        let s = self.batch.seq;
+        TokenBatch {
+            tokens: rows
+                .iter()
+                .flat_map(|&r| self.batch.row(r).to_vec())
+                .collect(),
+            mask: rows
+                .iter()
+                .flat_map(|&r| self.batch.row_mask(r).to_vec())
+                .collect(),
+            batch: rows.len(),
+            seq: s,
+        }
+    }
+}
+
+/// PPO-ptx demonstrations (InstructGPT's "PPO-ptx": the pretraining/SFT LM loss mixed in).
+pub struct Ptx {
+    examples: Vec<SftExample>,
+}
+
+pub fn read_ptx(
+    ppo: &PpoSection,
+    tok: &Tokenizer,
+    template: &PromptTemplate,
+    context: usize,
+) -> Result<Option<Ptx>> {
+    if ppo.ptx_coef <= 0.0 {
+        return Ok(None);
+    }
+    let Some(path) = &ppo.ptx_data else {
+        bail!("ppo.ptx_coef > 0 needs ppo.ptx_data (demonstrations: prompt, response)");
+    };
+    let demos: Vec<Demonstration> = load_demonstrations(&Source::new(path))?;
+    let mut examples = Vec::new();
+    for d in &demos {
+        if let Some(e) = sft_example(tok, template, d, context)? {
+            examples.push(e);
+        }
+    }
+    if examples.is_empty() {
+        bail!(
+            "{}: no demonstration fits the policy's context",
+            path.display()
+        );
+    }
+    Ok(Some(Ptx { examples }))
+}
+
+impl Ptx {
+    /// The LM loss (mean over response tokens) of `m` demonstrations chosen by (iteration,
+    /// minibatch), deterministic for exact resume.
+    pub fn loss(
+        &self,
+        policy: &CausalLm,
+        iteration: usize,
+        minibatch: usize,
+        m: usize,
+        pad: u32,
+        device: &Device,
+    ) -> Result<Tensor<1>> {
+        let start = (iteration * 7919 + minibatch * m) % self.examples.len();
+        let ex: Vec<SftExample> = (0..m)
+            .map(|i| self.examples[(start + i) % self.examples.len()].clone())
+            .collect();
+        let b = lm_batch(&ex, pad);
+        let logits = policy.logits(policy.forward(&b.inputs))?;
+        let (bs, t) = (b.inputs.batch, b.inputs.seq);
+        let lp =
+            model::ops::token_logprobs(logits, model::ops::token_tensor(&b.targets, bs, t, device));
+        let mask = model::ops::mask_tensor(&b.target_mask, bs, t, device);
+        Ok(model::ops::masked_mean(lp, mask).neg())
+    }
+}
+
+/// Sums of the minibatch statistics of one iteration.
+#[derive(Default)]
+pub struct UpdateStats {
+    pub minibatches: usize,
+    pub policy_loss: f64,
+    pub value_loss: f64,
+    pub entropy: f64,
+    pub clip_fraction: f64,
+    pub value_clip_fraction: f64,
+    pub approx_kl: f64,
+    pub grad_norms: (f64, f64),
+    pub early_stopped: bool,
+}
+
+impl UpdateStats {
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &mut self,
+        policy_loss: f64,
+        value_loss: f64,
+        entropy: f64,
+        clip_fraction: f64,
+        value_clip_fraction: f64,
+        approx_kl: f64,
+        grad_norms: (f64, f64),
+    ) {
+        self.minibatches += 1;
+        self.policy_loss += policy_loss;
+        self.value_loss += value_loss;
+        self.entropy += entropy;
+        self.clip_fraction += clip_fraction;
+        self.value_clip_fraction += value_clip_fraction;
+        self.approx_kl += approx_kl;
+        self.grad_norms.0 += grad_norms.0;
+        self.grad_norms.1 += grad_norms.1;
+    }
+
+    /// A sum's mean over the minibatches.
+    pub fn mean(&self, sum: f64) -> f64 {
+        sum / self.minibatches.max(1) as f64
+    }
+}
+
+/// `samples.jsonl`: a few `{"iteration", "prompt", "response", "score"}` lines every N iterations.
+pub struct Samples {
+    path: PathBuf,
+}
+
+impl Samples {
+    /// Opens `out/samples.jsonl`; a run resumed at `start` drops the lines of later iterations.
+    pub fn open(out: &Path, start: usize) -> Result<Self> {
+        let path = out.join("samples.jsonl");
+        if start > 0
+            && let Ok(text) = std::fs::read_to_string(&path)
+        {
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v["iteration"].as_u64())
+                        .is_some_and(|i| i as usize <= start)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let tmp = out.join(".samples.jsonl.tmp");
+            std::fs::write(&tmp, kept)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(Self { path })
+    }
+
+    pub fn write(
+        &mut self,
+        iteration: usize,
+        prompts: &[&Prompt],
+        responses: &[String],
+        scores: &[f32],
+        k: usize,
+    ) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        for ((p, r), s) in prompts.iter().zip(responses).zip(scores).take(k) {
+            writeln!(
+                f,
+                "{}",
+                json!({"iteration": iteration, "prompt": p.text, "response": r, "score": s})
+            )?;
+        }
+        Ok(())
+    }
+}
