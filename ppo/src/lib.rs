@@ -402,13 +402,16 @@ fn kl_controller(k: &KlSection) -> KlController {
 /// The reward of a rollout: a reward model (with its tokenizer, template and normalisation) or a
 /// rule.
 pub enum Scorer {
-    Model {
-        model: CausalLm,
-        tokenizer: Tokenizer,
-        template: PromptTemplate,
-        meta: ModelMeta,
-    },
+    Model(Box<RewardModel>),
     Rule(CompiledRule),
+}
+
+/// A frozen reward model with its own tokenizer, template and normalisation.
+pub struct RewardModel {
+    pub model: CausalLm,
+    pub tokenizer: Tokenizer,
+    pub template: PromptTemplate,
+    pub meta: ModelMeta,
 }
 
 impl Scorer {
@@ -423,12 +426,13 @@ impl Scorer {
                         .map_err(|e| anyhow::anyhow!("{} line {}: {e}", p.source, p.line))
                 })
                 .collect(),
-            Scorer::Model {
-                model,
-                tokenizer,
-                template,
-                meta,
-            } => {
+            Scorer::Model(rm) => {
+                let RewardModel {
+                    model,
+                    tokenizer,
+                    template,
+                    meta,
+                } = &**rm;
                 let max_len = model.config().max_position_embeddings.max(2);
                 let mut seqs = Vec::with_capacity(responses.len());
                 for (p, r) in prompts.iter().zip(responses) {
@@ -496,12 +500,12 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
                     dir.display()
                 );
             }
-            Scorer::Model {
+            Scorer::Model(Box::new(RewardModel {
                 model,
                 tokenizer,
                 template,
                 meta,
-            }
+            }))
         }
         (None, None) => bail!("set model.reward_model or reward.rule"),
     };
