@@ -169,6 +169,54 @@ fn rule_reward_rises_and_the_kl_stays_bounded() {
         serde_json::from_str(&std::fs::read_to_string(out.join("final/rlhf.json")).unwrap())
             .unwrap();
     assert_eq!(meta["stage"], "ppo");
+    transformers_gives_the_same_logits(&out.join("final"));
+}
+
+/// Loads `dir` with transformers (RLHF_PYTHON, set in CI) and compares its logits with ours.
+fn transformers_gives_the_same_logits(dir: &Path) {
+    let Ok(python) = std::env::var("RLHF_PYTHON") else {
+        eprintln!("skipped the transformers check: set RLHF_PYTHON");
+        return;
+    };
+    let device = model::parse_device("cpu").unwrap();
+    let m = model::load(dir, &device).unwrap().model;
+    let rows = vec![vec![5u32, 9, 17, 3, 44], vec![7, 8, 9]];
+    let batch = model::TokenBatch::right_padded(&rows, 1);
+    let logits = model::ops::to_f32_vec(m.logits(m.forward(&batch)).unwrap());
+    let v = m.config().vocab_size;
+    let nested: Vec<Vec<Vec<f32>>> = (0..batch.batch)
+        .map(|r| {
+            (0..batch.seq)
+                .map(|j| logits[(r * batch.seq + j) * v..(r * batch.seq + j + 1) * v].to_vec())
+                .collect()
+        })
+        .collect();
+    let reference = serde_json::json!({
+        "input_ids": (0..batch.batch).map(|r| batch.row(r).to_vec()).collect::<Vec<_>>(),
+        "attention_mask": (0..batch.batch)
+            .map(|r| batch.row_mask(r).iter().map(|&b| b as u8).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        "position_ids": (0..batch.batch)
+            .map(|r| (0..batch.seq).map(|j| j.min(rows[r].len() - 1)).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        "logits": nested,
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let ref_path = tmp.path().join("reference.json");
+    std::fs::write(&ref_path, reference.to_string()).unwrap();
+    let o = Command::new(python)
+        .arg(root().join("scripts/check_hf_load.py"))
+        .arg(dir)
+        .arg(&ref_path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "transformers disagrees: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!("transformers: {}", String::from_utf8_lossy(&o.stdout).trim());
 }
 
 #[test]
