@@ -290,50 +290,35 @@ pub struct TrainSection {
     pub min_lr_ratio: f64,
     #[serde(default)]
     pub weight_decay: f64,
-    #[serde(default = "d_beta1")]
+    #[serde(default = "trainer::optim::d_beta1")]
     pub beta1: f64,
-    #[serde(default = "d_beta2")]
+    #[serde(default = "trainer::optim::d_beta2")]
     pub beta2: f64,
-    #[serde(default = "d_eps")]
+    #[serde(default = "trainer::optim::d_eps")]
     pub eps: f64,
     /// Global gradient-norm clip per model; 1.0 usual; 0 disables.
     #[serde(default = "d_one_f")]
     pub max_grad_norm: f64,
     /// Write a metrics line every N iterations.
-    #[serde(default = "d_one")]
+    #[serde(default = "trainer::optim::d_one")]
     pub log_every: usize,
     /// Write `samples_per_log` samples to samples.jsonl every N iterations (0: never).
-    #[serde(default = "d_one")]
+    #[serde(default = "trainer::optim::d_one")]
     pub sample_every: usize,
     #[serde(default = "d_samples")]
     pub samples_per_log: usize,
     /// Checkpoint every N iterations (0: only at the end).
     #[serde(default)]
     pub save_every: usize,
-    #[serde(default = "d_keep")]
+    #[serde(default = "trainer::optim::d_keep")]
     pub keep_last: usize,
 }
 
 fn d_decay() -> Decay {
     Decay::Constant
 }
-fn d_beta1() -> f64 {
-    0.9
-}
-fn d_beta2() -> f64 {
-    0.999
-}
-fn d_eps() -> f64 {
-    1e-8
-}
-fn d_one() -> usize {
-    1
-}
 fn d_samples() -> usize {
     4
-}
-fn d_keep() -> usize {
-    2
 }
 
 impl trainer::StageConfig for PpoConfig {

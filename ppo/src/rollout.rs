@@ -290,22 +290,8 @@ impl Samples {
     /// Opens `out/samples.jsonl`; a run resumed at `start` drops the lines of later iterations.
     pub fn open(out: &Path, start: usize) -> Result<Self> {
         let path = out.join("samples.jsonl");
-        if start > 0
-            && let Ok(text) = std::fs::read_to_string(&path)
-        {
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v["iteration"].as_u64())
-                        .is_some_and(|i| i as usize <= start)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            let tmp = out.join(".samples.jsonl.tmp");
-            std::fs::write(&tmp, kept)?;
-            std::fs::rename(&tmp, &path)?;
+        if start > 0 {
+            trainer::metrics::drop_lines_after(&path, "iteration", start)?;
         }
         Ok(Self { path })
     }

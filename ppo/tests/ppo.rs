@@ -216,7 +216,10 @@ fn transformers_gives_the_same_logits(dir: &Path) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    println!("transformers: {}", String::from_utf8_lossy(&o.stdout).trim());
+    println!(
+        "transformers: {}",
+        String::from_utf8_lossy(&o.stdout).trim()
+    );
 }
 
 #[test]

@@ -96,23 +96,24 @@ pub fn validate(groups: &[Group], rewards: &[Vec<f32>]) -> Validation {
                     std::cmp::Ordering::Greater => -1,
                     std::cmp::Ordering::Equal => 0,
                 };
-                if ri == rj {
-                    let d = (r[i] - r[j]) as f64;
-                    group_loss.0 += 0.5 * (neg_log_sigmoid(d) + neg_log_sigmoid(-d));
-                    group_loss.1 += 1;
-                    judged
-                        .entry((
-                            g.prompt_id.clone(),
-                            g.response_ids[lo].clone(),
-                            g.response_ids[hi].clone(),
-                        ))
-                        .or_default()
-                        .push((g.labeler_id.clone(), 0, false));
-                    continue;
-                }
-                let (b, w) = if ri < rj { (i, j) } else { (j, i) };
+                // Every judgement of the pair, for the human ceiling; the model's verdict is
+                // right when the better response scores higher.
+                let (b, w) = if ri <= rj { (i, j) } else { (j, i) };
                 let d = (r[b] - r[w]) as f64;
                 let ok = d > 0.0;
+                judged
+                    .entry((
+                        g.prompt_id.clone(),
+                        g.response_ids[lo].clone(),
+                        g.response_ids[hi].clone(),
+                    ))
+                    .or_default()
+                    .push((g.labeler_id.clone(), verdict, ok));
+                if ri == rj {
+                    group_loss.0 += 0.5 * (neg_log_sigmoid(d) + neg_log_sigmoid(-d));
+                    group_loss.1 += 1;
+                    continue;
+                }
                 margin_sum += d;
                 group_loss.0 += neg_log_sigmoid(d);
                 group_loss.1 += 1;
@@ -134,14 +135,6 @@ pub fn validate(groups: &[Group], rewards: &[Vec<f32>]) -> Validation {
                     },
                 );
                 add(&mut by_labeler, g.labeler_id.clone());
-                judged
-                    .entry((
-                        g.prompt_id.clone(),
-                        g.response_ids[lo].clone(),
-                        g.response_ids[hi].clone(),
-                    ))
-                    .or_default()
-                    .push((g.labeler_id.clone(), verdict, ok));
             }
         }
         if group_loss.1 > 0 {

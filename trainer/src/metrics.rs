@@ -7,6 +7,28 @@ use serde_json::{Map, Value};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 
+/// Drops the lines of a JSONL file whose `key` is greater than `last` (what a run resumed at
+/// `last` writes again), atomically. An absent file is left absent.
+pub fn drop_lines_after(path: &Path, key: &str, last: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get(key).and_then(Value::as_u64))
+                .is_some_and(|s| s as usize <= last)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 pub struct Metrics {
     file: std::fs::File,
     bar: Option<ProgressBar>,
@@ -18,22 +40,8 @@ impl Metrics {
     /// first drops the lines of later steps, which the resumed run writes again.
     pub fn open(out: &Path, total_steps: usize, start_step: usize) -> Result<Self> {
         let path = out.join("metrics.jsonl");
-        if start_step > 0
-            && let Ok(text) = std::fs::read_to_string(&path)
-        {
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(Value::as_u64))
-                        .is_some_and(|s| s as usize <= start_step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            let tmp = out.join(".metrics.jsonl.tmp");
-            std::fs::write(&tmp, kept)?;
-            std::fs::rename(&tmp, &path)?;
+        if start_step > 0 {
+            drop_lines_after(&path, "step", start_step)?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -68,7 +68,7 @@ pub struct TrainSection {
 fn d_batch() -> usize {
     8
 }
-fn d_one() -> usize {
+pub fn d_one() -> usize {
     1
 }
 fn d_lr() -> f64 {
@@ -80,22 +80,23 @@ fn d_decay() -> Decay {
 fn d_min_lr() -> f64 {
     0.1
 }
-fn d_beta1() -> f64 {
+pub fn d_beta1() -> f64 {
     0.9
 }
-fn d_beta2() -> f64 {
+pub fn d_beta2() -> f64 {
     0.999
 }
-fn d_eps() -> f64 {
+pub fn d_eps() -> f64 {
     1e-8
 }
-fn d_clip() -> f64 {
+/// Serde defaults shared with other stages' configs.
+pub fn d_clip() -> f64 {
     1.0
 }
 fn d_eval_batch() -> usize {
     16
 }
-fn d_keep() -> usize {
+pub fn d_keep() -> usize {
     2
 }
 

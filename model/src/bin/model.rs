@@ -1,9 +1,14 @@
 //! `model`: inspect checkpoints, sample from them, score texts, and benchmark against PyTorch.
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
-use model::{TokenBatch, backend_name, generate, generate::SamplingArgs, load, parse_device};
+use model::{
+    CausalLm, PromptTemplate, TokenBatch, Tokenizer, backend_name, generate,
+    generate::SamplingArgs, load, parse_device,
+};
+use serde_json::{Map, Value};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
@@ -25,14 +30,32 @@ struct Cli {
 enum Command {
     /// Architecture, parameter count, vocabulary and file dtype of a model folder.
     Info { dir: PathBuf },
-    /// Sample a completion of one prompt.
+    /// Sample a completion of one prompt (`--prompt`), or of every line of a JSONL file
+    /// (`--input`).
+    #[command(mut_arg("template", |a| a.hide_default_value(true).help(
+        "Prompt template with one `{prompt}`, e.g. \"Human: {prompt}\\n\\nAssistant:\" (`\\n` and \
+         `\\t` are read as newline and tab); default: the template stored in the model folder's \
+         rlhf.json, else \"Human: {prompt}\\n\\nAssistant:\""
+    )))]
+    #[command(group(clap::ArgGroup::new("prompts").required(true).args(["prompt", "input"])))]
     Generate {
         dir: PathBuf,
+        /// The prompt to complete.
         #[arg(long)]
-        prompt: String,
+        prompt: Option<String>,
+        /// A JSONL file of `{"prompt": ...}` lines; each gives one line
+        /// `{"prompt", "completion", "tokens", ...the line's other fields}`, in input order.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Where `--input`'s lines go (written to a temporary file, then renamed); default stdout.
+        #[arg(long, requires = "input")]
+        out: Option<PathBuf>,
+        /// Prompts sampled together with `--input` (grouped by length).
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
-        /// Print {"prompt", "completion", "tokens"} as JSON.
+        /// Print {"prompt", "completion", "tokens"} as JSON (`--input` always writes JSON).
         #[arg(long)]
         json: bool,
     },
@@ -80,20 +103,28 @@ enum Command {
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `--template` left out means "the model folder's", which clap's default cannot say.
+    let template_given = matches
+        .subcommand_matches("generate")
+        .is_some_and(|m| m.value_source("template") == Some(ValueSource::CommandLine));
+    if let Err(e) = run(cli, template_given) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, template_given: bool) -> Result<()> {
     let device = parse_device(&cli.device)?;
     match cli.command {
         Command::Info { dir } => info(&dir, &device),
         Command::Generate {
             dir,
             prompt,
+            input,
+            out,
+            batch_size,
             sampling,
             json,
         } => {
@@ -101,17 +132,30 @@ fn run(cli: Cli) -> Result<()> {
             let tok = loaded.tokenizer.with_context(|| {
                 format!("{}: no tokenizer.json in the model folder", dir.display())
             })?;
-            let ids = tok.encode(&sampling.template()?.render(&prompt))?;
+            let template = if template_given {
+                sampling.template()?
+            } else {
+                model::checkpoint::resolve_template(None, Some(&dir))?
+            };
+            if let Some(input) = input {
+                let lines = read_prompt_lines(&input, &tok, &template)?;
+                return generate_file(
+                    &loaded.model,
+                    &tok,
+                    &sampling,
+                    lines,
+                    batch_size.max(1),
+                    out.as_deref(),
+                );
+            }
+            let prompt = prompt.context("give --prompt TEXT or --input FILE")?;
+            let ids = tok.encode(&template.render(&prompt))?;
             if ids.is_empty() {
                 bail!("the prompt is empty after tokenization");
             }
             let cfg = sampling.config(tok.eos_id, tok.pad_id);
             let g = generate(&loaded.model, &[ids], &cfg)?;
-            let tokens: Vec<u32> = g.responses()[0]
-                .iter()
-                .copied()
-                .filter(|&t| t != tok.eos_id)
-                .collect();
+            let tokens = without_eos(&g.responses()[0], tok.eos_id);
             let completion = tok.decode(&tokens)?;
             if json {
                 let v = serde_json::json!({"prompt": prompt, "completion": completion, "tokens": tokens});
@@ -173,6 +217,107 @@ fn run(cli: Cli) -> Result<()> {
             &device,
         ),
     }
+}
+
+fn without_eos(response: &[u32], eos: u32) -> Vec<u32> {
+    response.iter().copied().filter(|&t| t != eos).collect()
+}
+
+/// One line of a `generate --input` file: its prompt, the other fields, the templated tokens.
+struct PromptLine {
+    prompt: String,
+    fields: Map<String, Value>,
+    tokens: Vec<u32>,
+}
+
+/// Reads every non-blank line of `input` (`{"prompt": ..., ...}`); an error names the file, the
+/// line and the field.
+fn read_prompt_lines(
+    input: &Path,
+    tok: &Tokenizer,
+    template: &PromptTemplate,
+) -> Result<Vec<PromptLine>> {
+    let file =
+        std::fs::File::open(input).with_context(|| format!("{}: cannot open", input.display()))?;
+    let mut lines = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let at = |msg: &str| format!("{}: line {}: {msg}", input.display(), i + 1);
+        let line = line.with_context(|| at("cannot read"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line).with_context(|| at("not valid JSON"))?;
+        let Value::Object(mut fields) = v else {
+            bail!(at("expected a JSON object with a `prompt` field"));
+        };
+        let prompt = match fields.remove("prompt") {
+            Some(Value::String(p)) => p,
+            Some(other) => bail!(at(&format!(
+                "field `prompt` must be a string, found {other}"
+            ))),
+            None => bail!(at("field `prompt` is missing")),
+        };
+        let tokens = tok.encode(&template.render(&prompt))?;
+        if tokens.is_empty() {
+            bail!(at("field `prompt` is empty after tokenization"));
+        }
+        lines.push(PromptLine {
+            prompt,
+            fields,
+            tokens,
+        });
+    }
+    if lines.is_empty() {
+        bail!("{}: no prompts", input.display());
+    }
+    Ok(lines)
+}
+
+/// Samples a completion of every line, `batch_size` prompts of similar length at a time (batch k
+/// sampled with seed + k), and writes the lines in input order to `out` (atomically) or stdout.
+fn generate_file(
+    model: &CausalLm,
+    tok: &Tokenizer,
+    sampling: &SamplingArgs,
+    lines: Vec<PromptLine>,
+    batch_size: usize,
+    out: Option<&Path>,
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..lines.len()).collect();
+    order.sort_by_key(|&i| lines[i].tokens.len());
+    let mut completions: Vec<Option<Vec<u32>>> = vec![None; lines.len()];
+    for (k, chunk) in order.chunks(batch_size).enumerate() {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| lines[i].tokens.clone()).collect();
+        let mut cfg = sampling.config(tok.eos_id, tok.pad_id);
+        cfg.seed = sampling.seed.wrapping_add(k as u64);
+        let g = generate(model, &prompts, &cfg)?;
+        for (&i, r) in chunk.iter().zip(g.responses()) {
+            completions[i] = Some(without_eos(&r, tok.eos_id));
+        }
+    }
+    let mut text = String::new();
+    for (line, tokens) in lines.into_iter().zip(completions) {
+        let tokens = tokens.expect("every line was sampled");
+        let mut v = line.fields;
+        v.insert("prompt".into(), line.prompt.into());
+        v.insert("completion".into(), tok.decode(&tokens)?.into());
+        v.insert("tokens".into(), tokens.into());
+        text.push_str(&Value::Object(v).to_string());
+        text.push('\n');
+    }
+    match out {
+        Some(path) => {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "generations.jsonl".into());
+            let tmp = path.with_file_name(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+    }
+    Ok(())
 }
 
 fn info(dir: &Path, device: &burn::tensor::Device) -> Result<()> {
