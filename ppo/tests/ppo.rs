@@ -106,6 +106,7 @@ fn rule_run(out: &Path, iterations: usize, extra: &[String]) -> Vec<String> {
         format!("out={}", out.display()),
         format!("train.iterations={iterations}"),
         "train.lr=1e-4".into(),
+        "kl.coef=0.05".into(),
         "kl.adaptive=true".into(),
         "kl.target=3.0".into(),
         "kl.horizon=500".into(),
