@@ -156,3 +156,34 @@ pub fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(seed: u64, fingerprint: &str) -> TrainerState {
+        TrainerState {
+            step: 10,
+            examples_seen: 80,
+            seed,
+            data_fingerprint: fingerprint.into(),
+            best_metric: None,
+            best_step: None,
+            stage: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn resume_checks_seed_and_data_and_says_which_differs() {
+        let dir = Path::new("out/checkpoint-000010");
+        assert!(check_resume(dir, &state(3, "abc"), 3, "abc").is_ok());
+        let e = check_resume(dir, &state(3, "abc"), 4, "abc")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("checkpoint-000010") && e.contains("seed 3") && e.contains("--seed 3"), "{e}");
+        let e = check_resume(dir, &state(3, "abc"), 3, "abd")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("training data differs") && e.contains("abc vs abd"), "{e}");
+    }
+}
