@@ -331,3 +331,196 @@ fn rope_parameters_and_top_level_rope_keys_resolve_the_same() {
         .to_string();
     assert!(e.contains("rope type `yarn` is not supported"), "{e}");
 }
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn generate_input_samples_a_file_in_batches_in_input_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    let tok = tiny_model_folder(&dir);
+    let d = dir.to_str().unwrap();
+    let input = tmp.path().join("prompts.jsonl");
+    let prompts = [
+        "name a colour.",
+        "say hello.",
+        "what is two plus two? and then what is two plus three?",
+        "hi",
+        "name a colour and say hello.",
+    ];
+    let mut text = String::new();
+    for (i, p) in prompts.iter().enumerate() {
+        text.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": p, "id": i, "meta": {"k": [i]}})
+        ));
+        if i == 1 {
+            text.push('\n'); // blank lines are skipped
+        }
+    }
+    std::fs::write(&input, text).unwrap();
+    let inp = input.to_str().unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let o = out.to_str().unwrap();
+    let sample = |extra: &[&str]| {
+        let mut args = vec!["generate", d, "--input", inp, "--max-new-tokens", "6"];
+        if !extra.contains(&"--temperature") {
+            args.extend_from_slice(&["--temperature", "0.9", "--seed", "5"]);
+        }
+        args.extend_from_slice(extra);
+        let (ok, stdout, err) = run(&args);
+        assert!(ok, "{err}");
+        stdout
+    };
+    let stdout = sample(&["--out", o, "--batch-size", "2"]);
+    assert!(stdout.is_empty(), "{stdout}");
+    let written = std::fs::read_to_string(&out).unwrap();
+    let lines = json_lines(&written);
+    assert_eq!(lines.len(), prompts.len());
+    for (i, (v, p)) in lines.iter().zip(prompts).enumerate() {
+        assert_eq!(v["prompt"], p);
+        assert_eq!(v["id"], i);
+        assert_eq!(v["meta"]["k"][0], i);
+        let tokens: Vec<u32> = v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        assert!(tokens.len() <= 6 && !tokens.contains(&tok.eos_id));
+        assert_eq!(v["completion"], tok.decode(&tokens).unwrap());
+    }
+    // No temporary file is left beside the output.
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    // Seeded: again, and to stdout, the same lines.
+    assert_eq!(sample(&["--batch-size", "2"]), written);
+
+    // Greedy: the batch size (and so the padding) does not change the completions.
+    let greedy = |bs: &str| {
+        json_lines(&sample(&["--temperature", "0", "--batch-size", bs]))
+            .iter()
+            .map(|v| v["tokens"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(greedy("1"), greedy("3"));
+
+    // A one-line file gives what --prompt gives with the same seed.
+    let one = tmp.path().join("one.jsonl");
+    std::fs::write(&one, "{\"prompt\": \"say hello.\"}\n").unwrap();
+    let args = |src: &[&str]| {
+        let mut a = vec!["generate", d];
+        a.extend_from_slice(src);
+        a.extend_from_slice(&["--max-new-tokens", "6", "--seed", "9", "--json"]);
+        let (ok, out, err) = run(&a);
+        assert!(ok, "{err}");
+        out
+    };
+    assert_eq!(
+        args(&["--input", one.to_str().unwrap()]),
+        args(&["--prompt", "say hello."])
+    );
+}
+
+#[test]
+fn generate_template_defaults_to_the_model_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    tiny_model_folder(&dir);
+    let d = dir.to_str().unwrap();
+    let input = tmp.path().join("p.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"name a colour.\"}\n").unwrap();
+    let gen_with = |template: Option<&str>| {
+        let mut a = vec![
+            "generate",
+            d,
+            "--input",
+            input.to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+            "--seed",
+            "2",
+        ];
+        if let Some(t) = template {
+            a.extend_from_slice(&["--template", t]);
+        }
+        let (ok, out, err) = run(&a);
+        assert!(ok, "{err}");
+        out
+    };
+    // Without rlhf.json: the default template.
+    assert_eq!(
+        gen_with(None),
+        gen_with(Some("Human: {prompt}\\n\\nAssistant:"))
+    );
+    // With one: its template; an explicit --template still wins.
+    std::fs::write(
+        dir.join("rlhf.json"),
+        r#"{"stage": "sft", "prompt_template": "Q: {prompt}\nA:"}"#,
+    )
+    .unwrap();
+    let stored = gen_with(None);
+    assert_eq!(stored, gen_with(Some("Q: {prompt}\\nA:")));
+    assert_ne!(stored, gen_with(Some("{prompt}")));
+}
+
+#[test]
+fn generate_input_errors_name_file_line_and_field_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    tiny_model_folder(&dir);
+    let d = dir.to_str().unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let o = out.to_str().unwrap();
+    let input = tmp.path().join("bad.jsonl");
+    let i = input.to_str().unwrap();
+    for (text, want) in [
+        (
+            "{\"prompt\": \"ok\"}\n{\"promt\": \"typo\"}\n",
+            "field `prompt` is missing",
+        ),
+        (
+            "{\"prompt\": \"ok\"}\n\n{\"prompt\": 3}\n",
+            "field `prompt` must be a string",
+        ),
+        (
+            "{\"prompt\": \"ok\"}\n{\"prompt\": \"ok\"\n",
+            "not valid JSON",
+        ),
+        ("[1, 2]\n", "expected a JSON object"),
+    ] {
+        std::fs::write(&input, text).unwrap();
+        let (ok, stdout, err) = run(&["generate", d, "--input", i, "--out", o]);
+        assert!(!ok, "{text:?} was accepted");
+        let line = if text.starts_with('[') {
+            "line 1"
+        } else if text.contains("\n\n") {
+            "line 3"
+        } else {
+            "line 2"
+        };
+        assert!(
+            err.contains("bad.jsonl") && err.contains(line) && err.contains(want),
+            "{text:?}: {err}"
+        );
+        assert!(stdout.is_empty() && !out.exists());
+    }
+    std::fs::write(&input, "\n").unwrap();
+    let (ok, _, err) = run(&["generate", d, "--input", i]);
+    assert!(!ok && err.contains("no prompts"), "{err}");
+    // --prompt and --input exclude each other; one of them is required.
+    let (ok, _, err) = run(&["generate", d, "--prompt", "x", "--input", i]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let (ok, _, err) = run(&["generate", d]);
+    assert!(
+        !ok && err.contains("--prompt") && err.contains("--input"),
+        "{err}"
+    );
+}

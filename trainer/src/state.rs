@@ -180,10 +180,16 @@ mod tests {
         let e = check_resume(dir, &state(3, "abc"), 4, "abc")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("checkpoint-000010") && e.contains("seed 3") && e.contains("--seed 3"), "{e}");
+        assert!(
+            e.contains("checkpoint-000010") && e.contains("seed 3") && e.contains("--seed 3"),
+            "{e}"
+        );
         let e = check_resume(dir, &state(3, "abc"), 3, "abd")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("training data differs") && e.contains("abc vs abd"), "{e}");
+        assert!(
+            e.contains("training data differs") && e.contains("abc vs abd"),
+            "{e}"
+        );
     }
 }

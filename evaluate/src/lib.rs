@@ -1,0 +1,442 @@
+//! `evaluate`: compares aligned checkpoints honestly. Samples responses from a policy and a
+//! baseline (e.g. the SFT model) on held-out prompts, scores them with the reward model exactly
+//! as `ppo` does, and reports, each with a 95% interval: the mean reward, the win rate of the
+//! policy over the baseline, the gold reward where the prompts carry answers (so that a proxy gain
+//! that is not a real gain shows), the KL from a reference, response length, EOS rate and
+//! perplexity on demonstrations; plus plots of the training runs.
+//!
+//! Everything is read and checked before anything is computed, and written into a temporary
+//! folder that replaces `--out` at the end: a bad input leaves nothing behind.
+
+pub mod data;
+pub mod models;
+pub mod plots;
+pub mod report;
+pub mod stats;
+
+use anyhow::{Context, Result, bail};
+use models::{Lm, Response};
+use report::{Differences, Metrics, ModelMetrics, ModelRun, Settings};
+use stats::LEVEL;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The command line of `evaluate`.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "evaluate",
+    version,
+    about = "Compare aligned checkpoints: reward, win rate, gold reward, KL and perplexity with 95% intervals; a report and plots"
+)]
+pub struct Options {
+    /// The policy to evaluate (a causal-LM folder, e.g. ppo's final/).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// The model to compare with (e.g. the SFT model); also the default KL reference.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// The reward model that scores the responses (a `reward` output folder).
+    #[arg(long)]
+    pub reward_model: PathBuf,
+    /// Held-out prompts (`prompt`, optional `answer`): .jsonl, .csv or .parquet.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    pub max_prompts: Option<usize>,
+    /// The model the KL is measured from (default: the baseline).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Responses sampled per prompt and model.
+    #[arg(long, default_value_t = 1)]
+    pub samples_per_prompt: usize,
+    /// Demonstrations (`prompt`, `response`) to measure each model's perplexity on.
+    #[arg(long)]
+    pub demonstrations: Option<PathBuf>,
+    /// Gold reward rule: `exact_answer` or `regex:<pattern>` (default: exact_answer when the
+    /// prompts have answers).
+    #[arg(long)]
+    pub gold: Option<String>,
+    /// Output folder: metrics.json, samples.jsonl, report.md and the plots (replaced whole).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// 1.0 disables.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences per forward pass (sampling, scoring, KL, perplexity).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Training-run folders (sft, reward, ppo outputs) whose metrics.jsonl to plot.
+    #[arg(long, num_args = 1..)]
+    pub runs: Vec<PathBuf>,
+    /// `cpu`, or `cuda:N` with the tch backend.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl Options {
+    fn check(&self) -> Result<()> {
+        let mut errs = Vec::new();
+        if self.samples_per_prompt == 0 {
+            errs.push("--samples-per-prompt must be at least 1");
+        }
+        if self.max_new_tokens == 0 {
+            errs.push("--max-new-tokens must be at least 1");
+        }
+        if self.batch_size == 0 {
+            errs.push("--batch-size must be at least 1");
+        }
+        if self.max_prompts == Some(0) {
+            errs.push("--max-prompts must be at least 1");
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            errs.push("--temperature must be ≥ 0 (0 is greedy)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            errs.push("--top-p must be in (0, 1]");
+        }
+        if !errs.is_empty() {
+            bail!("{}", errs.join("; "));
+        }
+        Ok(())
+    }
+}
+
+/// One model's sampled, scored responses.
+struct Evaluated {
+    lm_dir: PathBuf,
+    template: String,
+    responses: Vec<Response>,
+    rewards: Vec<f64>,
+    gold: Option<Vec<f64>>,
+    kl: Option<Vec<f64>>,
+    kl_note: Option<String>,
+    perplexity: Option<models::Perplexity>,
+}
+
+impl Evaluated {
+    fn run(&self) -> ModelRun<'_> {
+        ModelRun {
+            responses: &self.responses,
+            rewards: &self.rewards,
+            gold: self.gold.as_deref(),
+            kl: self.kl.as_deref(),
+        }
+    }
+
+    fn lengths(&self) -> Vec<f64> {
+        self.responses
+            .iter()
+            .map(|r| r.tokens.len() as f64)
+            .collect()
+    }
+
+    fn eos(&self) -> Vec<f64> {
+        self.responses
+            .iter()
+            .map(|r| if r.eos { 1.0 } else { 0.0 })
+            .collect()
+    }
+
+    fn metrics(&self) -> ModelMetrics {
+        let est = |x: &[f64]| stats::mean_interval(x, LEVEL).expect("at least one response");
+        ModelMetrics {
+            dir: self.lm_dir.display().to_string(),
+            template: self.template.clone(),
+            responses: self.responses.len(),
+            reward: est(&self.rewards),
+            gold: self.gold.as_deref().and_then(|g| stats::rate(g, LEVEL)),
+            kl: self.kl.as_deref().map(est),
+            kl_note: self.kl_note.clone(),
+            length: est(&self.lengths()),
+            eos_rate: stats::rate(&self.eos(), LEVEL).expect("at least one response"),
+            perplexity: self.perplexity.clone(),
+        }
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// What [`run`] returns: where the report is and the metrics in it.
+pub struct Outcome {
+    pub report: PathBuf,
+    pub metrics: Metrics,
+}
+
+/// Runs an evaluation; see the crate docs. Progress goes to `log`.
+pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
+    opts.check()?;
+    let device = model::parse_device(&opts.device)?;
+
+    // Read and check every input before computing anything.
+    let prompts = data::read_prompts(&opts.prompts, opts.max_prompts)?;
+    let gold = data::gold_rule(opts.gold.as_deref(), &prompts, &opts.prompts)?;
+    let demos = match &opts.demonstrations {
+        Some(p) => Some(data::read_demonstrations(p)?),
+        None => None,
+    };
+    let runs = data::read_runs(&opts.runs)?;
+    let policy = Lm::load(&opts.policy, "--policy", &device)?;
+    let baseline = match &opts.baseline {
+        Some(d) => Some(Lm::load(d, "--baseline", &device)?),
+        None => None,
+    };
+    let rm = models::load_reward_model(&opts.reward_model, &device)?;
+    let normalization = rm.meta.reward_normalization.as_ref().map(|n| {
+        format!(
+            "normalised: raw − {:.4}, the mean raw reward of the {}",
+            n.offset, n.reference
+        )
+    });
+    let scorer = ppo::Scorer::Model(Box::new(rm));
+    // The reference: --reference, else the baseline (reused when it is the same folder).
+    let explicit_reference = opts.reference.is_some();
+    let reference_dir = opts.reference.clone().or_else(|| opts.baseline.clone());
+    let separate_reference = match (&opts.reference, &opts.baseline) {
+        (Some(r), Some(b)) if same_dir(r, b) => None,
+        (Some(r), _) => Some(Lm::load(r, "--reference", &device)?),
+        (None, _) => None,
+    };
+    let reference: Option<&Lm> = separate_reference.as_ref().or(baseline.as_ref());
+    let reference = match reference {
+        Some(r) if !models::same_tokenizer(&policy.tokenizer, &r.tokenizer) => {
+            let msg = format!(
+                "the KL reference {} has another tokenizer than the policy ({} vs {} tokens); token-level KL needs the same one",
+                r.dir.display(),
+                r.tokenizer.vocab_size(),
+                policy.tokenizer.vocab_size()
+            );
+            if explicit_reference {
+                bail!("--reference: {msg}");
+            }
+            writeln!(log, "note: {msg}; no KL is reported")?;
+            None
+        }
+        r => r,
+    };
+    let sampling = models::Sampling {
+        samples_per_prompt: opts.samples_per_prompt,
+        max_new_tokens: opts.max_new_tokens,
+        temperature: opts.temperature,
+        top_k: opts.top_k,
+        top_p: opts.top_p,
+        seed: opts.seed,
+        batch_size: opts.batch_size,
+    };
+    let policy_prompts = policy.encode_prompts(&prompts, opts.max_new_tokens, &opts.prompts)?;
+    let baseline_prompts = match &baseline {
+        Some(b) => Some(b.encode_prompts(&prompts, opts.max_new_tokens, &opts.prompts)?),
+        None => None,
+    };
+
+    let n = prompts.len() * opts.samples_per_prompt;
+    let evaluate = |lm: &Lm, encoded: &[Vec<u32>], name: &str, log: &mut dyn Write| {
+        let t0 = std::time::Instant::now();
+        let responses = models::sample(lm, encoded, &sampling)?;
+        let rewards = models::score(&scorer, &prompts, &opts.prompts, &responses)?;
+        let gold = match &gold {
+            Some(rule) => Some(
+                responses
+                    .iter()
+                    .map(|r| {
+                        let p = &prompts[r.prompt];
+                        rule.score(&r.text, p.answer.as_deref())
+                            .map(f64::from)
+                            .map_err(|e| {
+                                anyhow::anyhow!("{} line {}: {e}", opts.prompts.display(), p.line)
+                            })
+                    })
+                    .collect::<Result<Vec<f64>>>()?,
+            ),
+            None => None,
+        };
+        let is_reference = reference.is_some_and(|r| std::ptr::eq(r, lm));
+        let (kl, kl_note) = match reference {
+            Some(_) if is_reference => (None, Some("0 (the reference)".to_string())),
+            Some(r) => (
+                Some(models::kl_per_response(
+                    lm,
+                    r,
+                    &responses,
+                    sampling.logprob_temperature(),
+                    opts.batch_size,
+                )?),
+                None,
+            ),
+            None => (None, None),
+        };
+        let perplexity = match &demos {
+            Some(d) => Some(models::perplexity(lm, d, opts.batch_size)?),
+            None => None,
+        };
+        writeln!(
+            log,
+            "{name}: {n} responses sampled and scored in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        )?;
+        anyhow::Ok(Evaluated {
+            lm_dir: lm.dir.clone(),
+            template: lm.template.as_str().to_string(),
+            responses,
+            rewards,
+            gold,
+            kl,
+            kl_note,
+            perplexity,
+        })
+    };
+    let pol = evaluate(&policy, &policy_prompts, "policy", log)?;
+    let base = match (&baseline, &baseline_prompts) {
+        (Some(b), Some(e)) => Some(evaluate(b, e, "baseline", log)?),
+        _ => None,
+    };
+
+    // Paired comparisons: the same prompt and sample index.
+    let tie = 1e-5;
+    let difference = base.as_ref().map(|b| {
+        let d = |x: &[f64], y: &[f64]| {
+            stats::paired_difference(x, y, LEVEL).expect("at least one response")
+        };
+        Differences {
+            reward: d(&pol.rewards, &b.rewards),
+            gold: match (&pol.gold, &b.gold) {
+                (Some(x), Some(y)) => Some(d(x, y)),
+                _ => None,
+            },
+            kl: match (&pol.kl, &b.kl) {
+                (Some(x), Some(y)) => Some(d(x, y)),
+                _ => None,
+            },
+            length: d(&pol.lengths(), &b.lengths()),
+            eos_rate: d(&pol.eos(), &b.eos()),
+        }
+    });
+    let win_rate = base.as_ref().and_then(|b| {
+        let outcomes: Vec<_> = (0..n)
+            .map(|i| {
+                if pol.responses[i].text == b.responses[i].text {
+                    std::cmp::Ordering::Equal
+                } else {
+                    stats::compare(pol.rewards[i], b.rewards[i], tie)
+                }
+            })
+            .collect();
+        stats::win_rate(&outcomes, LEVEL)
+    });
+    let gold_win_rate = match (&pol.gold, base.as_ref().and_then(|b| b.gold.as_ref())) {
+        (Some(x), Some(y)) => {
+            let outcomes: Vec<_> = x
+                .iter()
+                .zip(y)
+                .map(|(a, b)| stats::compare(*a, *b, 0.0))
+                .collect();
+            stats::win_rate(&outcomes, LEVEL)
+        }
+        _ => None,
+    };
+    let (charts, notes) = plots::charts(&runs);
+    for note in &notes {
+        writeln!(log, "note: {note}")?;
+    }
+    let settings = Settings {
+        prompts_file: opts.prompts.display().to_string(),
+        prompts: prompts.len(),
+        samples_per_prompt: opts.samples_per_prompt,
+        max_new_tokens: opts.max_new_tokens,
+        temperature: opts.temperature,
+        top_k: opts.top_k,
+        top_p: opts.top_p,
+        seed: opts.seed,
+        batch_size: opts.batch_size,
+        reward_model: opts.reward_model.display().to_string(),
+        reward_normalization: normalization,
+        reference: reference
+            .is_some()
+            .then(|| reference_dir.as_ref().map(|d| d.display().to_string()))
+            .flatten(),
+        gold_rule: gold.as_ref().map(|g| g.rule().to_string()),
+        demonstrations: opts
+            .demonstrations
+            .as_ref()
+            .map(|d| d.display().to_string()),
+        backend: model::backend_name().to_string(),
+        device: opts.device.clone(),
+    };
+    let mut metrics = Metrics {
+        settings,
+        policy: pol.metrics(),
+        baseline: base.as_ref().map(Evaluated::metrics),
+        difference,
+        win_rate,
+        gold_win_rate,
+        findings: Vec::new(),
+        plots: charts.iter().map(|c| c.file.clone()).collect(),
+    };
+    metrics.findings = report::findings(&metrics);
+
+    // Write everything into a temporary folder, then put it in place.
+    let tmp = model::checkpoint::sibling(&opts.out, "tmp");
+    let written = (|| -> Result<()> {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let write = |name: &str, text: String| {
+            let p = tmp.join(name);
+            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
+        };
+        write(
+            "metrics.json",
+            serde_json::to_string_pretty(&metrics)? + "\n",
+        )?;
+        let mut lines = String::new();
+        let base_run = base.as_ref().map(Evaluated::run);
+        for i in 0..n {
+            let p = &prompts[pol.responses[i].prompt];
+            lines.push_str(&report::sample_line(p, i, &pol.run(), base_run.as_ref()).to_string());
+            lines.push('\n');
+        }
+        write("samples.jsonl", lines)?;
+        write(
+            "report.md",
+            report::markdown(&metrics, &prompts, &pol.run(), base_run.as_ref()),
+        )?;
+        let family = plots::font().map(|_| plots::FAMILY);
+        if !charts.is_empty() && family.is_none() {
+            writeln!(
+                log,
+                "note: no font found (looked for {}); the plots have no text",
+                plots::FONT_PATHS[0]
+            )?;
+        }
+        for c in &charts {
+            let rgb = plots::draw(c, family).with_context(|| format!("plotting {}", c.file))?;
+            plots::write_png(&tmp.join(&c.file), &rgb)?;
+        }
+        model::checkpoint::replace_dir(&tmp, &opts.out)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    Ok(Outcome {
+        report: opts.out.join("report.md"),
+        metrics,
+    })
+}

@@ -1,0 +1,42 @@
+//! `evaluate --policy DIR [--baseline DIR] --reward-model DIR --prompts FILE --out DIR [...]`:
+//! compares aligned checkpoints and writes metrics.json, samples.jsonl, report.md and plots.
+
+use anyhow::Context;
+use clap::Parser;
+
+fn main() {
+    model::device::exit_quietly_on_broken_pipe();
+    let opts = evaluate::Options::parse();
+    let mut out = std::io::stdout();
+    let result = evaluate::run(&opts, &mut out)
+        .with_context(|| format!("evaluate: nothing written to {}", opts.out.display()));
+    match result {
+        Ok(o) => {
+            let m = &o.metrics;
+            println!(
+                "policy reward {:.3} [{:.3}, {:.3}]",
+                m.policy.reward.mean, m.policy.reward.low, m.policy.reward.high
+            );
+            if let Some(b) = &m.baseline {
+                println!(
+                    "baseline reward {:.3} [{:.3}, {:.3}]",
+                    b.reward.mean, b.reward.low, b.reward.high
+                );
+            }
+            if let Some(w) = &m.win_rate {
+                println!(
+                    "win rate over baseline {:.3} [{:.3}, {:.3}]",
+                    w.rate, w.low, w.high
+                );
+            }
+            for f in &m.findings {
+                println!("{}", f.replace("**", ""));
+            }
+            println!("report: {}", o.report.display());
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,605 @@
+//! What an evaluation writes: `metrics.json` (every number with its interval), `samples.jsonl`
+//! (one line per prompt × sample with both models' responses, rewards and gold scores) and
+//! `report.md` (the table a person reads first, what it means, side-by-side samples, the plots).
+
+use crate::models::{Perplexity, Response, Sampling};
+use crate::stats::{Estimate, Rate, WinRate};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::fmt::Write as _;
+
+/// The settings an evaluation ran with.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Settings {
+    pub prompts_file: String,
+    pub prompts: usize,
+    pub samples_per_prompt: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub reward_model: String,
+    /// How the reward model's raw scores were normalised (`rlhf.json`), if at all.
+    pub reward_normalization: Option<String>,
+    /// The model the KL is measured from.
+    pub reference: Option<String>,
+    pub gold_rule: Option<String>,
+    pub demonstrations: Option<String>,
+    pub backend: String,
+    pub device: String,
+}
+
+impl Settings {
+    pub fn sampling(&self) -> Sampling {
+        Sampling {
+            samples_per_prompt: self.samples_per_prompt,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            batch_size: self.batch_size,
+        }
+    }
+}
+
+/// One model's metrics.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelMetrics {
+    pub dir: String,
+    pub template: String,
+    pub responses: usize,
+    /// Reward-model score (normalised as stored with it), mean with a 95% t interval.
+    pub reward: Estimate,
+    /// Gold reward (0/1 by the rule), rate with a 95% Wilson interval.
+    pub gold: Option<Rate>,
+    /// KL from the reference per response (nats), mean with a 95% t interval.
+    pub kl: Option<Estimate>,
+    /// Why `kl` is absent, e.g. "is the reference".
+    pub kl_note: Option<String>,
+    /// Response length in tokens, EOS included.
+    pub length: Estimate,
+    pub eos_rate: Rate,
+    pub perplexity: Option<Perplexity>,
+}
+
+/// Policy − baseline, paired by prompt and sample, with 95% t intervals.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Differences {
+    pub reward: Estimate,
+    pub gold: Option<Estimate>,
+    pub kl: Option<Estimate>,
+    pub length: Estimate,
+    pub eos_rate: Estimate,
+}
+
+/// Everything in `metrics.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    pub settings: Settings,
+    pub policy: ModelMetrics,
+    pub baseline: Option<ModelMetrics>,
+    pub difference: Option<Differences>,
+    /// Policy over baseline by reward-model score, ties half.
+    pub win_rate: Option<WinRate>,
+    /// Policy over baseline by gold reward, ties half.
+    pub gold_win_rate: Option<WinRate>,
+    /// What the numbers say, in sentences (also in report.md).
+    pub findings: Vec<String>,
+    /// PNG files written beside this one.
+    pub plots: Vec<String>,
+}
+
+/// One model's side of the evaluation, per response (prompt-major).
+pub struct ModelRun<'a> {
+    pub responses: &'a [Response],
+    pub rewards: &'a [f64],
+    pub gold: Option<&'a [f64]>,
+    pub kl: Option<&'a [f64]>,
+}
+
+fn sgn(x: f64, digits: usize) -> String {
+    if x >= 0.0 {
+        format!("+{x:.digits$}")
+    } else {
+        format!("-{:.digits$}", -x)
+    }
+}
+
+fn est(e: &Estimate, digits: usize) -> String {
+    format!(
+        "{:.digits$} [{:.digits$}, {:.digits$}]",
+        e.mean, e.low, e.high
+    )
+}
+
+fn diff(e: &Estimate, digits: usize) -> String {
+    format!(
+        "{} [{}, {}]",
+        sgn(e.mean, digits),
+        sgn(e.low, digits),
+        sgn(e.high, digits)
+    )
+}
+
+fn rate(r: &Rate) -> String {
+    format!("{:.3} [{:.3}, {:.3}]", r.rate, r.low, r.high)
+}
+
+fn win(w: &WinRate) -> String {
+    format!(
+        "{:.3} [{:.3}, {:.3}] ({} wins, {} ties, {} losses)",
+        w.rate, w.low, w.high, w.wins, w.ties, w.losses
+    )
+}
+
+/// Sentences about what the numbers mean, the first one the verdict on proxy against gold.
+pub fn findings(m: &Metrics) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(d) = &m.difference {
+        let r = &d.reward;
+        let reward_up = r.low > 0.0;
+        match &d.gold {
+            Some(g) if reward_up && g.low <= 0.0 => out.push(format!(
+                "**Warning: the reward model's score rose ({}, 95% [{}, {}]) but the gold reward did {} ({}, 95% [{}, {}]).** The gain is in the proxy, not in the task: this looks like reward over-optimisation (Gao et al. 2022), not a real improvement.",
+                sgn(r.mean, 3),
+                sgn(r.low, 3),
+                sgn(r.high, 3),
+                if g.high < 0.0 { "fall" } else { "not rise" },
+                sgn(g.mean, 3),
+                sgn(g.low, 3),
+                sgn(g.high, 3)
+            )),
+            Some(g) if reward_up => out.push(format!(
+                "The reward model's score rose ({}) and so did the gold reward ({}, 95% [{}, {}]).",
+                sgn(r.mean, 3),
+                sgn(g.mean, 3),
+                sgn(g.low, 3),
+                sgn(g.high, 3)
+            )),
+            Some(g) if g.low > 0.0 => out.push(format!(
+                "The gold reward rose ({}, 95% [{}, {}]) while the reward model's score did not ({}): the reward model misses part of the improvement.",
+                sgn(g.mean, 3),
+                sgn(g.low, 3),
+                sgn(g.high, 3),
+                sgn(r.mean, 3)
+            )),
+            _ if reward_up => out.push(format!(
+                "The reward model's score rose ({}, 95% [{}, {}]); there is no gold reward to check it against (give the prompts an `answer` or pass --gold).",
+                sgn(r.mean, 3),
+                sgn(r.low, 3),
+                sgn(r.high, 3)
+            )),
+            _ if r.high < 0.0 => out.push(format!(
+                "The policy's reward-model score is lower than the baseline's ({}, 95% [{}, {}]).",
+                sgn(r.mean, 3),
+                sgn(r.low, 3),
+                sgn(r.high, 3)
+            )),
+            _ => out.push(format!(
+                "The reward difference ({}, 95% [{}, {}]) is within noise: the interval contains 0.",
+                sgn(r.mean, 3),
+                sgn(r.low, 3),
+                sgn(r.high, 3)
+            )),
+        }
+        if let Some(g) = d.gold.as_ref().filter(|g| !reward_up && g.low <= 0.0) {
+            out.push(format!(
+                "The gold reward {} ({}, 95% [{}, {}]).",
+                if g.high < 0.0 {
+                    "fell"
+                } else {
+                    "did not change beyond noise"
+                },
+                sgn(g.mean, 3),
+                sgn(g.low, 3),
+                sgn(g.high, 3)
+            ));
+        }
+    } else {
+        out.push("No --baseline: there are no differences or win rates.".into());
+    }
+    for (name, mm) in [
+        ("policy", Some(&m.policy)),
+        ("baseline", m.baseline.as_ref()),
+    ] {
+        let Some(mm) = mm else { continue };
+        if mm.eos_rate.rate < 0.9 {
+            out.push(format!(
+                "{:.0}% of the {name}'s responses have no EOS (cut at --max-new-tokens {}); their rewards are those of truncated text.",
+                100.0 * (1.0 - mm.eos_rate.rate),
+                m.settings.max_new_tokens
+            ));
+        }
+    }
+    out
+}
+
+/// One line of samples.jsonl.
+pub fn sample_line(
+    prompt: &crate::data::EvalPrompt,
+    index: usize,
+    policy: &ModelRun,
+    baseline: Option<&ModelRun>,
+) -> serde_json::Value {
+    let side = |m: &ModelRun| {
+        let r = &m.responses[index];
+        json!({
+            "response": r.text,
+            "reward": m.rewards[index],
+            "gold": m.gold.map(|g| g[index]),
+            "eos": r.eos,
+            "length": r.tokens.len(),
+            "kl": m.kl.map(|k| k[index]),
+        })
+    };
+    let r = &policy.responses[index];
+    json!({
+        "prompt": prompt.text,
+        "answer": prompt.answer,
+        "line": prompt.line,
+        "sample": r.sample,
+        "policy": side(policy),
+        "baseline": baseline.map(side),
+    })
+}
+
+/// The (prompt, sample) pairs shown side by side: up to 8, prompts spread over the file, sample 0
+/// of each; with fewer than 8 prompts, further samples of the same prompts.
+pub fn shown_samples(prompts: usize, samples_per_prompt: usize) -> Vec<(usize, usize)> {
+    const SHOWN: usize = 8;
+    if prompts >= SHOWN {
+        return (0..SHOWN).map(|j| (j * prompts / SHOWN, 0)).collect();
+    }
+    (0..samples_per_prompt)
+        .flat_map(|s| (0..prompts).map(move |i| (i, s)))
+        .take(SHOWN)
+        .collect()
+}
+
+/// Text for a markdown table cell.
+fn cell(s: &str) -> String {
+    let t = s.trim();
+    if t.is_empty() {
+        return "*(empty)*".into();
+    }
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('|', "\\|")
+        .replace('\n', "<br>")
+}
+
+/// The report: the metrics table, the findings, side-by-side samples, the plots.
+pub fn markdown(
+    m: &Metrics,
+    prompts: &[crate::data::EvalPrompt],
+    policy: &ModelRun,
+    baseline: Option<&ModelRun>,
+) -> String {
+    let s = &m.settings;
+    let mut o = String::new();
+    let b = m.baseline.as_ref();
+    let _ = writeln!(o, "# Evaluation of `{}`", m.policy.dir);
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{} prompts from `{}` × {} sample(s) = {} responses per model; max_new_tokens {}, temperature {}, top_p {}, top_k {}, seed {}.",
+        s.prompts,
+        s.prompts_file,
+        s.samples_per_prompt,
+        m.policy.responses,
+        s.max_new_tokens,
+        s.temperature,
+        s.top_p,
+        s.top_k,
+        s.seed
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(o, "- policy: `{}`", m.policy.dir);
+    if let Some(b) = b {
+        let _ = writeln!(o, "- baseline: `{}`", b.dir);
+    }
+    let _ = writeln!(
+        o,
+        "- reward model: `{}` ({})",
+        s.reward_model,
+        s.reward_normalization
+            .as_deref()
+            .unwrap_or("raw scores: no normalisation stored")
+    );
+    if let Some(r) = &s.reference {
+        let _ = writeln!(o, "- KL reference: `{r}`");
+    }
+    if let Some(g) = &s.gold_rule {
+        let _ = writeln!(o, "- gold reward: rule `{g}`");
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "| metric | policy | baseline | difference (policy − baseline) |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|");
+    let dash = || "—".to_string();
+    let d = m.difference.as_ref();
+    let mut row = |name: &str, p: String, bl: String, df: String| {
+        let _ = writeln!(o, "| {name} | {p} | {bl} | {df} |");
+    };
+    row(
+        "reward (reward model)",
+        est(&m.policy.reward, 3),
+        b.map_or_else(dash, |b| est(&b.reward, 3)),
+        d.map_or_else(dash, |d| diff(&d.reward, 3)),
+    );
+    if m.policy.gold.is_some() {
+        row(
+            &format!("gold reward ({})", s.gold_rule.as_deref().unwrap_or("gold")),
+            m.policy.gold.as_ref().map_or_else(dash, rate),
+            b.and_then(|b| b.gold.as_ref()).map_or_else(dash, rate),
+            d.and_then(|d| d.gold.as_ref())
+                .map_or_else(dash, |g| diff(g, 3)),
+        );
+    }
+    if let Some(w) = &m.win_rate {
+        row("win rate over baseline (reward)", win(w), dash(), dash());
+    }
+    if let Some(w) = &m.gold_win_rate {
+        row("win rate over baseline (gold)", win(w), dash(), dash());
+    }
+    let kl = |mm: &ModelMetrics| match (&mm.kl, &mm.kl_note) {
+        (Some(k), _) => est(k, 3),
+        (None, Some(n)) => n.clone(),
+        (None, None) => dash(),
+    };
+    if m.policy.kl.is_some() || m.policy.kl_note.is_some() {
+        row(
+            "KL from reference (nats / response)",
+            kl(&m.policy),
+            b.map_or_else(dash, kl),
+            d.and_then(|d| d.kl.as_ref())
+                .map_or_else(dash, |k| diff(k, 3)),
+        );
+    }
+    let len = |e: &Estimate| format!("{:.1} ± {:.1} sd", e.mean, e.sd);
+    row(
+        "response length (tokens, EOS incl.)",
+        len(&m.policy.length),
+        b.map_or_else(dash, |b| len(&b.length)),
+        d.map_or_else(dash, |d| diff(&d.length, 1)),
+    );
+    row(
+        "EOS rate",
+        rate(&m.policy.eos_rate),
+        b.map_or_else(dash, |b| rate(&b.eos_rate)),
+        d.map_or_else(dash, |d| diff(&d.eos_rate, 3)),
+    );
+    let ppl = |p: &Perplexity| {
+        format!(
+            "{:.2} (NLL {:.3}, {} tokens)",
+            p.perplexity, p.nll, p.tokens
+        )
+    };
+    if m.policy.perplexity.is_some() {
+        row(
+            "perplexity on demonstrations",
+            m.policy.perplexity.as_ref().map_or_else(dash, ppl),
+            b.and_then(|b| b.perplexity.as_ref()).map_or_else(dash, ppl),
+            match (&m.policy.perplexity, b.and_then(|b| b.perplexity.as_ref())) {
+                (Some(p), Some(q)) => sgn(p.perplexity - q.perplexity, 2),
+                _ => dash(),
+            },
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "Brackets are 95% intervals: Student's t for means and for the differences (paired by prompt and sample), Wilson for rates and win rates (ties count half). Rewards are the reward model's, normalised as stored with it, without PPO's missing-EOS penalty."
+    );
+    let _ = writeln!(o);
+    for f in &m.findings {
+        let _ = writeln!(o, "{f}");
+        let _ = writeln!(o);
+    }
+
+    let _ = writeln!(o, "## Samples");
+    let _ = writeln!(o);
+    for (j, (i, sample)) in shown_samples(prompts.len(), s.samples_per_prompt)
+        .into_iter()
+        .enumerate()
+    {
+        let idx = i * s.samples_per_prompt + sample;
+        let p = &prompts[i];
+        let _ = write!(o, "### {}. {}", j + 1, cell(&p.text));
+        if s.samples_per_prompt > 1 {
+            let _ = write!(o, " (sample {})", sample + 1);
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(o);
+        if let Some(a) = &p.answer {
+            let _ = writeln!(o, "answer: `{}`", a.replace('`', "'"));
+            let _ = writeln!(o);
+        }
+        let resp = |m: &ModelRun| {
+            let r = &m.responses[idx];
+            let mut t = cell(&r.text);
+            if !r.eos {
+                t.push_str(" *(no EOS)*");
+            }
+            t
+        };
+        let score = |m: &ModelRun| {
+            let mut t = format!("{:.3}", m.rewards[idx]);
+            if let Some(g) = m.gold {
+                let _ = write!(t, " (gold {})", g[idx]);
+            }
+            t
+        };
+        let _ = writeln!(o, "| | policy | baseline |");
+        let _ = writeln!(o, "|---|---|---|");
+        let _ = writeln!(
+            o,
+            "| response | {} | {} |",
+            resp(policy),
+            baseline.map_or_else(dash, resp)
+        );
+        let _ = writeln!(
+            o,
+            "| reward | {} | {} |",
+            score(policy),
+            baseline.map_or_else(dash, score)
+        );
+        let _ = writeln!(o);
+    }
+    if !m.plots.is_empty() {
+        let _ = writeln!(o, "## Training runs");
+        let _ = writeln!(o);
+        for p in &m.plots {
+            let _ = writeln!(o, "![{p}]({p})");
+            let _ = writeln!(o);
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(mean: f64, half: f64) -> Estimate {
+        Estimate {
+            mean,
+            low: mean - half,
+            high: mean + half,
+            sd: 1.0,
+            n: 100,
+        }
+    }
+
+    fn r(rate: f64) -> Rate {
+        Rate {
+            successes: 100.0 * rate,
+            n: 100,
+            rate,
+            low: rate - 0.05,
+            high: rate + 0.05,
+        }
+    }
+
+    fn model() -> ModelMetrics {
+        ModelMetrics {
+            dir: "m".into(),
+            template: "{prompt}".into(),
+            responses: 100,
+            reward: e(0.0, 0.1),
+            gold: Some(r(0.5)),
+            kl: None,
+            kl_note: None,
+            length: e(10.0, 1.0),
+            eos_rate: r(0.95),
+            perplexity: None,
+        }
+    }
+
+    fn metrics(reward: Estimate, gold: Option<Estimate>) -> Metrics {
+        Metrics {
+            settings: Settings {
+                prompts_file: "p.jsonl".into(),
+                prompts: 100,
+                samples_per_prompt: 1,
+                max_new_tokens: 64,
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 0,
+                batch_size: 16,
+                reward_model: "rm".into(),
+                reward_normalization: None,
+                reference: None,
+                gold_rule: gold.map(|_| "exact_answer".into()),
+                demonstrations: None,
+                backend: "flex".into(),
+                device: "cpu".into(),
+            },
+            policy: model(),
+            baseline: Some(model()),
+            difference: Some(Differences {
+                reward,
+                gold,
+                kl: None,
+                length: e(0.0, 1.0),
+                eos_rate: e(0.0, 0.01),
+            }),
+            win_rate: None,
+            gold_win_rate: None,
+            findings: Vec::new(),
+            plots: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_proxy_gain_without_a_gold_gain_is_flagged() {
+        // Reward up beyond noise, gold flat: the over-optimisation warning.
+        let f = findings(&metrics(e(0.4, 0.1), Some(e(0.0, 0.05))));
+        assert!(
+            f[0].contains("Warning") && f[0].contains("did not rise"),
+            "{f:?}"
+        );
+        // Gold down: says it fell.
+        let f = findings(&metrics(e(0.4, 0.1), Some(e(-0.2, 0.05))));
+        assert!(f[0].contains("Warning") && f[0].contains("fall"), "{f:?}");
+        // Both up: no warning.
+        let f = findings(&metrics(e(0.4, 0.1), Some(e(0.2, 0.05))));
+        assert!(!f.iter().any(|s| s.contains("Warning")), "{f:?}");
+        assert!(f[0].contains("so did the gold reward"), "{f:?}");
+        // Reward within noise: no warning, and the gold difference is reported.
+        let f = findings(&metrics(e(0.05, 0.1), Some(e(0.0, 0.05))));
+        assert!(!f.iter().any(|s| s.contains("Warning")), "{f:?}");
+        assert!(
+            f[0].contains("within noise") && f[1].contains("gold"),
+            "{f:?}"
+        );
+        // No gold: says there is nothing to check the gain against.
+        let f = findings(&metrics(e(0.4, 0.1), None));
+        assert!(f[0].contains("no gold reward"), "{f:?}");
+    }
+
+    #[test]
+    fn the_report_shows_the_warning_and_escapes_cells() {
+        let mut m = metrics(e(0.4, 0.1), Some(e(0.0, 0.05)));
+        m.findings = findings(&m);
+        let md = markdown(&m, &[], &empty_run(), Some(&empty_run()));
+        assert!(
+            md.contains("| reward (reward model) | 0.000 [-0.100, 0.100] |"),
+            "{md}"
+        );
+        assert!(md.contains("+0.400 [+0.300, +0.500]"), "{md}");
+        assert!(md.contains("**Warning"), "{md}");
+        assert_eq!(cell(" a|b\nc<d> "), "a\\|b<br>c&lt;d&gt;");
+        assert_eq!(cell("  "), "*(empty)*");
+    }
+
+    #[test]
+    fn side_by_side_samples_spread_over_prompts() {
+        assert_eq!(
+            shown_samples(100, 3),
+            [0, 12, 25, 37, 50, 62, 75, 87].map(|i| (i, 0))
+        );
+        assert_eq!(
+            shown_samples(3, 2),
+            [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+        );
+        assert_eq!(shown_samples(5, 4).len(), 8);
+        assert!(shown_samples(0, 1).is_empty());
+    }
+
+    fn empty_run() -> ModelRun<'static> {
+        ModelRun {
+            responses: &[],
+            rewards: &[],
+            gold: None,
+            kl: None,
+        }
+    }
+}

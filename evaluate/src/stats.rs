@@ -1,0 +1,256 @@
+//! The statistics of an evaluation, each with a 95% interval: means (Student's t interval,
+//! mean ± t·sd/√n), rates (Wilson score interval), paired differences, and win rates with ties
+//! counted as half a win.
+
+use serde::{Deserialize, Serialize};
+use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
+use std::cmp::Ordering;
+
+/// The confidence level of every interval in the report.
+pub const LEVEL: f64 = 0.95;
+
+/// A mean with its t interval, and the sample standard deviation it came from.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub mean: f64,
+    pub low: f64,
+    pub high: f64,
+    /// Sample standard deviation (n − 1); 0 for a single value.
+    pub sd: f64,
+    pub n: usize,
+}
+
+/// The mean of `x` with its `level` t interval (n − 1 degrees of freedom); None for no values. A
+/// single value has sd 0 and the interval [x, x].
+pub fn mean_interval(x: &[f64], level: f64) -> Option<Estimate> {
+    let n = x.len();
+    if n == 0 {
+        return None;
+    }
+    let mean = x.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return Some(Estimate {
+            mean,
+            low: mean,
+            high: mean,
+            sd: 0.0,
+            n,
+        });
+    }
+    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let sd = var.sqrt();
+    let t = StudentsT::new(0.0, 1.0, (n - 1) as f64)
+        .expect("n − 1 ≥ 1 degrees of freedom")
+        .inverse_cdf(0.5 + level / 2.0);
+    let half = t * sd / (n as f64).sqrt();
+    Some(Estimate {
+        mean,
+        low: mean - half,
+        high: mean + half,
+        sd,
+        n,
+    })
+}
+
+/// The paired differences a_i − b_i with their t interval; None when empty. Panics when the two
+/// differ in length (a pairing bug).
+pub fn paired_difference(a: &[f64], b: &[f64], level: f64) -> Option<Estimate> {
+    assert_eq!(a.len(), b.len(), "paired values");
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    mean_interval(&d, level)
+}
+
+/// The standard normal quantile of a two-sided `level` interval (1.96 for 0.95).
+pub fn z(level: f64) -> f64 {
+    Normal::new(0.0, 1.0)
+        .expect("standard normal")
+        .inverse_cdf(0.5 + level / 2.0)
+}
+
+/// The Wilson score interval of `k` successes (possibly fractional, e.g. ties counted as half)
+/// in `n` trials; `reward::eval::wilson` for whole `k`. (0, 1) for no trials.
+pub fn wilson(k: f64, n: usize, level: f64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let z = z(level);
+    let (n, p) = (n as f64, k / n as f64);
+    let denom = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// A rate (of EOS, of gold successes) with its Wilson interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rate {
+    /// Sum of the 0/1 outcomes.
+    pub successes: f64,
+    pub n: usize,
+    pub rate: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// The rate of 0/1 outcomes with its Wilson interval; None for no outcomes.
+pub fn rate(outcomes: &[f64], level: f64) -> Option<Rate> {
+    if outcomes.is_empty() {
+        return None;
+    }
+    let k: f64 = outcomes.iter().sum();
+    let (low, high) = wilson(k, outcomes.len(), level);
+    Some(Rate {
+        successes: k,
+        n: outcomes.len(),
+        rate: k / outcomes.len() as f64,
+        low,
+        high,
+    })
+}
+
+/// How often A beat B over paired comparisons, ties counting half, with the Wilson interval of
+/// (wins + ties/2) out of n.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WinRate {
+    pub wins: usize,
+    pub ties: usize,
+    pub losses: usize,
+    pub n: usize,
+    pub rate: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// The win rate of paired outcomes (Greater = A won); None for no pairs.
+pub fn win_rate(outcomes: &[Ordering], level: f64) -> Option<WinRate> {
+    if outcomes.is_empty() {
+        return None;
+    }
+    let count = |o: Ordering| outcomes.iter().filter(|&&x| x == o).count();
+    let (wins, ties, losses) = (
+        count(Ordering::Greater),
+        count(Ordering::Equal),
+        count(Ordering::Less),
+    );
+    let n = outcomes.len();
+    let k = wins as f64 + 0.5 * ties as f64;
+    let (low, high) = wilson(k, n, level);
+    Some(WinRate {
+        wins,
+        ties,
+        losses,
+        n,
+        rate: k / n as f64,
+        low,
+        high,
+    })
+}
+
+/// Compares two scores, calling them tied when they differ by at most `tol` (rewards of the same
+/// text scored in different batches differ by float noise).
+pub fn compare(a: f64, b: f64, tol: f64) -> Ordering {
+    if (a - b).abs() <= tol {
+        Ordering::Equal
+    } else if a > b {
+        Ordering::Greater
+    } else {
+        Ordering::Less
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol
+    }
+
+    #[test]
+    fn t_interval_matches_reference_values() {
+        // x = 1..=5: mean 3, sd √2.5; t(0.975, 4) = 2.776445; half = 2.776445·1.581139/√5.
+        let e = mean_interval(&[1.0, 2.0, 3.0, 4.0, 5.0], LEVEL).unwrap();
+        assert_eq!(e.n, 5);
+        assert!(close(e.mean, 3.0, 1e-12));
+        assert!(close(e.sd, 2.5f64.sqrt(), 1e-12));
+        let half = 2.776445 * 2.5f64.sqrt() / 5f64.sqrt();
+        assert!(close(e.low, 3.0 - half, 1e-5), "{e:?}");
+        assert!(close(e.high, 3.0 + half, 1e-5), "{e:?}");
+        // Large n: the t interval approaches mean ± 1.96·sd/√n.
+        let x: Vec<f64> = (0..10_000).map(|i| (i % 7) as f64).collect();
+        let e = mean_interval(&x, LEVEL).unwrap();
+        let normal = 1.959964 * e.sd / (x.len() as f64).sqrt();
+        assert!(close(e.high - e.mean, normal, 1e-3 * normal), "{e:?}");
+        assert!(close(z(LEVEL), 1.959964, 1e-6));
+    }
+
+    #[test]
+    fn degenerate_means() {
+        assert!(mean_interval(&[], LEVEL).is_none());
+        let e = mean_interval(&[2.5], LEVEL).unwrap();
+        assert_eq!((e.mean, e.low, e.high, e.sd), (2.5, 2.5, 2.5, 0.0));
+        let e = mean_interval(&[4.0; 10], LEVEL).unwrap();
+        assert_eq!((e.low, e.high, e.sd), (4.0, 4.0, 0.0));
+    }
+
+    #[test]
+    fn paired_differences_cancel_the_shared_part() {
+        let a = [10.0, 20.0, 30.0, 40.0];
+        let b = [9.0, 19.0, 29.0, 39.0];
+        let d = paired_difference(&a, &b, LEVEL).unwrap();
+        assert!(close(d.mean, 1.0, 1e-12) && close(d.low, 1.0, 1e-12));
+        assert!(close(d.high, 1.0, 1e-12) && d.sd < 1e-12);
+    }
+
+    #[test]
+    fn wilson_agrees_with_the_reward_crate_and_reference_values() {
+        for (k, n) in [(0, 10), (3, 10), (10, 10), (57, 100), (1, 1)] {
+            let ours = wilson(k as f64, n, LEVEL);
+            let theirs = reward::eval::wilson(k, n, LEVEL);
+            assert!(close(ours.0, theirs.0, 1e-12) && close(ours.1, theirs.1, 1e-12));
+        }
+        // statsmodels proportion_confint(3, 10, method="wilson"): (0.10779, 0.60322).
+        let (lo, hi) = wilson(3.0, 10, LEVEL);
+        assert!(
+            close(lo, 0.10779, 1e-5) && close(hi, 0.60322, 1e-5),
+            "{lo} {hi}"
+        );
+        assert_eq!(wilson(0.0, 0, LEVEL), (0.0, 1.0));
+    }
+
+    #[test]
+    fn win_rate_counts_ties_as_half() {
+        use Ordering::*;
+        // 2 wins, 2 ties, 1 loss: (2 + 1) / 5.
+        let w = win_rate(&[Greater, Equal, Less, Greater, Equal], LEVEL).unwrap();
+        assert_eq!((w.wins, w.ties, w.losses, w.n), (2, 2, 1, 5));
+        assert!(close(w.rate, 0.6, 1e-12));
+        let (lo, hi) = wilson(3.0, 5, LEVEL);
+        assert_eq!((w.low, w.high), (lo, hi));
+        assert!(w.low <= w.rate && w.rate <= w.high);
+        // All ties: exactly one half, with a symmetric interval.
+        let w = win_rate(&[Equal; 8], LEVEL).unwrap();
+        assert_eq!(w.rate, 0.5);
+        assert!(close(w.low, 1.0 - w.high, 1e-12));
+        // Fractional successes sit between the neighbouring whole ones.
+        let (a, _) = wilson(2.0, 5, LEVEL);
+        let (b, _) = wilson(3.0, 5, LEVEL);
+        let (m, _) = wilson(2.5, 5, LEVEL);
+        assert!(a < m && m < b);
+        assert!(win_rate(&[], LEVEL).is_none());
+        assert_eq!(compare(1.0, 1.0 + 1e-7, 1e-6), Equal);
+        assert_eq!(compare(1.1, 1.0, 1e-6), Greater);
+        assert_eq!(compare(0.9, 1.0, 1e-6), Less);
+    }
+
+    #[test]
+    fn rates_use_wilson() {
+        let r = rate(&[1.0, 0.0, 1.0, 1.0], LEVEL).unwrap();
+        assert_eq!((r.successes, r.n, r.rate), (3.0, 4, 0.75));
+        assert_eq!((r.low, r.high), wilson(3.0, 4, LEVEL));
+        let r = rate(&[0.0; 6], LEVEL).unwrap();
+        assert_eq!((r.rate, r.low), (0.0, 0.0));
+        assert!(r.high > 0.0);
+        assert!(rate(&[], LEVEL).is_none());
+    }
+}
