@@ -72,6 +72,8 @@ pub fn font() -> Option<&'static Path> {
 pub enum Mark {
     Line,
     LineAndPoints,
+    /// A scatter: iterations are not ordered along x, so no connecting line.
+    Points,
 }
 
 /// One series of a chart.
@@ -228,7 +230,7 @@ pub fn charts(runs: &[RunLog]) -> (Vec<Chart>, Vec<String>) {
                 let mut s = line(
                     r.name.clone(),
                     r.pairs("kl_per_response", "score_mean"),
-                    Mark::LineAndPoints,
+                    Mark::Points,
                 );
                 // The first and the last iteration, named beside their points.
                 let steps: Vec<f64> = r
@@ -370,18 +372,20 @@ pub fn draw(chart: &Chart, family: Option<&str>) -> Result<Vec<u8>> {
                 }))
                 .map_err(draw_err)?;
             }
+            let line: Vec<(f64, f64)> = if s.mark == Mark::Points {
+                Vec::new()
+            } else {
+                s.points.clone()
+            };
             let drawn = c
-                .draw_series(LineSeries::new(
-                    s.points.iter().copied(),
-                    color.stroke_width(2),
-                ))
+                .draw_series(LineSeries::new(line, color.stroke_width(2)))
                 .map_err(draw_err)?;
             if family.is_some() {
                 drawn.label(&s.label).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                 });
             }
-            if s.mark == Mark::LineAndPoints {
+            if s.mark != Mark::Line {
                 c.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                     .map_err(draw_err)?;
             }
