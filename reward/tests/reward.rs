@@ -652,3 +652,43 @@ fn real_preference_data_trains_and_reports_an_interval() {
         assert!(lo <= acc && acc <= hi && acc.is_finite());
     }
 }
+
+/// The labelers' majority as pairs, and the listwise loss, both train through the binary on the
+/// demo task's rankings (3 labelers per prompt).
+#[test]
+fn majority_pairs_and_the_listwise_loss_train() {
+    let f = fixture(8);
+    for (name, extra) in [
+        ("majority", "data.aggregate=\"majority\""),
+        ("listwise", "loss.kind=\"listwise\""),
+    ] {
+        let out = f.dir.join(name);
+        let (ok, stdout, err) = reward(
+            &[
+                format!("model.base={}", f.base.display()),
+                "data.path=datasets/demo/task/rankings.csv".into(),
+                format!("out={}", out.display()),
+                "data.demonstrations=\"\"".into(),
+                "train.max_steps=5".into(),
+                extra.into(),
+            ],
+            &[],
+        );
+        assert!(ok, "{name}: {err}");
+        let s = summary(&out);
+        let v = &s["validation"];
+        if name == "majority" {
+            assert!(stdout.contains("majority of labelers"), "{stdout}");
+            // Merged pairs are K = 2 groups of the labeler "majority"; no human ceiling is left.
+            assert_eq!(
+                v["by_k"].as_object().unwrap().keys().collect::<Vec<_>>(),
+                ["2"]
+            );
+            assert!(v["by_labeler"].get("majority").is_some(), "{v}");
+            assert!(v["human_ceiling"].is_null());
+        } else {
+            assert!(v["by_k"]["4"]["total"].as_u64().unwrap() > 0, "{v}");
+            assert!(s["train_loss"].as_f64().unwrap().is_finite());
+        }
+    }
+}
