@@ -214,7 +214,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
     };
     let reference: Option<&Lm> = separate_reference.as_ref().or(baseline.as_ref());
     let reference = match reference {
-        Some(r) if !models::same_tokenizer(&policy.tokenizer, &r.tokenizer) => {
+        Some(r) if !policy.tokenizer.same_ids(&r.tokenizer) => {
             let msg = format!(
                 "the KL reference {} has another tokenizer than the policy ({} vs {} tokens); token-level KL needs the same one",
                 r.dir.display(),

@@ -66,15 +66,6 @@ impl Lm {
     }
 }
 
-/// Whether two tokenizers give the same ids (so that token-level log-probabilities compare).
-pub fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> bool {
-    let probe = "The quick brown fox, 12 + 7 = 19. 你好！\n\nHuman: Assistant:";
-    a.vocab_size() == b.vocab_size()
-        && a.eos_id == b.eos_id
-        && a.pad_id == b.pad_id
-        && a.encode(probe).ok() == b.encode(probe).ok()
-}
-
 /// How to sample.
 #[derive(Clone, Debug, Serialize)]
 pub struct Sampling {

@@ -67,19 +67,8 @@ pub fn z(level: f64) -> f64 {
         .inverse_cdf(0.5 + level / 2.0)
 }
 
-/// The Wilson score interval of `k` successes (possibly fractional, e.g. ties counted as half)
-/// in `n` trials; `reward::eval::wilson` for whole `k`. (0, 1) for no trials.
-pub fn wilson(k: f64, n: usize, level: f64) -> (f64, f64) {
-    if n == 0 {
-        return (0.0, 1.0);
-    }
-    let z = z(level);
-    let (n, p) = (n as f64, k / n as f64);
-    let denom = 1.0 + z * z / n;
-    let centre = (p + z * z / (2.0 * n)) / denom;
-    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
-    ((centre - half).max(0.0), (centre + half).min(1.0))
-}
+/// The Wilson score interval (fractional `k` allowed: ties count half), from the reward crate.
+pub use reward::eval::wilson;
 
 /// A rate (of EOS, of gold successes) with its Wilson interval.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -206,7 +195,7 @@ mod tests {
     fn wilson_agrees_with_the_reward_crate_and_reference_values() {
         for (k, n) in [(0, 10), (3, 10), (10, 10), (57, 100), (1, 1)] {
             let ours = wilson(k as f64, n, LEVEL);
-            let theirs = reward::eval::wilson(k, n, LEVEL);
+            let theirs = reward::eval::wilson(k as f64, n, LEVEL);
             assert!(close(ours.0, theirs.0, 1e-12) && close(ours.1, theirs.1, 1e-12));
         }
         // statsmodels proportion_confint(3, 10, method="wilson"): (0.10779, 0.60322).

@@ -176,6 +176,16 @@ impl Tokenizer {
             .map_err(|e| ModelError::Invalid(format!("decoding failed: {e}")))
     }
 
+    /// Whether `other` gives the same ids (same vocabulary size, special tokens and encoding of
+    /// a probe text), so that token-level log-probabilities and values of one apply to the other.
+    pub fn same_ids(&self, other: &Tokenizer) -> bool {
+        let probe = "The quick brown fox, 12 + 7 = 19. 你好！\n\nHuman: Assistant:";
+        self.vocab_size() == other.vocab_size()
+            && self.eos_id == other.eos_id
+            && self.pad_id == other.pad_id
+            && self.encode(probe).ok() == other.encode(probe).ok()
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -436,15 +436,6 @@ impl Scorer {
     }
 }
 
-/// Checks that the critic's tokenizer is the policy's (the critic reads the policy's tokens).
-fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> bool {
-    let probe = "The quick brown fox, 12 + 7 = 19. 你好！\n\nHuman: Assistant:";
-    a.vocab_size() == b.vocab_size()
-        && a.eos_id == b.eos_id
-        && a.pad_id == b.pad_id
-        && a.encode(probe).ok() == b.encode(probe).ok()
-}
-
 /// The models of a run: the trained policy and critic (on the autodiff device), the frozen
 /// reference policy and the scorer (without autodiff).
 struct Models {
@@ -521,7 +512,7 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
                 .with_context(|| format!("the critic ({})", dir.display()))?;
         (m, t)
     };
-    if !same_tokenizer(&tokenizer, &critic_tok) {
+    if !tokenizer.same_ids(&critic_tok) {
         bail!(
             "the critic's tokenizer differs from the policy's ({} vs {} tokens); the critic reads the policy's tokens, so start it from a reward model trained on the policy (or set model.critic = \"policy\")",
             critic_tok.vocab_size(),
@@ -796,6 +787,12 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                     mb_mask.clone(),
                     ppo.clip_eps,
                 );
+                // The entropy joins the graph only when it is part of the loss.
+                let logits = if ppo.entropy_coef > 0.0 {
+                    logits
+                } else {
+                    logits.detach()
+                };
                 let entropy_t =
                     model::ops::masked_mean(core::entropy_from_logits(logits), mb_mask.clone());
                 let entropy = entropy_t.clone().into_scalar::<f32>();

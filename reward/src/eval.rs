@@ -21,7 +21,7 @@ pub struct Accuracy {
 
 impl Accuracy {
     pub fn new(correct: usize, total: usize) -> Self {
-        let (low, high) = wilson(correct, total, 0.95);
+        let (low, high) = wilson(correct as f64, total, 0.95);
         Self {
             correct,
             total,
@@ -36,15 +36,16 @@ impl Accuracy {
     }
 }
 
-/// The Wilson score interval of `k` successes in `n` trials at `level` (e.g. 0.95).
-pub fn wilson(k: usize, n: usize, level: f64) -> (f64, f64) {
+/// The Wilson score interval of `k` successes in `n` trials at `level` (e.g. 0.95); `k` may be
+/// fractional (a win rate counting ties as half). (0, 1) for no trials.
+pub fn wilson(k: f64, n: usize, level: f64) -> (f64, f64) {
     if n == 0 {
         return (0.0, 1.0);
     }
     let z = Normal::new(0.0, 1.0)
         .expect("standard normal")
         .inverse_cdf(0.5 + level / 2.0);
-    let (n, p) = (n as f64, k as f64 / n as f64);
+    let (n, p) = (n as f64, k / n as f64);
     let denom = 1.0 + z * z / n;
     let centre = (p + z * z / (2.0 * n)) / denom;
     let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
@@ -190,12 +191,12 @@ mod tests {
     #[test]
     fn wilson_interval_matches_the_textbook_values() {
         // 81 of 100, 95%: (0.72221, 0.87485) (e.g. statsmodels proportion_confint(81, 100, method="wilson")).
-        let (lo, hi) = wilson(81, 100, 0.95);
+        let (lo, hi) = wilson(81.0, 100, 0.95);
         assert!(
             (lo - 0.722_2).abs() < 1e-4 && (hi - 0.874_85).abs() < 1e-4,
             "{lo} {hi}"
         );
-        let (lo, hi) = wilson(0, 10, 0.95);
+        let (lo, hi) = wilson(0.0, 10, 0.95);
         assert!(lo.abs() < 1e-12 && (hi - 0.277_5).abs() < 1e-4, "{lo} {hi}");
     }
 

@@ -274,13 +274,27 @@ impl Run {
         &mut self,
         model: &CausalLm,
         optimizer: &ModuleOptimizer,
-        mut fields: Map<String, Value>,
+        fields: Map<String, Value>,
         evaluate: impl FnOnce(&CausalLm) -> Result<Option<E>>,
     ) -> Result<Option<E>> {
+        // Taken for the call and put back, rather than cloned (a tokenizer) at every step.
         let saving = self
             .saving
-            .clone()
+            .take()
             .expect("after_step is for runs made by Run::for_training");
+        let result = self.after_step_saving(model, optimizer, fields, evaluate, &saving);
+        self.saving = Some(saving);
+        result
+    }
+
+    fn after_step_saving<E: Evaluation>(
+        &mut self,
+        model: &CausalLm,
+        optimizer: &ModuleOptimizer,
+        mut fields: Map<String, Value>,
+        evaluate: impl FnOnce(&CausalLm) -> Result<Option<E>>,
+        saving: &Saving,
+    ) -> Result<Option<E>> {
         // One inference copy of the weights serves the evaluation, `best/` and the checkpoint.
         let frozen = (self.eval_due() || self.save_due()).then(|| model.valid());
         let mut evaluation = None;
