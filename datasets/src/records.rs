@@ -16,10 +16,16 @@ pub struct Demonstration {
     pub response: String,
 }
 
-/// A prompt alone (PPO rollouts).
+/// A prompt (PPO rollouts, evaluation), with its reference answer when the file has one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PromptRecord {
     pub prompt: String,
+    /// The optional `answer` field (a string or a number), for rule rewards and gold scoring.
+    #[serde(default)]
+    pub answer: Option<String>,
+    /// Line (or Parquet row) of the record in its file.
+    #[serde(default)]
+    pub line: usize,
 }
 
 /// Where a data set is and how to read it: the `[data]` tables of the stage configs.
@@ -220,11 +226,16 @@ pub fn load_demonstrations(src: &Source) -> Result<Vec<Demonstration>> {
     })
 }
 
-/// Prompts: field `prompt`.
+/// Prompts: field `prompt`, optional `answer`.
 pub fn load_prompts(src: &Source) -> Result<Vec<PromptRecord>> {
     load(src, |f| {
         Ok(PromptRecord {
             prompt: f.string("prompt")?,
+            answer: match f.present("answer") {
+                None => None,
+                Some(_) => Some(f.string("answer")?),
+            },
+            line: f.rec.line,
         })
     })
 }

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 use datasets::tokenize::{SftExample, lm_batch, sft_example};
 use datasets::{Demonstration, Source, load_demonstrations};
 use model::{CausalLm, Generation, PromptTemplate, TokenBatch, Tokenizer};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,43 +35,31 @@ pub fn read_prompts(
     max_tokens: usize,
     need_answer: bool,
 ) -> Result<Vec<Prompt>> {
-    let records = datasets::read_records(path, None)?;
-    let col = |f: &str| columns.get(f).map_or(f, String::as_str).to_string();
-    let (pcol, acol) = (col("prompt"), col("answer"));
+    let src = Source {
+        path: path.to_path_buf(),
+        format: None,
+        columns: columns.clone(),
+    };
+    let records = datasets::load_prompts(&src)?;
     let mut out = Vec::with_capacity(records.len());
-    for r in &records {
+    for r in records {
         let at = |field: &str, msg: String| {
-            anyhow::anyhow!("{} line {}, field `{field}`: {msg}", path.display(), r.line)
+            let col = columns.get(field).map_or(field, String::as_str);
+            anyhow::anyhow!("{} line {}, field `{col}`: {msg}", path.display(), r.line)
         };
-        let text = match r.fields.get(&pcol) {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => return Err(at(&pcol, format!("expected a string, found {other}"))),
-            None => {
-                return Err(at(
-                    &pcol,
-                    "missing; map it with data.columns.prompt = \"<column>\"".into(),
-                ));
-            }
-        };
-        let answer = match r.fields.get(&acol) {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            None | Some(Value::Null) if need_answer => {
-                return Err(at(
-                    &acol,
-                    "missing; the exact_answer rule needs an answer per prompt".into(),
-                ));
-            }
-            None | Some(Value::Null) => None,
-            Some(other) => return Err(at(&acol, format!("expected a string, found {other}"))),
-        };
-        let tokens = tok.encode(&template.render(&text))?;
+        if need_answer && r.answer.is_none() {
+            return Err(at(
+                "answer",
+                "missing; the exact_answer rule needs an answer per prompt".into(),
+            ));
+        }
+        let tokens = tok.encode(&template.render(&r.prompt))?;
         if tokens.is_empty() {
-            return Err(at(&pcol, "renders to no tokens".into()));
+            return Err(at("prompt", "renders to no tokens".into()));
         }
         if tokens.len() > max_tokens {
             return Err(at(
-                &pcol,
+                "prompt",
                 format!(
                     "the prompt is {} tokens with its template, longer than the {max_tokens} the policy's context leaves after rollout.max_new_tokens; shorten it or lower max_new_tokens",
                     tokens.len()
@@ -79,8 +67,8 @@ pub fn read_prompts(
             ));
         }
         out.push(Prompt {
-            text,
-            answer,
+            text: r.prompt,
+            answer: r.answer,
             tokens,
             source: path.display().to_string(),
             line: r.line,
