@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 /// Errors listed before giving up.
 pub const MAX_ERRORS: usize = 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum CsvFormat {
     /// `prompt_id, prompt, response_id, response, labeler_id, rank`: one row per ranked response.
     Long,

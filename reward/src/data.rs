@@ -81,7 +81,7 @@ pub struct DataSection {
     pub use_groups: bool,
     /// Rankings CSV layout: long or wide; from the header when absent.
     #[serde(default)]
-    pub csv_format: Option<String>,
+    pub csv_format: Option<CsvFormat>,
     /// none (each labeler's ranking is a group) or majority.
     #[serde(default)]
     pub aggregate: Aggregate,
@@ -150,13 +150,7 @@ pub fn read_groups(d: &DataSection) -> Result<Vec<(RankedGroup, Option<f64>)>> {
             }
         }
         DataKind::RankingsCsv => {
-            let format = match d.csv_format.as_deref() {
-                None => None,
-                Some("long") => Some(CsvFormat::Long),
-                Some("wide") => Some(CsvFormat::Wide),
-                Some(other) => bail!("data.csv_format = {other:?}: use \"long\" or \"wide\""),
-            };
-            let groups = labeling::import::read_rankings(&d.path, format, &HashMap::new())
+            let groups = labeling::import::read_rankings(&d.path, d.csv_format, &HashMap::new())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             no_margin(groups)
         }
@@ -228,15 +222,12 @@ fn detect(d: &DataSection) -> Result<DataKind> {
     }
     let name = p.to_string_lossy().to_lowercase();
     if name.ends_with(".csv") {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
-        let header = text.lines().next().unwrap_or("").to_lowercase();
-        let cols: Vec<&str> = header
-            .trim_start_matches('\u{feff}')
-            .split(',')
-            .map(|c| c.trim().trim_matches('"'))
-            .collect();
-        if cols.contains(&"rank") || cols.contains(&"ranking") {
+        // The header, read by the CSV reader the importer uses (BOM, quoting).
+        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let (header, _) = datasets::read::csv_rows(p, datasets::read::utf8_text(p, &bytes)?)?;
+        if header.iter().any(|c| {
+            c.trim().eq_ignore_ascii_case("rank") || c.trim().eq_ignore_ascii_case("ranking")
+        }) {
             return Ok(DataKind::RankingsCsv);
         }
         return Ok(DataKind::Comparisons);
