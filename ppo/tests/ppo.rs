@@ -240,33 +240,9 @@ fn killed_and_resumed_run_ends_bit_identical() {
         args.push("--set".into());
         args.push(x);
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ppo"))
-        .current_dir(root())
-        .args(&args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !killed.join("checkpoint-000004").exists() && start.elapsed().as_secs() < 300 {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().ok(); // SIGKILL
-    child.wait().unwrap();
-    let newest = std::fs::read_dir(&killed)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("checkpoint-")
-        })
-        .max()
-        .expect("a checkpoint before the kill");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppo"));
+    cmd.current_dir(root()).args(&args);
+    let newest = e2e::kill_once_written(&mut cmd, &killed.join("checkpoint-000004"), &killed);
     let (ok, stdout, err) = ppo(
         &rule_run(&killed, 12, &extra),
         &["--resume", newest.to_str().unwrap()],

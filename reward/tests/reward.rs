@@ -463,32 +463,7 @@ fn killed_and_resumed_run_ends_bit_identical() {
     for x in &s2 {
         cmd.args(["--set", x]);
     }
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let ckpt = killed.join("checkpoint-000008");
-    let start = std::time::Instant::now();
-    while !ckpt.exists() && start.elapsed().as_secs() < 300 {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    child.kill().ok(); // SIGKILL
-    child.wait().unwrap();
-    let newest = std::fs::read_dir(&killed)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("checkpoint-")
-        })
-        .max()
-        .expect("a checkpoint was written before the kill");
+    let newest = e2e::kill_once_written(&mut cmd, &killed.join("checkpoint-000008"), &killed);
     let (ok, stdout, err) = reward(&s2, &["--resume", newest.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(stdout.contains("resumed from"), "{stdout}");

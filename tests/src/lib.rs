@@ -1,1 +1,35 @@
-//! End-to-end tests of the pipeline live in `tests/`; this crate has no code of its own.
+//! End-to-end tests of the pipeline live in `tests/`; this library holds the little the stages'
+//! own end-to-end tests share: killing a training run with SIGKILL mid-way, as the exact-resume
+//! tests of `reward` and `ppo` do.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Starts `cmd`, kills it with SIGKILL as soon as `marker` exists (or lets it end, at most five
+/// minutes), and returns the newest `checkpoint-*` folder it left in `out`.
+pub fn kill_once_written(cmd: &mut Command, marker: &Path, out: &Path) -> PathBuf {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the run to kill");
+    let start = Instant::now();
+    while !marker.exists() && start.elapsed().as_secs() < 300 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().ok(); // SIGKILL
+    child.wait().unwrap();
+    std::fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+        })
+        .max()
+        .expect("a checkpoint was written before the kill")
+}
