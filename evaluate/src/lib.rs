@@ -356,13 +356,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
     let settings = Settings {
         prompts_file: opts.prompts.display().to_string(),
         prompts: prompts.len(),
-        samples_per_prompt: opts.samples_per_prompt,
-        max_new_tokens: opts.max_new_tokens,
-        temperature: opts.temperature,
-        top_k: opts.top_k,
-        top_p: opts.top_p,
-        seed: opts.seed,
-        batch_size: opts.batch_size,
+        sampling: sampling.clone(),
         reward_model: opts.reward_model.display().to_string(),
         reward_normalization: normalization,
         reference: reference

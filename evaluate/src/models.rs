@@ -67,7 +67,7 @@ impl Lm {
 }
 
 /// How to sample.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Sampling {
     pub samples_per_prompt: usize,
     pub max_new_tokens: usize,

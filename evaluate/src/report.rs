@@ -13,13 +13,9 @@ use std::fmt::Write as _;
 pub struct Settings {
     pub prompts_file: String,
     pub prompts: usize,
-    pub samples_per_prompt: usize,
-    pub max_new_tokens: usize,
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub seed: u64,
-    pub batch_size: usize,
+    /// How the responses were sampled (its keys sit at this level of metrics.json).
+    #[serde(flatten)]
+    pub sampling: Sampling,
     pub reward_model: String,
     /// How the reward model's raw scores were normalised (`rlhf.json`), if at all.
     pub reward_normalization: Option<String>,
@@ -29,20 +25,6 @@ pub struct Settings {
     pub demonstrations: Option<String>,
     pub backend: String,
     pub device: String,
-}
-
-impl Settings {
-    pub fn sampling(&self) -> Sampling {
-        Sampling {
-            samples_per_prompt: self.samples_per_prompt,
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            seed: self.seed,
-            batch_size: self.batch_size,
-        }
-    }
 }
 
 /// One model's metrics.
@@ -210,7 +192,7 @@ pub fn findings(m: &Metrics) -> Vec<String> {
             out.push(format!(
                 "{:.0}% of the {name}'s responses have no EOS (cut at --max-new-tokens {}); their rewards are those of truncated text.",
                 100.0 * (1.0 - mm.eos_rate.rate),
-                m.settings.max_new_tokens
+                m.settings.sampling.max_new_tokens
             ));
         }
     }
@@ -289,13 +271,13 @@ pub fn markdown(
         "{} prompts from `{}` × {} sample(s) = {} responses per model; max_new_tokens {}, temperature {}, top_p {}, top_k {}, seed {}.",
         s.prompts,
         s.prompts_file,
-        s.samples_per_prompt,
+        s.sampling.samples_per_prompt,
         m.policy.responses,
-        s.max_new_tokens,
-        s.temperature,
-        s.top_p,
-        s.top_k,
-        s.seed
+        s.sampling.max_new_tokens,
+        s.sampling.temperature,
+        s.sampling.top_p,
+        s.sampling.top_k,
+        s.sampling.seed
     );
     let _ = writeln!(o);
     let _ = writeln!(o, "- policy: `{}`", m.policy.dir);
@@ -405,14 +387,14 @@ pub fn markdown(
 
     let _ = writeln!(o, "## Samples");
     let _ = writeln!(o);
-    for (j, (i, sample)) in shown_samples(prompts.len(), s.samples_per_prompt)
+    for (j, (i, sample)) in shown_samples(prompts.len(), s.sampling.samples_per_prompt)
         .into_iter()
         .enumerate()
     {
-        let idx = i * s.samples_per_prompt + sample;
+        let idx = i * s.sampling.samples_per_prompt + sample;
         let p = &prompts[i];
         let _ = write!(o, "### {}. {}", j + 1, cell(&p.text));
-        if s.samples_per_prompt > 1 {
+        if s.sampling.samples_per_prompt > 1 {
             let _ = write!(o, " (sample {})", sample + 1);
         }
         let _ = writeln!(o);
@@ -507,13 +489,15 @@ mod tests {
             settings: Settings {
                 prompts_file: "p.jsonl".into(),
                 prompts: 100,
-                samples_per_prompt: 1,
-                max_new_tokens: 64,
-                temperature: 1.0,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 0,
-                batch_size: 16,
+                sampling: Sampling {
+                    samples_per_prompt: 1,
+                    max_new_tokens: 64,
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    seed: 0,
+                    batch_size: 16,
+                },
                 reward_model: "rm".into(),
                 reward_normalization: None,
                 reference: None,
