@@ -11,10 +11,13 @@
 //!   "answer is", "答案是" or "答案：", else the last number) equals the prompt's reference answer
 //!   ([`gold_answer`] of the prompts file's `answer` field), both [`normalize`]d, numbers compared
 //!   numerically ("1,234" = "1234", "8.0" = "8").
+//! - [`Rule::FinalAnswer`]: the same, but the answer must be stated after a marker
+//!   ([`extract_final_answer`]); a bare number, however right, scores 0. For tasks whose
+//!   instructions fix the answer's form (the demo task: "The answer is X.").
 //! - [`Rule::Regex`]: the response matches a regular expression.
 //!
 //! Rules come from configs (serde, `kind = "exact_answer"` or `kind = "regex", pattern = "…"`) or
-//! from CLI strings ([`parse_rule`]: `exact_answer` or `regex:<pattern>`), and are compiled once
+//! from CLI strings ([`parse_rule`]: `exact_answer`, `final_answer` or `regex:<pattern>`), and are compiled once
 //! ([`Rule::compile`]) so that a bad pattern is an error at load, not at the first response.
 
 use regex::Regex;
@@ -42,6 +45,13 @@ static NUMBER: LazyLock<Regex> =
 /// whitespace; without any marker (or with nothing after it), the last number in the response
 /// (with its sign, thousands commas removed). None when neither is found.
 pub fn extract_answer(response: &str) -> Option<String> {
+    extract_final_answer(response).or_else(|| last_number(response))
+}
+
+/// The final answer a response states after its last marker (`####`, "answer is" in any case,
+/// "答案是", "答案："), up to the end of that sentence, without trailing `.`, `。`, `!` or
+/// whitespace; None without a marker or with nothing after it.
+pub fn extract_final_answer(response: &str) -> Option<String> {
     // ASCII lowercasing keeps byte offsets, so positions found here index `response`.
     let lower = response.to_ascii_lowercase();
     let last = MARKERS
@@ -59,7 +69,7 @@ pub fn extract_answer(response: &str) -> Option<String> {
             return Some(answer.to_string());
         }
     }
-    last_number(response)
+    None
 }
 
 /// Byte offset where the first sentence of `s` ends (exclusive of what follows): at a newline, a
@@ -158,6 +168,9 @@ pub enum Rule {
     /// The response's final answer ([`extract_answer`]) equals the prompt's reference answer
     /// ([`gold_answer`] of its `answer` field), both [`normalize`]d.
     ExactAnswer,
+    /// As `ExactAnswer`, but only an answer stated after a marker counts
+    /// ([`extract_final_answer`]; no last-number fallback).
+    FinalAnswer,
     /// The response matches the regular expression (Rust `regex` syntax) anywhere.
     Regex { pattern: String },
 }
@@ -167,7 +180,7 @@ impl Rule {
     pub fn compile(&self) -> Result<CompiledRule, String> {
         let regex =
             match self {
-                Rule::ExactAnswer => None,
+                Rule::ExactAnswer | Rule::FinalAnswer => None,
                 Rule::Regex { pattern } => Some(Regex::new(pattern).map_err(|e| {
                     format!("rule regex:{pattern}: invalid pattern {pattern:?}: {e}")
                 })?),
@@ -185,15 +198,16 @@ impl Rule {
 
     /// Whether scoring needs the prompt's reference answer.
     pub fn needs_answer(&self) -> bool {
-        matches!(self, Rule::ExactAnswer)
+        matches!(self, Rule::ExactAnswer | Rule::FinalAnswer)
     }
 }
 
-/// `exact_answer` or `regex:<pattern>`, as [`parse_rule`] reads it.
+/// `exact_answer`, `final_answer` or `regex:<pattern>`, as [`parse_rule`] reads it.
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rule::ExactAnswer => write!(f, "exact_answer"),
+            Rule::FinalAnswer => write!(f, "final_answer"),
             Rule::Regex { pattern } => write!(f, "regex:{pattern}"),
         }
     }
@@ -214,15 +228,21 @@ impl CompiledRule {
     /// 1.0 or 0.0; an error when the rule needs the prompt's answer and `answer` is None.
     pub fn score(&self, response: &str, answer: Option<&str>) -> Result<f32, String> {
         match (&self.rule, &self.regex) {
-            (Rule::ExactAnswer, _) => {
+            (rule @ (Rule::ExactAnswer | Rule::FinalAnswer), _) => {
                 let answer = answer.ok_or_else(|| {
-                    "rule exact_answer needs the prompt's reference answer, but the prompt has \
-                     none; give the prompts file an `answer` field (or map one with \
-                     columns.answer)"
-                        .to_string()
+                    format!(
+                        "rule {rule} needs the prompt's reference answer, but the prompt has \
+                         none; give the prompts file an `answer` field (or map one with \
+                         columns.answer)"
+                    )
                 })?;
                 let gold = normalize(&gold_answer(answer));
-                let ok = extract_answer(response).is_some_and(|a| normalize(&a) == gold);
+                let stated = if *rule == Rule::FinalAnswer {
+                    extract_final_answer(response)
+                } else {
+                    extract_answer(response)
+                };
+                let ok = stated.is_some_and(|a| normalize(&a) == gold);
                 Ok(if ok { 1.0 } else { 0.0 })
             }
             (Rule::Regex { .. }, Some(re)) => Ok(if re.is_match(response) { 1.0 } else { 0.0 }),
@@ -231,12 +251,14 @@ impl CompiledRule {
     }
 }
 
-/// A rule from a CLI or config string: `exact_answer` or `regex:<pattern>` (the pattern is
+/// A rule from a CLI or config string: `exact_answer`, `final_answer` or `regex:<pattern>` (the pattern is
 /// compiled here, so a bad one is an error naming it).
 pub fn parse_rule(s: &str) -> Result<Rule, String> {
     let t = s.trim();
     let rule = if t == "exact_answer" || t == "exact-answer" {
         Rule::ExactAnswer
+    } else if t == "final_answer" || t == "final-answer" {
+        Rule::FinalAnswer
     } else if let Some(p) = s.trim_start().strip_prefix("regex:") {
         if p.is_empty() {
             return Err(format!(
@@ -248,7 +270,7 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
         }
     } else {
         return Err(format!(
-            "unknown rule {s:?}; expected `exact_answer` or `regex:<pattern>`"
+            "unknown rule {s:?}; expected `exact_answer`, `final_answer` or `regex:<pattern>`"
         ));
     };
     rule.compile()?;

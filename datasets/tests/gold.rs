@@ -1,7 +1,9 @@
 //! The gold scorer: answer extraction, normalisation, rules, and GSM8K's reference solutions from
 //! ../shared/data (skipped, with a message, where it is absent).
 
-use datasets::gold::{Rule, extract_answer, gold_answer, normalize, parse_rule};
+use datasets::gold::{
+    Rule, extract_answer, extract_final_answer, gold_answer, normalize, parse_rule,
+};
 use std::path::Path;
 
 fn exact(response: &str, answer: &str) -> f32 {
@@ -104,6 +106,34 @@ fn exact_answer_rejects_wrong_or_missing_answers() {
     assert_eq!(exact("no number here", "8"), 0.0);
     assert_eq!(exact("", "8"), 0.0);
     assert_eq!(exact(" The answer is 9, 3, 14.", "3, 9, 14"), 0.0);
+}
+
+#[test]
+fn final_answer_needs_the_stated_form_and_exact_answer_does_not() {
+    let fin = |r: &str, a: &str| Rule::FinalAnswer.score(r, Some(a)).unwrap();
+    for (response, answer) in [
+        (" 3 plus 9 is 12. The answer is 12.", "12"),
+        (" 答案是49, 2。", "49, 2"),
+        ("so #### 1,234", "1234"),
+        (" The answer is s-e-e-d.", "s-e-e-d"),
+    ] {
+        assert_eq!(fin(response, answer), 1.0, "{response}");
+        assert_eq!(exact(response, answer), 1.0, "{response}");
+    }
+    // The right number without the form: exact_answer falls back to it, final_answer does not.
+    for response in [" well, 12 i guess", " 12", " hmm let me see... 12?"] {
+        assert_eq!(exact(response, "12"), 1.0, "{response}");
+        assert_eq!(fin(response, "12"), 0.0, "{response}");
+        assert_eq!(extract_final_answer(response), None);
+    }
+    assert_eq!(fin(" The answer is 13.", "12"), 0.0);
+    assert_eq!(parse_rule("final_answer"), Ok(Rule::FinalAnswer));
+    assert_eq!(Rule::FinalAnswer.to_string(), "final_answer");
+    assert!(Rule::FinalAnswer.needs_answer());
+    let e = Rule::FinalAnswer
+        .score("The answer is 8.", None)
+        .unwrap_err();
+    assert!(e.contains("final_answer"), "{e}");
 }
 
 #[test]

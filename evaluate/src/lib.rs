@@ -53,8 +53,9 @@ pub struct Options {
     /// Demonstrations (`prompt`, `response`) to measure each model's perplexity on.
     #[arg(long)]
     pub demonstrations: Option<PathBuf>,
-    /// Gold reward rule: `exact_answer` or `regex:<pattern>` (default: exact_answer when the
-    /// prompts have answers).
+    /// Gold reward rule: `exact_answer` (the stated answer, else the last number),
+    /// `final_answer` (only an answer stated as "The answer is X" / `#### X` counts) or
+    /// `regex:<pattern>` (default: exact_answer when the prompts have answers).
     #[arg(long)]
     pub gold: Option<String>,
     /// Output folder: metrics.json, samples.jsonl, report.md and the plots (replaced whole).

@@ -3,17 +3,25 @@
 //!
 //! The task is a mix of small instruction-following problems that a tiny model (hidden size 64,
 //! 2 layers, a BPE vocabulary of about 1,024) can partly learn on a CPU in minutes: addition and
-//! subtraction of one- and two-digit numbers, comparing two numbers, counting the words of a short
-//! phrase or the letters of a word, sorting up to four numbers, and spelling a word letter by
-//! letter; about 20% of the prompts are in Chinese. Every prompt has a gold answer that
-//! [`datasets::gold::Rule::ExactAnswer`] checks, and every correct response ends in
-//! "The answer is X." (or "答案是X。"). Numbers and words are drawn fresh for every prompt, and no
-//! problem (whatever its wording or language) appears twice across the files, so the evaluation
-//! prompts are really held out and a tiny SFT model stays clearly imperfect by the gold scorer,
-//! leaving room for RL.
+//! subtraction of numbers up to 20, comparing two numbers below 100, counting the words of a short
+//! phrase or the letters of a word, sorting two or three numbers, and spelling a word letter by
+//! letter; about 20% of the prompts are in Chinese. Every prompt has a gold answer, and the task's
+//! form is to end with "The answer is X." (or "答案是X。"): the gold rule is
+//! [`datasets::gold::Rule::FinalAnswer`], the right answer stated in that form. Numbers and words
+//! are drawn fresh for every prompt, and no problem (whatever its wording or language) appears
+//! twice across the files, so the evaluation prompts are really held out.
+//!
+//! Room for RL, as in InstructGPT: the demonstrations come from demonstrators of mixed care. A
+//! share of them ([`SimulateParams::sloppy`], half by default) is written by careless demonstrators
+//! who give the right answer but skip the form (" well, 12 i guess", " 12"), so the SFT policy picks
+//! up the habit along with the task and is clearly imperfect by the gold rule. The labelers rank
+//! such wrong-format answers last, which the reward model learns, so PPO can raise the gold
+//! accuracy without the reward model ever seeing the gold rule. (A tiny reward model does not
+//! learn to tell a right sum from a nearly right one; what PPO fixes is mostly the form.)
 //!
 //! Written into the output folder, atomically:
-//! - `demonstrations.jsonl` (`prompt`, `response`): SFT data, prompt → a correct response;
+//! - `demonstrations.jsonl` (`prompt`, `response`): SFT data, prompt → a correct response (or,
+//!   for the sloppy share, the right answer in a wrong format);
 //! - `prompts.jsonl` (`prompt`, `answer`): prompts for PPO;
 //! - `eval_prompts.jsonl` (`prompt`, `answer`): held-out prompts for evaluation;
 //! - `rankings.csv`: a long rankings CSV for `labeling import`: K candidate responses per
@@ -54,6 +62,11 @@ pub struct SimulateParams {
     pub k: usize,
     /// Probability of swapping adjacent candidates (the mean labeler's); ties come at half of it.
     pub noise: f64,
+    /// Share of demonstrations written by careless demonstrators: the right answer, but not in
+    /// the task's "The answer is X." form (a bare or hedged answer), which the gold rule
+    /// (`final_answer`) scores 0 and the labelers rank last. The SFT policy learns this habit
+    /// along with the task; the labelers' rankings teach the reward model to dislike it.
+    pub sloppy: f64,
 }
 
 impl Default for SimulateParams {
@@ -61,12 +74,13 @@ impl Default for SimulateParams {
         Self {
             seed: 0,
             train_prompts: 400,
-            eval_prompts: 100,
-            demonstrations: 1000,
+            eval_prompts: 300,
+            demonstrations: 3000,
             comparison_prompts: 180,
             labelers: 3,
             k: 4,
             noise: 0.15,
+            sloppy: 0.5,
         }
     }
 }
@@ -132,8 +146,10 @@ pub struct Task {
     /// The gold answer, as `prompts.jsonl` holds it.
     pub answer: String,
     /// A correct response in the task's format (with the leading space of the default
-    /// "…Assistant:" template).
+    /// "…Assistant:" template); for a sloppy demonstration, the right answer in a wrong format.
     pub response: String,
+    /// A demonstration written by a careless demonstrator ([`SimulateParams::sloppy`]).
+    pub sloppy: bool,
 }
 
 /// What a candidate response is, in the gold preference order (best first).
@@ -215,6 +231,8 @@ pub struct TaskInfo {
     pub task_kinds: BTreeMap<String, BTreeMap<String, usize>>,
     /// File → prompts in Chinese.
     pub chinese_prompts: BTreeMap<String, usize>,
+    /// Demonstrations written by careless demonstrators (right answer, wrong format).
+    pub sloppy_demonstrations: usize,
     pub labels: LabelSummary,
 }
 
@@ -253,6 +271,11 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
         (0.0..=1.0).contains(&params.noise),
         "--noise {}: a probability in [0, 1]",
         params.noise
+    );
+    ensure!(
+        (0.0..=1.0).contains(&params.sloppy),
+        "--sloppy {}: a share in [0, 1]",
+        params.sloppy
     );
     ensure!(
         params.labelers >= 1,
@@ -302,7 +325,13 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
             rankings,
         });
     }
-    let demonstrations = g.tasks(params.demonstrations)?;
+    let mut demonstrations = g.tasks(params.demonstrations)?;
+    for t in &mut demonstrations {
+        if g.rng.random_bool(params.sloppy) {
+            t.response = wrong_format(&t.answer, t.chinese, &mut g.rng);
+            t.sloppy = true;
+        }
+    }
     Ok(Simulated {
         params: params.clone(),
         demonstrations,
@@ -384,7 +413,7 @@ impl Simulated {
             generator: "labeling simulate".into(),
             params: self.params.clone(),
             chinese_fraction: CHINESE_FRACTION,
-            gold_rule: "exact_answer".into(),
+            gold_rule: "final_answer".into(),
             preference: "correct > verbose > nearly_right > wrong_format = wrong".into(),
             labeler_noise: self.labeler_noise.iter().cloned().collect(),
             files: BTreeMap::from([
@@ -395,6 +424,7 @@ impl Simulated {
             ]),
             task_kinds,
             chinese_prompts,
+            sloppy_demonstrations: self.demonstrations.iter().filter(|t| t.sloppy).count(),
             labels: LabelSummary {
                 groups: groups.len(),
                 groups_with_ties: with_ties,
@@ -560,6 +590,12 @@ const WRONG_FORMAT_EN: &[&str] = &[
     " {} (not totally sure)",
 ];
 const WRONG_FORMAT_ZH: &[&str] = &[" {}", " 嗯……{}吧", " 应该是{}？", " 我猜是{}"];
+
+/// The right answer without the task's "The answer is X." form: bare or hedged.
+fn wrong_format(answer: &str, zh: bool, rng: &mut StdRng) -> String {
+    let forms = if zh { WRONG_FORMAT_ZH } else { WRONG_FORMAT_EN };
+    forms.choose(rng).expect("forms").replacen("{}", answer, 1)
+}
 
 /// A problem before it is worded.
 #[derive(Clone, Debug)]
@@ -878,6 +914,12 @@ impl Generator {
         }
     }
 
+    /// An operand of the arithmetic problems: 0 to 20 (sums up to 40), a range whose facts a tiny
+    /// model partly learns from a few thousand demonstrations.
+    fn operand(&mut self) -> u32 {
+        self.rng.random_range(0..=20)
+    }
+
     fn distinct_numbers(&mut self, n: usize) -> Vec<u32> {
         let mut v: Vec<u32> = Vec::with_capacity(n);
         while v.len() < n {
@@ -891,9 +933,9 @@ impl Generator {
 
     fn problem(&mut self, kind: TaskKind) -> Problem {
         match kind {
-            TaskKind::Add => Problem::Add(self.number(), self.number()),
+            TaskKind::Add => Problem::Add(self.operand(), self.operand()),
             TaskKind::Sub => {
-                let (x, y) = (self.number(), self.number());
+                let (x, y) = (self.operand(), self.operand());
                 Problem::Sub(x.max(y), x.min(y))
             }
             TaskKind::Compare => {
@@ -917,7 +959,7 @@ impl Generator {
                 Problem::CountLetters(WORDS.choose(&mut self.rng).expect("words"))
             }
             TaskKind::Sort => {
-                let n = self.rng.random_range(2..=4);
+                let n = self.rng.random_range(2..=3);
                 let nums = self.distinct_numbers(n);
                 Problem::Sort {
                     nums,
@@ -959,6 +1001,7 @@ impl Generator {
                 response: problem.response(zh, &answer),
                 prompt,
                 answer,
+                sloppy: false,
             };
             return Ok((task, problem));
         }
@@ -1009,13 +1052,7 @@ impl Generator {
                         )
                     }
                     CandidateKind::NearlyRight => problem.response(zh, &near),
-                    CandidateKind::WrongFormat => {
-                        let forms = if zh { WRONG_FORMAT_ZH } else { WRONG_FORMAT_EN };
-                        forms
-                            .choose(rng)
-                            .expect("forms")
-                            .replacen("{}", &task.answer, 1)
-                    }
+                    CandidateKind::WrongFormat => wrong_format(&task.answer, zh, rng),
                     CandidateKind::Wrong => {
                         let wrong = problem.wrong(rng, &[&task.answer, &near]);
                         problem.response(zh, &wrong)

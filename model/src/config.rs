@@ -374,12 +374,14 @@ impl ModelConfig {
     /// | preset | hidden | layers | heads (kv) | intermediate |
     /// |---|---|---|---|---|
     /// | tiny | 64 | 2 | 4 (2) | 172 |
+    /// | mini | 128 | 4 | 4 (2) | 344 |
     /// | small | 256 | 4 | 4 (4) | 688 |
     /// | medium | 512 | 8 | 8 (8) | 1376 |
     /// | large | 768 | 12 | 12 (4) | 2048 |
     pub fn preset(name: &str, vocab_size: usize) -> Result<Self> {
         let (hidden, layers, heads, kv, inter) = match name {
             "tiny" => (64, 2, 4, 2, 172),
+            "mini" => (128, 4, 4, 2, 344),
             "small" => (256, 4, 4, 4, 688),
             "medium" => (512, 8, 8, 8, 1376),
             "large" => (768, 12, 12, 4, 2048),

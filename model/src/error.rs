@@ -54,7 +54,7 @@ pub enum ModelError {
         head: &'static str,
         hint: String,
     },
-    #[error("unknown model preset `{0}`; available: tiny, small, medium, large")]
+    #[error("unknown model preset `{0}`; available: tiny, mini, small, medium, large")]
     UnknownPreset(String),
     #[error("invalid device `{0}`: {1}")]
     Device(String, String),

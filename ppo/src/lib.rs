@@ -88,7 +88,8 @@ pub struct DataSection {
 #[serde(deny_unknown_fields)]
 pub struct RewardSection {
     /// A rule reward instead of the reward model: "exact_answer" (against the prompts' `answer`;
-    /// GSM8K: the number after ####) or "regex:<pattern>".
+    /// GSM8K: the number after ####), "final_answer" (the same, stated after a marker only) or
+    /// "regex:<pattern>".
     #[serde(default)]
     pub rule: Option<String>,
     /// Score of a response that ended without EOS (hit max_new_tokens); −1 is usual.

@@ -178,12 +178,10 @@ fn a_learnable_preference_is_learned_and_transformers_scores_the_same() {
     ]));
     // No demonstrations file: normalise on the training responses.
     let cfg = f.dir.join("rm.toml");
-    let text = std::fs::read_to_string(root().join("configs/reward.toml"))
-        .unwrap()
-        .replace(
-            "demonstrations = \"datasets/demo/demonstrations.jsonl\"\n",
-            "",
-        );
+    let line = "demonstrations = \"datasets/demo/task/demonstrations.jsonl\"\n";
+    let text = std::fs::read_to_string(root().join("configs/reward.toml")).unwrap();
+    assert!(text.contains(line), "configs/reward.toml lacks {line:?}");
+    let text = text.replace(line, "");
     std::fs::write(&cfg, text).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_reward"));
     cmd.current_dir(root()).arg("--config").arg(&cfg);

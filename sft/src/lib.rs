@@ -49,7 +49,7 @@ pub struct ModelSection {
     /// An HF model folder to fine-tune; when absent, a new model from `preset`.
     #[serde(default)]
     pub base: Option<PathBuf>,
-    /// tiny, small, medium or large: a new Llama-architecture model.
+    /// tiny, mini, small, medium or large: a new Llama-architecture model.
     #[serde(default)]
     pub preset: Option<String>,
     /// A tokenizer.json to use instead of the base model's; for a new model, instead of training
@@ -154,7 +154,7 @@ fn load_model(
         (m, tok)
     } else {
         let preset = cfg.model.preset.as_deref().context(
-            "set model.base (an HF model folder) or model.preset (tiny, small, medium, large)",
+            "set model.base (an HF model folder) or model.preset (tiny, mini, small, medium, large)",
         )?;
         let tok = match tokenizer {
             Some(p) => Tokenizer::from_file(p, None, None, None)?,

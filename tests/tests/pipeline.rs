@@ -1,6 +1,6 @@
 //! The pipeline as it exists, end to end, through the real binaries on tiny configs:
-//! sft on the bundled demonstrations → sample from the result → export a labeling sheet from the
-//! SFT policy → two labelers fill it → import the rankings → a reward model on them → score.
+//! sft on the demo task's demonstrations → sample from the result → export a labeling sheet from
+//! the SFT policy → two labelers fill it → import the rankings → a reward model on them → score.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,14 +64,16 @@ fn sft_then_sample_then_label_then_import_then_reward() {
         "{info}"
     );
 
-    // The fine-tuned policy answers in the demonstrations' format.
+    // The fine-tuned policy answers a task prompt with a number, as the demonstrations do
+    // (careful or sloppy; after 150 steps it measured " 6 is smaller than 5. The answer is 6.",
+    // not yet right).
     let sample = run(
         "model",
         &[
             "generate",
             &t("sft/final"),
             "--prompt",
-            "What colour is snow?",
+            "What is 3 plus 4?",
             "--template",
             "Human: {prompt}\\n\\nAssistant:",
             "--temperature",
@@ -83,9 +85,20 @@ fn sft_then_sample_then_label_then_import_then_reward() {
     );
     let v: serde_json::Value = serde_json::from_str(sample.trim()).unwrap();
     let completion = v["completion"].as_str().unwrap();
-    assert!(completion.contains(" is "), "completion {completion:?}");
+    assert!(
+        completion.chars().any(|c| c.is_ascii_digit()),
+        "completion {completion:?}"
+    );
 
-    // Sheet from the SFT policy, filled by two labelers, imported.
+    // Sheet from the SFT policy on the demo task's first 64 prompts, filled by two labelers,
+    // imported.
+    let prompts: String = std::fs::read_to_string(root().join("datasets/demo/task/prompts.jsonl"))
+        .unwrap()
+        .lines()
+        .take(64)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(t("prompts.jsonl"), prompts).unwrap();
     run(
         "labeling",
         &[
@@ -93,7 +106,7 @@ fn sft_then_sample_then_label_then_import_then_reward() {
             "--policy",
             &t("sft/final"),
             "--prompts",
-            "datasets/demo/prompts.jsonl",
+            &t("prompts.jsonl"),
             "--k",
             "3",
             "--out",

@@ -63,10 +63,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Lines of prompts.jsonl (PPO prompts).
-        #[arg(long, default_value_t = 400)]
+        #[arg(long, default_value_t = SimulateParams::default().train_prompts)]
         train_prompts: usize,
         /// Lines of eval_prompts.jsonl (held out).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = SimulateParams::default().eval_prompts)]
         eval_prompts: usize,
         /// Lines of demonstrations.jsonl (SFT).
         #[arg(long, default_value_t = SimulateParams::default().demonstrations)]
@@ -75,15 +75,19 @@ enum Command {
         #[arg(long, default_value_t = SimulateParams::default().comparison_prompts)]
         comparison_prompts: usize,
         /// Simulated labelers; each ranks every comparison prompt.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = SimulateParams::default().labelers)]
         labelers: usize,
         /// Candidates per comparison prompt (2 to 5).
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = SimulateParams::default().k)]
         k: usize,
         /// Probability that a labeler swaps two adjacent candidates (0.5x to 1.5x per labeler);
         /// close candidates are tied at half of it.
-        #[arg(long, default_value_t = 0.15)]
+        #[arg(long, default_value_t = SimulateParams::default().noise)]
         noise: f64,
+        /// Share of demonstrations from careless demonstrators: the right answer without the
+        /// task's "The answer is X." form (the gold rule final_answer scores them 0).
+        #[arg(long, default_value_t = SimulateParams::default().sloppy)]
+        sloppy: f64,
     },
 }
 
@@ -159,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
             labelers,
             k,
             noise,
+            sloppy,
         } => {
             let info = simulate_to_dir(
                 &SimulateParams {
@@ -170,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
                     labelers,
                     k,
                     noise,
+                    sloppy,
                 },
                 &out,
             )?;
