@@ -7,8 +7,9 @@ use crate::generate::{SamplingConfig, generate};
 use crate::ops::{clip_grad_norm, token_logprobs, token_tensor};
 use crate::transformer::CausalLm;
 use crate::{Result, TokenBatch};
+use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Distribution, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::time::Instant;
 
@@ -132,4 +133,33 @@ pub fn generate_tokens_per_s(s: &Shape, reps: usize, device: &Device) -> Result<
         }
     }
     Ok((s.gen_batch * s.gen_new * reps) as f64 / timed)
+}
+
+/// Parameters that take part in matmuls (all but the token and position embedding tables, which
+/// are lookups): the `params` of the 6 · params · tokens estimate of a training step's FLOPs.
+pub fn matmul_params(s: &Shape, device: &Device) -> Result<usize> {
+    let cfg = shape_config(s)?;
+    let model = CausalLm::new(&cfg, false, 0, device)?;
+    let mut embed = cfg.vocab_size * cfg.hidden_size;
+    if cfg.family == crate::config::Family::Gpt2 {
+        embed += cfg.max_position_embeddings * cfg.hidden_size;
+    }
+    Ok(model.num_params() - embed)
+}
+
+/// The machine's fp32 matmul roof through this backend: GFLOP/s of an n × n × n matmul (the best
+/// of `reps` timed runs after one untimed).
+pub fn sgemm_gflops(n: usize, reps: usize, device: &Device) -> f64 {
+    let a = Tensor::<2>::random([n, n], Distribution::Default, device);
+    let b = Tensor::<2>::random([n, n], Distribution::Default, device);
+    let mut best = f64::INFINITY;
+    for rep in 0..=reps {
+        let start = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        let _ = c.slice([0..1, 0..1]).into_scalar::<f32>();
+        if rep > 0 {
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+    }
+    2.0 * (n as f64).powi(3) / best / 1e9
 }

@@ -4,15 +4,19 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
 /// log p(targets) under `logits`. logits: [b, t, v], targets: [b, t] → [b, t]
+///
+/// The same values as `log_softmax(logits, 2).gather(2, targets)` (x_target − max − logsumexp,
+/// the same ops in the same order), without materialising the [b, t, v] log-softmax or sending
+/// its gradient back through it.
 pub fn token_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [b, t, _] = logits.dims();
-    log_softmax(logits, 2)
-        .gather(2, targets.reshape([b, t, 1]))
-        .reshape([b, t])
+    let max = logits.clone().detach().max_dim(2);
+    let picked = logits.clone().gather(2, targets.reshape([b, t, 1])) - max.clone();
+    let log_sum_exp = (logits - max).exp().sum_dim(2).log();
+    (picked - log_sum_exp).reshape([b, t])
 }
 
 /// Mean of `x` over the positions where `mask` is 1. x, mask: [b, t] → [1]. A zero mask gives 0.

@@ -16,7 +16,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Additive attention bias for masked positions. Finite, so that a fully masked row (a padding
 /// query) gives uniform weights rather than NaN.
@@ -164,6 +164,38 @@ pub struct CausalLm {
     /// RoPE inverse frequencies [head_dim / 2] (llama3 scaling applied).
     #[module(skip)]
     inv_freq: Arc<Vec<f32>>,
+    /// cos and sin of `position · inv_freq` for the positions computed so far, shared by the
+    /// model's copies; grown on demand by [`CausalLm::rope_tables`].
+    #[module(skip)]
+    rope_cache: Arc<Mutex<RopeCache>>,
+}
+
+/// Host RoPE tables, [positions, head_dim / 2] each, row p = cos / sin of (p as f32 · inv_freq).
+#[derive(Debug, Default)]
+struct RopeCache {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeCache {
+    /// Makes the tables cover positions 0..len (rounded up to a power of two).
+    fn ensure(&mut self, inv_freq: &[f32], len: usize) {
+        let half = inv_freq.len();
+        let have = self.cos.len().checked_div(half).unwrap_or(0);
+        if half == 0 || have >= len {
+            return;
+        }
+        let len = len.next_power_of_two().max(64);
+        self.cos.reserve((len - have) * half);
+        self.sin.reserve((len - have) * half);
+        for p in have..len {
+            for &f in inv_freq {
+                let a = p as f32 * f;
+                self.cos.push(a.cos());
+                self.sin.push(a.sin());
+            }
+        }
+    }
 }
 
 fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
@@ -202,6 +234,7 @@ fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
 
 impl CausalLm {
     fn build(cfg: &ModelConfig, b: &mut Builder, heads: Heads) -> Result<Self> {
+        crate::device::tune_allocator();
         let d = cfg.hidden_size;
         let std = cfg.initializer_range;
         // GPT-2's scaled init of the residual projections, for new models.
@@ -356,6 +389,7 @@ impl CausalLm {
             score,
             dropout: DropoutConfig::new(cfg.dropout).init(),
             inv_freq: Arc::new(rope_inv_freq(cfg)),
+            rope_cache: Arc::default(),
             config: Arc::new(cfg.clone()),
             specs: Arc::new(std::mem::take(&mut b.specs)),
         })
@@ -541,16 +575,17 @@ impl CausalLm {
         let hd = 2 * half;
         let mut cos = Vec::with_capacity(pos.len() * hd);
         let mut sin = Vec::with_capacity(pos.len() * hd);
+        let max = pos.iter().copied().max().unwrap_or(0).max(0) as usize;
+        let mut table = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
+        table.ensure(&self.inv_freq, max + 1);
         for &p in pos {
-            let start = cos.len();
-            for &f in self.inv_freq.iter() {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-            cos.extend_from_within(start..start + half);
-            sin.extend_from_within(start..start + half);
+            let row = p.max(0) as usize * half..(p.max(0) as usize + 1) * half;
+            cos.extend_from_slice(&table.cos[row.clone()]);
+            cos.extend_from_slice(&table.cos[row.clone()]);
+            sin.extend_from_slice(&table.sin[row.clone()]);
+            sin.extend_from_slice(&table.sin[row]);
         }
+        drop(table);
         (
             Tensor::from_data(TensorData::new(cos, [bsz, 1, t, hd]), device),
             Tensor::from_data(TensorData::new(sin, [bsz, 1, t, hd]), device),

@@ -70,7 +70,7 @@ enum Command {
     },
     /// Create a new model folder from a preset, with a byte-level BPE trained on text files.
     Init {
-        /// tiny, small, medium or large.
+        /// tiny, mini, small, medium or large.
         #[arg(long, default_value = "tiny")]
         preset: String,
         /// Text files (each line a text) to train the tokenizer on.
@@ -448,6 +448,10 @@ fn bench(
     };
     let ours = backend_name();
     let mut rows = Vec::new();
+    // Model FLOP utilisation of the training step: 6 · matmul params · tokens/s over the fp32
+    // matmul roof measured here (a 2048³ matmul through the same backend).
+    let roof = model::bench::sgemm_gflops(2048, 3, device);
+    let mut mfu = Vec::new();
     for s in &shapes {
         let mut line = |what: &str, imp: &str, tps: f64| {
             println!(
@@ -458,6 +462,8 @@ fn bench(
         };
         let train = train_tokens_per_s(s, steps, 2, device)?;
         line("train", ours, train);
+        let params = model::bench::matmul_params(s, device)?;
+        mfu.push((s.name, params, 6.0 * params as f64 * train / 1e9));
         let gen_tps = generate_tokens_per_s(s, reps, device)?;
         line("generate", ours, gen_tps);
         if let Some(py) = python {
@@ -495,6 +501,15 @@ fn bench(
         }
     }
     println!("(tokens/s; ratio = ours / pytorch, above 1 is faster)");
+    println!();
+    println!("fp32 matmul roof (2048^3 through {ours}): {roof:.1} GFLOP/s");
+    for (name, params, gflops) in &mfu {
+        println!(
+            "{name:<8} train     MFU {:>5.1}%  (6 x {:.2}M matmul params x tokens/s = {gflops:.1} GFLOP/s)",
+            100.0 * gflops / roof,
+            *params as f64 / 1e6
+        );
+    }
     Ok(())
 }
 
