@@ -44,28 +44,38 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-/// The generator's parameters (`labeling simulate`'s options besides `--out`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// The generator's parameters (`labeling simulate`'s options besides `--out`; each option's
+/// default is [`SimulateParams::default`]'s value).
+#[derive(Clone, Debug, PartialEq, Serialize, clap::Args)]
 pub struct SimulateParams {
+    #[arg(long, default_value_t = SimulateParams::default().seed)]
     pub seed: u64,
     /// Lines of `prompts.jsonl` (PPO prompts).
+    #[arg(long, default_value_t = SimulateParams::default().train_prompts)]
     pub train_prompts: usize,
     /// Lines of `eval_prompts.jsonl`.
+    #[arg(long, default_value_t = SimulateParams::default().eval_prompts)]
     pub eval_prompts: usize,
     /// Lines of `demonstrations.jsonl`.
+    #[arg(long, default_value_t = SimulateParams::default().demonstrations)]
     pub demonstrations: usize,
     /// Prompts with K ranked candidates in `rankings.csv`.
+    #[arg(long, default_value_t = SimulateParams::default().comparison_prompts)]
     pub comparison_prompts: usize,
     /// Simulated labelers; each ranks every comparison prompt.
+    #[arg(long, default_value_t = SimulateParams::default().labelers)]
     pub labelers: usize,
     /// Candidates per comparison prompt, 2 to 5.
+    #[arg(long, default_value_t = SimulateParams::default().k)]
     pub k: usize,
     /// Probability of swapping adjacent candidates (the mean labeler's); ties come at half of it.
+    #[arg(long, default_value_t = SimulateParams::default().noise)]
     pub noise: f64,
     /// Share of demonstrations written by careless demonstrators: the right answer, but not in
     /// the task's "The answer is X." form (a bare or hedged answer), which the gold rule
     /// (`final_answer`) scores 0 and the labelers rank last. The SFT policy learns this habit
     /// along with the task; the labelers' rankings teach the reward model to dislike it.
+    #[arg(long, default_value_t = SimulateParams::default().sloppy)]
     pub sloppy: f64,
 }
 

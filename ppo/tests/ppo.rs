@@ -2,28 +2,11 @@
 //! controller keeps the KL bounded; the whole pipeline through the binaries (sft → labeling
 //! import → reward → ppo); exact resume after kill -9; bad input.
 
+use e2e::{bin, root};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// A workspace binary (built by `cargo test --workspace`).
-fn bin(name: &str) -> PathBuf {
-    let p = root().join("target/release").join(name);
-    assert!(
-        p.exists(),
-        "{} not built; run `cargo test --release --workspace`",
-        p.display()
-    );
-    p
-}
 
 fn run(exe: &Path, args: &[String]) -> (bool, String, String) {
     let out = Command::new(exe)

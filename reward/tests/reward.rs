@@ -2,16 +2,10 @@
 //! per group, exact resume after kill -9, transformers scores what we save the same, real data,
 //! and bad input.
 
+use e2e::root;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// Runs `reward` with the repo's config and overrides; returns (success, stdout, stderr).
 fn reward(sets: &[String], extra: &[&str]) -> (bool, String, String) {

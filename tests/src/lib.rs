@@ -1,10 +1,31 @@
 //! End-to-end tests of the pipeline live in `tests/`; this library holds the little the stages'
-//! own end-to-end tests share: killing a training run with SIGKILL mid-way, as the exact-resume
-//! tests of `reward` and `ppo` do.
+//! own end-to-end tests share: the workspace root, the path of a built binary, and killing a
+//! training run with SIGKILL mid-way, as the exact-resume tests of `reward` and `ppo` do.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The workspace root (configs and datasets are given relative to it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// A workspace binary, built by `cargo test --workspace` beside the running test executable
+/// (`target/<profile>/deps/…` → `target/<profile>/NAME`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo test --release --workspace`",
+        p.display()
+    );
+    p
+}
 
 /// Starts `cmd`, kills it with SIGKILL as soon as `marker` exists (or lets it end, at most five
 /// minutes), and returns the newest `checkpoint-*` folder it left in `out`.

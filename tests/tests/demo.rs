@@ -2,7 +2,6 @@
 //! sft → reward → ppo → evaluate. Every artifact must exist and parse, the report's numbers must
 //! be finite, and the plots must be PNG files.
 
-use std::path::Path;
 use std::process::Command;
 
 fn finite_numbers(v: &serde_json::Value, at: &str) {
@@ -26,10 +25,9 @@ fn finite_numbers(v: &serde_json::Value, at: &str) {
 
 #[test]
 fn demo_script_runs_the_whole_pipeline() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    if !root.join("target/release/evaluate").exists() {
-        panic!("the binaries are not built; run `cargo test --release --workspace`");
-    }
+    let root = e2e::root();
+    // demo.sh runs with SKIP_BUILD=1: the binaries must be built (this panics, saying so).
+    e2e::bin("evaluate");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let o = Command::new("bash")

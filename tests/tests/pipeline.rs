@@ -2,28 +2,8 @@
 //! sft on the demo task's demonstrations → sample from the result → export a labeling sheet from
 //! the SFT policy → two labelers fill it → import the rankings → a reward model on them → score.
 
-use std::path::{Path, PathBuf};
+use e2e::{bin, root};
 use std::process::Command;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// A workspace binary, built by `cargo test --workspace` before the tests run.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} not built; run `cargo test --release --workspace`",
-        p.display()
-    );
-    p
-}
 
 fn run(name: &str, args: &[&str]) -> String {
     let out = Command::new(bin(name))

@@ -60,34 +60,8 @@ enum Command {
         /// Output folder (replaced atomically).
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Lines of prompts.jsonl (PPO prompts).
-        #[arg(long, default_value_t = SimulateParams::default().train_prompts)]
-        train_prompts: usize,
-        /// Lines of eval_prompts.jsonl (held out).
-        #[arg(long, default_value_t = SimulateParams::default().eval_prompts)]
-        eval_prompts: usize,
-        /// Lines of demonstrations.jsonl (SFT).
-        #[arg(long, default_value_t = SimulateParams::default().demonstrations)]
-        demonstrations: usize,
-        /// Prompts with K ranked candidates in rankings.csv.
-        #[arg(long, default_value_t = SimulateParams::default().comparison_prompts)]
-        comparison_prompts: usize,
-        /// Simulated labelers; each ranks every comparison prompt.
-        #[arg(long, default_value_t = SimulateParams::default().labelers)]
-        labelers: usize,
-        /// Candidates per comparison prompt (2 to 5).
-        #[arg(long, default_value_t = SimulateParams::default().k)]
-        k: usize,
-        /// Probability that a labeler swaps two adjacent candidates (0.5x to 1.5x per labeler);
-        /// close candidates are tied at half of it.
-        #[arg(long, default_value_t = SimulateParams::default().noise)]
-        noise: f64,
-        /// Share of demonstrations from careless demonstrators: the right answer without the
-        /// task's "The answer is X." form (the gold rule final_answer scores them 0).
-        #[arg(long, default_value_t = SimulateParams::default().sloppy)]
-        sloppy: f64,
+        #[command(flatten)]
+        params: SimulateParams,
     },
 }
 
@@ -153,32 +127,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Simulate {
-            out,
-            seed,
-            train_prompts,
-            eval_prompts,
-            demonstrations,
-            comparison_prompts,
-            labelers,
-            k,
-            noise,
-            sloppy,
-        } => {
-            let info = simulate_to_dir(
-                &SimulateParams {
-                    seed,
-                    train_prompts,
-                    eval_prompts,
-                    demonstrations,
-                    comparison_prompts,
-                    labelers,
-                    k,
-                    noise,
-                    sloppy,
-                },
-                &out,
-            )?;
+        Command::Simulate { out, params } => {
+            let info = simulate_to_dir(&params, &out)?;
             for (file, n) in &info.files {
                 println!("{file:<22} {n} lines");
             }
