@@ -83,8 +83,9 @@ pub fn generate(
     if b == 0 || cfg.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut cache = KvCache::new(model.config().num_layers, b);
     let mut batch = TokenBatch::left_padded(prompts, cfg.pad_token_id);
+    let mut cache =
+        KvCache::with_capacity(model.config().num_layers, b, batch.seq + cfg.max_new_tokens);
     let mut finished = vec![false; b];
     for step in 0..cfg.max_new_tokens {
         let hidden = model.forward_cached(&batch, &mut cache);

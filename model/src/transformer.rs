@@ -82,23 +82,43 @@ struct Block {
 }
 
 /// Keys and values of the tokens seen so far, per layer, plus what each row's next position is.
-/// Created empty by [`KvCache::new`] and filled by [`CausalLm::forward_cached`].
+/// Created empty by [`KvCache::new`] (or [`KvCache::with_capacity`]) and filled by
+/// [`CausalLm::forward_cached`].
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    /// Per layer: (k, v), each [b, kv_heads, t_past, head_dim].
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    layers: Vec<Option<LayerKv>>,
     /// [b][t_past]: whether each cached key is a real token (false for padding).
     key_mask: Vec<Vec<bool>>,
     /// [b]: the position id the next real token of each row gets.
     next_position: Vec<i64>,
+    /// Positions to allocate room for when the first tokens arrive (0: exactly those tokens).
+    capacity: usize,
+}
+
+/// One layer's keys and values: buffers [b, kv_heads, room, head_dim] whose first `len`
+/// positions are filled. New positions are written in place while there is room (the buffer is
+/// owned by the cache alone between steps), so a decoding step copies one position per layer
+/// instead of the whole cache.
+#[derive(Clone, Debug)]
+struct LayerKv {
+    k: Tensor<4>,
+    v: Tensor<4>,
+    len: usize,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize, batch: usize) -> Self {
+        Self::with_capacity(num_layers, batch, 0)
+    }
+
+    /// A cache that allocates room for `capacity` positions up front (prompt + new tokens), so
+    /// generation never regrows it.
+    pub fn with_capacity(num_layers: usize, batch: usize, capacity: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
             key_mask: vec![Vec::new(); batch],
             next_position: vec![0; batch],
+            capacity,
         }
     }
 
@@ -110,6 +130,55 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Appends k, v [b, kv_heads, t, head_dim] to a layer's cache and returns views of all cached
+/// keys and values [b, kv_heads, len, head_dim]. Without room (or with no capacity asked for)
+/// the buffers grow to the larger of the need and twice their size.
+fn append_kv(
+    slot: &mut Option<LayerKv>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    capacity: usize,
+) -> (Tensor<4>, Tensor<4>) {
+    let [b, kvh, t, hd] = k.dims();
+    let (past, room) = slot.as_ref().map_or((0, 0), |c| (c.len, c.k.dims()[2]));
+    let total = past + t;
+    if slot.is_none() && capacity <= t {
+        // Nothing to reuse (a training or scoring forward): keep the tensors as they are.
+        *slot = Some(LayerKv {
+            k: k.clone(),
+            v: v.clone(),
+            len: t,
+        });
+        return (k, v);
+    }
+    let (mut bk, mut bv) = match slot.take() {
+        Some(c) if room >= total => (c.k, c.v),
+        old => {
+            let room = total.max(2 * room).max(capacity);
+            let device = k.device();
+            let mut bk = Tensor::zeros([b, kvh, room, hd], &device);
+            let mut bv = Tensor::zeros([b, kvh, room, hd], &device);
+            if let Some(c) = old {
+                let filled = [0..b, 0..kvh, 0..past, 0..hd];
+                bk = bk.slice_assign(filled.clone(), c.k.slice(filled.clone()));
+                bv = bv.slice_assign(filled.clone(), c.v.slice(filled));
+            }
+            (bk, bv)
+        }
+    };
+    let new = [0..b, 0..kvh, past..total, 0..hd];
+    bk = bk.slice_assign(new.clone(), k);
+    bv = bv.slice_assign(new, v);
+    let all = [0..b, 0..kvh, 0..total, 0..hd];
+    let views = (bk.clone().slice(all.clone()), bv.clone().slice(all));
+    *slot = Some(LayerKv {
+        k: bk,
+        v: bv,
+        len: total,
+    });
+    views
 }
 
 /// Which heads a model is created or loaded with. A policy has an LM head; a reward or value
@@ -554,7 +623,14 @@ impl CausalLm {
         x = self.dropout.forward(x);
         for (l, block) in self.layers.iter().enumerate() {
             let h = block.norm1.forward(x.clone());
-            let a = self.attention(&block.attn, h, &bias, rope.as_ref(), &mut cache.layers[l]);
+            let a = self.attention(
+                &block.attn,
+                h,
+                &bias,
+                rope.as_ref(),
+                &mut cache.layers[l],
+                cache.capacity,
+            );
             x = x + self.dropout.forward(a);
             let h = block.norm2.forward(x.clone());
             let m = self.mlp(&block.mlp, h);
@@ -599,7 +675,8 @@ impl CausalLm {
         x: Tensor<3>,
         bias: &Tensor<4>,
         rope: Option<&(Tensor<4>, Tensor<4>)>,
-        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+        cache: &mut Option<LayerKv>,
+        capacity: usize,
     ) -> Tensor<3> {
         let cfg = &*self.config;
         let [bsz, t, _] = x.dims();
@@ -618,11 +695,7 @@ impl CausalLm {
             }
             None => q,
         };
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
+        let (k, v) = append_kv(cache, k, v, capacity);
         let total = k.dims()[2];
         let (k, v) = if h == kv {
             (k, v)

@@ -3,7 +3,7 @@
 //! padding rely on.
 
 use model::ops::to_f32_vec;
-use model::{CausalLm, SamplingConfig, TokenBatch, generate, load, parse_device, save};
+use model::{CausalLm, KvCache, SamplingConfig, TokenBatch, generate, load, parse_device, save};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -231,6 +231,38 @@ fn kv_cache_generation_equals_full_recompute() {
             .map(|(s, p)| s[p.len()..].to_vec())
             .collect();
         assert_eq!(cached.tokens, full, "{name}");
+    }
+}
+
+#[test]
+fn kv_cache_that_grows_gives_the_full_forward() {
+    // Token-by-token decoding through caches with no room asked for (regrown at every step
+    // until doubling catches up) and too little room (regrown once), against one full forward.
+    let model = load_fixture("llama_gqa_untied");
+    let tokens = vec![7u32, 3, 55, 21, 9, 14, 2, 40];
+    let d = model.config().hidden_size;
+    let full = to_f32_vec(model.forward(&TokenBatch::dense(tokens.clone(), 1, tokens.len())));
+    for capacity in [0, 4] {
+        let mut cache = KvCache::with_capacity(model.config().num_layers, 1, capacity);
+        let prompt = 3;
+        let mut got = to_f32_vec(model.forward_cached(
+            &TokenBatch::dense(tokens[..prompt].to_vec(), 1, prompt),
+            &mut cache,
+        ));
+        for &t in &tokens[prompt..] {
+            got.extend(to_f32_vec(
+                model.forward_cached(&TokenBatch::dense(vec![t], 1, 1), &mut cache),
+            ));
+        }
+        assert_eq!(cache.len(), tokens.len());
+        for (i, (x, y)) in got.iter().zip(&full).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-5,
+                "capacity {capacity}: hidden differs at position {}, dim {}: {x} vs {y}",
+                i / d,
+                i % d
+            );
+        }
     }
 }
 
