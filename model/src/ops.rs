@@ -19,6 +19,26 @@ pub fn token_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     (picked - log_sum_exp).reshape([b, t])
 }
 
+/// The rows of `x` [b, t, d] at the positions where `mask` [b · t] is true, in order, as
+/// [1, n, d]. Run before the LM head, the head and its softmax over the vocabulary are computed
+/// for those positions only (the response tokens of SFT and PPO-ptx batches) instead of for the
+/// prompts and padding too. Its gradient is scattered back to the selected rows.
+pub fn select_positions(x: Tensor<3>, mask: &[bool]) -> Tensor<3> {
+    let [b, t, d] = x.dims();
+    assert_eq!(
+        mask.len(),
+        b * t,
+        "select_positions: mask of {} for [{b}, {t}]",
+        mask.len()
+    );
+    let idx: Vec<i64> = (0..mask.len() as i64)
+        .filter(|&i| mask[i as usize])
+        .collect();
+    let n = idx.len();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &x.device());
+    x.reshape([b * t, d]).select(0, idx).reshape([1, n, d])
+}
+
 /// Mean of `x` over the positions where `mask` is 1. x, mask: [b, t] → [1]. A zero mask gives 0.
 pub fn masked_mean(x: Tensor<2>, mask: Tensor<2>) -> Tensor<1> {
     let n = mask.clone().sum().clamp_min(1.0);

@@ -15,7 +15,6 @@ use burn::tensor::Device;
 use datasets::split::{dedup, split_by_prompt};
 use datasets::tokenize::{SftExample, lm_batch, pack, sft_example};
 use datasets::{Demonstration, Format, Source, load_demonstrations};
-use model::ops::{mask_tensor, token_tensor};
 use model::{CausalLm, Heads, ModelConfig, ModelMeta, PromptTemplate, Tokenizer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
@@ -228,17 +227,13 @@ pub fn evaluate(
     if examples.is_empty() {
         return Ok(None);
     }
-    let device = model.device();
     let (mut nll, mut correct, mut total) = (0.0f64, 0usize, 0usize);
     for chunk in examples.chunks(batch_size.max(1)) {
         let b = lm_batch(chunk, pad);
-        let logits = model.logits(model.forward(&b.inputs))?;
-        let (bs, t) = (b.inputs.batch, b.inputs.seq);
-        let targets = token_tensor(&b.targets, bs, t, &device);
-        let mask = mask_tensor(&b.target_mask, bs, t, &device);
-        nll += loss::nll_sum(logits.clone(), targets.clone(), mask.clone()).into_scalar::<f32>()
-            as f64;
-        correct += loss::correct_count(logits, targets, mask);
+        let (h, targets) = loss::target_positions(model.forward(&b.inputs), &b);
+        let logits = model.logits(h)?;
+        nll += loss::nll_sum(logits.clone(), targets.clone()).into_scalar::<f32>() as f64;
+        correct += loss::correct_count(logits, targets);
         total += b.num_targets();
     }
     let loss = nll / total.max(1) as f64;
@@ -309,11 +304,9 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let mut step_loss = 0.0;
         let mut step_tokens = 0;
         for b in &batches {
-            let (bs, tl) = (b.inputs.batch, b.inputs.seq);
-            let logits = model.logits(model.forward(&b.inputs))?;
-            let targets = token_tensor(&b.targets, bs, tl, &device);
-            let mask = mask_tensor(&b.target_mask, bs, tl, &device);
-            let loss = loss::nll_sum(logits, targets, mask).div_scalar(step_targets as f64);
+            let (h, targets) = loss::target_positions(model.forward(&b.inputs), b);
+            let logits = model.logits(h)?;
+            let loss = loss::nll_sum(logits, targets).div_scalar(step_targets as f64);
             step_loss += loss.clone().into_scalar::<f32>() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);

@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""The TRL side of scripts/bench_stages.sh (read that script's header for what is measured and how
+the two sides are kept comparable). TRL is installed by the benchmark, never needed by the product.
+
+Subcommands (the driver calls them in this order):
+
+    bench_trl.py prepare --task datasets/demo/task --template T --out WORK
+        Writes the data both sides train on: texts.txt (for `model init`'s BPE), sft.jsonl (the
+        demonstrations without exact duplicates), groups.jsonl (ranked groups of K = 4 responses
+        with four distinct ranks, from rankings.csv), pairs.jsonl (each group flattened to its
+        C(4,2) = 6 (prompt, chosen, rejected) pairs, prompt already templated) and prompts.jsonl
+        (the PPO prompts, templated).
+
+    bench_trl.py run --preset P --work WORK --init DIR --policy DIR --reward-model DIR [...]
+        SFTTrainer, RewardTrainer and RLOOTrainer on that data, from the same model folders as our
+        stages; prints one JSON line per measurement.
+
+    bench_trl.py ours --preset P --stage sft|reward|ppo --metrics RUN/metrics.jsonl [...]
+        Reads our stage's metrics.jsonl and prints its JSON line in the same form.
+
+    bench_trl.py table RESULTS.jsonl
+        The table of ratios (ours / TRL) against the targets.
+
+Timing of a TRL trainer: a TrainerCallback takes the time at every on_step_end; a measured step
+is the interval from the previous step's end to its own end, i.e. the dataloader fetch and the
+collation of its batch, `training_step` (forward, loss, backward), gradient clipping, the
+optimizer and scheduler steps and zero_grad. No logging, evaluation or saving happens in it
+(logging_strategy / eval_strategy / save_strategy "no"). The on_step_begin → on_step_end time,
+which leaves the batch fetch and collation out, is reported too (`per_s_step_only`).
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+K = 4
+PAIRS_PER_GROUP = K * (K - 1) // 2  # 6
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def prepare(a):
+    os.makedirs(a.out, exist_ok=True)
+    tpl = a.template
+
+    # SFT: exact (prompt, response) duplicates removed, first kept, as `sft` does.
+    seen, demos = set(), []
+    for d in read_jsonl(os.path.join(a.task, "demonstrations.jsonl")):
+        key = (d["prompt"], d["response"])
+        if key not in seen:
+            seen.add(key)
+            demos.append({"prompt": d["prompt"], "response": d["response"]})
+    write_jsonl(os.path.join(a.out, "sft.jsonl"), demos)
+
+    # The BPE of `model init` learns from these lines: the templated prompts and the responses
+    # (what `sft` trains its BPE on for a new model; `model init` reads a line per text).
+    with open(os.path.join(a.out, "texts.txt"), "w", encoding="utf-8") as f:
+        for d in demos:
+            for text in (tpl.replace("{prompt}", d["prompt"]), d["response"]):
+                for line in text.splitlines():
+                    if line.strip():
+                        f.write(line + "\n")
+
+    # Reward: each labeler's ranking of a prompt's K = 4 responses is a group; only groups with
+    # four distinct ranks are kept (no ties), so that every group is exactly 6 comparisons.
+    groups = defaultdict(list)
+    order = []
+    with open(os.path.join(a.task, "rankings.csv"), encoding="utf-8-sig", newline="") as f:
+        for row in csv.DictReader(f):
+            key = (row["prompt_id"], row.get("labeler_id", ""))
+            if key not in groups:
+                order.append(key)
+            groups[key].append(row)
+    out_groups, pairs = [], []
+    for key in order:
+        rows = groups[key]
+        ranks = [int(r["rank"]) for r in rows]
+        if len(rows) != K or len(set(ranks)) != K:
+            continue
+        g = {
+            "prompt_id": key[0],
+            "prompt": rows[0]["prompt"],
+            "labeler_id": key[1],
+            "response_ids": [r["response_id"] for r in rows],
+            "responses": [r["response"] for r in rows],
+            "ranks": ranks,
+        }
+        out_groups.append(g)
+        prompt = tpl.replace("{prompt}", g["prompt"])
+        for i in range(K):
+            for j in range(i + 1, K):
+                better, worse = (i, j) if ranks[i] < ranks[j] else (j, i)
+                pairs.append({"prompt": prompt, "chosen": g["responses"][better],
+                              "rejected": g["responses"][worse]})
+    write_jsonl(os.path.join(a.out, "groups.jsonl"), out_groups)
+    write_jsonl(os.path.join(a.out, "pairs.jsonl"), pairs)
+
+    # PPO / RLOO prompts, templated as our `ppo` templates them (the SFT policy's template).
+    prompts = [{"prompt": tpl.replace("{prompt}", p["prompt"])}
+               for p in read_jsonl(os.path.join(a.task, "prompts.jsonl"))]
+    write_jsonl(os.path.join(a.out, "prompts.jsonl"), prompts)
+    print(f"prepared {a.out}: {len(demos)} demonstrations, {len(out_groups)} tie-free K=4 groups "
+          f"({len(pairs)} pairs), {len(prompts)} prompts")
+
+
+# ---------------------------------------------------------------------------------------------
+# run (TRL)
+
+
+def quiet():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_tokenizer(folder):
+    """The folder's tokenizer.json as a transformers tokenizer, special tokens from the folder."""
+    import transformers as tf
+
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(folder)
+    except Exception:  # no usable tokenizer_config.json: build it from tokenizer.json + config
+        cfg = json.load(open(os.path.join(folder, "config.json")))
+        tj = json.load(open(os.path.join(folder, "tokenizer.json")))
+        by_id = {t["id"]: t["content"] for t in tj.get("added_tokens", [])}
+        tok = tf.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"),
+                                         eos_token=by_id.get(cfg.get("eos_token_id")),
+                                         pad_token=by_id.get(cfg.get("pad_token_id")))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class StepClock:
+    """Times at on_step_begin / on_step_end (perf_counter), and what each step processed."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                clock.begins.append(time.perf_counter())
+
+            def on_step_end(self, args, state, control, **kw):
+                clock.ends.append(time.perf_counter())
+
+        self.callback = CB()
+        self.begins, self.ends, self.units = [], [], []
+
+    def window(self, first, last):
+        """(seconds step-end to step-end, seconds begin-to-end only, units) of steps first..last
+        (1-based, inclusive); needs first >= 2 (step 1 has no previous step end)."""
+        assert first >= 2 and len(self.ends) >= last, (first, last, len(self.ends))
+        total = self.ends[last - 1] - self.ends[first - 2]
+        only = sum(self.ends[i] - self.begins[i] for i in range(first - 1, last))
+        units = sum(self.units[first - 1:last])
+        return total, only, units
+
+
+def common_args(out_dir, steps, batch, lr, seed):
+    """The TrainingArguments every trainer here gets: fp32 on the CPU, AdamW (transformers'
+    default, the fused torch kernel) with betas 0.9/0.999, eps 1e-8, no weight decay, global
+    grad-norm clip 1.0, no gradient checkpointing (TRL's configs default to it; our stages do not
+    recompute), no logging/eval/saving, single-process data loading."""
+    return dict(
+        output_dir=out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        learning_rate=lr,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_strategy="no",
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        seed=seed,
+        data_seed=seed,
+    )
+
+
+def drop_printer(trainer):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+def emit(rec):
+    print(json.dumps(rec), flush=True)
+
+
+def env_fields():
+    import torch
+    import transformers
+    import trl
+
+    return {"trl": trl.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def run_sft(a, tok):
+    import torch
+    import transformers as tf
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tpl = a.template
+    eos = tok.eos_token
+    records, too_long = [], 0
+    for d in read_jsonl(os.path.join(a.work, "sft.jsonl")):
+        prompt = tpl.replace("{prompt}", d["prompt"])
+        # `sft` drops an example longer than max_length (prompt + response + EOS); TRL would cut
+        # it, so the same ones are dropped here.
+        n = len(tok(prompt + d["response"] + eos, add_special_tokens=False)["input_ids"])
+        if n > a.sft_max_length:
+            too_long += 1
+            continue
+        records.append({"prompt": prompt, "completion": d["response"]})
+    model = tf.AutoModelForCausalLM.from_pretrained(a.init, dtype=torch.float32)
+    clock = StepClock()
+    steps = a.sft_warmup + a.sft_steps
+    args = SFTConfig(**common_args(os.path.join(a.out, "sft"), steps, a.sft_batch, a.sft_lr, a.seed),
+                     lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+                     warmup_steps=5, max_length=a.sft_max_length, packing=False,
+                     completion_only_loss=True, dataset_num_proc=None)
+
+    class Counting(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Counted as `sft` counts: the real tokens of the inputs minus one per row (our
+            # step feeds tokens[..n-1]; TRL feeds all n and ignores the last position's logits).
+            mask = inputs["attention_mask"]
+            clock.units.append(int(mask.sum().item()) - mask.shape[0])
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(records),
+                       processing_class=tok, callbacks=[clock.callback])
+    drop_printer(trainer)
+    trainer.train()
+    total, only, units = clock.window(a.sft_warmup + 1, steps)
+    emit({"preset": a.preset, "stage": "sft", "impl": "trl", "trainer": "SFTTrainer",
+          "unit": "tokens", "per_s": round(units / total, 1),
+          "per_s_step_only": round(units / only, 1), "warmup_steps": a.sft_warmup,
+          "measured_steps": a.sft_steps, "seconds": round(total, 3), "units": units,
+          "batch": a.sft_batch, "max_length": a.sft_max_length, "examples": len(records),
+          "dropped_too_long": too_long, "attn": model.config._attn_implementation,
+          "optim": str(args.optim), **env_fields()})
+
+
+def run_reward(a, tok):
+    import torch
+    import transformers as tf
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    pairs = read_jsonl(os.path.join(a.work, "pairs.jsonl"))
+    model = tf.AutoModelForSequenceClassification.from_pretrained(a.init, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    clock = StepClock()
+    steps = a.rm_warmup + a.rm_steps
+    batch = PAIRS_PER_GROUP * a.rm_groups  # the same comparisons per optimizer step as ours
+    args = RewardConfig(**common_args(os.path.join(a.out, "reward"), steps, batch, a.rm_lr, a.seed),
+                        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+                        warmup_steps=5, max_length=a.rm_max_length, disable_dropout=True,
+                        center_rewards_coefficient=None, dataset_num_proc=None)
+
+    class Counting(RewardTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            clock.units.append(inputs["input_ids"].shape[0] // 2)  # rows = chosen + rejected
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                       processing_class=tok, callbacks=[clock.callback])
+    drop_printer(trainer)
+    trainer.train()
+    total, only, units = clock.window(a.rm_warmup + 1, steps)
+    emit({"preset": a.preset, "stage": "reward", "impl": "trl", "trainer": "RewardTrainer",
+          "unit": "comparisons", "per_s": round(units / total, 2),
+          "per_s_step_only": round(units / only, 2), "warmup_steps": a.rm_warmup,
+          "measured_steps": a.rm_steps, "seconds": round(total, 3), "units": units,
+          "pairs_per_step": batch, "rows_per_step": 2 * batch, "max_length": a.rm_max_length,
+          "train_pairs": len(trainer.train_dataset), "attn": model.config._attn_implementation,
+          **env_fields()})
+
+
+def run_rloo(a, tok):
+    import torch
+    import transformers as tf
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    prompts = read_jsonl(os.path.join(a.work, "prompts.jsonl"))
+    policy = tf.AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32)
+    rm = tf.AutoModelForSequenceClassification.from_pretrained(a.reward_model, num_labels=1,
+                                                              dtype=torch.float32)
+    rm_tok = load_tokenizer(a.reward_model)
+    tok.padding_side = "left"
+    clock = StepClock()
+    # One generation round: generation_batch_size = per_device_train_batch_size (8) ×
+    # steps_per_generation (2) = 16 completions (8 prompts × num_generations 2), trained on in
+    # minibatches of 8 for num_iterations = 4 passes: 8 optimizer steps per round, as our PPO
+    # iteration (16 episodes, 4 epochs × 2 minibatches of 8).
+    steps_per_round = a.ppo_steps_per_generation * a.ppo_epochs
+    rounds = a.ppo_warmup + a.ppo_iters
+    args = RLOOConfig(**common_args(os.path.join(a.out, "rloo"), steps_per_round * rounds,
+                                    a.ppo_minibatch, a.ppo_lr, a.seed),
+                      lr_scheduler_type="constant", warmup_steps=0,
+                      steps_per_generation=a.ppo_steps_per_generation,
+                      num_generations=a.ppo_num_generations, num_iterations=a.ppo_epochs,
+                      max_completion_length=a.ppo_max_new_tokens, temperature=1.0, top_p=1.0,
+                      top_k=0, beta=a.ppo_beta, epsilon=0.2, disable_dropout=True,
+                      log_completions=False)
+    episodes_per_round = args.generation_batch_size
+    assert episodes_per_round == a.ppo_episodes, (episodes_per_round, a.ppo_episodes)
+
+    lengths = []  # mean completion length (EOS included, as ours counts) per generation round
+
+    class Counting(RLOOTrainer):
+        def _generate(self, prompts):
+            out = super()._generate(prompts)
+            lengths.append(sum(len(c) for c in out[1]) / max(1, len(out[1])))
+            return out
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            out = super().training_step(model, inputs, num_items_in_batch)
+            # Episodes are counted once, at the step that generated them (the first of a round).
+            clock.units.append(episodes_per_round if (self._step - 1) % steps_per_round == 0 else 0)
+            return out
+
+    trainer = Counting(model=policy, reward_funcs=rm, args=args, train_dataset=Dataset.from_list(prompts),
+                       processing_class=tok, reward_processing_classes=rm_tok,
+                       callbacks=[clock.callback])
+    drop_printer(trainer)
+    trainer.train()
+    first = a.ppo_warmup * steps_per_round + 1
+    total, only, units = clock.window(first, rounds * steps_per_round)
+    lengths = lengths[a.ppo_warmup:]  # the measured rounds
+    emit({"preset": a.preset, "stage": "ppo", "impl": "trl", "trainer": "RLOOTrainer",
+          "unit": "episodes", "per_s": round(units / total, 3),
+          "per_s_step_only": round(units / only, 3), "warmup_iterations": a.ppo_warmup,
+          "measured_iterations": a.ppo_iters, "seconds": round(total, 3), "units": units,
+          "episodes_per_iteration": episodes_per_round,
+          "prompts_x_generations": f"{episodes_per_round // a.ppo_num_generations}x{a.ppo_num_generations}",
+          "optimizer_steps_per_iteration": steps_per_round,
+          "max_new_tokens": a.ppo_max_new_tokens, "beta": a.ppo_beta,
+          "response_length_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
+          "attn": policy.config._attn_implementation, **env_fields()})
+
+
+def run(a):
+    quiet()
+    import torch
+
+    torch.manual_seed(a.seed)
+    tok = load_tokenizer(a.init)
+    stages = a.stages.split(",")
+    if "sft" in stages:
+        run_sft(a, tok)
+    if "reward" in stages:
+        run_reward(a, load_tokenizer(a.init))
+    if "ppo" in stages:
+        run_rloo(a, load_tokenizer(a.policy))
+
+
+# ---------------------------------------------------------------------------------------------
+# ours: our stage's metrics.jsonl → the same JSON line
+
+
+def ours(a):
+    lines = [json.loads(l) for l in open(a.metrics) if l.strip()]
+    rec = {"preset": a.preset, "stage": a.stage, "impl": "ours"}
+    if a.stage == "sft":
+        # Run with log_every = N and 2N steps: the line of step 2N covers exactly steps N+1..2N.
+        last = [l for l in lines if "tokens_per_s" in l][-1]
+        assert last["step"] == a.warmup + a.steps, (last["step"], a.warmup, a.steps)
+        rec.update(unit="tokens", per_s=round(last["tokens_per_s"], 1), warmup_steps=a.warmup,
+                   measured_steps=a.steps)
+    else:
+        key, unit, per_step = {
+            # Every group has K = 4 responses (one forward row each) and 6 comparisons.
+            "reward": ("responses_per_s", "comparisons", a.per_step),
+            "ppo": ("episodes_per_s", "episodes", a.per_step),
+        }[a.stage]
+        by_step = {l["step"]: l[key] for l in lines if key in l}
+        steps = range(a.warmup + 1, a.warmup + a.steps + 1)
+        missing = [s for s in steps if s not in by_step]
+        assert not missing, f"{a.metrics}: no {key} at steps {missing}"
+        # One line per step (log_every = 1) and the same units every step: the window's rate is
+        # units / Σ(units / rate_i), the harmonic mean of the per-step rates.
+        seconds = sum(per_step / by_step[s] for s in steps)
+        units = per_step * len(steps)
+        scale = PAIRS_PER_GROUP / K if a.stage == "reward" else 1.0
+        rec.update(unit=unit, per_s=round(scale * units / seconds, 3 if a.stage == "ppo" else 2),
+                   seconds=round(seconds, 3), units=round(scale * units))
+        if a.stage == "reward":
+            rec.update(warmup_steps=a.warmup, measured_steps=a.steps,
+                       responses_per_s=round(units / seconds, 2), rows_per_step=per_step)
+        else:
+            rec.update(warmup_iterations=a.warmup, measured_iterations=a.steps)
+            keys = ("time_generate_s", "time_score_s", "time_forward_s", "time_train_s")
+            for k in keys:
+                rec[k] = round(sum(l.get(k, 0.0) for l in lines if a.warmup < l["step"] <= a.warmup + a.steps), 3)
+            rec["response_length_mean"] = round(
+                sum(l["response_length_mean"] for l in lines if a.warmup < l["step"]) /
+                max(1, sum(1 for l in lines if a.warmup < l["step"])), 2)
+    emit(rec)
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+
+
+TARGETS = {"sft": 1.5, "reward": 2.0, "ppo": 2.0}
+VERSUS = {"sft": "sft vs SFTTrainer", "reward": "reward vs RewardTrainer", "ppo": "ppo vs RLOOTrainer"}
+
+
+def table(a):
+    recs = [json.loads(l) for l in open(a.results) if l.strip().startswith("{")]
+    by = {(r["preset"], r["stage"], r["impl"]): r for r in recs}
+    presets = list(dict.fromkeys(r["preset"] for r in recs))
+    head = f"{'preset':<7} {'stage':<24} {'unit/s':<14} {'ours':>10} {'TRL':>10} {'ours/TRL':>9} {'target':>7}  met"
+    print(head)
+    print("-" * len(head))
+    for p in presets:
+        for s in ("sft", "reward", "ppo"):
+            o, t = by.get((p, s, "ours")), by.get((p, s, "trl"))
+            if not o or not t:
+                continue
+            ratio = o["per_s"] / t["per_s"]
+            met = "yes" if ratio >= TARGETS[s] else "no"
+            print(f"{p:<7} {VERSUS[s]:<24} {o['unit'] + '/s':<14} {o['per_s']:>10.2f} {t['per_s']:>10.2f} "
+                  f"{ratio:>8.2f}x {'>=' + str(TARGETS[s]) + 'x':>7}  {met}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("prepare")
+    q.add_argument("--task", required=True)
+    q.add_argument("--template", required=True)
+    q.add_argument("--out", required=True)
+
+    q = sub.add_parser("run")
+    q.add_argument("--preset", required=True)
+    q.add_argument("--work", required=True, help="the prepare folder")
+    q.add_argument("--out", required=True, help="TRL's output_dir parent (nothing is saved there)")
+    q.add_argument("--init", required=True, help="the `model init` folder (SFT and reward start)")
+    q.add_argument("--policy", help="the PPO/RLOO policy folder (our SFT output)")
+    q.add_argument("--reward-model", help="our reward stage's output folder")
+    q.add_argument("--stages", default="sft,reward,ppo")
+    q.add_argument("--template", default="Human: {prompt}\n\nAssistant:")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--sft-warmup", type=int, required=True)
+    q.add_argument("--sft-steps", type=int, required=True)
+    q.add_argument("--sft-batch", type=int, default=16)
+    q.add_argument("--sft-max-length", type=int, default=128)
+    q.add_argument("--sft-lr", type=float, default=3e-3)
+    q.add_argument("--rm-warmup", type=int, required=True)
+    q.add_argument("--rm-steps", type=int, required=True)
+    q.add_argument("--rm-groups", type=int, default=8)
+    q.add_argument("--rm-max-length", type=int, default=128)
+    q.add_argument("--rm-lr", type=float, default=1e-3)
+    q.add_argument("--ppo-warmup", type=int, required=True)
+    q.add_argument("--ppo-iters", type=int, required=True)
+    q.add_argument("--ppo-episodes", type=int, default=16)
+    q.add_argument("--ppo-num-generations", type=int, default=2)
+    q.add_argument("--ppo-minibatch", type=int, default=8)
+    q.add_argument("--ppo-epochs", type=int, default=4)
+    q.add_argument("--ppo-max-new-tokens", type=int, default=24)
+    q.add_argument("--ppo-beta", type=float, default=0.3)
+    q.add_argument("--ppo-lr", type=float, default=3e-5)
+
+    q = sub.add_parser("ours")
+    q.add_argument("--preset", required=True)
+    q.add_argument("--stage", choices=["sft", "reward", "ppo"], required=True)
+    q.add_argument("--metrics", required=True)
+    q.add_argument("--warmup", type=int, required=True)
+    q.add_argument("--steps", type=int, required=True)
+    q.add_argument("--per-step", type=int, default=0, help="units every step (reward: rows, ppo: episodes)")
+
+    q = sub.add_parser("table")
+    q.add_argument("results")
+
+    a = p.parse_args()
+    if a.cmd == "run":
+        a.ppo_steps_per_generation = a.ppo_episodes // a.ppo_minibatch
+        assert a.ppo_steps_per_generation * a.ppo_minibatch == a.ppo_episodes
+    {"prepare": prepare, "run": run, "ours": ours, "table": table}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
