@@ -15,6 +15,7 @@ use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::sync::{Arc, Mutex};
 
@@ -681,10 +682,15 @@ impl CausalLm {
         let cfg = &*self.config;
         let [bsz, t, _] = x.dims();
         let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let qkv = attn.qkv.forward(x);
-        let q = qkv.clone().slice([0..bsz, 0..t, 0..h * hd]);
-        let k = qkv.clone().slice([0..bsz, 0..t, h * hd..(h + kv) * hd]);
-        let v = qkv.slice([0..bsz, 0..t, (h + kv) * hd..(h + 2 * kv) * hd]);
+        let [q, k, v]: [Tensor<3>; 3] = split_linear(
+            &attn.qkv,
+            x,
+            [
+                0..h * hd,
+                h * hd..(h + kv) * hd,
+                (h + kv) * hd..(h + 2 * kv) * hd,
+            ],
+        );
         let q = q.reshape([bsz, t, h, hd]).swap_dims(1, 2);
         let mut k = k.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
         let v = v.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
@@ -718,17 +724,14 @@ impl CausalLm {
     }
 
     fn mlp(&self, mlp: &Mlp, x: Tensor<3>) -> Tensor<3> {
-        let up = mlp.up.forward(x);
         let hidden = match self.config.activation {
             Activation::Silu => {
-                let [b, t, two_i] = up.dims();
-                let i = two_i / 2;
-                let gate = up.clone().slice([0..b, 0..t, 0..i]);
-                let up = up.slice([0..b, 0..t, i..two_i]);
+                let i = self.config.intermediate_size;
+                let [gate, up] = split_linear(&mlp.up, x, [0..i, i..2 * i]);
                 silu(gate) * up
             }
-            Activation::GeluTanh => gelu_tanh(up),
-            Activation::Gelu => gelu(up),
+            Activation::GeluTanh => gelu_tanh(mlp.up.forward(x)),
+            Activation::Gelu => gelu(mlp.up.forward(x)),
         };
         mlp.down.forward(hidden)
     }
@@ -779,6 +782,33 @@ impl CausalLm {
     }
 }
 
+/// The column blocks `parts` of a fused projection (q | k | v, gate | up) applied to x [b, t, d].
+/// Inference: one matmul, and the blocks are views of its output. Training: one matmul per block
+/// of the weight, because the backward of a slice of the output writes the block's gradient into
+/// a zeroed tensor of the whole output's size (and then sums those), while slicing the weight
+/// moves the same work onto the weight, which is [d, out] instead of [b · t, out].
+fn split_linear<const N: usize>(
+    lin: &Linear,
+    x: Tensor<3>,
+    parts: [std::ops::Range<usize>; N],
+) -> [Tensor<3>; N] {
+    let [b, t, _] = x.dims();
+    if !x.is_autodiff() {
+        let y = lin.forward(x);
+        return parts.map(|r| y.clone().slice([0..b, 0..t, r]));
+    }
+    let w = lin.weight.val();
+    let d = w.dims()[0];
+    let bias = lin.bias.as_ref().map(|p| p.val());
+    parts.map(|r| {
+        linear(
+            x.clone(),
+            w.clone().slice([0..d, r.clone()]),
+            bias.clone().map(|bias| bias.slice([r])),
+        )
+    })
+}
+
 fn norm(b: &mut Builder, prefix: &str, cfg: &ModelConfig, bias: bool) -> Result<Norm> {
     let (weight, bias) = b.norm_params(prefix, cfg.hidden_size, bias)?;
     Ok(Norm {
@@ -804,4 +834,78 @@ fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let c = (2.0f64 / std::f64::consts::PI).sqrt();
     let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar(c);
     x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::LinearConfig;
+    use burn::tensor::Distribution;
+
+    /// The training path of `split_linear` (one matmul per weight block) gives the values and
+    /// the gradients (weight, bias, input) of the fused matmul with its output sliced.
+    #[test]
+    fn split_linear_matches_slicing_the_fused_output() {
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        let lin = LinearConfig::new(6, 10).with_bias(true).init(&device);
+        let x =
+            Tensor::<3>::random([2, 3, 6], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let parts = [0..4, 4..7, 7..10];
+        let coef = [1.0, -2.0, 0.5];
+        let loss = |ys: Vec<Tensor<3>>| {
+            ys.into_iter()
+                .zip(coef)
+                .map(|(y, c)| (y.clone() * y).sum().mul_scalar(c))
+                .reduce(|a, b| a + b)
+                .unwrap()
+        };
+        let split = split_linear(&lin, x.clone(), parts.clone());
+        let fused = lin.forward(x.clone());
+        let sliced: Vec<Tensor<3>> = parts
+            .iter()
+            .map(|r| fused.clone().slice([0..2, 0..3, r.clone()]))
+            .collect();
+        for (a, b) in split.iter().zip(&sliced) {
+            let (a, b) = (
+                crate::ops::to_f32_vec(a.clone()),
+                crate::ops::to_f32_vec(b.clone()),
+            );
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+        let g1 = loss(split.to_vec()).backward();
+        let g2 = loss(sliced).backward();
+        let pairs = [
+            (lin.weight.val().grad(&g1), lin.weight.val().grad(&g2)),
+            (
+                lin.bias
+                    .as_ref()
+                    .unwrap()
+                    .val()
+                    .grad(&g1)
+                    .map(|t| t.reshape([1, 10])),
+                lin.bias
+                    .as_ref()
+                    .unwrap()
+                    .val()
+                    .grad(&g2)
+                    .map(|t| t.reshape([1, 10])),
+            ),
+            (
+                x.grad(&g1).map(|t| t.reshape([6, 6])),
+                x.grad(&g2).map(|t| t.reshape([6, 6])),
+            ),
+        ];
+        for (a, b) in pairs {
+            let (a, b) = (
+                crate::ops::to_f32_vec(a.expect("gradient")),
+                crate::ops::to_f32_vec(b.expect("gradient")),
+            );
+            assert!(a.iter().any(|v| v.abs() > 1e-3));
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-4, "gradient {p} vs {q}");
+            }
+        }
+    }
 }
