@@ -762,25 +762,15 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             rows.shuffle(&mut rng);
             for mb in rows.chunks(ppo.minibatch_size) {
                 let m = mb.len();
-                let mb_batch = roll.rows(mb);
-                let pick = |v: &[f32]| -> Vec<f32> {
-                    mb.iter()
-                        .flat_map(|&r| v[r * n..(r + 1) * n].to_vec())
-                        .collect()
-                };
-                let mb_mask_host: Vec<bool> = mb
-                    .iter()
-                    .flat_map(|&r| mask[r * n..(r + 1) * n].to_vec())
-                    .collect();
-                let mb_mask = mask_tensor(&mb_mask_host, m, n, &device);
-                let mb_tokens: Vec<u32> = mb
-                    .iter()
-                    .flat_map(|&r| roll.response_tokens[r * n..(r + 1) * n].to_vec())
-                    .collect();
-                let mb_resp = token_tensor(&mb_tokens, m, n, &device);
+                // The minibatch without the columns that are padding in all its rows.
+                let mbx = roll.minibatch(mb);
+                let (mb_batch, mp, n) = (&mbx.batch, mbx.prompt_len, mbx.n);
+                let pick = |v: &[f32]| mbx.pick(v);
+                let mb_mask = mask_tensor(&mbx.pick(mask), m, n, &device);
+                let mb_resp = token_tensor(&mbx.pick(&roll.response_tokens), m, n, &device);
                 // Policy: clipped surrogate (+ entropy bonus, KL loss, PPO-ptx).
                 let (new_lp, logits) =
-                    response_logprobs(&policy, &mb_batch, mb_resp, p, temperature)?;
+                    response_logprobs(&policy, mb_batch, mb_resp, mp, temperature)?;
                 let pl = core::policy_loss(
                     new_lp.clone(),
                     float_tensor(&pick(&old_lp), m, n, &device),
@@ -830,7 +820,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                 )?;
                 policy = next;
                 // Critic: clipped value loss.
-                let values = values_of(&critic, &mb_batch, p, n)?;
+                let values = values_of(&critic, mb_batch, mp, n)?;
                 let vl = core::value_loss(
                     values,
                     float_tensor(&pick(&old_values), m, n, &device),

@@ -149,21 +149,75 @@ impl Rollout {
         })
     }
 
-    /// The batch of the given rows (a minibatch).
-    pub fn rows(&self, rows: &[usize]) -> TokenBatch {
-        let s = self.batch.seq;
-        TokenBatch {
+    /// The minibatch of the given rows, without the columns that are padding in all of them:
+    /// the prompt padding left of the longest prompt and the response positions after the
+    /// longest response. Those columns are masked out of every loss, so dropping them changes
+    /// no value (up to float rounding) and saves the forward and backward work on them.
+    pub fn minibatch(&self, rows: &[usize]) -> Minibatch {
+        let (p, n, s) = (self.p, self.n, self.batch.seq);
+        let lead = rows
+            .iter()
+            .map(|&r| {
+                let m = self.batch.row_mask(r);
+                // Every prompt has a token at p - 1, which predicts the first response token.
+                m[..p].iter().position(|&x| x).unwrap_or(p - 1).min(p - 1)
+            })
+            .min()
+            .unwrap_or(0);
+        let resp = rows
+            .iter()
+            .map(|&r| {
+                let m = &self.response_mask[r * n..(r + 1) * n];
+                m.iter().rposition(|&x| x).map_or(0, |i| i + 1)
+            })
+            .max()
+            .unwrap_or(0)
+            .max(1)
+            .min(n);
+        let cols = lead..p + resp;
+        let batch = TokenBatch {
             tokens: rows
                 .iter()
-                .flat_map(|&r| self.batch.row(r).to_vec())
+                .flat_map(|&r| self.batch.tokens[r * s..(r + 1) * s][cols.clone()].to_vec())
                 .collect(),
             mask: rows
                 .iter()
-                .flat_map(|&r| self.batch.row_mask(r).to_vec())
+                .flat_map(|&r| self.batch.mask[r * s..(r + 1) * s][cols.clone()].to_vec())
                 .collect(),
             batch: rows.len(),
-            seq: s,
+            seq: cols.len(),
+        };
+        Minibatch {
+            rows: rows.to_vec(),
+            batch,
+            prompt_len: p - lead,
+            n: resp,
+            full_n: n,
         }
+    }
+}
+
+/// A minibatch of a rollout (see [`Rollout::minibatch`]): its rows, their batch, and where the
+/// responses are in it.
+pub struct Minibatch {
+    pub rows: Vec<usize>,
+    pub batch: TokenBatch,
+    /// Columns of prompt (left padding included) before the first response token.
+    pub prompt_len: usize,
+    /// Response positions kept (the longest response of the rows).
+    pub n: usize,
+    /// Response positions of the rollout.
+    full_n: usize,
+}
+
+impl Minibatch {
+    /// The rows' slices of a rollout-wide per-response-token array [b · full_n], cut to the
+    /// kept positions → [rows · n].
+    pub fn pick<T: Copy>(&self, v: &[T]) -> Vec<T> {
+        self.rows
+            .iter()
+            .flat_map(|&r| v[r * self.full_n..r * self.full_n + self.n].to_vec())
+            .collect()
     }
 }
 
@@ -304,5 +358,71 @@ impl Samples {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three rows: prompts of 2, 4 and 3 tokens (width 4, left padded), responses of 1, 3 and 2
+    /// tokens (width 4). Token ids encode (row, column) so that a misplaced column shows.
+    fn rollout() -> Rollout {
+        let (p, n) = (4, 4);
+        let prompt_len = [2, 4, 3];
+        let resp_len = [1, 3, 2];
+        let (mut tokens, mut mask, mut response_tokens, mut response_mask) =
+            (vec![], vec![], vec![], vec![]);
+        for r in 0..3 {
+            for c in 0..p + n {
+                tokens.push((10 * r + c) as u32);
+                let real = if c < p {
+                    c >= p - prompt_len[r]
+                } else {
+                    c - p < resp_len[r]
+                };
+                mask.push(real);
+                if c >= p {
+                    response_tokens.push((10 * r + c) as u32);
+                    response_mask.push(real);
+                }
+            }
+        }
+        Rollout {
+            p,
+            n,
+            batch: TokenBatch {
+                tokens,
+                mask,
+                batch: 3,
+                seq: p + n,
+            },
+            response_tokens,
+            response_mask,
+            texts: vec![String::new(); 3],
+            has_eos: vec![true; 3],
+            lengths: resp_len.to_vec(),
+        }
+    }
+
+    #[test]
+    fn minibatch_drops_only_columns_that_are_padding_in_all_its_rows() {
+        let roll = rollout();
+        // Rows 0 and 2: prompts of 2 and 3 tokens (1 pad column in common), responses of 1 and
+        // 2 tokens (2 response columns kept).
+        let mb = roll.minibatch(&[2, 0]);
+        assert_eq!((mb.prompt_len, mb.n, mb.batch.seq), (3, 2, 5));
+        assert_eq!(mb.batch.tokens, vec![21, 22, 23, 24, 25, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            mb.batch.mask,
+            vec![true, true, true, true, true, false, true, true, true, false]
+        );
+        assert_eq!(mb.pick(&roll.response_tokens), vec![24, 25, 4, 5]);
+        assert_eq!(mb.pick(&roll.response_mask), vec![true, true, true, false]);
+        // The position before the first response token is the last prompt column.
+        assert_eq!(mb.batch.tokens[mb.prompt_len - 1], 23);
+        // Row 1 has a full-width prompt: nothing on the left goes.
+        let all = roll.minibatch(&[0, 1, 2]);
+        assert_eq!((all.prompt_len, all.n, all.batch.seq), (4, 3, 7));
     }
 }
