@@ -27,6 +27,10 @@ pub fn token_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let probs = softmax(constant.clone(), 2);
     let log_sum_exp = max - probs.clone().max_dim(2).log();
     let picked = logits.clone().gather(2, targets.reshape([b, t, 1]));
+    if !logits.is_autodiff() {
+        // Inference (rollouts, scoring, evaluation): no gradient to carry.
+        return (picked - log_sum_exp).reshape([b, t]);
+    }
     let zero_with_gradient = ((logits.clone() - logits.detach()) * probs).sum_dim(2);
     (picked - zero_with_gradient - log_sum_exp).reshape([b, t])
 }

@@ -804,6 +804,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                     && let Some(ptx) = &ptx
                 {
                     let lm = ptx.loss(&policy, it, stats.minibatches, m, tok.pad_id, &device)?;
+                    stats.ptx_loss += lm.clone().into_scalar::<f32>() as f64;
                     policy_total = policy_total + lm.mul_scalar(ppo.ptx_coef);
                 }
                 let policy_loss_value = policy_total.clone().into_scalar::<f32>() as f64;
@@ -893,6 +894,9 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             json!(stats.mean(stats.value_clip_fraction)),
         );
         put("approx_kl", json!(stats.mean(stats.approx_kl)));
+        if ptx.is_some() {
+            put("ptx_loss", json!(stats.mean(stats.ptx_loss)));
+        }
         put("policy_grad_norm", json!(stats.mean(stats.grad_norms.0)));
         put("critic_grad_norm", json!(stats.mean(stats.grad_norms.1)));
         put("minibatches", json!(stats.minibatches));

@@ -271,12 +271,21 @@ impl Ptx {
             .map(|i| self.examples[(start + i) % self.examples.len()].clone())
             .collect();
         let b = lm_batch(&ex, pad);
-        let logits = policy.logits(policy.forward(&b.inputs))?;
-        let (bs, t) = (b.inputs.batch, b.inputs.seq);
-        let lp =
-            model::ops::token_logprobs(logits, model::ops::token_tensor(&b.targets, bs, t, device));
-        let mask = model::ops::mask_tensor(&b.target_mask, bs, t, device);
-        Ok(model::ops::masked_mean(lp, mask).neg())
+        // The LM head only at the target positions (response and EOS), as in sft.
+        let h = model::ops::select_positions(policy.forward(&b.inputs), &b.target_mask);
+        let targets: Vec<u32> = b
+            .targets
+            .iter()
+            .zip(&b.target_mask)
+            .filter(|(_, m)| **m)
+            .map(|(t, _)| *t)
+            .collect();
+        let n = targets.len();
+        let lp = model::ops::token_logprobs(
+            policy.logits(h)?,
+            model::ops::token_tensor(&targets, 1, n, device),
+        );
+        Ok(lp.mean().neg())
     }
 }
 
@@ -291,6 +300,8 @@ pub struct UpdateStats {
     pub value_clip_fraction: f64,
     pub approx_kl: f64,
     pub grad_norms: (f64, f64),
+    /// Sum of the PPO-ptx LM loss (mean NLL per demonstration token) over the minibatches.
+    pub ptx_loss: f64,
     pub early_stopped: bool,
 }
 

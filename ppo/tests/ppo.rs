@@ -206,6 +206,41 @@ fn transformers_gives_the_same_logits(dir: &Path) {
     );
 }
 
+/// PPO-ptx: the LM loss on demonstrations is computed (logged as `ptx_loss`, the SFT policy's
+/// NLL per response token on the demo task's demonstrations: small but not zero) and joins the
+/// policy loss, which is higher by about ptx_coef × ptx_loss than without it.
+#[test]
+fn ptx_loss_is_the_demonstrations_nll_and_joins_the_policy_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demos = e2e::root().join("datasets/demo/task/demonstrations.jsonl");
+    let losses = |name: &str, ptx: &[String]| {
+        let out = tmp.path().join(name);
+        let (ok, _, err) = ppo(&rule_run(&out, 2, ptx), &[]);
+        assert!(ok, "{err}");
+        metrics(&out)
+    };
+    let with = losses(
+        "ptx",
+        &[
+            "ppo.ptx_coef=2.0".into(),
+            format!("ppo.ptx_data=\"{}\"", demos.display()),
+        ],
+    );
+    let without = losses("plain", &[]);
+    assert!(without[0].get("ptx_loss").is_none());
+    let ptx = with[0]["ptx_loss"].as_f64().unwrap();
+    assert!(ptx > 0.05 && ptx < 5.0, "ptx_loss {ptx}");
+    // The first minibatch of the first iteration is the same policy and data in both runs; the
+    // later ones diverge, so the means agree only roughly.
+    let gap =
+        with[0]["policy_loss"].as_f64().unwrap() - without[0]["policy_loss"].as_f64().unwrap();
+    println!("ptx_loss {ptx:.4}, policy loss gap {gap:.4}");
+    assert!(
+        (gap - 2.0 * ptx).abs() < 0.5 * ptx,
+        "policy loss gap {gap} vs 2 x {ptx}"
+    );
+}
+
 #[test]
 fn killed_and_resumed_run_ends_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
