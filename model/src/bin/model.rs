@@ -98,6 +98,10 @@ enum Command {
         /// Timed generation runs (after 1 untimed).
         #[arg(long, default_value_t = 2)]
         reps: usize,
+        /// Rounds, each measuring ours then the peer; the table takes each side's best round (a
+        /// shared machine's noise only ever slows a run down).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
     },
 }
 
@@ -209,11 +213,11 @@ fn run(cli: Cli, template_given: bool) -> Result<()> {
             python,
             steps,
             reps,
+            rounds,
         } => bench(
             &shape,
             python.as_deref(),
-            steps.max(1),
-            reps.max(1),
+            (steps.max(1), reps.max(1), rounds.max(1)),
             &device,
         ),
     }
@@ -433,8 +437,7 @@ fn score(dir: &Path, input: &Path, batch_size: usize, device: &burn::tensor::Dev
 fn bench(
     shape: &str,
     python: Option<&Path>,
-    steps: usize,
-    reps: usize,
+    (steps, reps, rounds): (usize, usize, usize),
     device: &burn::tensor::Device,
 ) -> Result<()> {
     use model::bench::{SHAPES, generate_tokens_per_s, train_tokens_per_s};
@@ -451,38 +454,47 @@ fn bench(
     // Model FLOP utilisation of the training step: 6 · matmul params · tokens/s over the fp32
     // matmul roof measured here (a 2048³ matmul through the same backend).
     let roof = model::bench::sgemm_gflops(2048, 3, device);
-    let mut mfu = Vec::new();
-    for s in &shapes {
-        let mut line = |what: &str, imp: &str, tps: f64| {
-            println!(
-                "{}",
-                serde_json::json!({"shape": s.name, "what": what, "impl": imp, "tokens_per_s": (tps * 10.0).round() / 10.0})
-            );
-            rows.push((s.name, what.to_string(), imp.to_string(), tps));
-        };
-        let train = train_tokens_per_s(s, steps, 2, device)?;
-        line("train", ours, train);
-        let params = model::bench::matmul_params(s, device)?;
-        mfu.push((s.name, params, 6.0 * params as f64 * train / 1e9));
-        let gen_tps = generate_tokens_per_s(s, reps, device)?;
-        line("generate", ours, gen_tps);
-        if let Some(py) = python {
-            for (what, imp, tps) in peer(py, s.name, steps, reps)? {
-                line(&what, &imp, tps);
+    for round in 1..=rounds {
+        for s in &shapes {
+            let mut line = |what: &str, imp: &str, tps: f64| {
+                println!(
+                    "{}",
+                    serde_json::json!({"shape": s.name, "what": what, "impl": imp, "round": round, "tokens_per_s": (tps * 10.0).round() / 10.0})
+                );
+                rows.push((s.name, what.to_string(), imp.to_string(), tps));
+            };
+            line("train", ours, train_tokens_per_s(s, steps, 2, device)?);
+            line("generate", ours, generate_tokens_per_s(s, reps, device)?);
+            if let Some(py) = python {
+                for (what, imp, tps) in peer(py, s.name, steps, reps)? {
+                    line(&what, &imp, tps);
+                }
             }
         }
     }
+    // Each side's best round, and the range over the rounds.
+    let best = |shape: &str, what: &str, imp: &str| {
+        rows.iter()
+            .filter(|r| r.0 == shape && r.1 == what && r.2 == imp)
+            .map(|r| r.3)
+            .fold(None, |a: Option<(f64, f64)>, x| {
+                Some(a.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x))))
+            })
+    };
     println!();
     println!(
-        "{:<8} {:<9} {:>12} {:>12} {:>8}",
+        "{:<8} {:<9} {:>12} {:>12} {:>8}   range over {rounds} round(s): {ours} / pytorch",
         "shape", "what", ours, "pytorch", "ratio"
     );
     for s in &shapes {
         for what in ["train", "generate"] {
+            let (a_range, b_range) = (best(s.name, what, ours), best(s.name, what, "pytorch"));
             let get = |imp: &str| {
-                rows.iter()
-                    .find(|r| r.0 == s.name && r.1 == what && r.2 == imp)
-                    .map(|r| r.3)
+                if imp == ours {
+                    a_range.map(|r| r.1)
+                } else {
+                    b_range.map(|r| r.1)
+                }
             };
             let (a, b) = (get(ours), get("pytorch"));
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}"));
@@ -490,19 +502,30 @@ fn bench(
                 (Some(a), Some(b)) => format!("{:.2}x", a / b),
                 _ => "-".into(),
             };
+            let range = |r: Option<(f64, f64)>| {
+                r.map_or("-".to_string(), |(lo, hi)| format!("{lo:.0}-{hi:.0}"))
+            };
             println!(
-                "{:<8} {:<9} {:>12} {:>12} {:>8}",
+                "{:<8} {:<9} {:>12} {:>12} {:>8}   {} / {}",
                 s.name,
                 what,
                 fmt(a),
                 fmt(b),
-                ratio
+                ratio,
+                range(a_range),
+                range(b_range)
             );
         }
     }
-    println!("(tokens/s; ratio = ours / pytorch, above 1 is faster)");
+    println!("(tokens/s, each side's best round; ratio = ours / pytorch, above 1 is faster)");
     println!();
     println!("fp32 matmul roof (2048^3 through {ours}): {roof:.1} GFLOP/s");
+    let mut mfu = Vec::new();
+    for s in &shapes {
+        let params = model::bench::matmul_params(s, device)?;
+        let train = best(s.name, "train", ours).map_or(0.0, |r| r.1);
+        mfu.push((s.name, params, 6.0 * params as f64 * train / 1e9));
+    }
     for (name, params, gflops) in &mfu {
         println!(
             "{name:<8} train     MFU {:>5.1}%  (6 x {:.2}M matmul params x tokens/s = {gflops:.1} GFLOP/s)",
