@@ -131,6 +131,57 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Row r of this cache repeated `counts[r]` times, in order: one prompt's keys and values
+    /// shared by the several continuations that follow it (the K responses of a reward-model
+    /// group). Differentiable: under autodiff the gradients of the copies flow back to the row.
+    pub fn repeat_rows(&self, counts: &[usize]) -> KvCache {
+        assert_eq!(
+            counts.len(),
+            self.key_mask.len(),
+            "repeat_rows: one count per row"
+        );
+        let idx: Vec<i64> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(r, &c)| std::iter::repeat_n(r as i64, c))
+            .collect();
+        let rep = |v: &Tensor<4>| {
+            let [_, kvh, len, hd] = v.dims();
+            let n = idx.len();
+            let i = Tensor::<1, Int>::from_data(TensorData::new(idx.clone(), [n]), &v.device());
+            // Only the filled positions travel.
+            v.clone()
+                .slice([0..v.dims()[0], 0..kvh, 0..len, 0..hd])
+                .select(0, i)
+        };
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref().map(|l| {
+                        let [b, kvh, _, hd] = l.k.dims();
+                        let filled = [0..b, 0..kvh, 0..l.len, 0..hd];
+                        LayerKv {
+                            k: rep(&l.k.clone().slice(filled.clone())),
+                            v: rep(&l.v.clone().slice(filled)),
+                            len: l.len,
+                        }
+                    })
+                })
+                .collect(),
+            key_mask: idx
+                .iter()
+                .map(|&r| self.key_mask[r as usize].clone())
+                .collect(),
+            next_position: idx
+                .iter()
+                .map(|&r| self.next_position[r as usize])
+                .collect(),
+            capacity: 0,
+        }
+    }
 }
 
 /// Appends k, v [b, kv_heads, t, head_dim] to a layer's cache and returns views of all cached
@@ -151,6 +202,21 @@ fn append_kv(
             k: k.clone(),
             v: v.clone(),
             len: t,
+        });
+        return (k, v);
+    }
+    if capacity == 0
+        && let Some(c) = slot.take()
+    {
+        // No room was asked for (training, scoring): append by concatenation, which autodiff
+        // differentiates directly.
+        let filled = [0..b, 0..kvh, 0..past, 0..hd];
+        let k = Tensor::cat(vec![c.k.slice(filled.clone()), k], 2);
+        let v = Tensor::cat(vec![c.v.slice(filled), v], 2);
+        *slot = Some(LayerKv {
+            k: k.clone(),
+            v: v.clone(),
+            len: total,
         });
         return (k, v);
     }

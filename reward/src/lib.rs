@@ -157,6 +157,8 @@ pub struct BatchPlan {
     pub rows: Vec<Vec<u32>>,
     pub pairs: Vec<PairTerm>,
     pub lists: Vec<ListTerm>,
+    /// The consecutive rows of each group (they share the group's prompt).
+    pub groups: Vec<std::ops::Range<usize>>,
 }
 
 /// Plans one forward over `groups`: each response once (K per group), or two rows per pair.
@@ -165,6 +167,7 @@ pub fn plan(groups: &[&Group], loss: &LossSection, ties: Ties) -> BatchPlan {
         rows: Vec::new(),
         pairs: Vec::new(),
         lists: Vec::new(),
+        groups: Vec::new(),
     };
     for (gi, g) in groups.iter().enumerate() {
         let base = p.rows.len();
@@ -230,6 +233,7 @@ pub fn plan(groups: &[&Group], loss: &LossSection, ties: Ties) -> BatchPlan {
                 }
             }
         }
+        p.groups.push(base..p.rows.len());
     }
     p
 }
@@ -259,6 +263,46 @@ pub fn rewards_of(
 ) -> Result<burn::tensor::Tensor<1>> {
     let batch = TokenBatch::right_padded(rows, pad);
     Ok(model.scalar_last(&batch, model.forward(&batch))?)
+}
+
+/// Scalar rewards of a planned batch's rows, as [`rewards_of`], with each group's shared prefix
+/// (its prompt, and any response tokens all its rows begin with) run once: the prefixes of all
+/// groups go through the model in one left-padded forward, their keys and values are repeated
+/// for the group's rows, and only the rows' remaining tokens run on top. With K responses per
+/// prompt this saves K − 1 of the K prompt passes, forward and backward. → [rows]
+pub fn rewards_of_plan(
+    model: &CausalLm,
+    plan: &BatchPlan,
+    pad: u32,
+) -> Result<burn::tensor::Tensor<1>> {
+    let mut prefixes = Vec::with_capacity(plan.groups.len());
+    let mut suffixes = Vec::with_capacity(plan.rows.len());
+    let mut counts = Vec::with_capacity(plan.groups.len());
+    for g in &plan.groups {
+        let rows = &plan.rows[g.clone()];
+        // The longest common prefix, leaving every row at least its last token (whose hidden
+        // state is the reward).
+        let shortest = rows.iter().map(Vec::len).min().unwrap_or(1);
+        let mut n = 0;
+        while n + 1 < shortest && rows.iter().all(|r| r[n] == rows[0][n]) {
+            n += 1;
+        }
+        if n == 0 || rows.len() < 2 {
+            // Nothing shared: the plain forward.
+            return rewards_of(model, &plan.rows, pad);
+        }
+        prefixes.push(rows[0][..n].to_vec());
+        suffixes.extend(rows.iter().map(|r| r[n..].to_vec()));
+        counts.push(rows.len());
+    }
+    let layers = model.config().num_layers;
+    let prefix = TokenBatch::left_padded(&prefixes, pad);
+    let mut cache = model::KvCache::new(layers, prefix.batch);
+    let _ = model.forward_cached(&prefix, &mut cache);
+    let mut cache = cache.repeat_rows(&counts);
+    let suffix = TokenBatch::right_padded(&suffixes, pad);
+    let hidden = model.forward_cached(&suffix, &mut cache);
+    Ok(model.scalar_last(&suffix, hidden)?)
 }
 
 /// Raw rewards of many sequences, in order, in batches of similar length (no autodiff).
@@ -543,7 +587,7 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
             // All responses of the micro-batch's groups in one padded forward.
             let groups: Vec<&Group> = micro.iter().map(|&i| &train[i]).collect();
             let plan = plan(&groups, &cfg.loss, cfg.data.ties);
-            let rewards = rewards_of(&model, &plan.rows, tok.pad_id)?;
+            let rewards = rewards_of_plan(&model, &plan, tok.pad_id)?;
             // Every micro-batch weighs the same in the step.
             let loss =
                 batch_loss(rewards.clone(), &plan, &cfg.loss).div_scalar(t.grad_accum as f64);
@@ -696,5 +740,78 @@ mod tests {
         assert_eq!(list.lists[0].item, 0);
         assert_eq!(list.lists[0].candidates, vec![0, 2]);
         assert_eq!(list.lists[1].candidates, vec![0, 1, 2]);
+    }
+}
+
+#[cfg(test)]
+mod shared_prefix_tests {
+    use super::*;
+    use burn::module::Module;
+
+    /// The shared-prefix forward gives the rewards of the plain forward, and the same gradients.
+    #[test]
+    fn rewards_of_plan_equal_the_plain_forward_with_gradients() {
+        let device = model::parse_device("cpu").unwrap().autodiff();
+        let cfg = model::ModelConfig::preset("tiny", 50).unwrap();
+        let model = CausalLm::new(&cfg, true, 3, &device).unwrap();
+        // Two groups: prompts of 4 and 2 tokens; responses of different lengths, two of them
+        // starting alike (a longer common prefix in group 0).
+        let rows = vec![
+            vec![1, 2, 3, 4, 10, 11, 12],
+            vec![1, 2, 3, 4, 10, 13],
+            vec![1, 2, 3, 4, 10, 14, 15, 16],
+            vec![5, 6, 20],
+            vec![5, 6, 21, 22],
+        ];
+        let plan = BatchPlan {
+            rows: rows.clone(),
+            pairs: Vec::new(),
+            lists: Vec::new(),
+            groups: vec![0..3, 3..5],
+        };
+        let coef = [1.0f32, -0.5, 2.0, 0.7, -1.3];
+        let weights = burn::tensor::Tensor::<1>::from_data(
+            burn::tensor::TensorData::new(coef.to_vec(), [5]),
+            &device,
+        );
+        let shared = rewards_of_plan(&model, &plan, 0).unwrap();
+        let plain = rewards_of(&model, &rows, 0).unwrap();
+        let (a, b) = (
+            model::ops::to_f32_vec(shared.clone()),
+            model::ops::to_f32_vec(plain.clone()),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+        let g1 = GradientsParams::from_grads((shared * weights.clone()).sum().backward(), &model);
+        let g2 = GradientsParams::from_grads((plain * weights).sum().backward(), &model);
+        let (n1, n2) = (
+            model::ops::grad_norm(&model, &g1),
+            model::ops::grad_norm(&model, &g2),
+        );
+        assert!(n1 > 1e-3 && (n1 - n2).abs() < 1e-4 * n2, "{n1} vs {n2}");
+        // Every parameter's gradient (the embedding rows of the prompt tokens get theirs from
+        // every response of the group).
+        let emb = |g: &GradientsParams| {
+            let mut v = Vec::new();
+            struct Grab<'a>(&'a GradientsParams, &'a mut Vec<f32>);
+            impl burn::module::ModuleVisitor for Grab<'_> {
+                fn visit_float<const D: usize>(
+                    &mut self,
+                    p: &burn::module::Param<burn::tensor::Tensor<D>>,
+                ) {
+                    if let Some(t) = self.0.get::<D>(p.id) {
+                        self.1.extend(model::ops::to_f32_vec(t));
+                    }
+                }
+            }
+            model.visit(&mut Grab(g, &mut v));
+            v
+        };
+        let (e1, e2) = (emb(&g1), emb(&g2));
+        assert_eq!(e1.len(), e2.len());
+        for (x, y) in e1.iter().zip(&e2) {
+            assert!((x - y).abs() < 1e-4, "gradient {x} vs {y}");
+        }
     }
 }
