@@ -224,6 +224,21 @@ def drop_printer(trainer):
     trainer.remove_callback(ProgressCallback)
 
 
+def train_counting(trainer_cls, clock, count, **kwargs):
+    """Trains a `trainer_cls` (with `clock`'s callback, without the progress printers) whose every
+    training step appends count(inputs), its units, to clock.units. Returns the trainer."""
+
+    class Counting(trainer_cls):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            clock.units.append(count(inputs))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = Counting(callbacks=[clock.callback], **kwargs)
+    drop_printer(trainer)
+    trainer.train()
+    return trainer
+
+
 def emit(rec):
     print(json.dumps(rec), flush=True)
 
@@ -263,18 +278,14 @@ def run_sft(a, tok):
                      warmup_steps=5, max_length=a.sft_max_length, packing=False,
                      completion_only_loss=True, dataset_num_proc=None)
 
-    class Counting(SFTTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            # Counted as `sft` counts: the real tokens of the inputs minus one per row (our
-            # step feeds tokens[..n-1]; TRL feeds all n and ignores the last position's logits).
-            mask = inputs["attention_mask"]
-            clock.units.append(int(mask.sum().item()) - mask.shape[0])
-            return super().training_step(model, inputs, num_items_in_batch)
+    def tokens(inputs):
+        # Counted as `sft` counts: the real tokens of the inputs minus one per row (our step
+        # feeds tokens[..n-1]; TRL feeds all n and ignores the last position's logits).
+        mask = inputs["attention_mask"]
+        return int(mask.sum().item()) - mask.shape[0]
 
-    trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(records),
-                       processing_class=tok, callbacks=[clock.callback])
-    drop_printer(trainer)
-    trainer.train()
+    train_counting(SFTTrainer, clock, tokens, model=model, args=args,
+                   train_dataset=Dataset.from_list(records), processing_class=tok)
     total, only, units = clock.window(a.sft_warmup + 1, steps)
     emit({"preset": a.preset, "stage": "sft", "impl": "trl", "trainer": "SFTTrainer",
           "unit": "tokens", "per_s": round(units / total, 1),
@@ -302,15 +313,10 @@ def run_reward(a, tok):
                         warmup_steps=5, max_length=a.rm_max_length, disable_dropout=True,
                         center_rewards_coefficient=None, dataset_num_proc=None)
 
-    class Counting(RewardTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            clock.units.append(inputs["input_ids"].shape[0] // 2)  # rows = chosen + rejected
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                       processing_class=tok, callbacks=[clock.callback])
-    drop_printer(trainer)
-    trainer.train()
+    trainer = train_counting(RewardTrainer, clock,
+                             lambda inputs: inputs["input_ids"].shape[0] // 2,  # chosen + rejected
+                             model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tok)
     total, only, units = clock.window(a.rm_warmup + 1, steps)
     emit({"preset": a.preset, "stage": "reward", "impl": "trl", "trainer": "RewardTrainer",
           "unit": "comparisons", "per_s": round(units / total, 2),

@@ -59,6 +59,17 @@ impl LmBatch {
     pub fn num_targets(&self) -> usize {
         self.target_mask.iter().filter(|&&m| m).count()
     }
+
+    /// The targets of the positions in the loss, in order (what the LM head is evaluated on
+    /// when it runs at those positions only).
+    pub fn target_tokens(&self) -> Vec<u32> {
+        self.targets
+            .iter()
+            .zip(&self.target_mask)
+            .filter(|(_, m)| **m)
+            .map(|(t, _)| *t)
+            .collect()
+    }
 }
 
 pub fn lm_batch(examples: &[SftExample], pad: u32) -> LmBatch {

@@ -24,7 +24,7 @@ pub fn token_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [b, t, _] = logits.dims();
     let constant = logits.clone().inner();
     let max = constant.clone().max_dim(2);
-    let probs = softmax(constant.clone(), 2);
+    let probs = softmax(constant, 2);
     let log_sum_exp = max - probs.clone().max_dim(2).log();
     let picked = logits.clone().gather(2, targets.reshape([b, t, 1]));
     if !logits.is_autodiff() {

@@ -146,14 +146,10 @@ impl KvCache {
             .enumerate()
             .flat_map(|(r, &c)| std::iter::repeat_n(r as i64, c))
             .collect();
-        let rep = |v: &Tensor<4>| {
-            let [_, kvh, len, hd] = v.dims();
-            let n = idx.len();
-            let i = Tensor::<1, Int>::from_data(TensorData::new(idx.clone(), [n]), &v.device());
-            // Only the filled positions travel.
-            v.clone()
-                .slice([0..v.dims()[0], 0..kvh, 0..len, 0..hd])
-                .select(0, i)
+        let rep = |v: Tensor<4>| {
+            let i =
+                Tensor::<1, Int>::from_data(TensorData::new(idx.clone(), [idx.len()]), &v.device());
+            v.select(0, i)
         };
         KvCache {
             layers: self
@@ -161,11 +157,12 @@ impl KvCache {
                 .iter()
                 .map(|l| {
                     l.as_ref().map(|l| {
+                        // Only the filled positions travel.
                         let [b, kvh, _, hd] = l.k.dims();
                         let filled = [0..b, 0..kvh, 0..l.len, 0..hd];
                         LayerKv {
-                            k: rep(&l.k.clone().slice(filled.clone())),
-                            v: rep(&l.v.clone().slice(filled)),
+                            k: rep(l.k.clone().slice(filled.clone())),
+                            v: rep(l.v.clone().slice(filled)),
                             len: l.len,
                         }
                     })
@@ -185,8 +182,9 @@ impl KvCache {
 }
 
 /// Appends k, v [b, kv_heads, t, head_dim] to a layer's cache and returns views of all cached
-/// keys and values [b, kv_heads, len, head_dim]. Without room (or with no capacity asked for)
-/// the buffers grow to the larger of the need and twice their size.
+/// keys and values [b, kv_heads, len, head_dim]. A cache created with a capacity keeps buffers
+/// with room and writes into them (regrown to the larger of the need and twice their size when
+/// full); one created without (training, scoring, a repeated prefix) concatenates.
 fn append_kv(
     slot: &mut Option<LayerKv>,
     k: Tensor<4>,

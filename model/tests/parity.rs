@@ -236,8 +236,8 @@ fn kv_cache_generation_equals_full_recompute() {
 
 #[test]
 fn kv_cache_that_grows_gives_the_full_forward() {
-    // Token-by-token decoding through caches with no room asked for (regrown at every step
-    // until doubling catches up) and too little room (regrown once), against one full forward.
+    // Token-by-token decoding through a cache with no room asked for (appends by concatenation)
+    // and one with too little room (written in place, regrown once), against one full forward.
     let model = load_fixture("llama_gqa_untied");
     let tokens = vec![7u32, 3, 55, 21, 9, 14, 2, 40];
     let d = model.config().hidden_size;

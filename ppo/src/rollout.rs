@@ -273,13 +273,7 @@ impl Ptx {
         let b = lm_batch(&ex, pad);
         // The LM head only at the target positions (response and EOS), as in sft.
         let h = model::ops::select_positions(policy.forward(&b.inputs), &b.target_mask);
-        let targets: Vec<u32> = b
-            .targets
-            .iter()
-            .zip(&b.target_mask)
-            .filter(|(_, m)| **m)
-            .map(|(t, _)| *t)
-            .collect();
+        let targets = b.target_tokens();
         let n = targets.len();
         let lp = model::ops::token_logprobs(
             policy.logits(h)?,

@@ -287,7 +287,7 @@ pub fn rewards_of_plan(
         while n + 1 < shortest && rows.iter().all(|r| r[n] == rows[0][n]) {
             n += 1;
         }
-        if n == 0 || rows.len() < 2 {
+        if n == 0 {
             // Nothing shared: the plain forward.
             return rewards_of(model, &plan.rows, pad);
         }

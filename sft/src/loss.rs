@@ -9,13 +9,7 @@ use model::ops::{select_positions, token_logprobs, token_tensor};
 /// hidden: [b, t, d]
 pub fn target_positions(hidden: Tensor<3>, batch: &LmBatch) -> (Tensor<3>, Tensor<2, Int>) {
     let device = hidden.device();
-    let targets: Vec<u32> = batch
-        .targets
-        .iter()
-        .zip(&batch.target_mask)
-        .filter(|(_, m)| **m)
-        .map(|(t, _)| *t)
-        .collect();
+    let targets = batch.target_tokens();
     let n = targets.len();
     (
         select_positions(hidden, &batch.target_mask),

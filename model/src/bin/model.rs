@@ -489,14 +489,7 @@ fn bench(
     for s in &shapes {
         for what in ["train", "generate"] {
             let (a_range, b_range) = (best(s.name, what, ours), best(s.name, what, "pytorch"));
-            let get = |imp: &str| {
-                if imp == ours {
-                    a_range.map(|r| r.1)
-                } else {
-                    b_range.map(|r| r.1)
-                }
-            };
-            let (a, b) = (get(ours), get("pytorch"));
+            let (a, b) = (a_range.map(|r| r.1), b_range.map(|r| r.1));
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}"));
             let ratio = match (a, b) {
                 (Some(a), Some(b)) => format!("{:.2}x", a / b),
