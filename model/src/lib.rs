@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod ops;
 pub mod tokenizer;

@@ -11,10 +11,11 @@
 use crate::batch::TokenBatch;
 use crate::config::{Activation, Family, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::fused;
 use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
-use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,9 @@ struct Norm {
 impl Norm {
     /// x: [b, t, d]
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if self.rms && self.bias.is_none() {
+            return crate::fused::rms_norm(x, self.weight.val(), self.eps);
+        }
         let x = if self.rms {
             let inv = x
                 .clone()
@@ -704,7 +708,7 @@ impl CausalLm {
         self.norm.forward(x)
     }
 
-    /// cos and sin tables [b, 1, t, head_dim] for RoPE at the given positions.
+    /// cos and sin tables [b, t, 1, head_dim] for RoPE at the given positions.
     fn rope_tables(
         &self,
         pos: &[i64],
@@ -728,8 +732,8 @@ impl CausalLm {
         }
         drop(table);
         (
-            Tensor::from_data(TensorData::new(cos, [bsz, 1, t, hd]), device),
-            Tensor::from_data(TensorData::new(sin, [bsz, 1, t, hd]), device),
+            Tensor::from_data(TensorData::new(cos, [bsz, t, 1, hd]), device),
+            Tensor::from_data(TensorData::new(sin, [bsz, t, 1, hd]), device),
         )
     }
 
@@ -755,16 +759,14 @@ impl CausalLm {
                 (h + kv) * hd..(h + 2 * kv) * hd,
             ],
         );
-        let q = q.reshape([bsz, t, h, hd]).swap_dims(1, 2);
-        let mut k = k.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
-        let v = v.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
-        let q = match rope {
-            Some((cos, sin)) => {
-                k = apply_rope(k, cos, sin);
-                apply_rope(q, cos, sin)
-            }
-            None => q,
+        let (q, k) = (q.reshape([bsz, t, h, hd]), k.reshape([bsz, t, kv, hd]));
+        let (q, k) = match rope {
+            Some((cos, sin)) => (fused::rope(q, cos, sin), fused::rope(k, cos, sin)),
+            None => (q, k),
         };
+        let q = q.swap_dims(1, 2);
+        let k = k.swap_dims(1, 2);
+        let v = v.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
         let (k, v) = append_kv(cache, k, v, capacity);
         let total = k.dims()[2];
         let (k, v) = if h == kv {
@@ -778,11 +780,9 @@ impl CausalLm {
             };
             (expand(k), expand(v))
         };
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt())
-            + bias.clone();
-        let ctx = softmax(scores, 3).matmul(v);
+        let scores = q.matmul(k.swap_dims(2, 3));
+        let weights = fused::masked_softmax(scores, bias, 1.0 / (hd as f64).sqrt());
+        let ctx = weights.matmul(v);
         let ctx = ctx.swap_dims(1, 2).reshape([bsz, t, h * hd]);
         attn.o.forward(ctx)
     }
@@ -792,7 +792,7 @@ impl CausalLm {
             Activation::Silu => {
                 let i = self.config.intermediate_size;
                 let [gate, up] = split_linear(&mlp.up, x, [0..i, i..2 * i]);
-                silu(gate) * up
+                fused::swiglu(gate, up)
             }
             Activation::GeluTanh => gelu_tanh(mlp.up.forward(x)),
             Activation::Gelu => gelu(mlp.up.forward(x)),
@@ -881,16 +881,6 @@ fn norm(b: &mut Builder, prefix: &str, cfg: &ModelConfig, bias: bool) -> Result<
         eps: cfg.norm_eps,
         rms: cfg.family == Family::Llama,
     })
-}
-
-/// x: [b, h, t, hd]; cos, sin: [b, 1, t, hd]. rotate_half layout, as transformers.
-fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let [b, h, t, hd] = x.dims();
-    let half = hd / 2;
-    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..t, half..hd]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
 }
 
 /// GELU, tanh approximation (`gelu_new`).

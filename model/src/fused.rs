@@ -1,0 +1,692 @@
+//! Fused element-wise operations of the transformer, each with a hand-written backward pass:
+//! RMSNorm, SwiGLU, RoPE and the attention softmax (scale, mask bias and softmax in one).
+//!
+//! Written with burn's decomposed tensor ops, one RMSNorm is seven forward ops and about twice as
+//! many in its backward, each a pass over the activations and a fresh buffer; the attention softmax
+//! (scale, bias, max, subtract, exp, sum, divide) is worse. Here each operation is one forward and
+//! one backward kernel, registered with burn's autodiff as a single node
+//! ([`Backward`]), so the graph holds what the backward needs (inputs, or the softmax output) and
+//! nothing else.
+//!
+//! Kernels are per backend ([`Kernels`]): the default bodies compose the backend's own tensor ops
+//! (LibTorch runs them as its kernels); the `flex` backend overrides them with loops over
+//! contiguous `f32` rows, split across threads for large tensors. Any other case (another dtype, a
+//! mix of tracked and untracked inputs) falls back to the decomposed ops, so results never depend
+//! on which path ran beyond float rounding (tests below: values and gradients against the
+//! decomposed ops).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor, TensorMetadata};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Shape, Tensor};
+
+/// An autodiff-tracked tensor of backend B (burn-autodiff's `AutodiffTensor`).
+type AutodiffTensor<B> = FloatTensor<Autodiff<B>>;
+
+/// Forward and backward kernels of the fused operations on one backend. Shapes: rows are the
+/// leading dimensions flattened, the last dimension is the feature (or key) axis. The default
+/// bodies ([`generic`]) compose the backend's own tensor ops.
+pub trait Kernels: Backend {
+    /// y = x · rstd · w with rstd = 1 / sqrt(mean(x²) + eps) per row. x: [.., d], w: [d] →
+    /// (y [.., d], rstd [.., 1]).
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> [FloatTensor<Self>; 2] {
+        generic::rms_norm::<Self>(x, w, eps)
+    }
+
+    /// Gradients of [`Kernels::rms_norm`]: x̂ = x · rstd, gw = Σ_rows g · x̂,
+    /// gx = rstd · (g·w − x̂ · mean(g·w · x̂)).
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        generic::rms_norm_backward::<Self>(x, w, rstd, grad)
+    }
+
+    /// silu(gate) · up, elementwise; both [.., i].
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        generic::swiglu::<Self>(gate, up)
+    }
+
+    /// Gradients of [`Kernels::swiglu`]: with s = σ(gate),
+    /// g_up = g · gate · s and g_gate = g · up · s · (1 + gate · (1 − s)).
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        generic::swiglu_backward::<Self>(gate, up, grad)
+    }
+
+    /// softmax(scale · scores + bias) over the last axis. scores: [b, h, t, k], bias: [b, 1, t, k]
+    /// (the same for every head).
+    fn masked_softmax(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        generic::masked_softmax::<Self>(scores, bias, scale)
+    }
+
+    /// Gradient of [`Kernels::masked_softmax`] with respect to the scores, from its output p:
+    /// scale · p · (g − Σ_k g · p).
+    fn masked_softmax_backward(
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        generic::masked_softmax_backward::<Self>(probs, grad, scale)
+    }
+
+    /// Rotary embedding, rotate-half layout: x · cos + rotate_half(x) · sin with
+    /// rotate_half([x1, x2]) = [−x2, x1]. x: [b, t, h, hd], cos, sin: [b, t, 1, hd] whose two
+    /// halves are equal (as transformers builds them). Its backward is the same map with −sin.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        generic::rope::<Self>(x, cos, sin)
+    }
+}
+
+/// The kernels composed of a backend's tensor ops (see [`Kernels`] for each one's formula).
+pub mod generic {
+    use super::*;
+
+    pub fn rms_norm<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        eps: f32,
+    ) -> [FloatTensor<B>; 2] {
+        let shape = x.shape();
+        let last = shape.num_dims() - 1;
+        let ms = B::float_mean_dim(B::float_mul(x.clone(), x.clone()), last);
+        let rstd = B::float_recip(B::float_sqrt(B::float_add_scalar(ms, eps.into())));
+        let y = B::float_mul(B::float_mul(x, rstd.clone()), row_view::<B>(w, &shape));
+        [y, rstd]
+    }
+
+    pub fn rms_norm_backward<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        rstd: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> [FloatTensor<B>; 2] {
+        let shape = x.shape();
+        let (n, d) = (shape.num_dims(), shape[shape.num_dims() - 1]);
+        let rows = shape.num_elements() / d;
+        let xhat = B::float_mul(x, rstd.clone());
+        let gw = B::float_sum_dim(
+            B::float_reshape(
+                B::float_mul(grad.clone(), xhat.clone()),
+                Shape::new([rows, d]),
+            ),
+            0,
+        );
+        let gw = B::float_reshape(gw, Shape::new([d]));
+        let gxhat = B::float_mul(grad, row_view::<B>(w, &shape));
+        let dot = B::float_mean_dim(B::float_mul(gxhat.clone(), xhat.clone()), n - 1);
+        let gx = B::float_mul(B::float_sub(gxhat, B::float_mul(xhat, dot)), rstd);
+        [gx, gw]
+    }
+
+    pub fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+        let s = B::sigmoid(gate.clone());
+        B::float_mul(B::float_mul(gate, s), up)
+    }
+
+    pub fn swiglu_backward<B: Backend>(
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> [FloatTensor<B>; 2] {
+        let s = B::sigmoid(gate.clone());
+        let silu = B::float_mul(gate.clone(), s.clone());
+        let g_up = B::float_mul(grad.clone(), silu.clone());
+        // s · (1 + gate · (1 − s)) = s + silu − silu · s
+        let dsilu = B::float_sub(B::float_add(s.clone(), silu.clone()), B::float_mul(silu, s));
+        let g_gate = B::float_mul(B::float_mul(grad, up), dsilu);
+        [g_gate, g_up]
+    }
+
+    pub fn masked_softmax<B: Backend>(
+        scores: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        scale: f32,
+    ) -> FloatTensor<B> {
+        let z = B::float_add(B::float_mul_scalar(scores, scale.into()), bias);
+        B::softmax(z, 3)
+    }
+
+    pub fn masked_softmax_backward<B: Backend>(
+        probs: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        scale: f32,
+    ) -> FloatTensor<B> {
+        let dot = B::float_sum_dim(B::float_mul(grad.clone(), probs.clone()), 3);
+        B::float_mul_scalar(B::float_mul(probs, B::float_sub(grad, dot)), scale.into())
+    }
+
+    pub fn rope<B: Backend>(
+        x: FloatTensor<B>,
+        cos: FloatTensor<B>,
+        sin: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let shape = x.shape();
+        let [b, t, h, hd] = [shape[0], shape[1], shape[2], shape[3]];
+        let half = hd / 2;
+        let x1 = B::float_slice(x.clone(), &[s(0..b), s(0..t), s(0..h), s(0..half)]);
+        let x2 = B::float_slice(x.clone(), &[s(0..b), s(0..t), s(0..h), s(half..hd)]);
+        let rotated = B::float_cat(vec![B::float_neg(x2), x1], 3);
+        B::float_add(B::float_mul(x, cos), B::float_mul(rotated, sin))
+    }
+}
+
+fn s(r: std::ops::Range<usize>) -> burn::tensor::Slice {
+    burn::tensor::Slice::from(r)
+}
+
+/// w [d] viewed as [1, .., 1, d] to broadcast against a tensor of `shape`.
+fn row_view<B: Backend>(w: FloatTensor<B>, shape: &Shape) -> FloatTensor<B> {
+    let n = shape.num_dims();
+    let mut dims = vec![1; n];
+    dims[n - 1] = shape[n - 1];
+    B::float_reshape(w, Shape::from(dims))
+}
+
+#[cfg(feature = "tch")]
+impl Kernels for burn::backend::LibTorch {}
+
+// ---------------------------------------------------------------------------------------------
+// The autodiff nodes: one per operation, generic over the inner backend's kernels.
+
+#[derive(Debug)]
+struct RmsNormOp;
+
+impl<B: Kernels> Backward<B, 2> for RmsNormOp {
+    /// x, w, rstd
+    type State = [FloatTensor<B>; 3];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x, w, rstd] = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [gx, gw] = B::rms_norm_backward(x, w, rstd, grad);
+        let [px, pw] = ops.parents;
+        if let Some(node) = px {
+            grads.register::<B>(node.id, gx);
+        }
+        if let Some(node) = pw {
+            grads.register::<B>(node.id, gw);
+        }
+    }
+}
+
+fn rms_norm_tracked<B: Kernels>(
+    x: AutodiffTensor<B>,
+    w: AutodiffTensor<B>,
+    eps: f32,
+) -> AutodiffTensor<B> {
+    let prep = RmsNormOp
+        .prepare::<NoCheckpointing>([x.node(), w.node()])
+        .compute_bound()
+        .stateful();
+    let (x, w) = (x.into_primitive(), w.into_primitive());
+    let [y, rstd] = B::rms_norm(x.clone(), w.clone(), eps);
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish([x, w, rstd], y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+#[derive(Debug)]
+struct SwigluOp;
+
+impl<B: Kernels> Backward<B, 2> for SwigluOp {
+    /// gate, up
+    type State = [FloatTensor<B>; 2];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [gate, up] = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [g_gate, g_up] = B::swiglu_backward(gate, up, grad);
+        let [pg, pu] = ops.parents;
+        if let Some(node) = pg {
+            grads.register::<B>(node.id, g_gate);
+        }
+        if let Some(node) = pu {
+            grads.register::<B>(node.id, g_up);
+        }
+    }
+}
+
+fn swiglu_tracked<B: Kernels>(gate: AutodiffTensor<B>, up: AutodiffTensor<B>) -> AutodiffTensor<B> {
+    let prep = SwigluOp
+        .prepare::<NoCheckpointing>([gate.node(), up.node()])
+        .compute_bound()
+        .stateful();
+    let (gate, up) = (gate.into_primitive(), up.into_primitive());
+    let y = B::swiglu(gate.clone(), up.clone());
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish([gate, up], y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+#[derive(Debug)]
+struct MaskedSoftmaxOp;
+
+impl<B: Kernels> Backward<B, 1> for MaskedSoftmaxOp {
+    /// the output probabilities, the scale
+    type State = (FloatTensor<B>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (probs, scale) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            grads.register::<B>(node.id, B::masked_softmax_backward(probs, grad, scale));
+        }
+    }
+}
+
+/// The bias is a constant (the attention mask): no gradient flows to it.
+fn masked_softmax_tracked<B: Kernels>(
+    scores: AutodiffTensor<B>,
+    bias: FloatTensor<B>,
+    scale: f32,
+) -> AutodiffTensor<B> {
+    let prep = MaskedSoftmaxOp
+        .prepare::<NoCheckpointing>([scores.node()])
+        .compute_bound()
+        .stateful();
+    let p = B::masked_softmax(scores.into_primitive(), bias, scale);
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish((p.clone(), scale), p),
+        OpsKind::UnTracked(prep) => prep.finish(p),
+    }
+}
+
+#[derive(Debug)]
+struct RopeOp;
+
+impl<B: Kernels> Backward<B, 1> for RopeOp {
+    /// cos, −sin
+    type State = [FloatTensor<B>; 2];
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [cos, neg_sin] = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            grads.register::<B>(node.id, B::rope(grad, cos, neg_sin));
+        }
+    }
+}
+
+/// cos and sin are constants (tables of positions): no gradient flows to them.
+fn rope_tracked<B: Kernels>(
+    x: AutodiffTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+) -> AutodiffTensor<B> {
+    let prep = RopeOp
+        .prepare::<NoCheckpointing>([x.node()])
+        .compute_bound()
+        .stateful();
+    let y = B::rope(x.into_primitive(), cos.clone(), sin.clone());
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish([cos, B::float_neg(sin)], y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing from burn's dispatch tensors to the backend primitives.
+
+/// A float tensor's primitive on backend B: tracked by autodiff, or plain.
+enum Prim<B: Backend> {
+    Tracked(AutodiffTensor<B>),
+    Plain(FloatTensor<B>),
+}
+
+impl<B: Backend> Prim<B> {
+    /// The value, without autodiff tracking (for constants such as masks and tables).
+    fn value(self) -> FloatTensor<B> {
+        match self {
+            Prim::Tracked(t) => t.into_primitive(),
+            Prim::Plain(t) => t,
+        }
+    }
+}
+
+fn prim<B: Backend, const D: usize>(t: &Tensor<D>) -> Option<Prim<B>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    if t.is_autodiff() {
+        t.clone()
+            .try_into_primitive::<Autodiff<B>>()
+            .ok()
+            .map(Prim::Tracked)
+    } else {
+        t.clone().try_into_primitive::<B>().ok().map(Prim::Plain)
+    }
+}
+
+fn tracked<B: Backend, const D: usize>(p: AutodiffTensor<B>) -> Tensor<D>
+where
+    DispatchTensor: DispatchKindConversion<Autodiff<B>>,
+{
+    Tensor::from_primitive::<Autodiff<B>>(p)
+}
+
+fn plain<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<D>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    Tensor::from_primitive::<B>(p)
+}
+
+/// Runs `$body` with `B` bound to each backend compiled in until one returns `Some`.
+macro_rules! on_backends {
+    (|$B:ident| $body:expr) => {{
+        #[allow(unused_mut, unused_assignments)]
+        let mut out = None;
+        #[cfg(feature = "flex")]
+        if out.is_none() {
+            type $B = burn::backend::Flex;
+            out = $body;
+        }
+        #[cfg(feature = "tch")]
+        if out.is_none() {
+            type $B = burn::backend::LibTorch;
+            out = $body;
+        }
+        out
+    }};
+}
+
+fn rms_norm_on<B: Kernels, const D: usize>(
+    x: &Tensor<D>,
+    w: &Tensor<1>,
+    eps: f32,
+) -> Option<Tensor<D>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    match (prim::<B, D>(x)?, prim::<B, 1>(w)?) {
+        (Prim::Tracked(x), Prim::Tracked(w)) => Some(tracked::<B, D>(rms_norm_tracked(x, w, eps))),
+        (Prim::Plain(x), Prim::Plain(w)) => {
+            let [y, _] = B::rms_norm(x, w, eps);
+            Some(plain::<B, D>(y))
+        }
+        _ => None,
+    }
+}
+
+/// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · w. x: [.., d], w: [d].
+pub fn rms_norm<const D: usize>(x: Tensor<D>, w: Tensor<1>, eps: f64) -> Tensor<D> {
+    if let Some(y) = on_backends!(|B| rms_norm_on::<B, D>(&x, &w, eps as f32)) {
+        return y;
+    }
+    reference::rms_norm(x, w, eps)
+}
+
+fn swiglu_on<B: Kernels, const D: usize>(gate: &Tensor<D>, up: &Tensor<D>) -> Option<Tensor<D>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    match (prim::<B, D>(gate)?, prim::<B, D>(up)?) {
+        (Prim::Tracked(g), Prim::Tracked(u)) => Some(tracked::<B, D>(swiglu_tracked(g, u))),
+        (Prim::Plain(g), Prim::Plain(u)) => Some(plain::<B, D>(B::swiglu(g, u))),
+        _ => None,
+    }
+}
+
+/// SwiGLU's gated activation, silu(gate) · up.
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    assert_eq!(
+        gate.dims(),
+        up.dims(),
+        "swiglu: gate and up differ in shape"
+    );
+    if let Some(y) = on_backends!(|B| swiglu_on::<B, D>(&gate, &up)) {
+        return y;
+    }
+    reference::swiglu(gate, up)
+}
+
+fn masked_softmax_on<B: Kernels>(
+    scores: &Tensor<4>,
+    bias: &Tensor<4>,
+    scale: f32,
+) -> Option<Tensor<4>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    let bias = prim::<B, 4>(bias)?.value();
+    match prim::<B, 4>(scores)? {
+        Prim::Tracked(s) => Some(tracked::<B, 4>(masked_softmax_tracked(s, bias, scale))),
+        Prim::Plain(s) => Some(plain::<B, 4>(B::masked_softmax(s, bias, scale))),
+    }
+}
+
+/// Attention weights softmax(scale · scores + bias) over the keys. scores: [b, h, t, k],
+/// bias: [b, 1, t, k], a constant (the mask); no gradient flows to it.
+pub fn masked_softmax(scores: Tensor<4>, bias: &Tensor<4>, scale: f64) -> Tensor<4> {
+    let [b, _, t, k] = scores.dims();
+    assert_eq!(bias.dims(), [b, 1, t, k], "masked_softmax: bias shape");
+    if let Some(p) = on_backends!(|B| masked_softmax_on::<B>(&scores, bias, scale as f32)) {
+        return p;
+    }
+    reference::masked_softmax(scores, bias, scale)
+}
+
+fn rope_on<B: Kernels>(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    let cos = prim::<B, 4>(cos)?.value();
+    let sin = prim::<B, 4>(sin)?.value();
+    match prim::<B, 4>(x)? {
+        Prim::Tracked(x) => Some(tracked::<B, 4>(rope_tracked(x, cos, sin))),
+        Prim::Plain(x) => Some(plain::<B, 4>(B::rope(x, cos, sin))),
+    }
+}
+
+/// Rotary position embedding, rotate-half layout (as transformers). x: [b, t, h, hd];
+/// cos, sin: [b, t, 1, hd], constants whose two halves are equal.
+pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [b, t, _, hd] = x.dims();
+    assert_eq!(cos.dims(), [b, t, 1, hd], "rope: table shape");
+    if let Some(y) = on_backends!(|B| rope_on::<B>(&x, cos, sin)) {
+        return y;
+    }
+    reference::rope(x, cos, sin)
+}
+
+/// The operations in burn's tensor ops, differentiated by burn's autodiff: the path for what the
+/// fused kernels do not cover, and what the tests hold them to.
+pub mod reference {
+    use super::*;
+
+    pub fn rms_norm<const D: usize>(x: Tensor<D>, w: Tensor<1>, eps: f64) -> Tensor<D> {
+        let inv = x
+            .clone()
+            .powi_scalar(2)
+            .mean_dim(D - 1)
+            .add_scalar(eps)
+            .sqrt()
+            .recip();
+        x * inv * w.unsqueeze::<D>()
+    }
+
+    pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+        silu(gate) * up
+    }
+
+    pub fn masked_softmax(scores: Tensor<4>, bias: &Tensor<4>, scale: f64) -> Tensor<4> {
+        softmax(scores.mul_scalar(scale) + bias.clone(), 3)
+    }
+
+    pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+        let [b, t, h, hd] = x.dims();
+        let half = hd / 2;
+        let x1 = x.clone().slice([0..b, 0..t, 0..h, 0..half]);
+        let x2 = x.clone().slice([0..b, 0..t, 0..h, half..hd]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.clone() + rotated * sin.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// flex: the kernels as loops over contiguous f32 rows.
+
+#[cfg(feature = "flex")]
+mod flex;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::to_f32_vec;
+    use burn::tensor::{Distribution, TensorData};
+
+    fn close(ours: &[f32], reference: &[f32], tol: f32, what: &str) {
+        assert_eq!(ours.len(), reference.len(), "{what}: lengths");
+        for (i, (x, y)) in ours.iter().zip(reference).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * y.abs().max(1.0),
+                "{what}[{i}]: fused {x} vs reference {y}"
+            );
+        }
+    }
+
+    fn random<const D: usize>(shape: [usize; D], device: &burn::tensor::Device) -> Tensor<D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.5), device)
+    }
+
+    /// The fused op and its reference on the same tracked inputs: values, and the gradients of
+    /// Σ out · weights (an arbitrary upstream gradient) for each input. `run` returns the outputs
+    /// and the inputs whose gradients are compared. Also checks the untracked (inference) path.
+    fn check<const D: usize, const N: usize>(
+        shapes: [[usize; D]; N],
+        fused_op: impl Fn(&[Tensor<D>; N]) -> Tensor<D>,
+        reference_op: impl Fn(&[Tensor<D>; N]) -> Tensor<D>,
+        what: &str,
+    ) {
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        let inputs = shapes.map(|s| random(s, &device).require_grad());
+        let ours = fused_op(&inputs);
+        let theirs = reference_op(&inputs);
+        assert!(
+            ours.is_autodiff(),
+            "{what}: the fused output should stay tracked"
+        );
+        let (a, r) = (to_f32_vec(ours.clone()), to_f32_vec(theirs.clone()));
+        close(&a, &r, 1e-5, what);
+        let weights = random(ours.dims(), &device);
+        let g_ours = (ours * weights.clone()).sum().backward();
+        let g_ref = (theirs * weights).sum().backward();
+        for (i, x) in inputs.iter().enumerate() {
+            let (Some(go), Some(gr)) = (x.grad(&g_ours), x.grad(&g_ref)) else {
+                panic!("{what}: input {i} has no gradient");
+            };
+            close(
+                &to_f32_vec(go),
+                &to_f32_vec(gr),
+                1e-4,
+                &format!("{what} grad {i}"),
+            );
+        }
+        // Untracked inputs: the inference kernels.
+        let plain = inputs.clone().map(|x| x.inner());
+        let ours = fused_op(&plain);
+        assert!(!ours.is_autodiff());
+        close(&to_f32_vec(ours), &r, 1e-5, &format!("{what} (untracked)"));
+    }
+
+    #[test]
+    fn rms_norm_matches_the_decomposed_ops() {
+        check(
+            [[3, 5, 48], [1, 1, 48]],
+            |[x, w]| rms_norm(x.clone(), w.clone().reshape([48]), 1e-5),
+            |[x, w]| reference::rms_norm(x.clone(), w.clone().reshape([48]), 1e-5),
+            "rms_norm",
+        );
+        // Large enough to take the threaded path (gw summed over chunks of rows).
+        check(
+            [[4, 300, 96], [1, 1, 96]],
+            |[x, w]| rms_norm(x.clone(), w.clone().reshape([96]), 1e-6),
+            |[x, w]| reference::rms_norm(x.clone(), w.clone().reshape([96]), 1e-6),
+            "rms_norm (large)",
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_the_decomposed_ops() {
+        check(
+            [[2, 7, 30], [2, 7, 30]],
+            |[g, u]| swiglu(g.clone(), u.clone()),
+            |[g, u]| reference::swiglu(g.clone(), u.clone()),
+            "swiglu",
+        );
+        check(
+            [[4, 128, 96], [4, 128, 96]],
+            |[g, u]| swiglu(g.clone(), u.clone()),
+            |[g, u]| reference::swiglu(g.clone(), u.clone()),
+            "swiglu (large)",
+        );
+    }
+
+    /// A causal mask with padded keys: -1e9 where masked, as the transformer builds it.
+    fn mask(b: usize, t: usize, k: usize, device: &burn::tensor::Device) -> Tensor<4> {
+        let mut v = vec![0f32; b * t * k];
+        for r in 0..b {
+            for i in 0..t {
+                for j in 0..k {
+                    if j > k - t + i || (r == 1 && j == 0) {
+                        v[(r * t + i) * k + j] = -1e9;
+                    }
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(v, [b, 1, t, k]), device)
+    }
+
+    #[test]
+    fn masked_softmax_matches_the_decomposed_ops() {
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        for (b, h, t, k) in [(2, 3, 5, 7), (2, 4, 64, 64)] {
+            let bias = mask(b, t, k, &device);
+            check(
+                [[b, h, t, k]],
+                |[s]| masked_softmax(s.clone(), &bias, 0.25),
+                |[s]| reference::masked_softmax(s.clone(), &bias, 0.25),
+                "masked_softmax",
+            );
+        }
+    }
+
+    #[test]
+    fn rope_matches_the_decomposed_ops() {
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        for (b, t, h, hd) in [(2, 5, 3, 8), (4, 64, 4, 32)] {
+            // Tables with equal halves, as rope_tables builds them.
+            let half: Tensor<4> = random([b, t, 1, hd / 2], &device);
+            let cos = Tensor::cat(vec![half.clone().cos(), half.clone().cos()], 3);
+            let sin = Tensor::cat(vec![half.clone().sin(), half.sin()], 3);
+            check(
+                [[b, t, h, hd]],
+                |[x]| rope(x.clone(), &cos, &sin),
+                |[x]| reference::rope(x.clone(), &cos, &sin),
+                "rope",
+            );
+        }
+    }
+}
