@@ -19,10 +19,10 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IndexingUpdateOp, IntTensor};
 use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor, TensorMetadata};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{Int, Shape, Tensor};
 
 /// An autodiff-tracked tensor of backend B (burn-autodiff's `AutodiffTensor`).
 type AutodiffTensor<B> = FloatTensor<Autodiff<B>>;
@@ -81,6 +81,26 @@ pub trait Kernels: Backend {
         scale: f32,
     ) -> FloatTensor<Self> {
         generic::masked_softmax_backward::<Self>(probs, grad, scale)
+    }
+
+    /// log softmax(logits)[target] per row, and the row's log-sum-exp. logits: [b, t, v],
+    /// targets: [b, t] → (log-probabilities [b, t], lse [b, t]).
+    fn token_logprobs(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        generic::token_logprobs::<Self>(logits, targets)
+    }
+
+    /// Gradient of [`Kernels::token_logprobs`] with respect to the logits:
+    /// g · (onehot(target) − exp(logits − lse)).
+    fn token_logprobs_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        generic::token_logprobs_backward::<Self>(logits, targets, lse, grad)
     }
 
     /// Rotary embedding, rotate-half layout: x · cos + rotate_half(x) · sin with
@@ -171,6 +191,35 @@ pub mod generic {
     ) -> FloatTensor<B> {
         let dot = B::float_sum_dim(B::float_mul(grad.clone(), probs.clone()), 3);
         B::float_mul_scalar(B::float_mul(probs, B::float_sub(grad, dot)), scale.into())
+    }
+
+    pub fn token_logprobs<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+    ) -> [FloatTensor<B>; 2] {
+        let shape = logits.shape();
+        let (b, t) = (shape[0], shape[1]);
+        let idx = B::int_reshape(targets, Shape::new([b, t, 1]));
+        let lp = B::float_gather(2, B::log_softmax(logits.clone(), 2), idx.clone());
+        let lse = B::float_sub(B::float_gather(2, logits, idx), lp.clone());
+        let flat = |x| B::float_reshape(x, Shape::new([b, t]));
+        [flat(lp), flat(lse)]
+    }
+
+    pub fn token_logprobs_backward<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+        lse: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let shape = logits.shape();
+        let (b, t) = (shape[0], shape[1]);
+        let column = |x| B::float_reshape(x, Shape::new([b, t, 1]));
+        let (lse, grad) = (column(lse), column(grad));
+        let probs = B::float_exp(B::float_sub(logits, lse));
+        let spread = B::float_mul(probs, B::float_neg(grad.clone()));
+        let idx = B::int_reshape(targets, Shape::new([b, t, 1]));
+        B::float_scatter(2, spread, idx, grad, IndexingUpdateOp::Add)
     }
 
     pub fn rope<B: Backend>(
@@ -346,6 +395,40 @@ fn rope_tracked<B: Kernels>(
     }
 }
 
+#[derive(Debug)]
+struct TokenLogprobsOp<B: Backend>(std::marker::PhantomData<B>);
+
+impl<B: Kernels> Backward<B, 1> for TokenLogprobsOp<B> {
+    /// logits, targets, lse
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, targets, lse) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            let g = B::token_logprobs_backward(logits, targets, lse, grad);
+            grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+fn token_logprobs_tracked<B: Kernels>(
+    logits: AutodiffTensor<B>,
+    targets: IntTensor<B>,
+) -> AutodiffTensor<B> {
+    let prep = TokenLogprobsOp::<B>(std::marker::PhantomData)
+        .prepare::<NoCheckpointing>([logits.node()])
+        .compute_bound()
+        .stateful();
+    let logits = logits.into_primitive();
+    let [lp, lse] = B::token_logprobs(logits.clone(), targets.clone());
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish((logits, targets, lse), lp),
+        OpsKind::UnTracked(prep) => prep.finish(lp),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Routing from burn's dispatch tensors to the backend primitives.
 
@@ -498,6 +581,38 @@ where
         Prim::Tracked(x) => Some(tracked::<B, 4>(rope_tracked(x, cos, sin))),
         Prim::Plain(x) => Some(plain::<B, 4>(B::rope(x, cos, sin))),
     }
+}
+
+fn int_prim<B: Backend, const D: usize>(t: &Tensor<D, Int>) -> Option<IntTensor<B>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    if t.is_autodiff() {
+        t.clone().try_into_primitive::<Autodiff<B>>().ok()
+    } else {
+        t.clone().try_into_primitive::<B>().ok()
+    }
+}
+
+fn token_logprobs_on<B: Kernels>(logits: &Tensor<3>, targets: &Tensor<2, Int>) -> Option<Tensor<2>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    let targets = int_prim::<B, 2>(targets)?;
+    match prim::<B, 3>(logits)? {
+        Prim::Tracked(l) => Some(tracked::<B, 2>(token_logprobs_tracked(l, targets))),
+        Prim::Plain(l) => {
+            let [lp, _] = B::token_logprobs(l, targets);
+            Some(plain::<B, 2>(lp))
+        }
+    }
+}
+
+/// log p(targets) under `logits`: log_softmax(logits, 2) gathered at the targets, as one op
+/// whose backward writes g · (onehot − softmax) once. logits: [b, t, v], targets: [b, t] →
+/// [b, t]. None where no fused kernel applies (the caller has the composed version).
+pub fn token_logprobs(logits: &Tensor<3>, targets: &Tensor<2, Int>) -> Option<Tensor<2>> {
+    on_backends!(|B| token_logprobs_on::<B>(logits, targets))
 }
 
 /// Rotary position embedding, rotate-half layout (as transformers). x: [b, t, h, hd];

@@ -21,6 +21,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 /// Same values as `log_softmax(logits, 2).gather(2, targets)` up to float rounding (parity
 /// tests: 1e-4 against transformers), and the same gradients.
 pub fn token_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    if let Some(lp) = crate::fused::token_logprobs(&logits, &targets) {
+        return lp;
+    }
     let [b, t, _] = logits.dims();
     let constant = logits.clone().inner();
     let max = constant.clone().max_dim(2);
@@ -185,6 +188,15 @@ mod tests {
             .unwrap();
         for (x, y) in to_f32_vec(g_ours).iter().zip(&to_f32_vec(g_ref)) {
             assert!((x - y).abs() < 1e-5, "gradient {x} vs {y}");
+        }
+        // Untracked (rollouts, scoring): the same values.
+        let plain = token_logprobs(logits.inner(), token_tensor(&ids, b, t, &device).inner());
+        assert!(!plain.is_autodiff());
+        for (x, y) in to_f32_vec(plain).iter().zip(&r) {
+            assert!(
+                (x - y).abs() < 1e-4 * y.abs().max(1.0),
+                "untracked {x} vs {y}"
+            );
         }
     }
 }
