@@ -83,6 +83,11 @@ pub trait Kernels: Backend {
         generic::masked_softmax_backward::<Self>(probs, grad, scale)
     }
 
+    /// lhs [m, k] · rhs [k, n] → [m, n]; either operand may be a transposed view.
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+
     /// log softmax(logits)[target] per row, and the row's log-sum-exp. logits: [b, t, v],
     /// targets: [b, t] → (log-probabilities [b, t], lse [b, t]).
     fn token_logprobs(
@@ -396,6 +401,41 @@ fn rope_tracked<B: Kernels>(
 }
 
 #[derive(Debug)]
+struct MatmulOp;
+
+impl<B: Kernels> Backward<B, 2> for MatmulOp {
+    /// lhs, rhs
+    type State = [FloatTensor<B>; 2];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [lhs, rhs] = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [pl, pr] = ops.parents;
+        if let Some(node) = pr {
+            let g = B::matmul(B::float_swap_dims(lhs, 0, 1), grad.clone());
+            grads.register::<B>(node.id, g);
+        }
+        if let Some(node) = pl {
+            let g = B::matmul(grad, B::float_swap_dims(rhs, 0, 1));
+            grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+fn matmul_tracked<B: Kernels>(lhs: AutodiffTensor<B>, rhs: AutodiffTensor<B>) -> AutodiffTensor<B> {
+    let prep = MatmulOp
+        .prepare::<NoCheckpointing>([lhs.node(), rhs.node()])
+        .compute_bound()
+        .stateful();
+    let (lhs, rhs) = (lhs.into_primitive(), rhs.into_primitive());
+    let y = B::matmul(lhs.clone(), rhs.clone());
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish([lhs, rhs], y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+#[derive(Debug)]
 struct TokenLogprobsOp<B: Backend>(std::marker::PhantomData<B>);
 
 impl<B: Kernels> Backward<B, 1> for TokenLogprobsOp<B> {
@@ -583,6 +623,45 @@ where
     }
 }
 
+fn matmul_on<B: Kernels>(lhs: &Tensor<2>, rhs: &Tensor<2>) -> Option<Tensor<2>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    match (prim::<B, 2>(lhs)?, prim::<B, 2>(rhs)?) {
+        (Prim::Tracked(l), Prim::Tracked(r)) => Some(tracked::<B, 2>(matmul_tracked(l, r))),
+        (Prim::Plain(l), Prim::Plain(r)) => Some(plain::<B, 2>(B::matmul(l, r))),
+        _ => None,
+    }
+}
+
+/// A linear layer, x · w + b, with x [.., d] flattened to one matrix: w [d, n], b [n].
+/// One matrix product forward and one per input backward (burn's own `linear` does the same
+/// products; on flex these write their outputs without the zero-fill and copy that burn-flex's
+/// matmul makes of every output).
+pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<D> {
+    let dims = x.dims();
+    let [d, n] = w.dims();
+    assert_eq!(
+        dims[D - 1],
+        d,
+        "linear: input width {} for weight [{d}, {n}]",
+        dims[D - 1]
+    );
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let x2 = x.clone().reshape([rows, d]);
+    let y = match on_backends!(|B| matmul_on::<B>(&x2, &w)) {
+        Some(y) => y,
+        None => return burn::tensor::module::linear(x, w, b),
+    };
+    let y = match b {
+        Some(b) => y + b.unsqueeze::<2>(),
+        None => y,
+    };
+    let mut out = dims;
+    out[D - 1] = n;
+    y.reshape(out)
+}
+
 fn int_prim<B: Backend, const D: usize>(t: &Tensor<D, Int>) -> Option<IntTensor<B>>
 where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
@@ -757,6 +836,50 @@ mod tests {
             |[g, u]| reference::swiglu(g.clone(), u.clone()),
             "swiglu (large)",
         );
+    }
+
+    /// The linear layer against burn's, with the weight a column slice of a wider matrix (as the
+    /// q | k | v blocks are) and a bias: values and the gradients of x, w and b.
+    #[test]
+    fn linear_matches_burns_linear() {
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        for (rows, d, n) in [(3, 5, 4), (300, 96, 200)] {
+            let x = random([2, rows, d], &device).require_grad();
+            let full = random([d, n + 7], &device).require_grad();
+            let b = random([n], &device).require_grad();
+            // Each side slices its own view: two backward passes cannot share a graph node.
+            let w = || full.clone().slice([0..d, 3..3 + n]);
+            let ours = linear(x.clone(), w(), Some(b.clone()));
+            let theirs = burn::tensor::module::linear(x.clone(), w(), Some(b.clone()));
+            close(
+                &to_f32_vec(ours.clone()),
+                &to_f32_vec(theirs.clone()),
+                1e-5,
+                "linear",
+            );
+            let weights = random(ours.dims(), &device);
+            let g_ours = (ours * weights.clone()).sum().backward();
+            let g_ref = (theirs * weights).sum().backward();
+            let (go, gr) = (x.grad(&g_ours).unwrap(), x.grad(&g_ref).unwrap());
+            close(&to_f32_vec(go), &to_f32_vec(gr), 1e-4, "linear grad x");
+            let (go, gr) = (full.grad(&g_ours).unwrap(), full.grad(&g_ref).unwrap());
+            close(&to_f32_vec(go), &to_f32_vec(gr), 1e-4, "linear grad w");
+            let (go, gr) = (b.grad(&g_ours).unwrap(), b.grad(&g_ref).unwrap());
+            close(&to_f32_vec(go), &to_f32_vec(gr), 1e-4, "linear grad b");
+            // Untracked.
+            let plain = linear(
+                x.clone().inner(),
+                full.clone().inner().slice([0..d, 3..3 + n]),
+                Some(b.clone().inner()),
+            );
+            assert!(!plain.is_autodiff());
+            let expected = to_f32_vec(burn::tensor::module::linear(
+                x.inner(),
+                full.inner().slice([0..d, 3..3 + n]),
+                Some(b.inner()),
+            ));
+            close(&to_f32_vec(plain), &expected, 1e-5, "linear untracked");
+        }
     }
 
     /// A causal mask with padded keys: -1e9 where masked, as the transformer builds it.

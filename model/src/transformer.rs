@@ -16,7 +16,6 @@ use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::activation::gelu;
-use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::sync::{Arc, Mutex};
 
@@ -784,7 +783,7 @@ impl CausalLm {
         let weights = fused::masked_softmax(scores, bias, 1.0 / (hd as f64).sqrt());
         let ctx = weights.matmul(v);
         let ctx = ctx.swap_dims(1, 2).reshape([bsz, t, h * hd]);
-        attn.o.forward(ctx)
+        apply(&attn.o, ctx)
     }
 
     fn mlp(&self, mlp: &Mlp, x: Tensor<3>) -> Tensor<3> {
@@ -794,10 +793,10 @@ impl CausalLm {
                 let [gate, up] = split_linear(&mlp.up, x, [0..i, i..2 * i]);
                 fused::swiglu(gate, up)
             }
-            Activation::GeluTanh => gelu_tanh(mlp.up.forward(x)),
-            Activation::Gelu => gelu(mlp.up.forward(x)),
+            Activation::GeluTanh => gelu_tanh(apply(&mlp.up, x)),
+            Activation::Gelu => gelu(apply(&mlp.up, x)),
         };
-        mlp.down.forward(hidden)
+        apply(&mlp.down, hidden)
     }
 
     /// LM logits. hidden: [b, t, d] → [b, t, vocab]. An error for a model without an LM head.
@@ -810,7 +809,7 @@ impl CausalLm {
             });
         }
         Ok(match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => apply(head, hidden),
             None => {
                 let [b, t, d] = hidden.dims();
                 let w = self.embed.weight.val();
@@ -832,7 +831,7 @@ impl CausalLm {
             hint: "it is a causal LM; a reward or value model (*ForSequenceClassification) is needed here".into(),
         })?;
         let [b, t, _] = hidden.dims();
-        Ok(head.forward(hidden).reshape([b, t]))
+        Ok(apply(head, hidden).reshape([b, t]))
     }
 
     /// The scalar head's value at each row's last real token (as HF's sequence classifiers pool).
@@ -844,6 +843,11 @@ impl CausalLm {
         let idx: Tensor<2, Int> = Tensor::from_data(TensorData::new(idx, [n, 1]), &values.device());
         Ok(values.gather(1, idx).reshape([n]))
     }
+}
+
+/// A linear layer through [`fused::linear`].
+fn apply<const D: usize>(lin: &Linear, x: Tensor<D>) -> Tensor<D> {
+    fused::linear(x, lin.weight.val(), lin.bias.as_ref().map(|b| b.val()))
 }
 
 /// The column blocks `parts` of a fused projection (q | k | v, gate | up) applied to x [b, t, d].
@@ -858,14 +862,14 @@ fn split_linear<const N: usize>(
 ) -> [Tensor<3>; N] {
     let [b, t, _] = x.dims();
     if !x.is_autodiff() {
-        let y = lin.forward(x);
+        let y = apply(lin, x);
         return parts.map(|r| y.clone().slice([0..b, 0..t, r]));
     }
     let w = lin.weight.val();
     let d = w.dims()[0];
     let bias = lin.bias.as_ref().map(|p| p.val());
     parts.map(|r| {
-        linear(
+        fused::linear(
             x.clone(),
             w.clone().slice([0..d, r.clone()]),
             bias.clone().map(|bias| bias.slice([r])),

@@ -456,6 +456,53 @@ impl Kernels for Flex {
         tensor(out, shape)
     }
 
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        if lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 {
+            return <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul(lhs, rhs);
+        }
+        let (ls, rs) = (lhs.shape(), rhs.shape());
+        let (m, k, n) = (ls[0], ls[1], rs[1]);
+        assert_eq!(rs[0], k, "matmul: [{m}, {k}] x [{}, {n}]", rs[0]);
+        let (l_rs, l_cs) = (lhs.layout().strides()[0], lhs.layout().strides()[1]);
+        let (r_rs, r_cs) = (rhs.layout().strides()[0], rhs.layout().strides()[1]);
+        let l = &lhs.storage::<f32>()[lhs.layout().start_offset()..];
+        let r = &rhs.storage::<f32>()[rhs.layout().start_offset()..];
+        let parallelism = if m * n * k >= 192 * 192 * 192 {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: the operands' pointers, shapes and strides describe their views inside their
+        // buffers (burn's layout); gemm with read_dst = false writes every element of the
+        // m x n row-major output, after which its length is set.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                l.as_ptr(),
+                l_cs,
+                l_rs,
+                r.as_ptr(),
+                r_cs,
+                r_rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            out.set_len(m * n);
+        }
+        tensor(out, Shape::new([m, n]))
+    }
+
     fn token_logprobs(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
