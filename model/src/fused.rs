@@ -83,7 +83,8 @@ pub trait Kernels: Backend {
         generic::masked_softmax_backward::<Self>(probs, grad, scale)
     }
 
-    /// lhs [m, k] · rhs [k, n] → [m, n]; either operand may be a transposed view.
+    /// lhs [.., m, k] · rhs [.., k, n] → [.., m, n] with equal batch dimensions; either operand may
+    /// be a strided view (a transpose, a slice).
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
     }
@@ -412,11 +413,13 @@ impl<B: Kernels> Backward<B, 2> for MatmulOp {
         let grad = grads.consume::<B>(&ops.node);
         let [pl, pr] = ops.parents;
         if let Some(node) = pr {
-            let g = B::matmul(B::float_swap_dims(lhs, 0, 1), grad.clone());
+            let n = lhs.shape().num_dims();
+            let g = B::matmul(B::float_swap_dims(lhs, n - 2, n - 1), grad.clone());
             grads.register::<B>(node.id, g);
         }
         if let Some(node) = pl {
-            let g = B::matmul(grad, B::float_swap_dims(rhs, 0, 1));
+            let n = rhs.shape().num_dims();
+            let g = B::matmul(grad, B::float_swap_dims(rhs, n - 2, n - 1));
             grads.register::<B>(node.id, g);
         }
     }
@@ -623,15 +626,27 @@ where
     }
 }
 
-fn matmul_on<B: Kernels>(lhs: &Tensor<2>, rhs: &Tensor<2>) -> Option<Tensor<2>>
+fn matmul_on<B: Kernels, const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> Option<Tensor<D>>
 where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
 {
-    match (prim::<B, 2>(lhs)?, prim::<B, 2>(rhs)?) {
-        (Prim::Tracked(l), Prim::Tracked(r)) => Some(tracked::<B, 2>(matmul_tracked(l, r))),
-        (Prim::Plain(l), Prim::Plain(r)) => Some(plain::<B, 2>(B::matmul(l, r))),
+    match (prim::<B, D>(lhs)?, prim::<B, D>(rhs)?) {
+        (Prim::Tracked(l), Prim::Tracked(r)) => Some(tracked::<B, D>(matmul_tracked(l, r))),
+        (Prim::Plain(l), Prim::Plain(r)) => Some(plain::<B, D>(B::matmul(l, r))),
         _ => None,
     }
+}
+
+/// Batched matrix product lhs [.., m, k] · rhs [.., k, n] with equal batch dimensions (the
+/// attention products); burn's `matmul` for anything else.
+pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    let (l, r) = (lhs.dims(), rhs.dims());
+    if l[..D - 2] == r[..D - 2]
+        && let Some(y) = on_backends!(|B| matmul_on::<B, D>(&lhs, &rhs))
+    {
+        return y;
+    }
+    lhs.matmul(rhs)
 }
 
 /// A linear layer, x · w + b, with x [.., d] flattened to one matrix: w [d, n], b [n].
@@ -649,7 +664,7 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) 
     );
     let rows = dims[..D - 1].iter().product::<usize>();
     let x2 = x.clone().reshape([rows, d]);
-    let y = match on_backends!(|B| matmul_on::<B>(&x2, &w)) {
+    let y = match on_backends!(|B| matmul_on::<B, 2>(&x2, &w)) {
         Some(y) => y,
         None => return burn::tensor::module::linear(x, w, b),
     };
@@ -880,6 +895,35 @@ mod tests {
             ));
             close(&to_f32_vec(plain), &expected, 1e-5, "linear untracked");
         }
+    }
+
+    /// Batched products on strided views, as attention makes them: q with swapped head and
+    /// position axes (batch strides that are not one stride), k transposed.
+    #[test]
+    fn batched_matmul_matches_burns_matmul() {
+        for (b, h, t, hd) in [(2, 3, 5, 4), (4, 4, 64, 32)] {
+            check(
+                [[b, t, h, hd], [b, t, h, hd]],
+                |[q, k]| {
+                    matmul(
+                        q.clone().swap_dims(1, 2),
+                        k.clone().swap_dims(1, 2).swap_dims(2, 3),
+                    )
+                },
+                |[q, k]| {
+                    q.clone()
+                        .swap_dims(1, 2)
+                        .matmul(k.clone().swap_dims(1, 2).swap_dims(2, 3))
+                },
+                "q · kᵀ",
+            );
+        }
+        check(
+            [[2, 3, 7, 5], [2, 3, 5, 6]],
+            |[a, b]| matmul(a.clone(), b.clone()),
+            |[a, b]| a.clone().matmul(b.clone()),
+            "contiguous",
+        );
     }
 
     /// A causal mask with padded keys: -1e9 where masked, as the transformer builds it.

@@ -779,9 +779,9 @@ impl CausalLm {
             };
             (expand(k), expand(v))
         };
-        let scores = q.matmul(k.swap_dims(2, 3));
+        let scores = fused::matmul(q, k.swap_dims(2, 3));
         let weights = fused::masked_softmax(scores, bias, 1.0 / (hd as f64).sqrt());
-        let ctx = weights.matmul(v);
+        let ctx = fused::matmul(weights, v);
         let ctx = ctx.swap_dims(1, 2).reshape([bsz, t, h * hd]);
         apply(&attn.o, ctx)
     }

@@ -457,50 +457,91 @@ impl Kernels for Flex {
     }
 
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        if lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 {
+        let (ls, rs) = (lhs.shape(), rhs.shape());
+        let nd = ls.num_dims();
+        if lhs.dtype() != DType::F32
+            || rhs.dtype() != DType::F32
+            || rs.num_dims() != nd
+            || ls[..nd - 2] != rs[..nd - 2]
+        {
             return <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul(lhs, rhs);
         }
-        let (ls, rs) = (lhs.shape(), rhs.shape());
-        let (m, k, n) = (ls[0], ls[1], rs[1]);
-        assert_eq!(rs[0], k, "matmul: [{m}, {k}] x [{}, {n}]", rs[0]);
-        let (l_rs, l_cs) = (lhs.layout().strides()[0], lhs.layout().strides()[1]);
-        let (r_rs, r_cs) = (rhs.layout().strides()[0], rhs.layout().strides()[1]);
+        let (m, k, n) = (ls[nd - 2], ls[nd - 1], rs[nd - 1]);
+        assert_eq!(
+            rs[nd - 2],
+            k,
+            "matmul: inner dimensions {k} and {}",
+            rs[nd - 2]
+        );
+        let batch_dims = &ls[..nd - 2];
+        let batch: usize = batch_dims.iter().product();
+        let (lst, rst) = (lhs.layout().strides(), rhs.layout().strides());
+        // Element offset of batch element `i` in an operand with strides `st`.
+        let offset = |i: usize, st: &[isize]| -> isize {
+            let mut rem = i;
+            let mut off = 0isize;
+            for d in (0..nd - 2).rev() {
+                off += (rem % batch_dims[d]) as isize * st[d];
+                rem /= batch_dims[d];
+            }
+            off
+        };
         let l = &lhs.storage::<f32>()[lhs.layout().start_offset()..];
         let r = &rhs.storage::<f32>()[rhs.layout().start_offset()..];
-        let parallelism = if m * n * k >= 192 * 192 * 192 {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
+        let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
+        let product = |i: usize, dst: *mut f32, parallelism: gemm::Parallelism| {
+            // SAFETY: the operands' offsets, shapes and strides describe views inside their
+            // buffers (burn's layout); gemm with read_dst = false writes all m x n elements of
+            // `dst`, a distinct part of `out`'s allocation for each i.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst,
+                    1,
+                    n as isize,
+                    false,
+                    l.as_ptr().offset(offset(i, lst)),
+                    lst[nd - 1],
+                    lst[nd - 2],
+                    r.as_ptr().offset(offset(i, rst)),
+                    rst[nd - 1],
+                    rst[nd - 2],
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
         };
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        // SAFETY: the operands' pointers, shapes and strides describe their views inside their
-        // buffers (burn's layout); gemm with read_dst = false writes every element of the
-        // m x n row-major output, after which its length is set.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                l.as_ptr(),
-                l_cs,
-                l_rs,
-                r.as_ptr(),
-                r_cs,
-                r_rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-            out.set_len(m * n);
+        let work = m * n * k;
+        if batch > 1 && batch * work >= 128 * 128 * 128 && m * n > 0 {
+            // Small products, many of them (attention heads): one thread per product.
+            out.spare_capacity_mut()[..batch * m * n]
+                .par_chunks_mut(m * n)
+                .enumerate()
+                .for_each(|(i, chunk)| {
+                    product(i, chunk.as_mut_ptr().cast(), gemm::Parallelism::None)
+                });
+        } else {
+            let parallelism = if work >= 192 * 192 * 192 {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            };
+            for i in 0..batch {
+                // SAFETY: within the capacity reserved above.
+                product(i, unsafe { out.as_mut_ptr().add(i * m * n) }, parallelism);
+            }
         }
-        tensor(out, Shape::new([m, n]))
+        // SAFETY: every element was written by one of the products above.
+        unsafe { out.set_len(batch * m * n) };
+        let mut shape = ls.clone();
+        shape[nd - 1] = n;
+        tensor(out, shape)
     }
 
     fn token_logprobs(
