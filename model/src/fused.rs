@@ -256,6 +256,7 @@ fn row_view<B: Backend>(w: FloatTensor<B>, shape: &Shape) -> FloatTensor<B> {
 }
 
 #[cfg(feature = "tch")]
+#[allow(deprecated)] // burn marks LibTorch deprecated; the tch feature keeps it in use.
 impl Kernels for burn::backend::LibTorch {}
 
 // ---------------------------------------------------------------------------------------------
@@ -530,6 +531,7 @@ macro_rules! on_backends {
             out = $body;
         }
         #[cfg(feature = "tch")]
+        #[allow(deprecated)]
         if out.is_none() {
             type $B = burn::backend::LibTorch;
             out = $body;
