@@ -15,6 +15,7 @@
 //! on which path ran beyond float rounding (tests below: values and gradients against the
 //! decomposed ops).
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -262,6 +263,40 @@ impl Kernels for burn::backend::LibTorch {}
 // ---------------------------------------------------------------------------------------------
 // The autodiff nodes: one per operation, generic over the inner backend's kernels.
 
+/// Runs `forward` on the inputs' values and records `op` as the output's autodiff node, with the
+/// state `forward` returns for the backward (dropped when no input needs a gradient).
+fn record<B: Kernels, O: Backward<B, N>, const N: usize>(
+    op: O,
+    inputs: [AutodiffTensor<B>; N],
+    forward: impl FnOnce([FloatTensor<B>; N]) -> (FloatTensor<B>, O::State),
+) -> AutodiffTensor<B> {
+    let prep = op
+        .prepare::<NoCheckpointing>(inputs.each_ref().map(|t| t.node()))
+        .compute_bound()
+        .stateful();
+    let (y, state) = forward(inputs.map(|t| t.into_primitive()));
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish(state, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+/// Hands `grad()` to the parent, computed only when the parent wants a gradient.
+fn give<B: Backend>(
+    grads: &mut Gradients,
+    parent: Option<NodeId>,
+    grad: impl FnOnce() -> FloatTensor<B>,
+) {
+    if let Some(id) = parent {
+        grads.register::<B>(id, grad());
+    }
+}
+
+/// The ids of the parents that want a gradient.
+fn parent_ids<S, const N: usize>(ops: &Ops<S, N>) -> [Option<NodeId>; N] {
+    ops.parents.each_ref().map(|p| p.as_ref().map(|n| n.id))
+}
+
 #[derive(Debug)]
 struct RmsNormOp;
 
@@ -270,33 +305,11 @@ impl<B: Kernels> Backward<B, 2> for RmsNormOp {
     type State = [FloatTensor<B>; 3];
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pw] = parent_ids(&ops);
         let [x, w, rstd] = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        let [gx, gw] = B::rms_norm_backward(x, w, rstd, grad);
-        let [px, pw] = ops.parents;
-        if let Some(node) = px {
-            grads.register::<B>(node.id, gx);
-        }
-        if let Some(node) = pw {
-            grads.register::<B>(node.id, gw);
-        }
-    }
-}
-
-fn rms_norm_tracked<B: Kernels>(
-    x: AutodiffTensor<B>,
-    w: AutodiffTensor<B>,
-    eps: f32,
-) -> AutodiffTensor<B> {
-    let prep = RmsNormOp
-        .prepare::<NoCheckpointing>([x.node(), w.node()])
-        .compute_bound()
-        .stateful();
-    let (x, w) = (x.into_primitive(), w.into_primitive());
-    let [y, rstd] = B::rms_norm(x.clone(), w.clone(), eps);
-    match prep {
-        OpsKind::Tracked(prep) => prep.finish([x, w, rstd], y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
+        let [gx, gw] = B::rms_norm_backward(x, w, rstd, grads.consume::<B>(&ops.node));
+        give::<B>(grads, px, || gx);
+        give::<B>(grads, pw, || gw);
     }
 }
 
@@ -308,32 +321,15 @@ impl<B: Kernels> Backward<B, 2> for SwigluOp {
     type State = [FloatTensor<B>; 2];
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pg, pu] = parent_ids(&ops);
         let [gate, up] = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        let [g_gate, g_up] = B::swiglu_backward(gate, up, grad);
-        let [pg, pu] = ops.parents;
-        if let Some(node) = pg {
-            grads.register::<B>(node.id, g_gate);
-        }
-        if let Some(node) = pu {
-            grads.register::<B>(node.id, g_up);
-        }
+        let [g_gate, g_up] = B::swiglu_backward(gate, up, grads.consume::<B>(&ops.node));
+        give::<B>(grads, pg, || g_gate);
+        give::<B>(grads, pu, || g_up);
     }
 }
 
-fn swiglu_tracked<B: Kernels>(gate: AutodiffTensor<B>, up: AutodiffTensor<B>) -> AutodiffTensor<B> {
-    let prep = SwigluOp
-        .prepare::<NoCheckpointing>([gate.node(), up.node()])
-        .compute_bound()
-        .stateful();
-    let (gate, up) = (gate.into_primitive(), up.into_primitive());
-    let y = B::swiglu(gate.clone(), up.clone());
-    match prep {
-        OpsKind::Tracked(prep) => prep.finish([gate, up], y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    }
-}
-
+/// The mask bias is a constant: no gradient flows to it.
 #[derive(Debug)]
 struct MaskedSoftmaxOp;
 
@@ -342,32 +338,16 @@ impl<B: Kernels> Backward<B, 1> for MaskedSoftmaxOp {
     type State = (FloatTensor<B>, f32);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = parent_ids(&ops);
         let (probs, scale) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let [parent] = ops.parents;
-        if let Some(node) = parent {
-            grads.register::<B>(node.id, B::masked_softmax_backward(probs, grad, scale));
-        }
+        give::<B>(grads, parent, || {
+            B::masked_softmax_backward(probs, grad, scale)
+        });
     }
 }
 
-/// The bias is a constant (the attention mask): no gradient flows to it.
-fn masked_softmax_tracked<B: Kernels>(
-    scores: AutodiffTensor<B>,
-    bias: FloatTensor<B>,
-    scale: f32,
-) -> AutodiffTensor<B> {
-    let prep = MaskedSoftmaxOp
-        .prepare::<NoCheckpointing>([scores.node()])
-        .compute_bound()
-        .stateful();
-    let p = B::masked_softmax(scores.into_primitive(), bias, scale);
-    match prep {
-        OpsKind::Tracked(prep) => prep.finish((p.clone(), scale), p),
-        OpsKind::UnTracked(prep) => prep.finish(p),
-    }
-}
-
+/// cos and sin are constants (tables of positions): no gradient flows to them.
 #[derive(Debug)]
 struct RopeOp;
 
@@ -376,29 +356,10 @@ impl<B: Kernels> Backward<B, 1> for RopeOp {
     type State = [FloatTensor<B>; 2];
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = parent_ids(&ops);
         let [cos, neg_sin] = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let [parent] = ops.parents;
-        if let Some(node) = parent {
-            grads.register::<B>(node.id, B::rope(grad, cos, neg_sin));
-        }
-    }
-}
-
-/// cos and sin are constants (tables of positions): no gradient flows to them.
-fn rope_tracked<B: Kernels>(
-    x: AutodiffTensor<B>,
-    cos: FloatTensor<B>,
-    sin: FloatTensor<B>,
-) -> AutodiffTensor<B> {
-    let prep = RopeOp
-        .prepare::<NoCheckpointing>([x.node()])
-        .compute_bound()
-        .stateful();
-    let y = B::rope(x.into_primitive(), cos.clone(), sin.clone());
-    match prep {
-        OpsKind::Tracked(prep) => prep.finish([cos, B::float_neg(sin)], y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
+        give::<B>(grads, parent, || B::rope(grad, cos, neg_sin));
     }
 }
 
@@ -410,32 +371,15 @@ impl<B: Kernels> Backward<B, 2> for MatmulOp {
     type State = [FloatTensor<B>; 2];
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pl, pr] = parent_ids(&ops);
         let [lhs, rhs] = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let [pl, pr] = ops.parents;
-        if let Some(node) = pr {
-            let n = lhs.shape().num_dims();
-            let g = B::matmul(B::float_swap_dims(lhs, n - 2, n - 1), grad.clone());
-            grads.register::<B>(node.id, g);
-        }
-        if let Some(node) = pl {
-            let n = rhs.shape().num_dims();
-            let g = B::matmul(grad, B::float_swap_dims(rhs, n - 2, n - 1));
-            grads.register::<B>(node.id, g);
-        }
-    }
-}
-
-fn matmul_tracked<B: Kernels>(lhs: AutodiffTensor<B>, rhs: AutodiffTensor<B>) -> AutodiffTensor<B> {
-    let prep = MatmulOp
-        .prepare::<NoCheckpointing>([lhs.node(), rhs.node()])
-        .compute_bound()
-        .stateful();
-    let (lhs, rhs) = (lhs.into_primitive(), rhs.into_primitive());
-    let y = B::matmul(lhs.clone(), rhs.clone());
-    match prep {
-        OpsKind::Tracked(prep) => prep.finish([lhs, rhs], y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
+        let transposed = |t: FloatTensor<B>| {
+            let n = t.shape().num_dims();
+            B::float_swap_dims(t, n - 2, n - 1)
+        };
+        give::<B>(grads, pr, || B::matmul(transposed(lhs), grad.clone()));
+        give::<B>(grads, pl, || B::matmul(grad, transposed(rhs)));
     }
 }
 
@@ -447,29 +391,12 @@ impl<B: Kernels> Backward<B, 1> for TokenLogprobsOp<B> {
     type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = parent_ids(&ops);
         let (logits, targets, lse) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let [parent] = ops.parents;
-        if let Some(node) = parent {
-            let g = B::token_logprobs_backward(logits, targets, lse, grad);
-            grads.register::<B>(node.id, g);
-        }
-    }
-}
-
-fn token_logprobs_tracked<B: Kernels>(
-    logits: AutodiffTensor<B>,
-    targets: IntTensor<B>,
-) -> AutodiffTensor<B> {
-    let prep = TokenLogprobsOp::<B>(std::marker::PhantomData)
-        .prepare::<NoCheckpointing>([logits.node()])
-        .compute_bound()
-        .stateful();
-    let logits = logits.into_primitive();
-    let [lp, lse] = B::token_logprobs(logits.clone(), targets.clone());
-    match prep {
-        OpsKind::Tracked(prep) => prep.finish((logits, targets, lse), lp),
-        OpsKind::UnTracked(prep) => prep.finish(lp),
+        give::<B>(grads, parent, || {
+            B::token_logprobs_backward(logits, targets, lse, grad)
+        });
     }
 }
 
@@ -549,7 +476,12 @@ where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
 {
     match (prim::<B, D>(x)?, prim::<B, 1>(w)?) {
-        (Prim::Tracked(x), Prim::Tracked(w)) => Some(tracked::<B, D>(rms_norm_tracked(x, w, eps))),
+        (Prim::Tracked(x), Prim::Tracked(w)) => {
+            Some(tracked::<B, D>(record(RmsNormOp, [x, w], |[x, w]| {
+                let [y, rstd] = B::rms_norm(x.clone(), w.clone(), eps);
+                (y, [x, w, rstd])
+            })))
+        }
         (Prim::Plain(x), Prim::Plain(w)) => {
             let [y, _] = B::rms_norm(x, w, eps);
             Some(plain::<B, D>(y))
@@ -571,7 +503,11 @@ where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
 {
     match (prim::<B, D>(gate)?, prim::<B, D>(up)?) {
-        (Prim::Tracked(g), Prim::Tracked(u)) => Some(tracked::<B, D>(swiglu_tracked(g, u))),
+        (Prim::Tracked(g), Prim::Tracked(u)) => {
+            Some(tracked::<B, D>(record(SwigluOp, [g, u], |[g, u]| {
+                (B::swiglu(g.clone(), u.clone()), [g, u])
+            })))
+        }
         (Prim::Plain(g), Prim::Plain(u)) => Some(plain::<B, D>(B::swiglu(g, u))),
         _ => None,
     }
@@ -600,7 +536,10 @@ where
 {
     let bias = prim::<B, 4>(bias)?.value();
     match prim::<B, 4>(scores)? {
-        Prim::Tracked(s) => Some(tracked::<B, 4>(masked_softmax_tracked(s, bias, scale))),
+        Prim::Tracked(s) => Some(tracked::<B, 4>(record(MaskedSoftmaxOp, [s], |[s]| {
+            let p = B::masked_softmax(s, bias, scale);
+            (p.clone(), (p, scale))
+        }))),
         Prim::Plain(s) => Some(plain::<B, 4>(B::masked_softmax(s, bias, scale))),
     }
 }
@@ -623,7 +562,10 @@ where
     let cos = prim::<B, 4>(cos)?.value();
     let sin = prim::<B, 4>(sin)?.value();
     match prim::<B, 4>(x)? {
-        Prim::Tracked(x) => Some(tracked::<B, 4>(rope_tracked(x, cos, sin))),
+        Prim::Tracked(x) => Some(tracked::<B, 4>(record(RopeOp, [x], |[x]| {
+            let y = B::rope(x, cos.clone(), sin.clone());
+            (y, [cos, B::float_neg(sin)])
+        }))),
         Prim::Plain(x) => Some(plain::<B, 4>(B::rope(x, cos, sin))),
     }
 }
@@ -633,7 +575,11 @@ where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
 {
     match (prim::<B, D>(lhs)?, prim::<B, D>(rhs)?) {
-        (Prim::Tracked(l), Prim::Tracked(r)) => Some(tracked::<B, D>(matmul_tracked(l, r))),
+        (Prim::Tracked(l), Prim::Tracked(r)) => {
+            Some(tracked::<B, D>(record(MatmulOp, [l, r], |[l, r]| {
+                (B::matmul(l.clone(), r.clone()), [l, r])
+            })))
+        }
         (Prim::Plain(l), Prim::Plain(r)) => Some(plain::<B, D>(B::matmul(l, r))),
         _ => None,
     }
@@ -696,7 +642,14 @@ where
 {
     let targets = int_prim::<B, 2>(targets)?;
     match prim::<B, 3>(logits)? {
-        Prim::Tracked(l) => Some(tracked::<B, 2>(token_logprobs_tracked(l, targets))),
+        Prim::Tracked(l) => Some(tracked::<B, 2>(record(
+            TokenLogprobsOp(std::marker::PhantomData),
+            [l],
+            |[l]| {
+                let [lp, lse] = B::token_logprobs(l.clone(), targets.clone());
+                (lp, (l, targets, lse))
+            },
+        ))),
         Prim::Plain(l) => {
             let [lp, _] = B::token_logprobs(l, targets);
             Some(plain::<B, 2>(lp))
