@@ -3,7 +3,11 @@
 on the same shapes as the Rust benchmark. Prints one JSON line per measurement:
     {"shape": ..., "what": "train"|"generate", "impl": "pytorch", "tokens_per_s": x}
 
-    python scripts/bench_peer.py --shape small --steps 5 --reps 2
+    python scripts/bench_peer.py --shape small --steps 5 --reps 2 [--matmul bf16]
+
+--matmul bf16 sets torch.backends.mkldnn.matmul.fp32_precision = "bf16" (fp32 weights and
+activations, matrix products on bf16 operands through oneDNN, AMX where the CPU has it: the same
+contract as our `matmul = "bf16"`); its rows are named "pytorch-bf16".
 """
 import argparse
 import json
@@ -71,10 +75,15 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--matmul", choices=["fp32", "bf16"], default="fp32")
     a = p.parse_args()
     s = SHAPES[a.shape]
+    name = "pytorch"
+    if a.matmul == "bf16":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        name = "pytorch-bf16"
     for what, tps in (("train", train(s, a.steps, a.warmup)), ("generate", generate(s, a.reps))):
-        print(json.dumps({"shape": a.shape, "what": what, "impl": "pytorch", "tokens_per_s": round(tps, 1)}),
+        print(json.dumps({"shape": a.shape, "what": what, "impl": name, "tokens_per_s": round(tps, 1)}),
               flush=True)
 
 

@@ -25,6 +25,69 @@ use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor, T
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Int, Shape, Tensor};
 
+/// How matrix products of f32 tensors are computed (the `matmul` config key): `fp32`, or `bf16`:
+/// operands rounded to bf16, products summed in f32, f32 outputs (mixed precision with f32
+/// master weights; PyTorch's `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`).
+///
+/// `bf16` applies to the flex backend's products of at least 32 rows, 32 columns and depth 32
+/// (linear layers in training and prompt forwards, attention over 32+ positions), and runs on
+/// Intel AMX tiles where the CPU has them ([`amx`]); elsewhere the same numbers come from the
+/// f32 kernels on rounded operands, without the speed. Token-by-token decoding (fewer rows) and
+/// the LibTorch backend stay f32.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+static MATMUL_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the precision of every later matrix product in this process; returns what will run, in
+/// words, for the run's log.
+pub fn set_matmul_precision(p: MatmulPrecision) -> &'static str {
+    MATMUL_BF16.store(
+        p == MatmulPrecision::Bf16,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    match p {
+        MatmulPrecision::Fp32 => "fp32",
+        MatmulPrecision::Bf16 if cfg!(feature = "tch") => {
+            "fp32 (matmul = bf16 is not implemented on the tch backend)"
+        }
+        #[cfg(feature = "flex")]
+        MatmulPrecision::Bf16 if amx::available() => "bf16 operands, f32 sums, on AMX tiles",
+        MatmulPrecision::Bf16 => {
+            "bf16 operands, f32 sums, emulated (no AMX on this CPU: same numbers, no speed-up)"
+        }
+    }
+}
+
+/// The precision set by [`set_matmul_precision`] (fp32 until then).
+pub fn matmul_precision() -> MatmulPrecision {
+    if MATMUL_BF16.load(std::sync::atomic::Ordering::Relaxed) {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::Fp32
+    }
+}
+
+/// Whether an m × k · k × n product runs in bf16 under the current setting.
+pub fn bf16_product(m: usize, n: usize, k: usize) -> bool {
+    matmul_precision() == MatmulPrecision::Bf16 && m >= 32 && n >= 32 && k >= 32
+}
+
 /// An autodiff-tracked tensor of backend B (burn-autodiff's `AutodiffTensor`).
 type AutodiffTensor<B> = FloatTensor<Autodiff<B>>;
 
@@ -712,6 +775,8 @@ pub mod reference {
 // ---------------------------------------------------------------------------------------------
 // flex: the kernels as loops over contiguous f32 rows.
 
+#[cfg(feature = "flex")]
+pub mod amx;
 #[cfg(feature = "flex")]
 mod flex;
 

@@ -27,6 +27,7 @@ pub use checkpoint::{
 pub use config::{Family, ModelConfig};
 pub use device::{backend_name, parse_device};
 pub use error::{ModelError, Result};
+pub use fused::{MatmulPrecision, set_matmul_precision};
 pub use generate::{Generation, SamplingConfig, generate};
 pub use tokenizer::{PromptTemplate, Tokenizer};
 pub use transformer::{CausalLm, Heads, KvCache};

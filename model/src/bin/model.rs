@@ -102,6 +102,10 @@ enum Command {
         /// shared machine's noise only ever slows a run down).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// Our matrix products: fp32, or bf16 (the `matmul` config key). With bf16 the peer runs
+        /// twice: fp32 (PyTorch's default) and with oneDNN's bf16 matmuls (the like-for-like).
+        #[arg(long, value_enum, default_value_t = model::MatmulPrecision::Fp32)]
+        matmul: model::MatmulPrecision,
     },
 }
 
@@ -214,10 +218,12 @@ fn run(cli: Cli, template_given: bool) -> Result<()> {
             steps,
             reps,
             rounds,
+            matmul,
         } => bench(
             &shape,
             python.as_deref(),
             (steps.max(1), reps.max(1), rounds.max(1)),
+            matmul,
             &device,
         ),
     }
@@ -438,6 +444,7 @@ fn bench(
     shape: &str,
     python: Option<&Path>,
     (steps, reps, rounds): (usize, usize, usize),
+    matmul: model::MatmulPrecision,
     device: &burn::tensor::Device,
 ) -> Result<()> {
     use model::bench::{SHAPES, generate_tokens_per_s, train_tokens_per_s};
@@ -449,11 +456,24 @@ fn bench(
                 .with_context(|| format!("unknown shape `{shape}`; use small, medium or all"))?,
         ]
     };
-    let ours = backend_name();
-    let mut rows = Vec::new();
-    // Model FLOP utilisation of the training step: 6 · matmul params · tokens/s over the fp32
-    // matmul roof measured here (a 2048³ matmul through the same backend).
+    // Model FLOP utilisation of the training step: 6 · matmul params · tokens/s over the matmul
+    // roof measured here (a 2048³ matmul through the same backend, at the precision benchmarked).
+    let what_runs = model::set_matmul_precision(matmul);
     let roof = model::bench::sgemm_gflops(2048, 3, device);
+    let bf16 = matmul == model::MatmulPrecision::Bf16;
+    let ours = if bf16 {
+        format!("{}-bf16", backend_name())
+    } else {
+        backend_name().to_string()
+    };
+    let ours = ours.as_str();
+    let peers: &[&str] = if bf16 {
+        &["pytorch", "pytorch-bf16"]
+    } else {
+        &["pytorch"]
+    };
+    println!("our matrix products: {what_runs}");
+    let mut rows = Vec::new();
     for round in 1..=rounds {
         for s in &shapes {
             let mut line = |what: &str, imp: &str, tps: f64| {
@@ -466,8 +486,11 @@ fn bench(
             line("train", ours, train_tokens_per_s(s, steps, 2, device)?);
             line("generate", ours, generate_tokens_per_s(s, reps, device)?);
             if let Some(py) = python {
-                for (what, imp, tps) in peer(py, s.name, steps, reps)? {
-                    line(&what, &imp, tps);
+                for p in peers {
+                    let precision = if p.ends_with("-bf16") { "bf16" } else { "fp32" };
+                    for (what, imp, tps) in peer(py, s.name, steps, reps, precision)? {
+                        line(&what, &imp, tps);
+                    }
                 }
             }
         }
@@ -482,37 +505,42 @@ fn bench(
             })
     };
     println!();
+    let mut head = format!("{:<8} {:<9} {:>12}", "shape", "what", ours);
+    for p in peers {
+        head += &format!(" {p:>12} {:>8}", "ratio");
+    }
     println!(
-        "{:<8} {:<9} {:>12} {:>12} {:>8}   range over {rounds} round(s): {ours} / pytorch",
-        "shape", "what", ours, "pytorch", "ratio"
+        "{head}   range over {rounds} round(s): {ours} / {}",
+        peers.join(" / ")
     );
+    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}"));
+    let range =
+        |r: Option<(f64, f64)>| r.map_or("-".to_string(), |(lo, hi)| format!("{lo:.0}-{hi:.0}"));
     for s in &shapes {
         for what in ["train", "generate"] {
-            let (a_range, b_range) = (best(s.name, what, ours), best(s.name, what, "pytorch"));
-            let (a, b) = (a_range.map(|r| r.1), b_range.map(|r| r.1));
-            let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}"));
-            let ratio = match (a, b) {
-                (Some(a), Some(b)) => format!("{:.2}x", a / b),
-                _ => "-".into(),
-            };
-            let range = |r: Option<(f64, f64)>| {
-                r.map_or("-".to_string(), |(lo, hi)| format!("{lo:.0}-{hi:.0}"))
-            };
-            println!(
-                "{:<8} {:<9} {:>12} {:>12} {:>8}   {} / {}",
-                s.name,
-                what,
-                fmt(a),
-                fmt(b),
-                ratio,
-                range(a_range),
-                range(b_range)
-            );
+            let ours_range = best(s.name, what, ours);
+            let a = ours_range.map(|r| r.1);
+            let mut line = format!("{:<8} {:<9} {:>12}", s.name, what, fmt(a));
+            let mut ranges = vec![range(ours_range)];
+            for p in peers {
+                let b_range = best(s.name, what, p);
+                let b = b_range.map(|r| r.1);
+                let ratio = match (a, b) {
+                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
+                    _ => "-".into(),
+                };
+                line += &format!(" {:>12} {ratio:>8}", fmt(b));
+                ranges.push(range(b_range));
+            }
+            println!("{line}   {}", ranges.join(" / "));
         }
     }
-    println!("(tokens/s, each side's best round; ratio = ours / pytorch, above 1 is faster)");
+    println!("(tokens/s, each side's best round; ratio = ours / that peer, above 1 is faster)");
     println!();
-    println!("fp32 matmul roof (2048^3 through {ours}): {roof:.1} GFLOP/s");
+    println!(
+        "{} matmul roof (2048^3 through {ours}): {roof:.1} GFLOP/s",
+        if bf16 { "bf16" } else { "fp32" }
+    );
     let mut mfu = Vec::new();
     for s in &shapes {
         let params = model::bench::matmul_params(s, device)?;
@@ -535,6 +563,7 @@ fn peer(
     shape: &str,
     steps: usize,
     reps: usize,
+    matmul: &str,
 ) -> Result<Vec<(String, String, f64)>> {
     let script = std::env::temp_dir().join(format!("rlhf_bench_peer_{}.py", std::process::id()));
     std::fs::write(&script, include_str!("../../../scripts/bench_peer.py"))?;
@@ -547,6 +576,8 @@ fn peer(
             &steps.to_string(),
             "--reps",
             &reps.to_string(),
+            "--matmul",
+            matmul,
         ])
         .output()
         .with_context(|| format!("running {}", python.display()))?;

@@ -2,7 +2,7 @@
 //! once, rows split across rayon's threads when a tensor is large enough for that to pay. Other
 //! dtypes take the composed kernels.
 
-use super::{Kernels, generic};
+use super::{Kernels, amx, generic};
 use burn::backend::Flex;
 use burn::backend::TensorMetadata;
 use burn::backend::flex::{FlexTensor, Layout};
@@ -489,11 +489,22 @@ impl Kernels for Flex {
         let l = &lhs.storage::<f32>()[lhs.layout().start_offset()..];
         let r = &rhs.storage::<f32>()[rhs.layout().start_offset()..];
         let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
+        let bf16 = super::bf16_product(m, n, k);
         let product = |i: usize, dst: *mut f32, parallelism: gemm::Parallelism| {
             // SAFETY: the operands' offsets, shapes and strides describe views inside their
-            // buffers (burn's layout); gemm with read_dst = false writes all m x n elements of
-            // `dst`, a distinct part of `out`'s allocation for each i.
+            // buffers (burn's layout); gemm with read_dst = false, and amx::gemm, write all
+            // m x n elements of `dst`, a distinct part of `out`'s allocation for each i.
             unsafe {
+                if bf16 {
+                    let view = |p: &[f32], st: &[isize]| amx::View {
+                        ptr: p.as_ptr().offset(offset(i, st)),
+                        rs: st[nd - 2],
+                        cs: st[nd - 1],
+                    };
+                    let threads = !matches!(parallelism, gemm::Parallelism::None);
+                    amx::gemm(m, n, k, dst, view(l, lst), view(r, rst), threads);
+                    return;
+                }
                 gemm::gemm(
                     m,
                     n,
