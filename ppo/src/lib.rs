@@ -584,6 +584,10 @@ fn iteration_seed(seed: u64, it: usize, salt: u64) -> u64 {
 /// Runs PPO with the config and its TOML text as used; `resume` continues from a checkpoint.
 pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
     let base_device = model::parse_device(&cfg.device)?;
+    println!(
+        "matrix products: {}",
+        model::set_matmul_precision(cfg.matmul)
+    );
     let device = base_device.clone().autodiff();
     let t = &cfg.train;
     let ppo = &cfg.ppo;

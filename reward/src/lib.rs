@@ -506,6 +506,10 @@ fn normalization(
 /// Trains a reward model with the config and its TOML text as used.
 pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
     let device = model::parse_device(&cfg.device)?.autodiff();
+    println!(
+        "matrix products: {}",
+        model::set_matmul_precision(cfg.matmul)
+    );
     let t = &cfg.train;
     let template = model::checkpoint::resolve_template(
         cfg.data.template.as_deref(),

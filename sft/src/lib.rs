@@ -247,6 +247,10 @@ pub fn evaluate(
 /// Runs SFT with the config and its TOML text as used; `resume` continues from a checkpoint.
 pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
     let device = model::parse_device(&cfg.device)?.autodiff();
+    println!(
+        "matrix products: {}",
+        model::set_matmul_precision(cfg.matmul)
+    );
     let t = &cfg.train;
     let template = model::checkpoint::resolve_template(
         cfg.data.template.as_deref(),

@@ -30,6 +30,10 @@ macro_rules! stage_config {
             /// `cpu` or `cuda:N` (CUDA with the tch backend).
             #[serde(default = "trainer::config::default_device")]
             pub device: String,
+            /// Matrix products: `fp32`, or `bf16` (bf16 operands, f32 sums and weights; AMX
+            /// tiles where the CPU has them).
+            #[serde(default)]
+            pub matmul: model::MatmulPrecision,
             $($(#[$fmeta])* pub $field: $ty,)*
         }
 
