@@ -21,6 +21,9 @@
 #                         transformers held at their installed versions by a constraints file);
 #                         TRL_SPEC pins another version (default: trl, the newest that fits).
 #   OUT_DIR               default runs/bench-stages (wiped per preset)
+#   MATMUL                fp32 (default) or bf16: our `matmul` config key, and on the TRL side
+#                         torch.backends.mkldnn.matmul.fp32_precision = "bf16" (the same contract:
+#                         fp32 weights, matrix products on bf16 operands through oneDNN)
 #   SFT_STEPS             measured SFT steps; the same number of warm-up steps runs first (default 60)
 #   RM_WARMUP, RM_STEPS   reward warm-up / measured steps (default 5 / 40)
 #   PPO_WARMUP, PPO_ITERS PPO/RLOO warm-up / measured iterations (default 3 / 12)
@@ -46,7 +49,8 @@
 #   without exact duplicates; the rankings' groups with K = 4 distinct ranks (tie-free, so that a
 #   group is exactly C(4,2) = 6 comparisons); the PPO prompts. Template
 #   "Human: {prompt}\n\nAssistant:" on both sides (TRL gets the prompts already templated).
-# - Numerics: fp32 everywhere (TRL: bf16=False; its default is bf16), AdamW with betas
+# - Numerics: fp32 everywhere (TRL: bf16=False; its default is bf16; MATMUL=bf16 changes only the
+#   matrix products, on both sides), AdamW with betas
 #   0.9/0.999, eps 1e-8, weight decay 0, global grad-norm clip 1.0, no gradient checkpointing
 #   (TRL's configs default to it; our stages never recompute), no dropout, the same learning
 #   rates and schedules (sft: 3e-3, 5 warm-up steps, cosine to 0.1x; reward: 1e-3, same shape;
@@ -123,6 +127,7 @@ task=datasets/demo/task
 template=$'Human: {prompt}\n\nAssistant:'
 out=${OUT_DIR:-runs/bench-stages}
 shapes=${SHAPES:-tiny small}
+matmul=${MATMUL:-fp32}
 
 # Prints a command (shell-quoted, so that it can be pasted) and runs it.
 show() {
@@ -247,21 +252,21 @@ for preset in $shapes; do
     --out "$o/init"
 
   # Ours. Evaluation off (no validation split), checkpoints only after the last step.
-  run "$bin/sft" --config configs/sft.toml --out "$o/sft" \
+  run "$bin/sft" --config configs/sft.toml --out "$o/sft" --set matmul="$matmul" \
     --set model.base="$o/init" --set data.path="$work/sft.jsonl" \
     --set data.template="$template" --set data.validation_fraction=0 --set data.max_length=128 \
     --set data.packing=false --set train.batch_size=16 --set train.grad_accum=1 \
     --set train.max_steps=$((2 * sft_n)) --set train.log_every="$sft_n" \
     --set train.eval_every=0 --set train.save_every=0 --set train.lr=3e-3 \
     --set train.warmup_steps=5 --set train.max_grad_norm=1.0
-  run "$bin/reward" --config configs/reward.toml --out "$o/reward" \
+  run "$bin/reward" --config configs/reward.toml --out "$o/reward" --set matmul="$matmul" \
     --set model.base="$o/init" --set data.path="$work/groups.jsonl" --set data.kind=ranked_groups \
     --set data.template="$template" --set data.validation_fraction=0 --set data.max_length=128 \
     --set data.ties=drop --set data.demonstrations= --set loss.kind=pairwise \
     --set loss.forward=groups --set train.batch_size=8 --set train.grad_accum=1 \
     --set train.max_steps=$((rm_w + rm_n)) --set train.log_every=1 --set train.eval_every=0 \
     --set train.save_every=0 --set train.lr=1e-3 --set train.max_grad_norm=1.0
-  run "$bin/ppo" --config configs/ppo.toml --out "$o/ppo" \
+  run "$bin/ppo" --config configs/ppo.toml --out "$o/ppo" --set matmul="$matmul" \
     --set model.policy="$o/sft/final" --set model.reward_model="$o/reward/final" \
     --set model.critic=reward_model --set data.prompts="$task/prompts.jsonl" \
     --set rollout.batch_size=16 --set rollout.max_new_tokens=24 --set rollout.temperature=1.0 \
@@ -280,7 +285,7 @@ for preset in $shapes; do
   # TRL, on the same folders and data.
   collect "$py" scripts/bench_trl.py run --preset "$preset" --work "$work" --out "$o/trl" \
     --init "$o/init" --policy "$o/sft/final" --reward-model "$o/reward/final" \
-    --template "$template" \
+    --template "$template" --matmul "$matmul" \
     --sft-warmup "$sft_n" --sft-steps "$sft_n" --sft-batch 16 --sft-max-length 128 \
     --rm-warmup "$rm_w" --rm-steps "$rm_n" --rm-groups 8 --rm-max-length 128 \
     --ppo-warmup "$ppo_w" --ppo-iters "$ppo_n" --ppo-episodes 16 --ppo-num-generations 2 \

@@ -496,6 +496,8 @@ def main():
     q.add_argument("--policy", help="the PPO/RLOO policy folder (our SFT output)")
     q.add_argument("--reward-model", help="our reward stage's output folder")
     q.add_argument("--stages", default="sft,reward,ppo")
+    q.add_argument("--matmul", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: fp32 weights, matrix products on bf16 operands (oneDNN)")
     q.add_argument("--template", default="Human: {prompt}\n\nAssistant:")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--sft-warmup", type=int, required=True)
@@ -531,6 +533,9 @@ def main():
 
     a = p.parse_args()
     if a.cmd == "run":
+        if a.matmul == "bf16":
+            import torch
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
         a.ppo_steps_per_generation = a.ppo_episodes // a.ppo_minibatch
         assert a.ppo_steps_per_generation * a.ppo_minibatch == a.ppo_episodes
     {"prepare": prepare, "run": run, "ours": ours, "table": table}[a.cmd](a)
