@@ -8,7 +8,7 @@ use crate::ops::{clip_grad_norm, token_logprobs, token_tensor};
 use crate::transformer::CausalLm;
 use crate::{Result, TokenBatch};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::time::Instant;
@@ -69,10 +69,7 @@ pub fn train_tokens_per_s(s: &Shape, steps: usize, warmup: usize, device: &Devic
     let cfg = shape_config(s)?;
     let device = device.clone().autodiff();
     let mut model = CausalLm::new(&cfg, false, 0, &device)?;
-    let mut optim = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init();
+    let mut optim = crate::optim::adamw(0.9, 0.999, 1e-8, 0.01);
     let mut rng = StdRng::seed_from_u64(0);
     let (b, t) = (s.train_batch, s.train_seq);
     let mut timed = 0.0;

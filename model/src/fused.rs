@@ -183,6 +183,51 @@ pub trait Kernels: Backend {
     ) -> FloatTensor<Self> {
         generic::rope::<Self>(x, cos, sin)
     }
+
+    /// One AdamW step in one pass (see [`AdamWStep`]): parameter, gradient and moments (none on
+    /// the first step) → (parameter, first moment, second moment). None: not fused on this
+    /// backend (the caller composes tensor ops).
+    fn adamw(
+        _param: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+        _moments: Option<[FloatTensor<Self>; 2]>,
+        _step: &AdamWStep,
+    ) -> Option<[FloatTensor<Self>; 3]> {
+        None
+    }
+}
+
+/// The scalars of one AdamW step (Loshchilov & Hutter's decoupled weight decay), in the order
+/// burn-optim's `AdamW` applies them, so that the fused pass gives the same f32 results:
+/// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², u = (m / c1) / (sqrt(v / c2) + eps),
+/// p = p·decay − u·lr, with c1 = 1 − β1^t, c2 = 1 − β2^t, decay = 1 − lr·wd (m = (1−β1)·g and
+/// v = (1−β2)·g² on the first step).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub decay: f32,
+    pub c1: f32,
+    pub c2: f32,
+}
+
+impl AdamWStep {
+    /// One parameter's update, the formula above (`m`, `v`: None on the first step).
+    #[inline(always)]
+    pub fn apply(&self, p: f32, g: f32, m: Option<f32>, v: Option<f32>) -> [f32; 3] {
+        let m = match m {
+            Some(m) => m * self.beta1 + g * (1.0 - self.beta1),
+            None => g * (1.0 - self.beta1),
+        };
+        let v = match v {
+            Some(v) => v * self.beta2 + g * g * (1.0 - self.beta2),
+            None => g * g * (1.0 - self.beta2),
+        };
+        let u = (m / self.c1) / ((v / self.c2).sqrt() + self.eps);
+        [p * self.decay - u * self.lr, m, v]
+    }
 }
 
 /// The kernels composed of a backend's tensor ops (see [`Kernels`] for each one's formula).
@@ -725,6 +770,38 @@ where
 /// [b, t]. None where no fused kernel applies (the caller has the composed version).
 pub fn token_logprobs(logits: &Tensor<3>, targets: &Tensor<2, Int>) -> Option<Tensor<2>> {
     on_backends!(|B| token_logprobs_on::<B>(logits, targets))
+}
+
+fn adamw_on<B: Kernels, const D: usize>(
+    p: &Tensor<D>,
+    g: &Tensor<D>,
+    moments: Option<[&Tensor<D>; 2]>,
+    step: &AdamWStep,
+) -> Option<[Tensor<D>; 3]>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    let plain_prim = |t: &Tensor<D>| match prim::<B, D>(t)? {
+        Prim::Plain(x) => Some(x),
+        Prim::Tracked(_) => None,
+    };
+    let moments = match moments {
+        Some([m, v]) => Some([plain_prim(m)?, plain_prim(v)?]),
+        None => None,
+    };
+    let out = B::adamw(plain_prim(p)?, plain_prim(g)?, moments, step)?;
+    Some(out.map(plain::<B, D>))
+}
+
+/// One AdamW step over a whole parameter in one pass where the backend has the kernel (flex,
+/// f32): (parameter, first moment, second moment). None otherwise.
+pub fn adamw<const D: usize>(
+    param: &Tensor<D>,
+    grad: &Tensor<D>,
+    moments: Option<[&Tensor<D>; 2]>,
+    step: &AdamWStep,
+) -> Option<[Tensor<D>; 3]> {
+    on_backends!(|B| adamw_on::<B, D>(param, grad, moments, step))
 }
 
 /// Rotary position embedding, rotate-half layout (as transformers). x: [b, t, h, hd];

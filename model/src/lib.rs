@@ -4,8 +4,8 @@
 //! cache, batched sampling, Hugging Face checkpoint folders (safetensors in, safetensors out), and
 //! tokenizers (load `tokenizer.json`, or train a byte-level BPE).
 //!
-//! It is not a trainer: optimisers, schedules and data live in the stage crates; [`ops`] holds the
-//! few tensor functions they all share.
+//! It is not a trainer: schedules, loops and data live in the stage crates; [`ops`] holds the
+//! few tensor functions they all share, and [`optim`] the fused AdamW they all step with.
 
 pub mod batch;
 pub mod bench;
@@ -16,6 +16,7 @@ pub mod error;
 pub mod fused;
 pub mod generate;
 pub mod ops;
+pub mod optim;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

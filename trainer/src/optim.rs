@@ -5,7 +5,7 @@
 use crate::schedule::{Decay, Schedule};
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -230,14 +230,10 @@ impl TrainSection {
     }
 }
 
-/// AdamW (decoupled weight decay, Loshchilov & Hutter) with the given settings.
+/// AdamW (decoupled weight decay, Loshchilov & Hutter) with the given settings: one fused pass
+/// per parameter (`model::optim`; burn-optim's AdamW state and numbers).
 pub fn adamw(beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_beta_1(beta1 as f32)
-        .with_beta_2(beta2 as f32)
-        .with_epsilon(eps as f32)
-        .with_weight_decay(weight_decay as f32)
-        .init()
+    model::optim::adamw(beta1 as f32, beta2 as f32, eps as f32, weight_decay as f32)
 }
 
 /// Clips the gradients to global norm `max_grad_norm` (0: no clipping), stops on a non-finite

@@ -605,6 +605,77 @@ impl Kernels for Flex {
         tensor(out, shape)
     }
 
+    fn adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<[FloatTensor<Self>; 2]>,
+        step: &super::AdamWStep,
+    ) -> Option<[FloatTensor<Self>; 3]> {
+        let p = values(&param)?;
+        let g = values(&grad)?;
+        let mv = match moments {
+            Some([m, v]) => Some([values(&m)?, values(&v)?]),
+            None => None,
+        };
+        let n = p.shape().num_elements();
+        let (ps, gs) = (slice(&p), slice(&g));
+        let (ms, vs) = match &mv {
+            Some([m, v]) => (Some(slice(m)), Some(slice(v))),
+            None => (None, None),
+        };
+        if gs.len() != n || ms.is_some_and(|m| m.len() != n) || vs.is_some_and(|v| v.len() != n) {
+            return None;
+        }
+        let mut out = [
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        ];
+        {
+            let [po, mo, vo] = &mut out;
+            let chunk = PARALLEL_MIN;
+            let work = |(c, ((po, mo), vo)): (
+                usize,
+                (
+                    (
+                        &mut [std::mem::MaybeUninit<f32>],
+                        &mut [std::mem::MaybeUninit<f32>],
+                    ),
+                    &mut [std::mem::MaybeUninit<f32>],
+                ),
+            )| {
+                let base = c * chunk;
+                for j in 0..po.len() {
+                    let i = base + j;
+                    let [p1, m1, v1] = step.apply(ps[i], gs[i], ms.map(|m| m[i]), vs.map(|v| v[i]));
+                    po[j].write(p1);
+                    mo[j].write(m1);
+                    vo[j].write(v1);
+                }
+            };
+            let (po, mo, vo) = (
+                &mut po.spare_capacity_mut()[..n],
+                &mut mo.spare_capacity_mut()[..n],
+                &mut vo.spare_capacity_mut()[..n],
+            );
+            if n >= PARALLEL_MIN {
+                po.par_chunks_mut(chunk)
+                    .zip(mo.par_chunks_mut(chunk))
+                    .zip(vo.par_chunks_mut(chunk))
+                    .enumerate()
+                    .for_each(work);
+            } else {
+                work((0, ((po, mo), vo)));
+            }
+        }
+        let shape = p.shape();
+        Some(out.map(|mut o| {
+            // SAFETY: every one of the n elements was written above.
+            unsafe { o.set_len(n) };
+            tensor(o, shape.clone())
+        }))
+    }
+
     fn rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
