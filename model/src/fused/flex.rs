@@ -634,16 +634,8 @@ impl Kernels for Flex {
         {
             let [po, mo, vo] = &mut out;
             let chunk = PARALLEL_MIN;
-            let work = |(c, ((po, mo), vo)): (
-                usize,
-                (
-                    (
-                        &mut [std::mem::MaybeUninit<f32>],
-                        &mut [std::mem::MaybeUninit<f32>],
-                    ),
-                    &mut [std::mem::MaybeUninit<f32>],
-                ),
-            )| {
+            type Part<'a> = &'a mut [std::mem::MaybeUninit<f32>];
+            let work = |(c, ((po, mo), vo)): (usize, ((Part, Part), Part))| {
                 let base = c * chunk;
                 for j in 0..po.len() {
                     let i = base + j;
