@@ -297,6 +297,36 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// AdamW's first step over a run of parameters: [p, g] → [p', m, v] (see `AdamWStep`).
+    fn adamw_first(out: [&mut [std::mem::MaybeUninit<f32>]; 3], input: [&[f32]; 2], step: &super::AdamWStep) {
+        let [po, mo, vo] = out;
+        let [p, g] = input;
+        for i in 0..po.len() {
+            let [p1, m1, v1] = step.apply(p[i], g[i], None, None);
+            po[i].write(p1);
+            mo[i].write(m1);
+            vo[i].write(v1);
+        }
+    }
+}
+
+multiversion! {
+    /// AdamW's later steps over a run of parameters: [p, g, m, v] → [p', m', v'].
+    fn adamw_next(out: [&mut [std::mem::MaybeUninit<f32>]; 3], input: [&[f32]; 4], step: &super::AdamWStep) {
+        let [po, mo, vo] = out;
+        let [p, g, m, v] = input;
+        let n = po.len();
+        let (p, g, m, v) = (&p[..n], &g[..n], &m[..n], &v[..n]);
+        for i in 0..n {
+            let [p1, m1, v1] = step.apply(p[i], g[i], Some(m[i]), Some(v[i]));
+            po[i].write(p1);
+            mo[i].write(m1);
+            vo[i].write(v1);
+        }
+    }
+}
+
 impl Kernels for Flex {
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> [FloatTensor<Self>; 2] {
         let (Some(xv), Some(wv)) = (values(&x), values(&w)) else {
@@ -636,13 +666,14 @@ impl Kernels for Flex {
             let chunk = PARALLEL_MIN;
             type Part<'a> = &'a mut [std::mem::MaybeUninit<f32>];
             let work = |(c, ((po, mo), vo)): (usize, ((Part, Part), Part))| {
-                let base = c * chunk;
-                for j in 0..po.len() {
-                    let i = base + j;
-                    let [p1, m1, v1] = step.apply(ps[i], gs[i], ms.map(|m| m[i]), vs.map(|v| v[i]));
-                    po[j].write(p1);
-                    mo[j].write(m1);
-                    vo[j].write(v1);
+                let r = c * chunk..c * chunk + po.len();
+                match (ms, vs) {
+                    (Some(m), Some(v)) => adamw_next(
+                        [po, mo, vo],
+                        [&ps[r.clone()], &gs[r.clone()], &m[r.clone()], &v[r]],
+                        step,
+                    ),
+                    _ => adamw_first([po, mo, vo], [&ps[r.clone()], &gs[r]], step),
                 }
             };
             let (po, mo, vo) = (
