@@ -596,6 +596,14 @@ unsafe fn block(a: *const u16, kp: usize, b0: *const u16, b1: *const u16, c: *mu
         tile::zero::<3>();
         let a1 = a.add(16 * kp);
         for s in 0..kp / BLOCK {
+            // The next step's A tiles (from L2: they stream, while B's panels stay in L1);
+            // +8-10% per product. Past the last step these addresses may leave the buffer:
+            // prefetches do not fault, and wrapping_add makes no claim about them.
+            for l in 0..16 {
+                use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((s + 1) * 512 + l * 32).cast());
+                _mm_prefetch::<_MM_HINT_T0>(a1.wrapping_add((s + 1) * 512 + l * 32).cast());
+            }
             tile::load::<4>(a.add(s * 512), 64);
             tile::load::<6>(b0.add(s * 512), 64);
             tile::dot::<0, 4, 6>();
