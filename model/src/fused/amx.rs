@@ -637,9 +637,9 @@ unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, thr
     };
     let (mb, nb) = (mp / BLOCK, np / BLOCK);
     let out = Out(c);
-    // Column blocks [j0, j1) × all row blocks: the two B panels of a column block stay in L1
-    // while the row blocks of A stream through it.
-    let run = |j0: usize, j1: usize| {
+    // Column blocks [j0, j1) × row blocks [i0, i1): the two B panels of a column block stay in
+    // L1 while the row blocks of A stream through it.
+    let run = |j0: usize, j1: usize, i0: usize, i1: usize| {
         let mut edge = [0f32; BLOCK * BLOCK];
         // SAFETY: AMX is available (caller); the packed buffers hold whole tiles; each block of
         // C written is inside m × n, or goes through `edge` and is copied in part.
@@ -648,7 +648,7 @@ unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, thr
             for jb in j0..j1 {
                 let b0 = pb.ptr().add(jb * 2 * kp * 16);
                 let b1 = b0.add(kp * 16);
-                for ib in 0..mb {
+                for ib in i0..i1 {
                     let (i, j) = (ib * BLOCK, jb * BLOCK);
                     let ap = pa.ptr().add(i * kp);
                     if i + BLOCK <= m && j + BLOCK <= n {
@@ -669,17 +669,26 @@ unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, thr
             tile::release();
         }
     };
-    let parts = if threads {
-        rayon::current_num_threads().min(nb)
+    // Threads take row blocks of C (each streams its own part of A, the panels of B are shared):
+    // measured 1.3-1.35x faster than taking column blocks (1024x512x512: 1050 vs 777 GFLOP/s on
+    // two threads); column blocks only when there are fewer row blocks than threads.
+    let workers = if threads {
+        rayon::current_num_threads()
     } else {
         1
     };
+    let split_rows = mb >= workers;
+    let parts = workers.min(if split_rows { mb } else { nb });
     if parts > 1 {
-        (0..parts)
-            .into_par_iter()
-            .for_each(|p| run(p * nb / parts, (p + 1) * nb / parts));
+        (0..parts).into_par_iter().for_each(|p| {
+            if split_rows {
+                run(0, nb, p * mb / parts, (p + 1) * mb / parts)
+            } else {
+                run(p * nb / parts, (p + 1) * nb / parts, 0, mb)
+            }
+        });
     } else {
-        run(0, nb);
+        run(0, nb, 0, mb);
     }
     pa.give_back(0);
     pb.give_back(1);
