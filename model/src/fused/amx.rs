@@ -233,6 +233,20 @@ impl Packed {
     }
 }
 
+/// Calls `f((i, chunk))` for each `len`-long chunk of `out`, on rayon's threads if `threads`.
+fn for_chunks(
+    out: &mut [u16],
+    len: usize,
+    threads: bool,
+    f: impl Fn((usize, &mut [u16])) + Sync + Send,
+) {
+    if threads {
+        out.par_chunks_mut(len).enumerate().for_each(f);
+    } else {
+        out.chunks_mut(len).enumerate().for_each(f);
+    }
+}
+
 /// A packed to bf16 tiles: strips of 16 rows, each `kp / 32` tiles of 16 rows × 32 values
 /// stored contiguously (row r, column kk of a strip at (kk / 32) · 512 + r · 32 + kk % 32); `mp`
 /// rows (zero beyond m × k).
@@ -299,15 +313,7 @@ unsafe fn pack_a(a: View, m: usize, k: usize, mp: usize, kp: usize, threads: boo
             }
         }
     };
-    if threads {
-        out.par_chunks_mut(GROUP * strip_len)
-            .enumerate()
-            .for_each(group);
-    } else {
-        out.chunks_mut(GROUP * strip_len)
-            .enumerate()
-            .for_each(group);
-    }
+    for_chunks(out, GROUP * strip_len, threads, group);
     buf
 }
 
@@ -371,15 +377,7 @@ unsafe fn pack_b(b: View, k: usize, n: usize, kp: usize, np: usize, threads: boo
             }
         }
     };
-    if threads {
-        out.par_chunks_mut(GROUP * panel_len)
-            .enumerate()
-            .for_each(group);
-    } else {
-        out.chunks_mut(GROUP * panel_len)
-            .enumerate()
-            .for_each(group);
-    }
+    for_chunks(out, GROUP * panel_len, threads, group);
     buf
 }
 
