@@ -247,6 +247,17 @@ fn for_chunks(
     }
 }
 
+/// Zeroes the strips (panels), `len` long, of a packed group that the packers do not fill
+/// whole: those with fewer than 16 rows (columns) of data, `extent(q)`, or all when the depth is
+/// short of a whole tile (the buffers are reused, so the padding must be written).
+fn zero_partial(dst: &mut [u16], len: usize, short_depth: bool, extent: impl Fn(usize) -> usize) {
+    for (q, unit) in dst.chunks_mut(len).enumerate() {
+        if short_depth || extent(q) < 16 {
+            unit.fill(0);
+        }
+    }
+}
+
 /// A packed to bf16 tiles: strips of 16 rows, each `kp / 32` tiles of 16 rows × 32 values
 /// stored contiguously (row r, column kk of a strip at (kk / 32) · 512 + r · 32 + kk % 32); `mp`
 /// rows (zero beyond m × k).
@@ -267,11 +278,7 @@ unsafe fn pack_a(a: View, m: usize, k: usize, mp: usize, kp: usize, threads: boo
     let group = |(g, dst): (usize, &mut [u16])| {
         let strips = dst.len() / strip_len;
         let rows_of = |q: usize| 16.min(m.saturating_sub((g * GROUP + q) * 16));
-        for q in 0..strips {
-            if rows_of(q) < 16 || k < kp {
-                dst[q * strip_len..(q + 1) * strip_len].fill(0); // a partial strip's padding
-            }
-        }
+        zero_partial(dst, strip_len, k < kp, rows_of);
         // SAFETY: every address read is (i, kk) with i < m, kk < k; every write lands in `dst`,
         // the group's strips of 16 rows of kp.
         unsafe {
@@ -332,11 +339,7 @@ unsafe fn pack_b(b: View, k: usize, n: usize, kp: usize, np: usize, threads: boo
     let group = |(g, dst): (usize, &mut [u16])| {
         let panels = dst.len() / panel_len;
         let cols_of = |q: usize| 16.min(n.saturating_sub((g * GROUP + q) * 16));
-        for q in 0..panels {
-            if cols_of(q) < 16 || k < kp {
-                dst[q * panel_len..(q + 1) * panel_len].fill(0); // a partial panel's padding
-            }
-        }
+        zero_partial(dst, panel_len, k < kp, cols_of);
         // SAFETY: reads (kk, j) with kk < k, j < n; writes inside `dst`, the group's panels.
         unsafe {
             if b.cs == 1 {
