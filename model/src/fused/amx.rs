@@ -727,9 +727,9 @@ mod tests {
     }
 
     /// Every shape class (whole blocks, ragged edges in m, n and k, a single row), row-major and
-    /// transposed operands, one thread and many: the tiles give the product of the rounded
-    /// operands, to f32 summation order. Without AMX this compares `rounded` with itself through
-    /// the dispatcher and the tile path is not exercised (the test says so).
+    /// transposed and strided operands, one thread and many: the tiles, and the emulation used
+    /// without AMX, give the product of the rounded operands, to f32 summation order. Without AMX
+    /// the tile path is not exercised (the test says so on stderr).
     #[test]
     fn tiles_equal_the_product_of_rounded_operands() {
         if !available() {
@@ -756,6 +756,8 @@ mod tests {
                 .collect();
             let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect(); // column-major A
             let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect(); // column-major B
+            let a2: Vec<f32> = a.iter().flat_map(|&x| [x, f32::NAN]).collect();
+            let b2: Vec<f32> = b.iter().flat_map(|&x| [x, f32::NAN]).collect();
             let views = [
                 (
                     View {
@@ -781,16 +783,37 @@ mod tests {
                         cs: k as isize,
                     },
                 ),
+                // Every other element of a doubled copy: neither rows nor columns contiguous
+                // (the element-by-element packers).
+                (
+                    View {
+                        ptr: a2.as_ptr(),
+                        rs: 2 * k as isize,
+                        cs: 2,
+                    },
+                    View {
+                        ptr: b2.as_ptr(),
+                        rs: 2 * n as isize,
+                        cs: 2,
+                    },
+                ),
             ];
             for (va, vb) in views {
-                for threads in [false, true] {
+                // The dispatcher (tiles where AMX is) and the emulation used without AMX.
+                for (threads, emulated) in [(false, false), (true, false), (true, true)] {
                     let mut c = vec![f32::NAN; m * n];
                     // SAFETY: the views describe the vectors above; c holds m · n.
-                    unsafe { gemm(m, n, k, c.as_mut_ptr(), va, vb, threads) };
+                    unsafe {
+                        if emulated {
+                            rounded(m, n, k, c.as_mut_ptr(), va, vb, threads)
+                        } else {
+                            gemm(m, n, k, c.as_mut_ptr(), va, vb, threads)
+                        }
+                    };
                     for (x, (&got, &want)) in c.iter().zip(&expected).enumerate() {
                         assert!(
                             (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{m}x{n}x{k} ({}, {}) threads {threads}: {got} vs {want}",
+                            "{m}x{n}x{k} ({}, {}) threads {threads} emulated {emulated}: {got} vs {want}",
                             x / n,
                             x % n
                         );
