@@ -52,8 +52,23 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
     )
 }
 
+type Uninit = std::mem::MaybeUninit<f32>;
+
+/// n outputs written by `fill`, given the uninitialised buffer: no zero-fill first (for the
+/// activations of a training step that was a memset of every output, ~4% of the step).
+///
+/// # Safety
+/// `fill` writes every one of the n elements.
+unsafe fn written(n: usize, fill: impl FnOnce(&mut [Uninit])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: `fill` wrote every element (the caller's promise).
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Calls `f(row_index, out_row)` for each `row_len`-long row of `out`, in parallel when large.
-fn for_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     if out.len() >= PARALLEL_MIN {
         let rows_per_task = (PARALLEL_MIN / row_len).max(1);
         out.par_chunks_mut(rows_per_task * row_len)
@@ -71,11 +86,11 @@ fn for_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Syn
 }
 
 /// Two outputs of the same shape, row by row.
-fn for_rows2(
-    a: &mut [f32],
-    b: &mut [f32],
+fn for_rows2<T: Send>(
+    a: &mut [T],
+    b: &mut [T],
     row_len: usize,
-    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
 ) {
     if a.len() >= PARALLEL_MIN {
         let rows_per_task = (PARALLEL_MIN / row_len).max(1);
@@ -233,31 +248,31 @@ multiversion! {
 
 multiversion! {
     /// out = scale · p · (g − Σ p · g)
-    fn softmax_backward_row(out: &mut [f32], p: &[f32], g: &[f32], scale: f32) {
+    fn softmax_backward_row(out: &mut [Uninit], p: &[f32], g: &[f32], scale: f32) {
         let dot = sum_map2(p, g, |p, g| p * g);
         for ((o, &p), &g) in out.iter_mut().zip(p).zip(g) {
-            *o = scale * p * (g - dot);
+            o.write(scale * p * (g - dot));
         }
     }
 }
 
 multiversion! {
     /// out = silu(g) · u
-    fn swiglu_row(out: &mut [f32], g: &[f32], u: &[f32]) {
+    fn swiglu_row(out: &mut [Uninit], g: &[f32], u: &[f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = g * u / (1.0 + exp(-g));
+            o.write(g * u / (1.0 + exp(-g)));
         }
     }
 }
 
 multiversion! {
-    fn swiglu_backward_row(og: &mut [f32], ou: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+    fn swiglu_backward_row(og: &mut [Uninit], ou: &mut [Uninit], g: &[f32], u: &[f32], dy: &[f32]) {
         for i in 0..og.len() {
             let (g, u, dy) = (g[i], u[i], dy[i]);
             let s = 1.0 / (1.0 + exp(-g));
             let silu = g * s;
-            ou[i] = dy * silu;
-            og[i] = dy * u * (s + silu - silu * s);
+            ou[i].write(dy * silu);
+            og[i].write(dy * u * (s + silu - silu * s));
         }
     }
 }
@@ -272,11 +287,11 @@ multiversion! {
 
 multiversion! {
     /// out = −g · exp(l − lse), then out[target] += g
-    fn token_grad_row(out: &mut [f32], l: &[f32], lse: f32, g: f32, target: usize) {
+    fn token_grad_row(out: &mut [Uninit], l: &[f32], lse: f32, g: f32, target: usize) {
         for (o, &l) in out.iter_mut().zip(l) {
-            *o = -g * exp(l - lse);
+            o.write(-g * exp(l - lse));
         }
-        out[target] += g;
+        out[target].write(-g * exp(l[target] - lse) + g);
     }
 }
 
@@ -416,10 +431,14 @@ impl Kernels for Flex {
         let shape = gate.shape();
         let (gs, us) = (slice(&gv), slice(&uv));
         let d = shape[shape.num_dims() - 1];
-        let mut y = vec![0f32; gs.len()];
-        for_rows(&mut y, d, |r, out| {
-            swiglu_row(out, &gs[r * d..(r + 1) * d], &us[r * d..(r + 1) * d]);
-        });
+        // SAFETY: swiglu_row writes its whole row.
+        let y = unsafe {
+            written(gs.len(), |y| {
+                for_rows(y, d, |r, out| {
+                    swiglu_row(out, &gs[r * d..(r + 1) * d], &us[r * d..(r + 1) * d]);
+                })
+            })
+        };
         tensor(y, shape)
     }
 
@@ -434,12 +453,19 @@ impl Kernels for Flex {
         let shape = gate.shape();
         let (gs, us, ds) = (slice(&gv), slice(&uv), slice(&dv));
         let d = shape[shape.num_dims() - 1];
-        let mut g_gate = vec![0f32; gs.len()];
-        let mut g_up = vec![0f32; gs.len()];
-        for_rows2(&mut g_gate, &mut g_up, d, |r, og, ou| {
-            let span = r * d..(r + 1) * d;
-            swiglu_backward_row(og, ou, &gs[span.clone()], &us[span.clone()], &ds[span]);
-        });
+        let mut g_up = Vec::with_capacity(gs.len());
+        // SAFETY: swiglu_backward_row writes both of its rows whole.
+        let g_gate = unsafe {
+            written(gs.len(), |g_gate| {
+                let g_up = &mut g_up.spare_capacity_mut()[..gs.len()];
+                for_rows2(g_gate, g_up, d, |r, og, ou| {
+                    let span = r * d..(r + 1) * d;
+                    swiglu_backward_row(og, ou, &gs[span.clone()], &us[span.clone()], &ds[span]);
+                });
+            })
+        };
+        // SAFETY: as above.
+        unsafe { g_up.set_len(gs.len()) };
         [tensor(g_gate, shape.clone()), tensor(g_up, shape)]
     }
 
@@ -478,11 +504,15 @@ impl Kernels for Flex {
         let shape = probs.shape();
         let k = shape[3];
         let (ps, gs) = (slice(&pv), slice(&gv));
-        let mut out = vec![0f32; ps.len()];
-        for_rows(&mut out, k, |r, o| {
-            let (pr, gr) = (&ps[r * k..(r + 1) * k], &gs[r * k..(r + 1) * k]);
-            softmax_backward_row(o, pr, gr, scale);
-        });
+        // SAFETY: softmax_backward_row writes its whole row.
+        let out = unsafe {
+            written(ps.len(), |out| {
+                for_rows(out, k, |r, o| {
+                    let (pr, gr) = (&ps[r * k..(r + 1) * k], &gs[r * k..(r + 1) * k]);
+                    softmax_backward_row(o, pr, gr, scale);
+                })
+            })
+        };
         tensor(out, shape)
     }
 
@@ -628,10 +658,14 @@ impl Kernels for Flex {
         let shape = logits.shape();
         let v = shape[2];
         let (ls, es, gs) = (slice(&lv), slice(&ev), slice(&gv));
-        let mut out = vec![0f32; ls.len()];
-        for_rows(&mut out, v, |r, o| {
-            token_grad_row(o, &ls[r * v..(r + 1) * v], es[r], gs[r], ts[r]);
-        });
+        // SAFETY: token_grad_row writes its whole row.
+        let out = unsafe {
+            written(ls.len(), |out| {
+                for_rows(out, v, |r, o| {
+                    token_grad_row(o, &ls[r * v..(r + 1) * v], es[r], gs[r], ts[r]);
+                })
+            })
+        };
         tensor(out, shape)
     }
 
