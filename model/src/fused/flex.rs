@@ -230,10 +230,12 @@ fn max_of(xs: &[f32]) -> f32 {
 
 multiversion! {
     /// out = softmax(s · scale + bias)
-    fn softmax_row(out: &mut [f32], s: &[f32], bias: &[f32], scale: f32) {
+    fn softmax_row(out: &mut [Uninit], s: &[f32], bias: &[f32], scale: f32) {
         for ((o, &s), &b) in out.iter_mut().zip(s).zip(bias) {
-            *o = s * scale + b;
+            o.write(s * scale + b);
         }
+        // SAFETY: every element was written just above; MaybeUninit<f32> is laid out as f32.
+        let out = unsafe { &mut *(out as *mut [Uninit] as *mut [f32]) };
         let max = max_of(out);
         for o in out.iter_mut() {
             *o = exp(*o - max);
@@ -356,14 +358,18 @@ impl Kernels for Flex {
             let ss = sum_squares(&xs[r * d..(r + 1) * d]);
             *out = 1.0 / (ss / d as f32 + eps).sqrt();
         }
-        let mut y = vec![0f32; rows * d];
-        for_rows(&mut y, d, |r, out| {
-            let row = &xs[r * d..(r + 1) * d];
-            let k = rstd[r];
-            for ((o, &v), &g) in out.iter_mut().zip(row).zip(ws) {
-                *o = v * k * g;
-            }
-        });
+        // SAFETY: each row is written whole.
+        let y = unsafe {
+            written(rows * d, |y| {
+                for_rows(y, d, |r, out| {
+                    let row = &xs[r * d..(r + 1) * d];
+                    let k = rstd[r];
+                    for ((o, &v), &g) in out.iter_mut().zip(row).zip(ws) {
+                        o.write(v * k * g);
+                    }
+                })
+            })
+        };
         let mut rshape = shape.clone();
         let n = rshape.num_dims();
         rshape[n - 1] = 1;
@@ -385,17 +391,21 @@ impl Kernels for Flex {
         let d = shape[shape.num_dims() - 1];
         let rows = shape.num_elements() / d;
         let (xs, ws, rs, gs) = (slice(&xv), slice(&wv), slice(&rv), slice(&gv));
-        let mut gx = vec![0f32; rows * d];
-        for_rows(&mut gx, d, |r, out| {
-            let (xr, gr, k) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d], rs[r]);
-            // x̂ · mean(g·w · x̂) = x · k · (k / d · Σ g·w·x)
-            let mut scratch = vec![0f32; d];
-            let dot = dot3(&mut scratch, gr, ws, xr);
-            let c = dot * k / d as f32;
-            for (((o, &x), &g), &w) in out.iter_mut().zip(xr).zip(gr).zip(ws) {
-                *o = k * (g * w - x * k * c);
-            }
-        });
+        // SAFETY: each row is written whole.
+        let gx = unsafe {
+            written(rows * d, |gx| {
+                for_rows(gx, d, |r, out| {
+                    let (xr, gr, k) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d], rs[r]);
+                    // x̂ · mean(g·w · x̂) = x · k · (k / d · Σ g·w·x)
+                    let mut scratch = vec![0f32; d];
+                    let dot = dot3(&mut scratch, gr, ws, xr);
+                    let c = dot * k / d as f32;
+                    for (((o, &x), &g), &w) in out.iter_mut().zip(xr).zip(gr).zip(ws) {
+                        o.write(k * (g * w - x * k * c));
+                    }
+                })
+            })
+        };
         // gw = Σ_rows g · x · rstd, accumulated per chunk of rows, then summed.
         let chunk_rows = (PARALLEL_MIN / d).max(1);
         let partial = |c: usize| {
@@ -480,16 +490,20 @@ impl Kernels for Flex {
         let shape = scores.shape();
         let [_, h, t, k] = [shape[0], shape[1], shape[2], shape[3]];
         let (ss, bs) = (slice(&sv), slice(&bv));
-        let mut p = vec![0f32; ss.len()];
-        for_rows(&mut p, k, |r, out| {
-            // row r = ((b · h) + head) · t + i; its bias row is b · t + i
-            let (b, i) = (r / (h * t), r % t);
-            let (sr, br) = (
-                &ss[r * k..(r + 1) * k],
-                &bs[(b * t + i) * k..(b * t + i + 1) * k],
-            );
-            softmax_row(out, sr, br, scale);
-        });
+        // SAFETY: softmax_row writes its whole row.
+        let p = unsafe {
+            written(ss.len(), |p| {
+                for_rows(p, k, |r, out| {
+                    // row r = ((b · h) + head) · t + i; its bias row is b · t + i
+                    let (b, i) = (r / (h * t), r % t);
+                    let (sr, br) = (
+                        &ss[r * k..(r + 1) * k],
+                        &bs[(b * t + i) * k..(b * t + i + 1) * k],
+                    );
+                    softmax_row(out, sr, br, scale);
+                })
+            })
+        };
         tensor(p, shape)
     }
 
@@ -745,21 +759,27 @@ impl Kernels for Flex {
         let [_, _, h, hd] = [shape[0], shape[1], shape[2], shape[3]];
         let half = hd / 2;
         let (xs, cs, sn) = (slice(&xv), slice(&cv), slice(&sv));
-        let mut y = vec![0f32; xs.len()];
-        for_rows(&mut y, hd, |r, out| {
-            // row r = (b · t + position) · h + head; the tables have one row per b · t + position
-            let p = r / h;
-            let (xr, cr, sr) = (
-                &xs[r * hd..(r + 1) * hd],
-                &cs[p * hd..(p + 1) * hd],
-                &sn[p * hd..(p + 1) * hd],
-            );
-            let (lo, hi) = out.split_at_mut(half);
-            for i in 0..half {
-                lo[i] = xr[i] * cr[i] - xr[i + half] * sr[i];
-                hi[i] = xr[i + half] * cr[i + half] + xr[i] * sr[i + half];
-            }
-        });
+        assert_eq!(hd % 2, 0, "rope: head dimension {hd} is odd");
+        // SAFETY: each row's two halves (hd even) are written whole.
+        let y = unsafe {
+            written(xs.len(), |y| {
+                for_rows(y, hd, |r, out| {
+                    // row r = (b · t + position) · h + head; the tables have one row per
+                    // b · t + position
+                    let p = r / h;
+                    let (xr, cr, sr) = (
+                        &xs[r * hd..(r + 1) * hd],
+                        &cs[p * hd..(p + 1) * hd],
+                        &sn[p * hd..(p + 1) * hd],
+                    );
+                    let (lo, hi) = out.split_at_mut(half);
+                    for i in 0..half {
+                        lo[i].write(xr[i] * cr[i] - xr[i + half] * sr[i]);
+                        hi[i].write(xr[i + half] * cr[i + half] + xr[i] * sr[i + half]);
+                    }
+                })
+            })
+        };
         tensor(y, shape)
     }
 }
