@@ -606,17 +606,26 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, w: Tensor<1>, eps: f64) -> Tensor<
     reference::rms_norm(x, w, eps)
 }
 
-fn swiglu_on<B: Kernels, const D: usize>(gate: &Tensor<D>, up: &Tensor<D>) -> Option<Tensor<D>>
+/// A two-input kernel as one node that keeps both inputs for its backward (`op`), when both
+/// inputs are tracked, or the plain kernel when neither is; None for a mix (the caller's
+/// composed path).
+fn binary_on<B: Kernels, const D: usize, O>(
+    a: &Tensor<D>,
+    b: &Tensor<D>,
+    op: O,
+    kernel: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> Option<Tensor<D>>
 where
+    O: Backward<B, 2, State = [FloatTensor<B>; 2]>,
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
 {
-    match (prim::<B, D>(gate)?, prim::<B, D>(up)?) {
-        (Prim::Tracked(g), Prim::Tracked(u)) => {
-            Some(tracked::<B, D>(record(SwigluOp, [g, u], |[g, u]| {
-                (B::swiglu(g.clone(), u.clone()), [g, u])
+    match (prim::<B, D>(a)?, prim::<B, D>(b)?) {
+        (Prim::Tracked(a), Prim::Tracked(b)) => {
+            Some(tracked::<B, D>(record(op, [a, b], |[a, b]| {
+                (kernel(a.clone(), b.clone()), [a, b])
             })))
         }
-        (Prim::Plain(g), Prim::Plain(u)) => Some(plain::<B, D>(B::swiglu(g, u))),
+        (Prim::Plain(a), Prim::Plain(b)) => Some(plain::<B, D>(kernel(a, b))),
         _ => None,
     }
 }
@@ -628,7 +637,7 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         up.dims(),
         "swiglu: gate and up differ in shape"
     );
-    if let Some(y) = on_backends!(|B| swiglu_on::<B, D>(&gate, &up)) {
+    if let Some(y) = on_backends!(|B| binary_on::<B, D, _>(&gate, &up, SwigluOp, B::swiglu)) {
         return y;
     }
     reference::swiglu(gate, up)
@@ -678,27 +687,12 @@ where
     }
 }
 
-fn matmul_on<B: Kernels, const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> Option<Tensor<D>>
-where
-    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
-{
-    match (prim::<B, D>(lhs)?, prim::<B, D>(rhs)?) {
-        (Prim::Tracked(l), Prim::Tracked(r)) => {
-            Some(tracked::<B, D>(record(MatmulOp, [l, r], |[l, r]| {
-                (B::matmul(l.clone(), r.clone()), [l, r])
-            })))
-        }
-        (Prim::Plain(l), Prim::Plain(r)) => Some(plain::<B, D>(B::matmul(l, r))),
-        _ => None,
-    }
-}
-
 /// Batched matrix product lhs [.., m, k] · rhs [.., k, n] with equal batch dimensions (the
 /// attention products); burn's `matmul` for anything else.
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     let (l, r) = (lhs.dims(), rhs.dims());
     if l[..D - 2] == r[..D - 2]
-        && let Some(y) = on_backends!(|B| matmul_on::<B, D>(&lhs, &rhs))
+        && let Some(y) = on_backends!(|B| binary_on::<B, D, _>(&lhs, &rhs, MatmulOp, B::matmul))
     {
         return y;
     }
@@ -720,7 +714,7 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) 
     );
     let rows = dims[..D - 1].iter().product::<usize>();
     let x2 = x.clone().reshape([rows, d]);
-    let y = match on_backends!(|B| matmul_on::<B, 2>(&x2, &w)) {
+    let y = match on_backends!(|B| binary_on::<B, 2, _>(&x2, &w, MatmulOp, B::matmul)) {
         Some(y) => y,
         None => return burn::tensor::module::linear(x, w, b),
     };

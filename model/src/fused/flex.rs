@@ -54,17 +54,23 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
 
 type Uninit = std::mem::MaybeUninit<f32>;
 
-/// n outputs written by `fill`, given the uninitialised buffer: no zero-fill first (for the
-/// activations of a training step that was a memset of every output, ~4% of the step).
+/// N outputs of n elements each, written by `fill`, given the uninitialised buffers: no
+/// zero-fill first (for the activations of a training step that was a memset of every output,
+/// ~4% of the step).
 ///
 /// # Safety
-/// `fill` writes every one of the n elements.
-unsafe fn written(n: usize, fill: impl FnOnce(&mut [Uninit])) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
-    fill(&mut v.spare_capacity_mut()[..n]);
-    // SAFETY: `fill` wrote every element (the caller's promise).
-    unsafe { v.set_len(n) };
-    v
+/// `fill` writes every one of the n elements of every output.
+unsafe fn written<const N: usize>(
+    n: usize,
+    fill: impl FnOnce([&mut [Uninit]; N]),
+) -> [Vec<f32>; N] {
+    let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::with_capacity(n));
+    fill(out.each_mut().map(|v| &mut v.spare_capacity_mut()[..n]));
+    for v in &mut out {
+        // SAFETY: `fill` wrote every element (the caller's promise).
+        unsafe { v.set_len(n) };
+    }
+    out
 }
 
 /// Calls `f(row_index, out_row)` for each `row_len`-long row of `out`, in parallel when large.
@@ -316,7 +322,7 @@ multiversion! {
 
 multiversion! {
     /// AdamW's first step over a run of parameters: [p, g] → [p', m, v] (see `AdamWStep`).
-    fn adamw_first(out: [&mut [std::mem::MaybeUninit<f32>]; 3], input: [&[f32]; 2], step: &super::AdamWStep) {
+    fn adamw_first(out: [&mut [Uninit]; 3], input: [&[f32]; 2], step: &super::AdamWStep) {
         let [po, mo, vo] = out;
         let [p, g] = input;
         for i in 0..po.len() {
@@ -330,7 +336,7 @@ multiversion! {
 
 multiversion! {
     /// AdamW's later steps over a run of parameters: [p, g, m, v] → [p', m', v'].
-    fn adamw_next(out: [&mut [std::mem::MaybeUninit<f32>]; 3], input: [&[f32]; 4], step: &super::AdamWStep) {
+    fn adamw_next(out: [&mut [Uninit]; 3], input: [&[f32]; 4], step: &super::AdamWStep) {
         let [po, mo, vo] = out;
         let [p, g, m, v] = input;
         let n = po.len();
@@ -359,8 +365,8 @@ impl Kernels for Flex {
             *out = 1.0 / (ss / d as f32 + eps).sqrt();
         }
         // SAFETY: each row is written whole.
-        let y = unsafe {
-            written(rows * d, |y| {
+        let [y] = unsafe {
+            written(rows * d, |[y]| {
                 for_rows(y, d, |r, out| {
                     let row = &xs[r * d..(r + 1) * d];
                     let k = rstd[r];
@@ -392,8 +398,8 @@ impl Kernels for Flex {
         let rows = shape.num_elements() / d;
         let (xs, ws, rs, gs) = (slice(&xv), slice(&wv), slice(&rv), slice(&gv));
         // SAFETY: each row is written whole.
-        let gx = unsafe {
-            written(rows * d, |gx| {
+        let [gx] = unsafe {
+            written(rows * d, |[gx]| {
                 for_rows(gx, d, |r, out| {
                     let (xr, gr, k) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d], rs[r]);
                     // x̂ · mean(g·w · x̂) = x · k · (k / d · Σ g·w·x)
@@ -442,8 +448,8 @@ impl Kernels for Flex {
         let (gs, us) = (slice(&gv), slice(&uv));
         let d = shape[shape.num_dims() - 1];
         // SAFETY: swiglu_row writes its whole row.
-        let y = unsafe {
-            written(gs.len(), |y| {
+        let [y] = unsafe {
+            written(gs.len(), |[y]| {
                 for_rows(y, d, |r, out| {
                     swiglu_row(out, &gs[r * d..(r + 1) * d], &us[r * d..(r + 1) * d]);
                 })
@@ -463,20 +469,16 @@ impl Kernels for Flex {
         let shape = gate.shape();
         let (gs, us, ds) = (slice(&gv), slice(&uv), slice(&dv));
         let d = shape[shape.num_dims() - 1];
-        let mut g_up = Vec::with_capacity(gs.len());
         // SAFETY: swiglu_backward_row writes both of its rows whole.
-        let g_gate = unsafe {
-            written(gs.len(), |g_gate| {
-                let g_up = &mut g_up.spare_capacity_mut()[..gs.len()];
+        let outs = unsafe {
+            written(gs.len(), |[g_gate, g_up]| {
                 for_rows2(g_gate, g_up, d, |r, og, ou| {
                     let span = r * d..(r + 1) * d;
                     swiglu_backward_row(og, ou, &gs[span.clone()], &us[span.clone()], &ds[span]);
                 });
             })
         };
-        // SAFETY: as above.
-        unsafe { g_up.set_len(gs.len()) };
-        [tensor(g_gate, shape.clone()), tensor(g_up, shape)]
+        outs.map(|o| tensor(o, shape.clone()))
     }
 
     fn masked_softmax(
@@ -491,8 +493,8 @@ impl Kernels for Flex {
         let [_, h, t, k] = [shape[0], shape[1], shape[2], shape[3]];
         let (ss, bs) = (slice(&sv), slice(&bv));
         // SAFETY: softmax_row writes its whole row.
-        let p = unsafe {
-            written(ss.len(), |p| {
+        let [p] = unsafe {
+            written(ss.len(), |[p]| {
                 for_rows(p, k, |r, out| {
                     // row r = ((b · h) + head) · t + i; its bias row is b · t + i
                     let (b, i) = (r / (h * t), r % t);
@@ -519,8 +521,8 @@ impl Kernels for Flex {
         let k = shape[3];
         let (ps, gs) = (slice(&pv), slice(&gv));
         // SAFETY: softmax_backward_row writes its whole row.
-        let out = unsafe {
-            written(ps.len(), |out| {
+        let [out] = unsafe {
+            written(ps.len(), |[out]| {
                 for_rows(out, k, |r, o| {
                     let (pr, gr) = (&ps[r * k..(r + 1) * k], &gs[r * k..(r + 1) * k]);
                     softmax_backward_row(o, pr, gr, scale);
@@ -673,8 +675,8 @@ impl Kernels for Flex {
         let v = shape[2];
         let (ls, es, gs) = (slice(&lv), slice(&ev), slice(&gv));
         // SAFETY: token_grad_row writes its whole row.
-        let out = unsafe {
-            written(ls.len(), |out| {
+        let [out] = unsafe {
+            written(ls.len(), |[out]| {
                 for_rows(out, v, |r, o| {
                     token_grad_row(o, &ls[r * v..(r + 1) * v], es[r], gs[r], ts[r]);
                 })
@@ -704,47 +706,36 @@ impl Kernels for Flex {
         if gs.len() != n || ms.is_some_and(|m| m.len() != n) || vs.is_some_and(|v| v.len() != n) {
             return None;
         }
-        let mut out = [
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        ];
-        {
-            let [po, mo, vo] = &mut out;
-            let chunk = PARALLEL_MIN;
-            type Part<'a> = &'a mut [std::mem::MaybeUninit<f32>];
-            let work = |(c, ((po, mo), vo)): (usize, ((Part, Part), Part))| {
-                let r = c * chunk..c * chunk + po.len();
-                match (ms, vs) {
-                    (Some(m), Some(v)) => adamw_next(
-                        [po, mo, vo],
-                        [&ps[r.clone()], &gs[r.clone()], &m[r.clone()], &v[r]],
-                        step,
-                    ),
-                    _ => adamw_first([po, mo, vo], [&ps[r.clone()], &gs[r]], step),
+        // SAFETY: adamw_first / adamw_next write every element of their three runs, and the
+        // runs cover the outputs.
+        let out = unsafe {
+            written(n, |[po, mo, vo]| {
+                type Part<'a> = &'a mut [Uninit];
+                let chunk = PARALLEL_MIN;
+                let work = |(c, ((po, mo), vo)): (usize, ((Part, Part), Part))| {
+                    let r = c * chunk..c * chunk + po.len();
+                    match (ms, vs) {
+                        (Some(m), Some(v)) => adamw_next(
+                            [po, mo, vo],
+                            [&ps[r.clone()], &gs[r.clone()], &m[r.clone()], &v[r]],
+                            step,
+                        ),
+                        _ => adamw_first([po, mo, vo], [&ps[r.clone()], &gs[r]], step),
+                    }
+                };
+                if n >= PARALLEL_MIN {
+                    po.par_chunks_mut(chunk)
+                        .zip(mo.par_chunks_mut(chunk))
+                        .zip(vo.par_chunks_mut(chunk))
+                        .enumerate()
+                        .for_each(work);
+                } else {
+                    work((0, ((po, mo), vo)));
                 }
-            };
-            let (po, mo, vo) = (
-                &mut po.spare_capacity_mut()[..n],
-                &mut mo.spare_capacity_mut()[..n],
-                &mut vo.spare_capacity_mut()[..n],
-            );
-            if n >= PARALLEL_MIN {
-                po.par_chunks_mut(chunk)
-                    .zip(mo.par_chunks_mut(chunk))
-                    .zip(vo.par_chunks_mut(chunk))
-                    .enumerate()
-                    .for_each(work);
-            } else {
-                work((0, ((po, mo), vo)));
-            }
-        }
+            })
+        };
         let shape = p.shape();
-        Some(out.map(|mut o| {
-            // SAFETY: every one of the n elements was written above.
-            unsafe { o.set_len(n) };
-            tensor(o, shape.clone())
-        }))
+        Some(out.map(|o| tensor(o, shape.clone())))
     }
 
     fn rope(
@@ -761,8 +752,8 @@ impl Kernels for Flex {
         let (xs, cs, sn) = (slice(&xv), slice(&cv), slice(&sv));
         assert_eq!(hd % 2, 0, "rope: head dimension {hd} is odd");
         // SAFETY: each row's two halves (hd even) are written whole.
-        let y = unsafe {
-            written(xs.len(), |y| {
+        let [y] = unsafe {
+            written(xs.len(), |[y]| {
                 for_rows(y, hd, |r, out| {
                     // row r = (b · t + position) · h + head; the tables have one row per
                     // b · t + position
