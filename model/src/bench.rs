@@ -144,8 +144,9 @@ pub fn matmul_params(s: &Shape, device: &Device) -> Result<usize> {
     Ok(model.num_params() - embed)
 }
 
-/// The machine's fp32 matmul roof through this backend: GFLOP/s of an n × n × n matmul (the best
-/// of `reps` timed runs after one untimed).
+/// The machine's matmul roof through our product path (`fused::matmul`, at the precision set by
+/// `set_matmul_precision`): GFLOP/s of an n × n × n product (the best of `reps` timed runs after
+/// one untimed).
 pub fn sgemm_gflops(n: usize, reps: usize, device: &Device) -> f64 {
     let a = Tensor::<2>::random([n, n], Distribution::Default, device);
     let b = Tensor::<2>::random([n, n], Distribution::Default, device);

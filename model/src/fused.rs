@@ -32,8 +32,8 @@ use burn::tensor::{Int, Shape, Tensor};
 /// `bf16` applies to the flex backend's products of at least 32 rows, 32 columns and depth 32
 /// (linear layers in training and prompt forwards, attention over 32+ positions), and runs on
 /// Intel AMX tiles where the CPU has them ([`amx`]); elsewhere the same numbers come from the
-/// f32 kernels on rounded operands, without the speed. Token-by-token decoding (fewer rows) and
-/// the LibTorch backend stay f32.
+/// f32 kernels on rounded operands, without the speed. Token-by-token decoding of fewer than 32
+/// sequences (fewer rows) and the LibTorch backend stay f32.
 #[derive(
     Clone,
     Copy,

@@ -66,13 +66,11 @@ impl Optimizer for FusedAdamW {
             c1: 1.0 - self.beta1.powi(time as i32),
             c2: 1.0 - self.beta2.powi(time as i32),
         };
+        // (No AMSGrad: this optimizer never creates a max_moment_2.)
         let moments = state
             .as_ref()
-            .filter(|s| s.momentum.max_moment_2.is_none())
             .map(|s| [&s.momentum.moment_1, &s.momentum.moment_2]);
-        if (state.is_none() || moments.is_some())
-            && let Some([p, m, v]) = fused::adamw(&tensor, &grad, moments, &step)
-        {
+        if let Some([p, m, v]) = fused::adamw(&tensor, &grad, moments, &step) {
             let momentum = AdaptiveMomentumState::new(time, m, v);
             return (p, Some(AdamWState::new(momentum)));
         }

@@ -144,13 +144,13 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
 /// # Safety
 /// As [`gemm`].
 pub unsafe fn rounded(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, threads: bool) {
-    // SAFETY: (i, j) ranges over the matrices the views describe.
-    let ar: Vec<f32> = (0..m * k)
-        .map(|x| round(unsafe { a.at(x / k, x % k) }))
-        .collect();
-    let br: Vec<f32> = (0..k * n)
-        .map(|x| round(unsafe { b.at(x / n, x % n) }))
-        .collect();
+    // Row-major rounded copies. SAFETY: (i, j) ranges over the matrices the views describe.
+    let copy = |v: View, rows: usize, cols: usize| -> Vec<f32> {
+        (0..rows)
+            .flat_map(|i| (0..cols).map(move |j| round(unsafe { v.at(i, j) })))
+            .collect()
+    };
+    let (ar, br) = (copy(a, m, k), copy(b, k, n));
     // SAFETY: ar is m × k and br k × n row-major; c holds m · n elements.
     unsafe {
         gemm::gemm(
