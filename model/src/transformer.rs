@@ -814,10 +814,7 @@ impl CausalLm {
                 let [b, t, d] = hidden.dims();
                 let w = self.embed.weight.val();
                 let v = w.dims()[0];
-                hidden
-                    .reshape([b * t, d])
-                    .matmul(w.transpose())
-                    .reshape([b, t, v])
+                fused::matmul(hidden.reshape([b * t, d]), w.transpose()).reshape([b, t, v])
             }
         })
     }
