@@ -850,6 +850,8 @@ pub mod reference {
 pub mod amx;
 #[cfg(feature = "flex")]
 mod flex;
+#[cfg(feature = "flex")]
+pub mod skinny;
 
 #[cfg(test)]
 mod tests {

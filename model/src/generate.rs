@@ -73,6 +73,14 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &SamplingConfig,
 ) -> crate::Result<Generation> {
+    crate::device::in_pool(|| sample_all(model, prompts, cfg))
+}
+
+fn sample_all(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+) -> crate::Result<Generation> {
     let b = prompts.len();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut out = Generation {

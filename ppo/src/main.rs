@@ -6,10 +6,10 @@ fn main() {
         "ppo",
         "PPO of an SFT policy against a reward model (or a rule reward), with a KL penalty",
     );
-    let s = trainer::exit_on_error(
+    let s = trainer::exit_on_error(model::device::in_pool(|| {
         args.load::<ppo::PpoConfig>()
-            .and_then(|(cfg, used)| ppo::run(&cfg, &used, args.resume.as_deref())),
-    );
+            .and_then(|(cfg, used)| ppo::run(&cfg, &used, args.resume.as_deref()))
+    }));
     println!(
         "done: {} iterations, score {:.4} → {:.4}, KL {:.4}; policy in {}",
         s.iterations,

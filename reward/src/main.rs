@@ -45,28 +45,32 @@ fn main() {
             template,
             device,
         } = ScoreCli::parse().command;
-        score(&dir, &input, batch_size, raw, template.as_deref(), &device)
+        model::device::in_pool(|| {
+            score(&dir, &input, batch_size, raw, template.as_deref(), &device)
+        })
     } else {
         let args = trainer::StageArgs::parse(
             "reward",
             "Train a reward model on labelers' K-way rankings (`reward --config ...`), or score responses with one (`reward score DIR --input FILE`)",
         );
-        args.load::<reward::RewardConfig>()
-            .and_then(|(cfg, used)| reward::run(&cfg, &used, args.resume.as_deref()))
-            .map(|s| {
-                let v = s.validation.as_ref().map_or(String::new(), |v| {
-                    format!(
-                        ", validation accuracy {:.3} [{:.3}, {:.3}] on {} pairs",
-                        v.pairwise.accuracy, v.pairwise.low, v.pairwise.high, v.pairwise.total
-                    )
-                });
-                println!(
-                    "done: {} steps, train loss {:.4}{v}; model in {}",
-                    s.steps,
-                    s.train_loss,
-                    s.final_dir.display()
-                );
-            })
+        model::device::in_pool(|| {
+            args.load::<reward::RewardConfig>()
+                .and_then(|(cfg, used)| reward::run(&cfg, &used, args.resume.as_deref()))
+        })
+        .map(|s| {
+            let v = s.validation.as_ref().map_or(String::new(), |v| {
+                format!(
+                    ", validation accuracy {:.3} [{:.3}, {:.3}] on {} pairs",
+                    v.pairwise.accuracy, v.pairwise.low, v.pairwise.high, v.pairwise.total
+                )
+            });
+            println!(
+                "done: {} steps, train loss {:.4}{v}; model in {}",
+                s.steps,
+                s.train_loss,
+                s.final_dir.display()
+            );
+        })
     };
     trainer::exit_on_error(result);
 }

@@ -6,10 +6,10 @@ fn main() {
         "sft",
         "Supervised fine-tuning of a causal LM on demonstrations",
     );
-    let s = trainer::exit_on_error(
+    let s = trainer::exit_on_error(model::device::in_pool(|| {
         args.load::<sft::SftConfig>()
-            .and_then(|(cfg, used)| sft::run(&cfg, &used, args.resume.as_deref())),
-    );
+            .and_then(|(cfg, used)| sft::run(&cfg, &used, args.resume.as_deref()))
+    }));
     let eval = s.eval.map_or(String::new(), |e| {
         format!(
             ", eval loss {:.4}, perplexity {:.2}, token accuracy {:.3}",

@@ -67,7 +67,8 @@ enum Command {
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = model::device::in_pool(|| run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -2,7 +2,7 @@
 //! once, rows split across rayon's threads when a tensor is large enough for that to pay. Other
 //! dtypes take the composed kernels.
 
-use super::{Kernels, amx, generic};
+use super::{Kernels, amx, generic, skinny};
 use burn::backend::Flex;
 use burn::backend::TensorMetadata;
 use burn::backend::flex::{FlexTensor, Layout};
@@ -566,19 +566,33 @@ impl Kernels for Flex {
         let r = &rhs.storage::<f32>()[rhs.layout().start_offset()..];
         let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
         let bf16 = super::bf16_product(m, n, k);
+        // A few rows times a weight matrix (a decoding step): the skinny kernel.
+        let skinny = !bf16
+            && batch == 1
+            && skinny::usable(
+                m,
+                n,
+                k,
+                &amx::View {
+                    ptr: r.as_ptr(),
+                    rs: rst[nd - 2],
+                    cs: rst[nd - 1],
+                },
+            );
         let product = |i: usize, dst: *mut f32, parallelism: gemm::Parallelism| {
             // SAFETY: the operands' offsets, shapes and strides describe views inside their
-            // buffers (burn's layout); gemm with read_dst = false, and amx::gemm, write all
-            // m x n elements of `dst`, a distinct part of `out`'s allocation for each i.
+            // buffers (burn's layout); gemm with read_dst = false, amx::gemm and skinny::gemm
+            // write all m x n elements of `dst`, a distinct part of `out`'s allocation for each i.
             unsafe {
-                if bf16 {
-                    let view = |p: &[f32], st: &[isize]| amx::View {
-                        ptr: p.as_ptr().offset(offset(i, st)),
-                        rs: st[nd - 2],
-                        cs: st[nd - 1],
-                    };
+                let view = |p: &[f32], st: &[isize]| amx::View {
+                    ptr: p.as_ptr().offset(offset(i, st)),
+                    rs: st[nd - 2],
+                    cs: st[nd - 1],
+                };
+                if bf16 || skinny {
                     let threads = !matches!(parallelism, gemm::Parallelism::None);
-                    amx::gemm(m, n, k, dst, view(l, lst), view(r, rst), threads);
+                    let run = if bf16 { amx::gemm } else { skinny::gemm };
+                    run(m, n, k, dst, view(l, lst), view(r, rst), threads);
                     return;
                 }
                 gemm::gemm(
@@ -614,7 +628,7 @@ impl Kernels for Flex {
                     product(i, chunk.as_mut_ptr().cast(), gemm::Parallelism::None)
                 });
         } else {
-            let parallelism = if work >= 192 * 192 * 192 {
+            let parallelism = if work >= 192 * 192 * 192 || skinny {
                 gemm::Parallelism::Rayon(0)
             } else {
                 gemm::Parallelism::None

@@ -1,0 +1,415 @@
+//! f32 products with few rows, C (m × n) = A (m × k) · B (k × n) for m < 32: the products of a
+//! decoding step, where each weight matrix multiplies one new position per sequence.
+//!
+//! The general gemm packs both operands into panels for blocks of many rows; with 16 rows its
+//! micro-kernel idles on the packing and its threads do not start below ~7 M multiply-adds,
+//! so a decoding step ran at a tenth of the machine's rate. Here A is packed once per call,
+//! transposed (16 rows side by side per depth step, zero-padded), and B is read where it lies,
+//! each element once, which is what a decoding step is bound by. Two layouts of B are handled:
+//! - rows contiguous (a `Linear` weight, [in, out]): the 16 accumulators are 16 rows of C, each
+//!   16 columns wide, and every depth step loads one 16-wide row segment of B and broadcasts the
+//!   16 values of A;
+//! - columns contiguous (the transposed token embedding of a tied LM head): the accumulators are
+//!   8 columns of C, each 16 rows tall, and every depth step broadcasts one value from each of 8
+//!   columns of B against the 16 values of A (two interleaved sets of accumulators, even and odd
+//!   depths, keep the multiply-add units busy).
+//!
+//! Each element of C is one f32 sum over the depth in a fixed order, so results do not depend on
+//! the number of threads. AVX-512 only; [`usable`] says when the caller should come here.
+
+use super::amx::View;
+
+/// Rows of A handled side by side: one AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// Multiply-adds below which one thread does the whole product (waking a second costs more).
+const SPLIT: usize = 1 << 22;
+
+/// Whether [`gemm`] takes this product: fewer than 32 rows, one of B's strides 1, and a CPU with
+/// AVX-512.
+pub fn usable(m: usize, n: usize, k: usize, b: &View) -> bool {
+    (1..32).contains(&m) && n > 0 && k > 0 && (b.cs == 1 || b.rs == 1) && avx512()
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+thread_local! {
+    /// This thread's packing buffer, reused across calls.
+    static SPARE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Pointers shared by the two halves of a split product.
+#[derive(Clone, Copy)]
+struct Shared {
+    at: *const f32,
+    b: View,
+    c: *mut f32,
+}
+// SAFETY: A's packed copy and B are only read; each half writes its own columns of C.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// C = A · B, C row-major with n columns, written whole. `threads`: whether a large enough
+/// product may use a second rayon thread.
+///
+/// # Safety
+/// [`usable`] returned true for these arguments; `a` and `b` describe m × k and k × n matrices
+/// inside live allocations; `c` points to m · n writable f32s that nothing else reads or writes
+/// during the call.
+pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, threads: bool) {
+    debug_assert!(usable(m, n, k, &b));
+    let blocks = m.div_ceil(LANES);
+    let mut at = SPARE.with(|s| s.take());
+    at.clear();
+    at.resize(blocks * k * LANES, 0.0);
+    for i in 0..m {
+        let (blk, lane) = (i / LANES, i % LANES);
+        let dst = &mut at[blk * k * LANES + lane..];
+        for kk in 0..k {
+            // SAFETY: (i, kk) inside A.
+            dst[kk * LANES] = unsafe { *a.ptr.offset(i as isize * a.rs + kk as isize * a.cs) };
+        }
+    }
+    let shared = Shared {
+        at: at.as_ptr(),
+        b,
+        c,
+    };
+    let width = if b.cs == 1 { LANES } else { 8 };
+    let col_blocks = n.div_ceil(width);
+    let run = move |from: usize, to: usize| {
+        let s = shared;
+        // SAFETY: the caller's contract, and `usable` checked AVX-512 and B's layout.
+        unsafe {
+            if s.b.cs == 1 {
+                rows_of_b(m, n, k, s.at, s.b, s.c, from * width, (to * width).min(n));
+            } else {
+                cols_of_b(m, n, k, s.at, s.b, s.c, from * width, (to * width).min(n));
+            }
+        }
+    };
+    if threads && m * n * k >= SPLIT && col_blocks >= 2 {
+        let half = col_blocks / 2;
+        rayon::join(|| run(0, half), || run(half, col_blocks));
+    } else {
+        run(0, col_blocks);
+    }
+    SPARE.with(|s| s.set(at));
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows of B per sweep of [`rows_of_b`] (the accumulators are loaded and stored once per sweep).
+const SWEEP: usize = 8;
+
+thread_local! {
+    /// This thread's block of C for [`rows_of_b`], rows padded to 16.
+    static CBUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Columns j0..j1 of C for B with contiguous rows (cs = 1). B is read row by row, `SWEEP` rows
+/// at a time across all the columns (sequential streams that the prefetchers follow, where a
+/// column panel would jump a row's length at every step), and the 16 × 16 blocks of C are
+/// accumulated in a padded buffer that stays in cache.
+///
+/// # Safety
+/// AVX-512F; `at` is A packed by [`gemm`]; the views and C as in [`gemm`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_of_b(
+    m: usize,
+    n: usize,
+    k: usize,
+    at: *const f32,
+    b: View,
+    c: *mut f32,
+    j0: usize,
+    j1: usize,
+) {
+    let blocks = m.div_ceil(LANES);
+    let width = j1 - j0;
+    let groups = width.div_ceil(LANES);
+    let stride = groups * LANES;
+    let mut buf = CBUF.with(|s| s.take());
+    buf.clear();
+    buf.resize(blocks * LANES * stride, 0.0);
+    let cb = buf.as_mut_ptr();
+    let mut k0 = 0;
+    while k0 < k {
+        let kb = (k - k0).min(SWEEP);
+        for g in 0..groups {
+            let j = j0 + g * LANES;
+            let w = (j1 - j).min(LANES);
+            let mask: __mmask16 = if w == LANES { !0 } else { (1u16 << w) - 1 };
+            for blk in 0..blocks {
+                // SAFETY: rows k0..k0 + kb and columns j..j + w inside B (the mask covers the
+                // rest); the packed block holds k · 16 values; the buffer blocks · 16 rows of
+                // `stride` columns.
+                unsafe {
+                    let tile = cb.add(blk * LANES * stride + g * LANES);
+                    let mut acc: [__m512; LANES] =
+                        std::array::from_fn(|i| _mm512_loadu_ps(tile.add(i * stride)));
+                    let mut bp = b.ptr.offset(k0 as isize * b.rs).add(j);
+                    let mut ap = at.add((blk * k + k0) * LANES);
+                    for r in 0..kb {
+                        if blk == 0 && k0 + SWEEP + r < k {
+                            _mm_prefetch::<_MM_HINT_T0>(bp.offset(SWEEP as isize * b.rs).cast());
+                        }
+                        let bv = _mm512_maskz_loadu_ps(mask, bp);
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), bv, *acc);
+                        }
+                        bp = bp.offset(b.rs);
+                        ap = ap.add(LANES);
+                    }
+                    for (i, acc) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(tile.add(i * stride), *acc);
+                    }
+                }
+            }
+        }
+        k0 += kb;
+    }
+    for i in 0..m {
+        // SAFETY: row i of C, columns j0..j1; the buffer's row i holds them from column 0.
+        unsafe { std::ptr::copy_nonoverlapping(cb.add(i * stride), c.add(i * n + j0), width) };
+    }
+    CBUF.with(|s| s.set(buf));
+}
+
+/// Columns j0..j1 of C for B with contiguous columns (rs = 1), 8 columns at a time.
+///
+/// # Safety
+/// As [`rows_of_b`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn cols_of_b(
+    m: usize,
+    n: usize,
+    k: usize,
+    at: *const f32,
+    b: View,
+    c: *mut f32,
+    j0: usize,
+    j1: usize,
+) {
+    const W: usize = 8;
+    let mut j = j0;
+    while j < j1 {
+        let w = (j1 - j).min(W);
+        // Past the last column, repeat it (computed, never stored).
+        let col: [*const f32; W] =
+            std::array::from_fn(|x| unsafe { b.ptr.offset((j + x.min(w - 1)) as isize * b.cs) });
+        for blk in 0..m.div_ceil(LANES) {
+            let rows = (m - blk * LANES).min(LANES);
+            let mut even = [_mm512_setzero_ps(); W];
+            let mut odd = [_mm512_setzero_ps(); W];
+            // SAFETY: depths < k inside each column of B; the packed block holds k · 16 values.
+            unsafe {
+                let ap = at.add(blk * k * LANES);
+                let mut kk = 0;
+                while kk + 1 < k {
+                    if blk == 0 && kk % LANES == 0 && j + W < j1 {
+                        // The next 8 columns' lines at this depth: read 8 columns ahead.
+                        for c in &col {
+                            _mm_prefetch::<_MM_HINT_T0>(c.offset(W as isize * b.cs).add(kk).cast());
+                        }
+                    }
+                    let a0 = _mm512_loadu_ps(ap.add(kk * LANES));
+                    let a1 = _mm512_loadu_ps(ap.add((kk + 1) * LANES));
+                    for x in 0..W {
+                        even[x] = _mm512_fmadd_ps(_mm512_set1_ps(*col[x].add(kk)), a0, even[x]);
+                        odd[x] = _mm512_fmadd_ps(_mm512_set1_ps(*col[x].add(kk + 1)), a1, odd[x]);
+                    }
+                    kk += 2;
+                }
+                if kk < k {
+                    let a0 = _mm512_loadu_ps(ap.add(kk * LANES));
+                    for x in 0..W {
+                        even[x] = _mm512_fmadd_ps(_mm512_set1_ps(*col[x].add(kk)), a0, even[x]);
+                    }
+                }
+                let mut tile = [[0f32; LANES]; W];
+                for x in 0..W {
+                    _mm512_storeu_ps(tile[x].as_mut_ptr(), _mm512_add_ps(even[x], odd[x]));
+                }
+                for i in 0..rows {
+                    let dst = c.add((blk * LANES + i) * n + j);
+                    for (x, t) in tile.iter().enumerate().take(w) {
+                        *dst.add(x) = t[i];
+                    }
+                }
+            }
+        }
+        j += W;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_of_b(
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *const f32,
+    _: View,
+    _: *mut f32,
+    _: usize,
+    _: usize,
+) {
+    unreachable!("skinny products need AVX-512")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn cols_of_b(
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *const f32,
+    _: View,
+    _: *mut f32,
+    _: usize,
+    _: usize,
+) {
+    unreachable!("skinny products need AVX-512")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// C from `gemm` vs an f64 reference, B stored row-major or column-major, A row-major or
+    /// transposed, with and without threads.
+    fn check(m: usize, n: usize, k: usize, b_rows: bool, a_rows: bool, threads: bool) {
+        let mut rng = StdRng::seed_from_u64((m * 1000 + n * 10 + k) as u64);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let bm: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let av = if a_rows {
+            View {
+                ptr: a.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            }
+        } else {
+            View {
+                ptr: a.as_ptr(),
+                rs: 1,
+                cs: m as isize,
+            }
+        };
+        let bv = if b_rows {
+            View {
+                ptr: bm.as_ptr(),
+                rs: n as isize,
+                cs: 1,
+            }
+        } else {
+            View {
+                ptr: bm.as_ptr(),
+                rs: 1,
+                cs: k as isize,
+            }
+        };
+        assert!(usable(m, n, k, &bv));
+        let mut c = vec![f32::NAN; m * n];
+        // SAFETY: the views describe a and bm; c holds m · n values.
+        unsafe { gemm(m, n, k, c.as_mut_ptr(), av, bv, threads) };
+        for i in 0..m {
+            for j in 0..n {
+                let mut want = 0f64;
+                for kk in 0..k {
+                    // SAFETY: inside both matrices.
+                    let (x, y) = unsafe {
+                        (
+                            *av.ptr.offset(i as isize * av.rs + kk as isize * av.cs),
+                            *bv.ptr.offset(kk as isize * bv.rs + j as isize * bv.cs),
+                        )
+                    };
+                    want += x as f64 * y as f64;
+                }
+                let got = c[i * n + j];
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * (k as f64).sqrt(),
+                    "{m}x{n}x{k} b_rows={b_rows} a_rows={a_rows}: C[{i},{j}] = {got}, want {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_a_reference_in_both_layouts() {
+        if !avx512() {
+            eprintln!("no AVX-512: skinny products are not used on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 17, 5),
+            (5, 33, 64),
+            (16, 16, 16),
+            (16, 100, 257),
+            (17, 9, 31),
+            (31, 300, 128),
+            (16, 512, 512),
+        ] {
+            for b_rows in [true, false] {
+                for a_rows in [true, false] {
+                    check(m, n, k, b_rows, a_rows, true);
+                }
+            }
+            check(m, n, k, true, true, false);
+        }
+    }
+
+    #[test]
+    fn threads_do_not_change_the_result() {
+        if !avx512() {
+            return;
+        }
+        let (m, n, k) = (16, 1024, 512);
+        let mut rng = StdRng::seed_from_u64(3);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for b_rows in [true, false] {
+            let av = View {
+                ptr: a.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            };
+            let bv = if b_rows {
+                View {
+                    ptr: b.as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                }
+            } else {
+                View {
+                    ptr: b.as_ptr(),
+                    rs: 1,
+                    cs: k as isize,
+                }
+            };
+            let mut one = vec![0f32; m * n];
+            let mut two = vec![0f32; m * n];
+            // SAFETY: as in `check`.
+            unsafe {
+                gemm(m, n, k, one.as_mut_ptr(), av, bv, false);
+                gemm(m, n, k, two.as_mut_ptr(), av, bv, true);
+            }
+            assert_eq!(one, two);
+        }
+    }
+}
