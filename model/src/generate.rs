@@ -4,7 +4,6 @@
 
 use crate::batch::TokenBatch;
 use crate::transformer::{CausalLm, KvCache};
-use burn::tensor::activation::log_softmax;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// How to sample. `temperature == 0` means greedy.
@@ -95,16 +94,20 @@ fn sample_all(
     let mut cache =
         KvCache::with_capacity(model.config().num_layers, b, batch.seq + cfg.max_new_tokens);
     let mut finished = vec![false; b];
+    // Greedy decoding reports log-probs under the untempered distribution.
+    let inv_temperature = if cfg.temperature > 0.0 {
+        1.0 / cfg.temperature
+    } else {
+        1.0
+    };
+    let mut probs = Vec::new();
     for step in 0..cfg.max_new_tokens {
         let hidden = model.forward_cached(&batch, &mut cache);
         let [_, t, d] = hidden.dims();
         let last = hidden.slice([0..b, t - 1..t, 0..d]);
-        let mut logits = model.logits(last)?;
-        if cfg.temperature > 0.0 {
-            logits = logits.div_scalar(cfg.temperature);
-        }
+        let logits = model.logits(last)?;
         let v = logits.dims()[2];
-        let logp = crate::ops::to_f32_vec(log_softmax(logits, 2));
+        let logits = crate::ops::to_f32_vec(logits);
         let mut next = Vec::with_capacity(b);
         for r in 0..b {
             if finished[r] {
@@ -114,14 +117,15 @@ fn sample_all(
                 next.push(cfg.pad_token_id);
                 continue;
             }
-            let row = &logp[r * v..(r + 1) * v];
+            let row = &logits[r * v..(r + 1) * v];
+            let (max, total) = exponentiate(row, inv_temperature, &mut probs);
             let tok = if cfg.temperature <= 0.0 {
                 argmax(row)
             } else {
-                sample(row, cfg.top_k, cfg.top_p, &mut rng)
+                sample(&probs, total, cfg.top_k, cfg.top_p, &mut rng)
             };
             out.tokens[r].push(tok);
-            out.logprobs[r].push(row[tok as usize]);
+            out.logprobs[r].push(row[tok as usize] * inv_temperature - max - total.ln());
             out.mask[r].push(true);
             if cfg.eos_token_ids.contains(&tok) {
                 finished[r] = true;
@@ -153,36 +157,60 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Samples from log-probabilities `row` after top-k and top-p truncation.
-fn sample(row: &[f32], top_k: usize, top_p: f32, rng: &mut StdRng) -> u32 {
-    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-    let truncate = (top_k > 0 && top_k < row.len()) || top_p < 1.0;
-    if truncate {
-        // Sort by probability, highest first; ties by index for determinism.
-        idx.sort_by(|&a, &b| {
-            row[b as usize]
-                .partial_cmp(&row[a as usize])
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.cmp(&b))
-        });
-        if top_k > 0 && top_k < idx.len() {
-            idx.truncate(top_k);
+crate::simd::multiversion! {
+    /// Unnormalised probabilities of a row of logits at a temperature: probs = e^(x · s − max)
+    /// with max the largest x · s, in one vectorised pass. Returns (max, Σ probs), so that
+    /// log p(x) = x · s − max − ln Σ.
+    fn exponentiate(row: &[f32], s: f32, probs: &mut Vec<f32>) -> (f32, f32) {
+        let max = crate::simd::max_of(row) * s;
+        probs.resize(row.len(), 0.0);
+        for (p, &x) in probs.iter_mut().zip(row) {
+            *p = crate::simd::exp(x * s - max);
         }
-        if top_p < 1.0 {
-            let total: f32 = idx.iter().map(|&i| row[i as usize].exp()).sum();
-            let mut cum = 0.0;
-            let mut keep = 0;
-            for &i in &idx {
-                keep += 1;
-                cum += row[i as usize].exp() / total;
-                if cum >= top_p {
-                    break;
-                }
-            }
-            idx.truncate(keep.max(1));
-        }
+        (max, crate::simd::sum_map(probs, |p| p))
     }
-    let weights: Vec<f32> = idx.iter().map(|&i| row[i as usize].exp()).collect();
+}
+
+/// Samples a token from unnormalised probabilities `probs` (summing to `total`) after top-k and
+/// top-p truncation.
+fn sample(probs: &[f32], total: f32, top_k: usize, top_p: f32, rng: &mut StdRng) -> u32 {
+    let truncate = (top_k > 0 && top_k < probs.len()) || top_p < 1.0;
+    if !truncate {
+        let mut u = rng.random::<f32>() * total;
+        for (i, &p) in probs.iter().enumerate() {
+            if u < p {
+                return i as u32;
+            }
+            u -= p;
+        }
+        // Rounding left u past the end: the last token with non-zero probability.
+        return probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32;
+    }
+    let mut idx: Vec<u32> = (0..probs.len() as u32).collect();
+    // Sort by probability, highest first; ties by index for determinism.
+    idx.sort_by(|&a, &b| {
+        probs[b as usize]
+            .partial_cmp(&probs[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    if top_k > 0 && top_k < idx.len() {
+        idx.truncate(top_k);
+    }
+    if top_p < 1.0 {
+        let kept: f32 = idx.iter().map(|&i| probs[i as usize]).sum();
+        let mut cum = 0.0;
+        let mut keep = 0;
+        for &i in &idx {
+            keep += 1;
+            cum += probs[i as usize] / kept;
+            if cum >= top_p {
+                break;
+            }
+        }
+        idx.truncate(keep.max(1));
+    }
+    let weights: Vec<f32> = idx.iter().map(|&i| probs[i as usize]).collect();
     let total: f32 = weights.iter().sum();
     let mut u = rng.random::<f32>() * total;
     for (k, w) in weights.iter().enumerate() {
@@ -206,25 +234,29 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
-        let row: Vec<f32> = [0.1f32, 0.6, 0.3].iter().map(|p| p.ln()).collect();
+        // Unnormalised: the same distribution as [0.1, 0.6, 0.3].
+        let probs = [0.2f32, 1.2, 0.6];
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..50 {
-            assert_eq!(sample(&row, 1, 1.0, &mut rng), 1);
+            assert_eq!(sample(&probs, 2.0, 1, 1.0, &mut rng), 1);
             // p = 0.5: 0.6 alone already reaches it.
-            assert_eq!(sample(&row, 0, 0.5, &mut rng), 1);
+            assert_eq!(sample(&probs, 2.0, 0, 0.5, &mut rng), 1);
             // p = 0.8: {1, 2}, never 0.
-            assert_ne!(sample(&row, 0, 0.8, &mut rng), 0);
+            assert_ne!(sample(&probs, 2.0, 0, 0.8, &mut rng), 0);
         }
-        assert_eq!(argmax(&row), 1);
+        assert_eq!(argmax(&probs), 1);
     }
 
     #[test]
     fn sampling_frequencies_follow_probabilities() {
-        let row: Vec<f32> = [0.2f32, 0.8].iter().map(|p| p.ln()).collect();
         let mut rng = StdRng::seed_from_u64(7);
         let n = 20_000;
+        let mut probs = Vec::new();
+        // Logits ln 0.2, ln 0.8 at temperature 1, through the same path as generation.
+        let (max, total) = exponentiate(&[0.2f32.ln(), 0.8f32.ln()], 1.0, &mut probs);
+        assert!((max - 0.8f32.ln()).abs() < 1e-6 && (total - 1.25).abs() < 1e-5);
         let ones = (0..n)
-            .filter(|_| sample(&row, 0, 1.0, &mut rng) == 1)
+            .filter(|_| sample(&probs, total, 0, 1.0, &mut rng) == 1)
             .count();
         let freq = ones as f64 / n as f64;
         assert!((freq - 0.8).abs() < 0.015, "freq {freq}");

@@ -17,6 +17,7 @@ pub mod fused;
 pub mod generate;
 pub mod ops;
 pub mod optim;
+mod simd;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

@@ -111,6 +111,10 @@ use std::arch::x86_64::*;
 /// Rows of B per sweep of [`rows_of_b`] (the accumulators are loaded and stored once per sweep).
 const SWEEP: usize = 8;
 
+/// Columns of C per pass of [`rows_of_b`] down all of B's rows: 16 rows of 512 columns of C
+/// (32 KB) stay in the level-1 cache.
+const CHUNK: usize = 100000;
+
 thread_local! {
     /// This thread's block of C for [`rows_of_b`], rows padded to 16.
     static CBUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
@@ -127,6 +131,32 @@ thread_local! {
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_of_b(
+    m: usize,
+    n: usize,
+    k: usize,
+    at: *const f32,
+    b: View,
+    c: *mut f32,
+    j0: usize,
+    j1: usize,
+) {
+    let mut j = j0;
+    while j < j1 {
+        let end = (j + CHUNK).min(j1);
+        // SAFETY: the caller's contract, for columns j..end.
+        unsafe { rows_of_b_chunk(m, n, k, at, b, c, j, end) };
+        j = end;
+    }
+}
+
+/// [`rows_of_b`] for at most `CHUNK` columns.
+///
+/// # Safety
+/// As [`rows_of_b`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_of_b_chunk(
     m: usize,
     n: usize,
     k: usize,
