@@ -46,16 +46,20 @@ thread_local! {
     static SPARE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Pointers shared by the two halves of a split product.
+/// One product as the kernels see it: shapes, A packed by [`gemm`], B, and C (row-major, n
+/// columns); shared by the two halves of a split product.
 #[derive(Clone, Copy)]
-struct Shared {
+struct Product {
+    m: usize,
+    n: usize,
+    k: usize,
     at: *const f32,
     b: View,
     c: *mut f32,
 }
 // SAFETY: A's packed copy and B are only read; each half writes its own columns of C.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
+unsafe impl Send for Product {}
+unsafe impl Sync for Product {}
 
 /// C = A · B, C row-major with n columns, written whole. `threads`: whether a large enough
 /// product may use a second rayon thread.
@@ -78,7 +82,10 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
             dst[kk * LANES] = unsafe { *a.ptr.offset(i as isize * a.rs + kk as isize * a.cs) };
         }
     }
-    let shared = Shared {
+    let p = Product {
+        m,
+        n,
+        k,
         at: at.as_ptr(),
         b,
         c,
@@ -86,15 +93,18 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
     let width = if b.cs == 1 { LANES } else { 8 };
     let col_blocks = n.div_ceil(width);
     let run = move |from: usize, to: usize| {
-        let s = shared;
+        let (j0, j1) = (from * width, (to * width).min(n));
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract, and `usable` checked AVX-512 and B's layout.
         unsafe {
-            if s.b.cs == 1 {
-                rows_of_b(m, n, k, s.at, s.b, s.c, from * width, (to * width).min(n));
+            if p.b.cs == 1 {
+                rows_of_b(p, j0, j1);
             } else {
-                cols_of_b(m, n, k, s.at, s.b, s.c, from * width, (to * width).min(n));
+                cols_of_b(p, j0, j1);
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("skinny products need AVX-512 ({:?}, {j0}..{j1})", p.c)
     };
     if threads && m * n * k >= SPLIT && col_blocks >= 2 {
         let half = col_blocks / 2;
@@ -126,25 +136,15 @@ thread_local! {
 /// accumulated in a padded buffer that stays in cache.
 ///
 /// # Safety
-/// AVX-512F; `at` is A packed by [`gemm`]; the views and C as in [`gemm`].
+/// AVX-512F; `p` from [`gemm`], whose contract holds; j0..j1 inside 0..n.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_of_b(
-    m: usize,
-    n: usize,
-    k: usize,
-    at: *const f32,
-    b: View,
-    c: *mut f32,
-    j0: usize,
-    j1: usize,
-) {
+unsafe fn rows_of_b(p: Product, j0: usize, j1: usize) {
     let mut j = j0;
     while j < j1 {
         let end = (j + CHUNK).min(j1);
         // SAFETY: the caller's contract, for columns j..end.
-        unsafe { rows_of_b_chunk(m, n, k, at, b, c, j, end) };
+        unsafe { rows_of_b_chunk(p, j, end) };
         j = end;
     }
 }
@@ -155,17 +155,8 @@ unsafe fn rows_of_b(
 /// As [`rows_of_b`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_of_b_chunk(
-    m: usize,
-    n: usize,
-    k: usize,
-    at: *const f32,
-    b: View,
-    c: *mut f32,
-    j0: usize,
-    j1: usize,
-) {
+unsafe fn rows_of_b_chunk(p: Product, j0: usize, j1: usize) {
+    let Product { m, n, k, at, b, c } = p;
     let blocks = m.div_ceil(LANES);
     let width = j1 - j0;
     let groups = width.div_ceil(LANES);
@@ -223,17 +214,8 @@ unsafe fn rows_of_b_chunk(
 /// As [`rows_of_b`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn cols_of_b(
-    m: usize,
-    n: usize,
-    k: usize,
-    at: *const f32,
-    b: View,
-    c: *mut f32,
-    j0: usize,
-    j1: usize,
-) {
+unsafe fn cols_of_b(p: Product, j0: usize, j1: usize) {
+    let Product { m, n, k, at, b, c } = p;
     const W: usize = 8;
     let mut j = j0;
     while j < j1 {
@@ -286,40 +268,19 @@ unsafe fn cols_of_b(
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_of_b(
-    _: usize,
-    _: usize,
-    _: usize,
-    _: *const f32,
-    _: View,
-    _: *mut f32,
-    _: usize,
-    _: usize,
-) {
-    unreachable!("skinny products need AVX-512")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn cols_of_b(
-    _: usize,
-    _: usize,
-    _: usize,
-    _: *const f32,
-    _: View,
-    _: *mut f32,
-    _: usize,
-    _: usize,
-) {
-    unreachable!("skinny products need AVX-512")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// A view of `v` with row stride `rs` and column stride `cs`.
+    fn view(v: &[f32], rs: isize, cs: isize) -> View {
+        View {
+            ptr: v.as_ptr(),
+            rs,
+            cs,
+        }
+    }
 
     /// C from `gemm` vs an f64 reference, B stored row-major or column-major, A row-major or
     /// transposed, with and without threads.
@@ -328,30 +289,14 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         let bm: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
         let av = if a_rows {
-            View {
-                ptr: a.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            }
+            view(&a, k as isize, 1)
         } else {
-            View {
-                ptr: a.as_ptr(),
-                rs: 1,
-                cs: m as isize,
-            }
+            view(&a, 1, m as isize)
         };
         let bv = if b_rows {
-            View {
-                ptr: bm.as_ptr(),
-                rs: n as isize,
-                cs: 1,
-            }
+            view(&bm, n as isize, 1)
         } else {
-            View {
-                ptr: bm.as_ptr(),
-                rs: 1,
-                cs: k as isize,
-            }
+            view(&bm, 1, k as isize)
         };
         assert!(usable(m, n, k, &bv));
         let mut c = vec![f32::NAN; m * n];
@@ -414,23 +359,11 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
         for b_rows in [true, false] {
-            let av = View {
-                ptr: a.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
+            let av = view(&a, k as isize, 1);
             let bv = if b_rows {
-                View {
-                    ptr: b.as_ptr(),
-                    rs: n as isize,
-                    cs: 1,
-                }
+                view(&b, n as isize, 1)
             } else {
-                View {
-                    ptr: b.as_ptr(),
-                    rs: 1,
-                    cs: k as isize,
-                }
+                view(&b, 1, k as isize)
             };
             let mut one = vec![0f32; m * n];
             let mut two = vec![0f32; m * n];
