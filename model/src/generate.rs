@@ -176,15 +176,7 @@ crate::simd::multiversion! {
 fn sample(probs: &[f32], total: f32, top_k: usize, top_p: f32, rng: &mut StdRng) -> u32 {
     let truncate = (top_k > 0 && top_k < probs.len()) || top_p < 1.0;
     if !truncate {
-        let mut u = rng.random::<f32>() * total;
-        for (i, &p) in probs.iter().enumerate() {
-            if u < p {
-                return i as u32;
-            }
-            u -= p;
-        }
-        // Rounding left u past the end: the last token with non-zero probability.
-        return probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32;
+        return draw(probs, total, rng) as u32;
     }
     let mut idx: Vec<u32> = (0..probs.len() as u32).collect();
     // Sort by probability, highest first; ties by index for determinism.
@@ -211,21 +203,20 @@ fn sample(probs: &[f32], total: f32, top_k: usize, top_p: f32, rng: &mut StdRng)
         idx.truncate(keep.max(1));
     }
     let weights: Vec<f32> = idx.iter().map(|&i| probs[i as usize]).collect();
-    let total: f32 = weights.iter().sum();
+    idx[draw(&weights, weights.iter().sum(), rng)]
+}
+
+/// Position drawn from `weights` (summing to `total`) by inverse CDF.
+fn draw(weights: &[f32], total: f32, rng: &mut StdRng) -> usize {
     let mut u = rng.random::<f32>() * total;
-    for (k, w) in weights.iter().enumerate() {
-        if u < *w {
-            return idx[k];
+    for (i, &w) in weights.iter().enumerate() {
+        if u < w {
+            return i;
         }
         u -= w;
     }
-    // Rounding left u past the end: the last kept token with non-zero weight.
-    *idx.iter()
-        .zip(&weights)
-        .rev()
-        .find(|(_, w)| **w > 0.0)
-        .map(|(i, _)| i)
-        .unwrap_or(&idx[0])
+    // Rounding left u past the end: the last position with non-zero weight.
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -32,11 +32,9 @@ pub fn usable(m: usize, n: usize, k: usize, b: &View) -> bool {
 }
 
 fn avx512() -> bool {
+    // std caches the CPU's features: this is one atomic load.
     #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
+    return is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -184,13 +182,15 @@ unsafe fn rows_of_b_chunk(p: Product, j0: usize, j1: usize) {
                     let mut ap = at.add((blk * k + k0) * LANES);
                     for r in 0..kb {
                         if blk == 0 && k0 + SWEEP + r < k {
-                            _mm_prefetch::<_MM_HINT_T0>(bp.offset(SWEEP as isize * b.rs).cast());
+                            let ahead = bp.wrapping_offset(SWEEP as isize * b.rs);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                         }
                         let bv = _mm512_maskz_loadu_ps(mask, bp);
                         for (i, acc) in acc.iter_mut().enumerate() {
                             *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), bv, *acc);
                         }
-                        bp = bp.offset(b.rs);
+                        // Wrapping: after the last row it points past B and is not read.
+                        bp = bp.wrapping_offset(b.rs);
                         ap = ap.add(LANES);
                     }
                     for (i, acc) in acc.iter().enumerate() {
@@ -233,9 +233,11 @@ unsafe fn cols_of_b(p: Product, j0: usize, j1: usize) {
                 let mut kk = 0;
                 while kk + 1 < k {
                     if blk == 0 && kk % LANES == 0 && j + W < j1 {
-                        // The next 8 columns' lines at this depth: read 8 columns ahead.
+                        // The next 8 columns' lines at this depth: read 8 columns ahead
+                        // (wrapping: some may lie past B's last column; a prefetch never faults).
                         for c in &col {
-                            _mm_prefetch::<_MM_HINT_T0>(c.offset(W as isize * b.cs).add(kk).cast());
+                            let ahead = c.wrapping_offset(W as isize * b.cs).wrapping_add(kk);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                         }
                     }
                     let a0 = _mm512_loadu_ps(ap.add(kk * LANES));
