@@ -121,7 +121,7 @@ const SWEEP: usize = 8;
 
 /// Columns of C per pass of [`rows_of_b`] down all of B's rows: 16 rows of 512 columns of C
 /// (32 KB) stay in the level-1 cache.
-const CHUNK: usize = 100000;
+const CHUNK: usize = 512;
 
 thread_local! {
     /// This thread's block of C for [`rows_of_b`], rows padded to 16.
