@@ -32,8 +32,10 @@ use burn::tensor::{Int, Shape, Tensor};
 /// `bf16` applies to the flex backend's products of at least 32 rows, 32 columns and depth 32
 /// (linear layers in training and prompt forwards, attention over 32+ positions), and runs on
 /// Intel AMX tiles where the CPU has them ([`amx`]); elsewhere the same numbers come from the
-/// f32 kernels on rounded operands, without the speed. Token-by-token decoding of fewer than 32
-/// sequences (fewer rows) and the LibTorch backend stay f32.
+/// f32 kernels on rounded operands, without the speed. A generation packs the model's weights
+/// once ([`pack_weights`]), and then every product of a packed weight is bf16, token-by-token
+/// decoding of fewer than 32 sequences included; without AMX nothing is packed and those few-row
+/// products stay f32. The LibTorch backend stays f32.
 #[derive(
     Clone,
     Copy,
@@ -697,6 +699,57 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
         return y;
     }
     lhs.matmul(rhs)
+}
+
+/// Weight matrices packed once for the many products that read them while this lives: under
+/// `matmul = "bf16"` on AMX (flex backend), each weight's bf16 panels ([`amx::PackedB`]), which
+/// every product of that weight then uses whatever its rows (a decoding step's 16 included),
+/// instead of reading the f32 weight; empty otherwise. Made by [`pack_weights`].
+#[derive(Default)]
+pub struct PackedWeights {
+    #[cfg(feature = "flex")]
+    kept: Vec<flex::KeptWeight>,
+}
+
+impl PackedWeights {
+    /// How many weights are packed.
+    pub fn len(&self) -> usize {
+        #[cfg(feature = "flex")]
+        return self.kept.len();
+        #[cfg(not(feature = "flex"))]
+        0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Packs `weights` (each a [d, n] matrix as a product's right operand, transposed views
+/// included) for as long as the returned value lives; see [`PackedWeights`]. The products find
+/// a packed weight by its memory and layout, so the tensors must not change meanwhile (the
+/// value holds a handle to each, and burn copies a shared tensor before writing to it).
+pub fn pack_weights(weights: impl IntoIterator<Item = Tensor<2>>) -> PackedWeights {
+    #[allow(unused_mut)]
+    let mut packed = PackedWeights::default();
+    #[cfg(feature = "flex")]
+    if matmul_precision() == MatmulPrecision::Bf16 && amx::available() {
+        for w in weights {
+            let t = if w.is_autodiff() {
+                w.try_into_primitive::<Autodiff<burn::backend::Flex>>()
+                    .ok()
+                    .map(|t| t.into_primitive())
+            } else {
+                w.try_into_primitive::<burn::backend::Flex>().ok()
+            };
+            if let Some(kept) = t.and_then(flex::keep) {
+                packed.kept.push(kept);
+            }
+        }
+    }
+    #[cfg(not(feature = "flex"))]
+    let _ = weights;
+    packed
 }
 
 /// A linear layer, x · w + b, with x [.., d] flattened to one matrix: w [d, n], b [n].

@@ -799,6 +799,31 @@ impl CausalLm {
         apply(&mlp.down, hidden)
     }
 
+    /// The weights that every step of a generation multiplies (each layer's projections and the
+    /// LM head), packed for the generation's products while the returned value lives (under
+    /// `matmul = "bf16"` on AMX; empty otherwise): see [`fused::PackedWeights`].
+    pub fn pack_for_decoding(&self) -> fused::PackedWeights {
+        let mut weights = Vec::with_capacity(4 * self.layers.len() + 1);
+        for block in &self.layers {
+            for lin in [
+                &block.attn.qkv,
+                &block.attn.o,
+                &block.mlp.up,
+                &block.mlp.down,
+            ] {
+                weights.push(lin.weight.val());
+            }
+        }
+        if self.has_lm {
+            weights.push(match &self.lm_head {
+                Some(head) => head.weight.val(),
+                // The product in `logits` reads the embedding transposed: the same view.
+                None => self.embed.weight.val().transpose(),
+            });
+        }
+        fused::pack_weights(weights)
+    }
+
     /// LM logits. hidden: [b, t, d] → [b, t, vocab]. An error for a model without an LM head.
     pub fn logits(&self, hidden: Tensor<3>) -> Result<Tensor<3>> {
         if !self.has_lm {

@@ -213,6 +213,13 @@ impl Packed {
         Self { buf, start, len }
     }
 
+    /// A buffer of its own (not a thread's spare), for an operand packed once and kept.
+    fn owned(len: usize) -> Self {
+        let buf = vec![0u16; len + 32];
+        let start = buf.as_ptr().align_offset(64);
+        Self { buf, start, len }
+    }
+
     fn as_mut_slice(&mut self) -> &mut [u16] {
         &mut self.buf[self.start..self.start + self.len]
     }
@@ -332,7 +339,17 @@ unsafe fn pack_a(a: View, m: usize, k: usize, mp: usize, kp: usize, threads: boo
 #[cfg(target_arch = "x86_64")]
 unsafe fn pack_b(b: View, k: usize, n: usize, kp: usize, np: usize, threads: bool) -> Packed {
     let mut buf = Packed::take(1, np * kp);
-    let out = buf.as_mut_slice();
+    // SAFETY: as this function's contract; the buffer holds np · kp values.
+    unsafe { fill_b(buf.as_mut_slice(), b, k, n, kp, threads) };
+    buf
+}
+
+/// [`pack_b`] into `out`, `np · kp` values.
+///
+/// # Safety
+/// As [`pack_b`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn fill_b(out: &mut [u16], b: View, k: usize, n: usize, kp: usize, threads: bool) {
     let panel_len = kp * 16;
     // Groups of GROUP panels: a row-major B is read along its rows (GROUP · 16 contiguous
     // values) for all the group's panels at once (see pack_a).
@@ -381,7 +398,6 @@ unsafe fn pack_b(b: View, k: usize, n: usize, kp: usize, np: usize, threads: boo
         }
     };
     for_chunks(out, GROUP * panel_len, threads, group);
-    buf
 }
 
 /// Conversions to bf16 with AVX-512 BF16 (round to nearest even, as [`bf16`]), in runs of 16
@@ -628,16 +644,44 @@ unsafe fn block(a: *const u16, kp: usize, b0: *const u16, b1: *const u16, c: *mu
 /// As [`gemm`], and AMX [`available`].
 #[cfg(target_arch = "x86_64")]
 unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, threads: bool) {
-    let (mp, np, kp) = (round_up(m, BLOCK), round_up(n, BLOCK), round_up(k, BLOCK));
-    // SAFETY: the views describe m × k and k × n matrices.
-    let (pa, pb) = unsafe {
-        (
-            pack_a(a, m, k, mp, kp, threads),
-            pack_b(b, k, n, kp, np, threads),
-        )
-    };
+    let (np, kp) = (round_up(n, BLOCK), round_up(k, BLOCK));
+    // SAFETY: the view describes a k × n matrix; the packed B is np × kp, as `with_b` reads it.
+    unsafe {
+        let pb = pack_b(b, k, n, kp, np, threads);
+        with_b(m, n, k, c, a, pb.ptr(), kp, threads);
+        pb.give_back(1);
+    }
+}
+
+/// C = A · B with B already packed ([`pack_b`]'s layout, depth padded to `kp`).
+///
+/// # Safety
+/// As [`gemm`] for `c` and `a`; `pb` holds B packed for k × n with depth `kp`; AMX
+/// [`available`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn with_b(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    a: View,
+    pb: *const u16,
+    kp: usize,
+    threads: bool,
+) {
+    let np = round_up(n, BLOCK);
+    if m <= 16 {
+        // SAFETY: as this function's contract.
+        unsafe { narrow(m, n, k, c, a, pb, kp, threads) };
+        return;
+    }
+    let mp = round_up(m, BLOCK);
+    // SAFETY: the view describes an m × k matrix.
+    let pa = unsafe { pack_a(a, m, k, mp, kp, threads) };
     let (mb, nb) = (mp / BLOCK, np / BLOCK);
     let out = Out(c);
+    let pb = Shared(pb);
     // Column blocks [j0, j1) × row blocks [i0, i1): the two B panels of a column block stay in
     // L1 while the row blocks of A stream through it.
     let run = |j0: usize, j1: usize, i0: usize, i1: usize| {
@@ -647,7 +691,7 @@ unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, thr
         unsafe {
             tile::configure(&CONFIG);
             for jb in j0..j1 {
-                let b0 = pb.ptr().add(jb * 2 * kp * 16);
+                let b0 = pb.get().add(jb * 2 * kp * 16);
                 let b1 = b0.add(kp * 16);
                 for ib in i0..i1 {
                     let (i, j) = (ib * BLOCK, jb * BLOCK);
@@ -692,8 +736,285 @@ unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, thr
         run(0, nb, 0, mb);
     }
     pa.give_back(0);
-    pb.give_back(1);
 }
+
+/// A packed operand's address, read by several threads.
+#[derive(Clone, Copy)]
+struct Shared(*const u16);
+
+impl Shared {
+    /// The address (a method, so that closures capture the whole `Shared`, not the pointer).
+    fn get(self) -> *const u16 {
+        self.0
+    }
+}
+// SAFETY: the packed buffers are only read while the threads run.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// Multiply-adds below which [`narrow`] runs on one thread.
+const NARROW_SPLIT: usize = 1 << 20;
+
+/// [`with_b`] for at most 16 rows (a decoding step: one new position per sequence): one strip of
+/// A, read from L1 at every depth step, against B's panels four at a time (64 columns, the last
+/// two panels of an odd count as one call of two), so that B, the part that comes from memory,
+/// is read once and the tile unit does no work on padding rows beyond the strip's 16.
+///
+/// # Safety
+/// As [`with_b`], and m ≤ 16.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    a: View,
+    pb: *const u16,
+    kp: usize,
+    threads: bool,
+) {
+    debug_assert!(m <= 16);
+    // SAFETY: the view describes an m × k matrix.
+    let pa = unsafe { pack_a(a, m, k, 16, kp, false) };
+    let (pa_ptr, pb) = (Shared(pa.ptr()), Shared(pb));
+    let out = Out(c);
+    // Units of 32 columns (two panels); a kernel call takes two units, or the last one alone.
+    let units = round_up(n, BLOCK) / BLOCK;
+    let run = |u0: usize, u1: usize| {
+        let mut edge = [0f32; 16 * 64];
+        // SAFETY: AMX is available (caller); the packed buffers hold whole tiles; each block of
+        // C written is inside m × n, or goes through `edge` and is copied in part.
+        unsafe {
+            tile::configure(&CONFIG);
+            let mut u = u0;
+            while u < u1 {
+                let wide = u + 2 <= u1;
+                let (j, cols) = (u * BLOCK, if wide { 64 } else { 32 });
+                let b = pb.get().add(j * kp);
+                let whole = m == 16 && j + cols <= n;
+                let (dst, ldc) = if whole {
+                    (out.at(j), n)
+                } else {
+                    (edge.as_mut_ptr(), 64)
+                };
+                if wide {
+                    strip::<4>(pa_ptr.get(), kp, b, dst, ldc);
+                } else {
+                    strip::<2>(pa_ptr.get(), kp, b, dst, ldc);
+                }
+                if !whole {
+                    for r in 0..m {
+                        std::ptr::copy_nonoverlapping(
+                            edge.as_ptr().add(r * 64),
+                            out.at(r * n + j),
+                            cols.min(n - j),
+                        );
+                    }
+                }
+                u += if wide { 2 } else { 1 };
+            }
+            tile::release();
+        }
+    };
+    if threads && m * n * k >= NARROW_SPLIT && units >= 4 {
+        // An even split point keeps both halves in calls of four panels.
+        let half = units / 4 * 2;
+        rayon::join(|| run(0, half), || run(half, units));
+    } else {
+        run(0, units);
+    }
+    pa.give_back(0);
+}
+
+/// 16 rows × `P` panels (P = 2 or 4) of C from one packed strip of A and P consecutive panels of
+/// B (`kp / 2` × 32 each).
+///
+/// # Safety
+/// Tiles configured on this thread; `a` holds 16 rows of `kp`, `b` P panels; `c` a 16 × 16·P
+/// block at row stride `ldc` f32s.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn strip<const P: usize>(a: *const u16, kp: usize, b: *const u16, c: *mut f32, ldc: usize) {
+    let panel = kp * 16;
+    unsafe {
+        tile::zero::<0>();
+        tile::zero::<1>();
+        if P == 4 {
+            tile::zero::<2>();
+            tile::zero::<3>();
+        }
+        for s in 0..kp / BLOCK {
+            let at = s * 512;
+            tile::load::<4>(a.add(at), 64);
+            tile::load::<5>(b.add(at), 64);
+            tile::dot::<0, 4, 5>();
+            tile::load::<6>(b.add(panel + at), 64);
+            tile::dot::<1, 4, 6>();
+            if P == 4 {
+                tile::load::<7>(b.add(2 * panel + at), 64);
+                tile::dot::<2, 4, 7>();
+                tile::load::<5>(b.add(3 * panel + at), 64);
+                tile::dot::<3, 4, 5>();
+            }
+        }
+        let ldc_bytes = ldc * 4;
+        tile::store::<0>(c, ldc_bytes);
+        tile::store::<1>(c.add(16), ldc_bytes);
+        if P == 4 {
+            tile::store::<2>(c.add(32), ldc_bytes);
+            tile::store::<3>(c.add(48), ldc_bytes);
+        }
+    }
+}
+
+/// B (k × n) packed once for many products: a weight matrix that every step of a generation
+/// reads. Packing costs about what one product reads (B in f32, written in bf16), so a matrix
+/// used for many steps is read at half the bytes from then on.
+pub struct PackedB {
+    data: Packed,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// B packed, or None without AMX (the products then pack B themselves, or run in f32).
+    ///
+    /// # Safety
+    /// `b` describes a k × n matrix inside a live allocation.
+    pub unsafe fn new(b: View, k: usize, n: usize) -> Option<Self> {
+        if !available() {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (kp, np) = (round_up(k, BLOCK), round_up(n, BLOCK));
+            let mut data = Packed::owned(np * kp);
+            // SAFETY: as this function's contract; the buffer holds np · kp values.
+            unsafe { fill_b(data.as_mut_slice(), b, k, n, kp, true) };
+            Some(Self { data, k, n })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+}
+
+/// [`gemm`] with B packed in advance: the same numbers as [`gemm`] on the matrix B was packed
+/// from (the same rounding, the same tile sums).
+///
+/// # Safety
+/// `a` describes an m × `b.k` matrix inside a live allocation; `c` points to m · `b.n` writable
+/// f32s that nothing else reads or writes during the call.
+pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedB, threads: bool) {
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // SAFETY: c holds m · n elements.
+        unsafe { std::ptr::write_bytes(c, 0, m * n) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as this function's contract; a PackedB exists only where AMX is available.
+    unsafe {
+        with_b(m, n, k, c, a, b.data.ptr(), round_up(k, BLOCK), threads)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no PackedB exists without AMX ({:?}, {threads})", a.ptr);
+}
+
+/// Matrices packed for as long as their [`Kept`] handles live, found by the products that read
+/// them through the same view (address, strides, shape).
+mod kept {
+    use super::{PackedB, View};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, RwLock};
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    struct Key {
+        addr: usize,
+        rs: isize,
+        cs: isize,
+        k: usize,
+        n: usize,
+    }
+
+    impl Key {
+        fn of(b: &View, k: usize, n: usize) -> Self {
+            Self {
+                addr: b.ptr as usize,
+                rs: b.rs,
+                cs: b.cs,
+                k,
+                n,
+            }
+        }
+    }
+
+    struct Entry {
+        key: Key,
+        packed: Arc<PackedB>,
+        /// Handles that keep it (two generations with one model at once share the entry).
+        holders: usize,
+    }
+
+    static ENTRIES: RwLock<Vec<Entry>> = RwLock::new(Vec::new());
+    /// ENTRIES' length, read without the lock by every product.
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+    /// Keeps B packed until the handle is dropped; None without AMX.
+    pub struct Kept(Key);
+
+    /// # Safety
+    /// `b` describes a k × n matrix inside an allocation that stays alive and unchanged until
+    /// the returned handle is dropped.
+    pub unsafe fn keep(b: View, k: usize, n: usize) -> Option<Kept> {
+        let key = Key::of(&b, k, n);
+        let mut entries = ENTRIES.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = entries.iter_mut().find(|e| e.key == key) {
+            e.holders += 1;
+            return Some(Kept(key));
+        }
+        // SAFETY: as this function's contract.
+        let packed = Arc::new(unsafe { PackedB::new(b, k, n) }?);
+        entries.push(Entry {
+            key,
+            packed,
+            holders: 1,
+        });
+        COUNT.store(entries.len(), Ordering::Release);
+        Some(Kept(key))
+    }
+
+    impl Drop for Kept {
+        fn drop(&mut self) {
+            let mut entries = ENTRIES.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = entries.iter().position(|e| e.key == self.0) {
+                entries[i].holders -= 1;
+                if entries[i].holders == 0 {
+                    entries.swap_remove(i);
+                }
+            }
+            COUNT.store(entries.len(), Ordering::Release);
+        }
+    }
+
+    /// The packed copy of the k × n matrix `b` views, if one is kept.
+    pub fn find(b: &View, k: usize, n: usize) -> Option<Arc<PackedB>> {
+        if COUNT.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let key = Key::of(b, k, n);
+        let entries = ENTRIES.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.packed.clone())
+    }
+}
+
+pub use kept::{Kept, find as kept, keep};
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, threads: bool) {
@@ -742,6 +1063,9 @@ mod tests {
             (1, 40, 33),
             (130, 17, 300),
             (40, 290, 64),
+            (16, 64, 32),
+            (5, 100, 70),
+            (16, 300, 256),
         ] {
             let a = matrix(m, k, 1);
             let b = matrix(k, n, 2);
@@ -821,6 +1145,99 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// B packed in advance gives the numbers of B packed by each product, bit for bit: decoding
+    /// rows (one strip, with and without the second thread), many rows, both layouts of B; and a
+    /// kept matrix is found through its view until the last of its handles is dropped.
+    #[test]
+    fn packed_b_gives_the_numbers_of_packing_per_product() {
+        if !available() {
+            eprintln!("no AMX on this machine: nothing is packed in advance here");
+            // SAFETY: a 1 x 1 matrix.
+            assert!(
+                unsafe {
+                    PackedB::new(
+                        View {
+                            ptr: [1f32].as_ptr(),
+                            rs: 1,
+                            cs: 1,
+                        },
+                        1,
+                        1,
+                    )
+                }
+                .is_none()
+            );
+            return;
+        }
+        for &(m, n, k) in &[(1, 40, 33), (16, 300, 256), (7, 96, 64), (70, 130, 100)] {
+            let a = matrix(m, k, 5);
+            let b = matrix(k, n, 6);
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            let va = View {
+                ptr: a.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            };
+            let layouts = [
+                View {
+                    ptr: b.as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                },
+                View {
+                    ptr: bt.as_ptr(),
+                    rs: 1,
+                    cs: k as isize,
+                },
+            ];
+            for vb in layouts {
+                // SAFETY: the views describe the vectors above, alive for the whole test.
+                let packed = unsafe { PackedB::new(vb, k, n) }.expect("AMX is available");
+                for threads in [false, true] {
+                    let mut want = vec![f32::NAN; m * n];
+                    let mut got = vec![f32::NAN; m * n];
+                    // SAFETY: as above; the outputs hold m · n.
+                    unsafe {
+                        gemm(m, n, k, want.as_mut_ptr(), va, vb, threads);
+                        gemm_packed(m, got.as_mut_ptr(), va, &packed, threads);
+                    }
+                    assert!(want.iter().all(|x| x.is_finite()));
+                    assert_eq!(
+                        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        "{m}x{n}x{k} threads {threads} rs {}",
+                        vb.rs
+                    );
+                }
+            }
+        }
+        let b = matrix(64, 48, 7);
+        let vb = View {
+            ptr: b.as_ptr(),
+            rs: 48,
+            cs: 1,
+        };
+        let transposed = View {
+            ptr: b.as_ptr(),
+            rs: 1,
+            cs: 64,
+        };
+        // SAFETY: b outlives both handles.
+        let (first, second) = unsafe { (keep(vb, 64, 48), keep(vb, 64, 48)) };
+        assert!(first.is_some() && second.is_some());
+        assert!(kept(&vb, 64, 48).is_some());
+        // Another view of the same memory is another matrix.
+        assert!(kept(&transposed, 48, 64).is_none());
+        assert!(kept(&vb, 64, 32).is_none());
+        drop(first);
+        assert!(
+            kept(&vb, 64, 48).is_some(),
+            "the second handle still keeps it"
+        );
+        drop(second);
+        assert!(kept(&vb, 64, 48).is_none());
     }
 
     /// The rounding costs what bf16 costs: against the f32 product the error is about 2^-8 of the

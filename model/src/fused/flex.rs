@@ -53,6 +53,36 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
     )
 }
 
+/// A weight matrix held packed for bf16 products ([`amx::keep`]) and the tensor whose memory the
+/// packed copy was made from, kept alive and unchanged (a tensor is copied on write while
+/// another handle shares its memory) until this is dropped.
+pub(super) struct KeptWeight {
+    _kept: amx::Kept,
+    _tensor: FlexTensor,
+}
+
+/// Packs the 2-D f32 weight `w` for the products that read it through this same view, under
+/// `matmul = "bf16"` on AMX; None otherwise.
+pub(super) fn keep(w: FlexTensor) -> Option<KeptWeight> {
+    let shape = w.shape();
+    if w.dtype() != DType::F32 || shape.num_dims() != 2 || shape[0] < 32 || shape[1] < 32 {
+        return None;
+    }
+    let st = w.layout().strides().to_vec();
+    let view = amx::View {
+        ptr: w.storage::<f32>()[w.layout().start_offset()..].as_ptr(),
+        rs: st[0],
+        cs: st[1],
+    };
+    // SAFETY: the view is burn's layout of `w`, whose memory the returned value keeps alive;
+    // nothing writes to memory that another handle (ours) shares.
+    let kept = unsafe { amx::keep(view, shape[0], shape[1]) }?;
+    Some(KeptWeight {
+        _kept: kept,
+        _tensor: w,
+    })
+}
+
 type Uninit = std::mem::MaybeUninit<f32>;
 
 /// N outputs of n elements each, written by `fill`, given the uninitialised buffers: no
@@ -452,7 +482,22 @@ impl Kernels for Flex {
         let l = &lhs.storage::<f32>()[lhs.layout().start_offset()..];
         let r = &rhs.storage::<f32>()[rhs.layout().start_offset()..];
         let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
-        let bf16 = super::bf16_product(m, n, k);
+        // A weight packed for this generation ([`keep`]): bf16 whatever the rows, so a decoding
+        // step reads the weights at half the bytes, and nothing is packed per product.
+        let packed = if batch == 1 && super::matmul_precision() == super::MatmulPrecision::Bf16 {
+            amx::kept(
+                &amx::View {
+                    ptr: r.as_ptr(),
+                    rs: rst[nd - 2],
+                    cs: rst[nd - 1],
+                },
+                k,
+                n,
+            )
+        } else {
+            None
+        };
+        let bf16 = packed.is_some() || super::bf16_product(m, n, k);
         // A few rows times a weight matrix (a decoding step): the skinny kernel.
         let skinny = !bf16
             && batch == 1
@@ -476,6 +521,11 @@ impl Kernels for Flex {
                     rs: st[nd - 2],
                     cs: st[nd - 1],
                 };
+                if let Some(b) = &packed {
+                    let threads = !matches!(parallelism, gemm::Parallelism::None);
+                    amx::gemm_packed(m, dst, view(l, lst), b, threads);
+                    return;
+                }
                 if bf16 || skinny {
                     let threads = !matches!(parallelism, gemm::Parallelism::None);
                     let run = if bf16 { amx::gemm } else { skinny::gemm };
@@ -515,7 +565,7 @@ impl Kernels for Flex {
                     product(i, chunk.as_mut_ptr().cast(), gemm::Parallelism::None)
                 });
         } else {
-            let parallelism = if work >= 192 * 192 * 192 || skinny {
+            let parallelism = if work >= 192 * 192 * 192 || skinny || packed.is_some() {
                 gemm::Parallelism::Rayon(0)
             } else {
                 gemm::Parallelism::None

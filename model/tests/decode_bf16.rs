@@ -1,0 +1,109 @@
+//! Decoding under `matmul = "bf16"`: a generation packs the model's weights once, and the
+//! decoding steps' few-row products then run in bf16 from the packed copies. Its own test binary
+//! (one test): the precision is process-wide, and the other tests compare f32 numbers.
+
+use model::fused::{MatmulPrecision, amx, matmul_precision, set_matmul_precision};
+use model::ops::to_f32_vec;
+use model::{CausalLm, KvCache, ModelConfig, SamplingConfig, TokenBatch, generate, parse_device};
+
+/// One decoding step's logits ([rows, vocab]) after `prompts`, with the weights packed or not.
+fn step_logits(model: &CausalLm, prompts: &[Vec<u32>], next: &[u32], pack: bool) -> Vec<f32> {
+    let _packed = pack.then(|| model.pack_for_decoding());
+    let batch = TokenBatch::left_padded(prompts, 0);
+    let mut cache = KvCache::new(model.config().num_layers, prompts.len());
+    model.forward_cached(&batch, &mut cache);
+    let step = TokenBatch {
+        tokens: next.to_vec(),
+        mask: vec![true; next.len()],
+        batch: next.len(),
+        seq: 1,
+    };
+    to_f32_vec(
+        model
+            .logits(model.forward_cached(&step, &mut cache))
+            .unwrap(),
+    )
+}
+
+#[test]
+fn bf16_decoding_reads_the_packed_weights() {
+    let device = parse_device("cpu").unwrap();
+    let cfg = ModelConfig::preset("mini", 300).unwrap();
+    let model = CausalLm::new(&cfg, false, 7, &device).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|r| {
+            (0..5 + r)
+                .map(|i| ((i * 37 + r * 11) % 300) as u32)
+                .collect()
+        })
+        .collect();
+    let next: Vec<u32> = (0..6).map(|r| (r * 41 + 3) as u32).collect();
+
+    let f32_logits = step_logits(&model, &prompts, &next, true);
+    assert_eq!(matmul_precision(), MatmulPrecision::Fp32);
+    assert!(
+        model.pack_for_decoding().is_empty(),
+        "fp32 products pack nothing"
+    );
+
+    set_matmul_precision(MatmulPrecision::Bf16);
+    let packed = model.pack_for_decoding();
+    if !amx::available() {
+        // Without AMX nothing is packed: asking for it changes no number.
+        assert!(packed.is_empty());
+        assert!(
+            step_logits(&model, &prompts, &next, true)
+                == step_logits(&model, &prompts, &next, false)
+        );
+        eprintln!("no AMX on this machine: the packed decoding path is not exercised");
+        return;
+    }
+    // Four projections per layer and the tied LM head.
+    assert_eq!(packed.len(), 4 * cfg.num_layers + 1);
+    drop(packed);
+
+    // The prompts' forward (60 rows) is bf16 either way; the 6-row decoding step is f32 unless
+    // the weights are packed, and bf16 from the packed copies when they are.
+    let unpacked = step_logits(&model, &prompts, &next, false);
+    let packed = step_logits(&model, &prompts, &next, true);
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let scale = f32_logits.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    for (what, logits) in [("unpacked", &unpacked), ("packed", &packed)] {
+        let w = worst(logits, &f32_logits);
+        assert!(
+            w > 0.0 && w < 0.05 * scale.max(1.0),
+            "{what} bf16 vs f32 logits: worst {w}, scale {scale}"
+        );
+    }
+    assert!(
+        worst(&packed, &unpacked) > 0.0,
+        "packing changed nothing: the decoding step did not read the packed weights"
+    );
+    // The handles are gone with the step: unpacked again, the same numbers bit for bit.
+    assert!(step_logits(&model, &prompts, &next, false) == unpacked);
+
+    // A whole generation: same seed, same tokens twice (the packed path is deterministic), and
+    // log-probs that are finite and negative.
+    let cfg = SamplingConfig {
+        max_new_tokens: 12,
+        temperature: 1.0,
+        seed: 3,
+        ..Default::default()
+    };
+    let a = generate(&model, &prompts, &cfg).unwrap();
+    let b = generate(&model, &prompts, &cfg).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    assert!(
+        a.logprobs
+            .iter()
+            .flatten()
+            .zip(a.mask.iter().flatten())
+            .all(|(&lp, &m)| !m || (lp.is_finite() && lp <= 0.0))
+    );
+    set_matmul_precision(MatmulPrecision::Fp32);
+}
