@@ -1070,6 +1070,23 @@ mod tests {
             |[a, b]| a.clone().matmul(b.clone()),
             "contiguous",
         );
+        // A decoding step's attention (1-4 query rows per head, compact keys and values: the
+        // few-row kernels), on one thread and split across threads, depths with and without a
+        // tail of fewer than 16.
+        for (b, h, m, keys, hd) in [(2, 3, 1, 7, 20), (2, 2, 3, 9, 16), (4, 8, 1, 64, 64)] {
+            check(
+                [[b, h, m, hd], [b, h, keys, hd]],
+                |[q, k]| matmul(q.clone(), k.clone().swap_dims(2, 3)),
+                |[q, k]| q.clone().matmul(k.clone().swap_dims(2, 3)),
+                "decoding q · kᵀ",
+            );
+            check(
+                [[b, h, m, keys], [b, h, keys, hd]],
+                |[w, v]| matmul(w.clone(), v.clone()),
+                |[w, v]| w.clone().matmul(v.clone()),
+                "decoding weights · v",
+            );
+        }
     }
 
     /// A causal mask with padded keys: -1e9 where masked, as the transformer builds it.

@@ -85,6 +85,85 @@ pub(super) fn keep(w: FlexTensor) -> Option<KeptWeight> {
 
 type Uninit = std::mem::MaybeUninit<f32>;
 
+/// Rows of A up to which a batched product (attention heads) takes [`rows_times_b`] /
+/// [`rows_dot_cols`] instead of a gemm call per head.
+const FEW_ROWS: usize = 4;
+
+/// Multiply-adds of such a batch above which its heads are split across threads.
+const FEW_ROWS_PARALLEL: usize = 1 << 16;
+
+multiversion! {
+    /// c (m × n) = a (m × k) · b (k × n), all three row-major: each row of C a sum of B's rows
+    /// scaled by A's row (a step's attention weights times the values).
+    fn rows_times_b(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) {
+        let n = b.len() / k;
+        for (ci, ai) in c.chunks_mut(n).zip(a.chunks(k)) {
+            for (x, &y) in ci.iter_mut().zip(&b[..n]) {
+                x.write(ai[0] * y);
+            }
+            // SAFETY: every element of the row was written just above; f32 has no invalid
+            // values.
+            let ci = unsafe { &mut *(ci as *mut [Uninit] as *mut [f32]) };
+            for (p, &s) in ai.iter().enumerate().skip(1) {
+                for (x, &y) in ci.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                    *x += s * y;
+                }
+            }
+        }
+    }
+}
+
+/// c (m × n) = a (m × k) · B with B's columns contiguous, given as `bt` (n × k, row-major):
+/// each element of C one dot product (a step's queries against the keys).
+fn rows_dot_cols(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
+    let n = bt.len() / k;
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        for (ci, ai) in c.chunks_mut(n).zip(a.chunks(k)) {
+            for (x, bj) in ci.iter_mut().zip(bt.chunks(k)) {
+                // SAFETY: the CPU has AVX-512F.
+                x.write(unsafe { dot_avx512(ai, bj) });
+            }
+        }
+        return;
+    }
+    for (ci, ai) in c.chunks_mut(n).zip(a.chunks(k)) {
+        for (x, bj) in ci.iter_mut().zip(bt.chunks(k)) {
+            x.write(sum_map2(ai, bj, |p, q| p * q));
+        }
+    }
+}
+
+/// Σ a·b over two slices of one length, 16 lanes at a time (LLVM vectorised the portable loop
+/// two lanes wide here).
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    // SAFETY: every load is inside both slices (the tail's lanes beyond n are masked off).
+    unsafe {
+        while i + 16 <= n {
+            let x = _mm512_loadu_ps(a.as_ptr().add(i));
+            let y = _mm512_loadu_ps(b.as_ptr().add(i));
+            acc = _mm512_fmadd_ps(x, y, acc);
+            i += 16;
+        }
+        if i < n {
+            let mask = ((1u32 << (n - i)) - 1) as __mmask16;
+            let x = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(i));
+            let y = _mm512_maskz_loadu_ps(mask, b.as_ptr().add(i));
+            acc = _mm512_fmadd_ps(x, y, acc);
+        }
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
 /// N outputs of n elements each, written by `fill`, given the uninitialised buffers: no
 /// zero-fill first (for the activations of a training step that was a memset of every output,
 /// ~4% of the step).
@@ -556,7 +635,37 @@ impl Kernels for Flex {
             }
         };
         let work = m * n * k;
-        if batch > 1 && batch * work >= 128 * 128 * 128 && m * n > 0 {
+        // Attention at a decoding step: one query row per head against that head's keys, then
+        // its values; a general product per head costs more to set up than to compute.
+        let compact_a = lst[nd - 1] == 1 && (m == 1 || lst[nd - 2] == k as isize);
+        let b_rows = rst[nd - 1] == 1 && (k == 1 || rst[nd - 2] == n as isize);
+        let b_cols = rst[nd - 2] == 1 && (n == 1 || rst[nd - 1] == k as isize);
+        if batch > 1 && m <= FEW_ROWS && m * n * k > 0 && compact_a && (b_rows || b_cols) && !bf16 {
+            let each = |i: usize, c: &mut [Uninit]| {
+                let (oa, ob) = (offset(i, lst) as usize, offset(i, rst) as usize);
+                let (a, b) = (&l[oa..oa + m * k], &r[ob..ob + k * n]);
+                if b_rows {
+                    rows_times_b(c, a, b, k);
+                } else {
+                    rows_dot_cols(c, a, b, k);
+                }
+            };
+            let outs = &mut out.spare_capacity_mut()[..batch * m * n];
+            if batch * work >= FEW_ROWS_PARALLEL {
+                let per = batch.div_ceil(2 * rayon::current_num_threads());
+                outs.par_chunks_mut(per * m * n)
+                    .enumerate()
+                    .for_each(|(g, chunk)| {
+                        for (j, c) in chunk.chunks_mut(m * n).enumerate() {
+                            each(g * per + j, c);
+                        }
+                    });
+            } else {
+                for (i, c) in outs.chunks_mut(m * n).enumerate() {
+                    each(i, c);
+                }
+            }
+        } else if batch > 1 && batch * work >= 128 * 128 * 128 && m * n > 0 {
             // Small products, many of them (attention heads): one thread per product.
             out.spare_capacity_mut()[..batch * m * n]
                 .par_chunks_mut(m * n)
