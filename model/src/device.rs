@@ -84,6 +84,22 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     f()
 }
 
+/// Runs `a` and `b`, side by side on the compute pool's threads (flex), or one after the other
+/// (other backends, which thread their own operations); returns both results.
+///
+/// For two independent pieces of work that are each too small to keep both cores busy on their
+/// own (the policy's and the critic's update on one PPO minibatch): each piece still splits its
+/// operations across the pool, and an idle thread takes work from either.
+pub fn join<RA: Send, RB: Send>(
+    a: impl FnOnce() -> RA + Send,
+    b: impl FnOnce() -> RB + Send,
+) -> (RA, RB) {
+    #[cfg(feature = "flex")]
+    return rayon::join(a, b);
+    #[cfg(not(feature = "flex"))]
+    (a(), b())
+}
+
 /// Makes glibc's allocator keep freed memory for reuse instead of handing it back to the kernel.
 ///
 /// The CPU backend allocates a fresh buffer for nearly every tensor op, many of them megabytes

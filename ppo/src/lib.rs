@@ -770,94 +770,119 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                 let mbx = roll.minibatch(mb);
                 let (mb_batch, mp, n) = (&mbx.batch, mbx.prompt_len, mbx.n);
                 let pick = |v: &[f32]| mbx.pick(v);
-                let mb_mask = mask_tensor(&mbx.pick(mask), m, n, &device);
                 let mb_resp = token_tensor(&mbx.pick(&roll.response_tokens), m, n, &device);
-                // Policy: clipped surrogate (+ entropy bonus, KL loss, PPO-ptx).
-                let (new_lp, logits) =
-                    response_logprobs(&policy, mb_batch, mb_resp, mp, temperature)?;
-                let pl = core::policy_loss(
-                    new_lp.clone(),
-                    float_tensor(&pick(&old_lp), m, n, &device),
-                    float_tensor(&pick(&advantages), m, n, &device),
-                    mb_mask.clone(),
-                    ppo.clip_eps,
-                );
-                // The entropy joins the graph only when it is part of the loss.
-                let logits = if ppo.entropy_coef > 0.0 {
-                    logits
-                } else {
-                    logits.detach()
-                };
-                let entropy_t =
-                    model::ops::masked_mean(core::entropy_from_logits(logits), mb_mask.clone());
-                let entropy = entropy_t.clone().into_scalar::<f32>();
-                let mut policy_total = pl.loss;
-                if ppo.entropy_coef > 0.0 {
-                    policy_total = policy_total - entropy_t.mul_scalar(ppo.entropy_coef);
-                }
-                if !cfg.kl.in_reward {
-                    let kl_term = core::kl_loss(
-                        new_lp,
-                        float_tensor(&pick(&ref_lp), m, n, &device),
+                let minibatch_index = stats.minibatches;
+                // The policy's and the critic's updates read the same minibatch and nothing of
+                // each other: they run side by side (`model::device::join`; each still splits
+                // its own operations across the pool), in separate autodiff graphs. Every
+                // operation's result is the same whichever thread computes it.
+                let policy_update = || -> Result<_> {
+                    let mb_mask = mask_tensor(&mbx.pick(mask), m, n, &device);
+                    // Policy: clipped surrogate (+ entropy bonus, KL loss, PPO-ptx).
+                    let (new_lp, logits) =
+                        response_logprobs(&policy, mb_batch, mb_resp, mp, temperature)?;
+                    let pl = core::policy_loss(
+                        new_lp.clone(),
+                        float_tensor(&pick(&old_lp), m, n, &device),
+                        float_tensor(&pick(&advantages), m, n, &device),
                         mb_mask.clone(),
-                        cfg.kl.estimator,
+                        ppo.clip_eps,
                     );
-                    policy_total = policy_total + kl_term.mul_scalar(beta);
-                }
-                if ppo.ptx_coef > 0.0
-                    && let Some(ptx) = &ptx
-                {
-                    let lm = ptx.loss(&policy, it, stats.minibatches, m, tok.pad_id, &device)?;
-                    stats.ptx_loss += lm.clone().into_scalar::<f32>() as f64;
-                    policy_total = policy_total + lm.mul_scalar(ppo.ptx_coef);
-                }
-                let policy_loss_value = policy_total.clone().into_scalar::<f32>() as f64;
-                run.check_finite("policy loss", policy_loss_value)?;
-                let grads = GradientsParams::from_grads(policy_total.backward(), &policy);
-                let (next, policy_norm) = trainer::optim::optimizer_step(
-                    &mut policy_optim,
-                    policy,
-                    grads,
-                    lr,
-                    t.max_grad_norm,
-                    it + 1,
-                    run.last_good(),
-                )?;
-                policy = next;
-                // Critic: clipped value loss.
-                let values = values_of(&critic, mb_batch, mp, n)?;
-                let vl = core::value_loss(
-                    values,
-                    float_tensor(&pick(&old_values), m, n, &device),
-                    float_tensor(&pick(&returns), m, n, &device),
-                    mb_mask,
-                    ppo.value_clip,
-                );
-                let value_total = vl.loss.mul_scalar(ppo.vf_coef);
-                let value_loss_value =
-                    value_total.clone().into_scalar::<f32>() as f64 / ppo.vf_coef.max(1e-12);
-                run.check_finite("value loss", value_loss_value)?;
-                let grads = GradientsParams::from_grads(value_total.backward(), &critic);
-                let (next, critic_norm) = trainer::optim::optimizer_step(
-                    &mut critic_optim,
-                    critic,
-                    grads,
-                    lr * critic_lr_scale,
-                    t.max_grad_norm,
-                    it + 1,
-                    run.last_good(),
-                )?;
-                critic = next;
+                    // The entropy joins the graph only when it is part of the loss.
+                    let logits = if ppo.entropy_coef > 0.0 {
+                        logits
+                    } else {
+                        logits.detach()
+                    };
+                    let entropy_t =
+                        model::ops::masked_mean(core::entropy_from_logits(logits), mb_mask.clone());
+                    let entropy = entropy_t.clone().into_scalar::<f32>();
+                    let mut policy_total = pl.loss;
+                    if ppo.entropy_coef > 0.0 {
+                        policy_total = policy_total - entropy_t.mul_scalar(ppo.entropy_coef);
+                    }
+                    if !cfg.kl.in_reward {
+                        let kl_term = core::kl_loss(
+                            new_lp,
+                            float_tensor(&pick(&ref_lp), m, n, &device),
+                            mb_mask,
+                            cfg.kl.estimator,
+                        );
+                        policy_total = policy_total + kl_term.mul_scalar(beta);
+                    }
+                    let mut ptx_loss = 0.0;
+                    if ppo.ptx_coef > 0.0
+                        && let Some(ptx) = &ptx
+                    {
+                        let lm = ptx.loss(&policy, it, minibatch_index, m, tok.pad_id, &device)?;
+                        ptx_loss = lm.clone().into_scalar::<f32>() as f64;
+                        policy_total = policy_total + lm.mul_scalar(ppo.ptx_coef);
+                    }
+                    let policy_loss_value = policy_total.clone().into_scalar::<f32>() as f64;
+                    run.check_finite("policy loss", policy_loss_value)?;
+                    let grads = GradientsParams::from_grads(policy_total.backward(), &policy);
+                    let (next, norm) = trainer::optim::optimizer_step(
+                        &mut policy_optim,
+                        policy,
+                        grads,
+                        lr,
+                        t.max_grad_norm,
+                        it + 1,
+                        run.last_good(),
+                    )?;
+                    let fractions = (pl.clip_fraction, pl.approx_kl);
+                    Ok((next, norm, policy_loss_value, entropy, fractions, ptx_loss))
+                };
+                let critic_update = || -> Result<_> {
+                    let mb_mask = mask_tensor(&mbx.pick(mask), m, n, &device);
+                    // Critic: clipped value loss.
+                    let values = values_of(&critic, mb_batch, mp, n)?;
+                    let vl = core::value_loss(
+                        values,
+                        float_tensor(&pick(&old_values), m, n, &device),
+                        float_tensor(&pick(&returns), m, n, &device),
+                        mb_mask,
+                        ppo.value_clip,
+                    );
+                    let value_total = vl.loss.mul_scalar(ppo.vf_coef);
+                    let value_loss_value =
+                        value_total.clone().into_scalar::<f32>() as f64 / ppo.vf_coef.max(1e-12);
+                    run.check_finite("value loss", value_loss_value)?;
+                    let grads = GradientsParams::from_grads(value_total.backward(), &critic);
+                    let (next, norm) = trainer::optim::optimizer_step(
+                        &mut critic_optim,
+                        critic,
+                        grads,
+                        lr * critic_lr_scale,
+                        t.max_grad_norm,
+                        it + 1,
+                        run.last_good(),
+                    )?;
+                    Ok((next, norm, value_loss_value, vl.clip_fraction))
+                };
+                let (p, c) = model::device::join(policy_update, critic_update);
+                let (
+                    next_policy,
+                    policy_norm,
+                    policy_loss_value,
+                    entropy,
+                    (clip_fraction, approx_kl),
+                    ptx_loss,
+                ) = p?;
+                let (next_critic, critic_norm, value_loss_value, value_clip_fraction) = c?;
+                policy = next_policy;
+                critic = next_critic;
+                stats.ptx_loss += ptx_loss;
                 stats.add(
                     policy_loss_value,
                     value_loss_value,
                     entropy as f64,
-                    pl.clip_fraction as f64,
-                    vl.clip_fraction as f64,
-                    pl.approx_kl as f64,
+                    clip_fraction as f64,
+                    value_clip_fraction as f64,
+                    approx_kl as f64,
                     (policy_norm as f64, critic_norm as f64),
                 );
-                if ppo.max_approx_kl > 0.0 && pl.approx_kl as f64 > ppo.max_approx_kl {
+                if ppo.max_approx_kl > 0.0 && approx_kl as f64 > ppo.max_approx_kl {
                     stats.early_stopped = true;
                     break 'epochs;
                 }
