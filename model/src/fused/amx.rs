@@ -648,19 +648,24 @@ unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, thr
     // SAFETY: the view describes a k × n matrix; the packed B is np × kp, as `with_b` reads it.
     unsafe {
         let pb = pack_b(b, k, n, kp, np, threads);
-        with_b(m, n, k, c, a, pb.ptr(), kp, threads);
+        let p = Prepacked {
+            m,
+            n,
+            k,
+            c,
+            a,
+            pb: pb.ptr(),
+            kp,
+        };
+        with_b(p, threads);
         pb.give_back(1);
     }
 }
 
-/// C = A · B with B already packed ([`pack_b`]'s layout, depth padded to `kp`).
-///
-/// # Safety
-/// As [`gemm`] for `c` and `a`; `pb` holds B packed for k × n with depth `kp`; AMX
-/// [`available`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn with_b(
+/// A product whose B is packed already: C (m × n, row-major) = A (m × k) · B, B in
+/// [`pack_b`]'s layout with depth padded to `kp`.
+#[derive(Clone, Copy)]
+struct Prepacked {
     m: usize,
     n: usize,
     k: usize,
@@ -668,12 +673,28 @@ unsafe fn with_b(
     a: View,
     pb: *const u16,
     kp: usize,
-    threads: bool,
-) {
+}
+
+/// Computes `p`, on rayon's threads if `threads`.
+///
+/// # Safety
+/// As [`gemm`] for `p.c` and `p.a`; `p.pb` holds B packed for k × n with depth `kp`; AMX
+/// [`available`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn with_b(p: Prepacked, threads: bool) {
+    let Prepacked {
+        m,
+        n,
+        k,
+        c,
+        a,
+        pb,
+        kp,
+    } = p;
     let np = round_up(n, BLOCK);
     if m <= 16 {
         // SAFETY: as this function's contract.
-        unsafe { narrow(m, n, k, c, a, pb, kp, threads) };
+        unsafe { narrow(p, threads) };
         return;
     }
     let mp = round_up(m, BLOCK);
@@ -763,17 +784,16 @@ const NARROW_SPLIT: usize = 1 << 20;
 /// # Safety
 /// As [`with_b`], and m ≤ 16.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn narrow(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: *mut f32,
-    a: View,
-    pb: *const u16,
-    kp: usize,
-    threads: bool,
-) {
+unsafe fn narrow(p: Prepacked, threads: bool) {
+    let Prepacked {
+        m,
+        n,
+        k,
+        c,
+        a,
+        pb,
+        kp,
+    } = p;
     debug_assert!(m <= 16);
     // SAFETY: the view describes an m × k matrix.
     let pa = unsafe { pack_a(a, m, k, 16, kp, false) };
@@ -918,7 +938,16 @@ pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedB, threads: 
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as this function's contract; a PackedB exists only where AMX is available.
     unsafe {
-        with_b(m, n, k, c, a, b.data.ptr(), round_up(k, BLOCK), threads)
+        let p = Prepacked {
+            m,
+            n,
+            k,
+            c,
+            a,
+            pb: b.data.ptr(),
+            kp: round_up(k, BLOCK),
+        };
+        with_b(p, threads)
     };
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("no PackedB exists without AMX ({:?}, {threads})", a.ptr);
