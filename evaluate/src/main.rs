@@ -8,7 +8,7 @@ fn main() {
     model::device::exit_quietly_on_broken_pipe();
     let opts = evaluate::Options::parse();
     let mut out = std::io::stdout();
-    let result = model::device::in_pool(|| evaluate::run(&opts, &mut out))
+    let result = model::device::hot(|| evaluate::run(&opts, &mut out))
         .with_context(|| format!("evaluate: nothing written to {}", opts.out.display()));
     match result {
         Ok(o) => {

@@ -84,6 +84,57 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     f()
 }
 
+/// Idle polls of [`hot`]'s helper threads before each further poll also yields the core to the
+/// operating system (a few microseconds of spinning).
+#[cfg(feature = "flex")]
+const SPINS: u32 = 2000;
+
+/// Runs `f` on a pool thread (as [`in_pool`]) while the pool's other threads stay awake, polling
+/// for work instead of going to sleep between parallel regions; on other backends, runs `f`.
+///
+/// For a loop of many short parallel regions (a decoding step has dozens): a sleeping thread
+/// is woken through the kernel at each region (a futex wake, and on a virtual machine an
+/// inter-processor interrupt), which took ~15% of a small decoding profile. PyTorch's OpenMP
+/// threads likewise spin for a while after each region. The cost is that the other threads
+/// keep their cores busy while `f` runs. A thread that finds this task queued on itself (the
+/// thread running `f`) returns at once. After a few microseconds without work, each poll also
+/// yields the core to the operating system, so a serial phase or a second process gets it.
+pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    #[cfg(feature = "flex")]
+    return in_pool(|| {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let runner = rayon::current_thread_index();
+        let done = AtomicBool::new(false);
+        rayon::scope(|s| {
+            for _ in 1..rayon::current_num_threads() {
+                s.spawn(|_| {
+                    if rayon::current_thread_index() == runner {
+                        return;
+                    }
+                    let mut idle = 0u32;
+                    while !done.load(Ordering::Acquire) {
+                        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                            idle = 0;
+                        } else if idle < SPINS {
+                            idle += 1;
+                            std::hint::spin_loop();
+                        } else {
+                            // Long idle (I/O, a serial phase): offer the core to any other
+                            // runnable process, which this returns at once without.
+                            std::thread::yield_now();
+                        }
+                    }
+                });
+            }
+            let r = f();
+            done.store(true, Ordering::Release);
+            r
+        })
+    });
+    #[cfg(not(feature = "flex"))]
+    f()
+}
+
 /// Runs `a` and `b`, side by side on the compute pool's threads (flex), or one after the other
 /// (other backends, which thread their own operations); returns both results.
 ///
@@ -129,6 +180,37 @@ pub fn tune_allocator() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `hot` gives f's result from outside the pool and inside it, nested (a generation inside a
+    /// training run), and from several threads at once, each with parallel work inside, and
+    /// every call returns (its helpers stop).
+    #[cfg(feature = "flex")]
+    #[test]
+    fn hot_runs_nested_and_concurrent_calls_to_the_end() {
+        use rayon::prelude::*;
+        let work = |n: u64| (0..n).into_par_iter().map(|x| x % 7).sum::<u64>();
+        let expect = |n: u64| (0..n).map(|x| x % 7).sum::<u64>();
+        assert_eq!(hot(|| work(10_000)), expect(10_000));
+        assert_eq!(
+            hot(|| hot(|| work(5_000)) + work(100)),
+            expect(5_000) + expect(100)
+        );
+        let handles: Vec<_> = (0..4u64)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    (0..20)
+                        .map(|_| hot(|| work(1_000 * (i + 1)) + hot(|| work(300))))
+                        .sum::<u64>()
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let n = 1_000 * (i as u64 + 1);
+            assert_eq!(h.join().unwrap(), 20 * (expect(n) + expect(300)));
+        }
+        let (a, b) = join(|| hot(|| work(2_000)), || work(3_000));
+        assert_eq!((a, b), (expect(2_000), expect(3_000)));
+    }
 
     #[test]
     fn parses_cpu_and_rejects_nonsense() {

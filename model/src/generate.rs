@@ -72,7 +72,7 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &SamplingConfig,
 ) -> crate::Result<Generation> {
-    crate::device::in_pool(|| sample_all(model, prompts, cfg))
+    crate::device::hot(|| sample_all(model, prompts, cfg))
 }
 
 fn sample_all(

@@ -6,7 +6,7 @@ fn main() {
         "ppo",
         "PPO of an SFT policy against a reward model (or a rule reward), with a KL penalty",
     );
-    let s = trainer::exit_on_error(model::device::in_pool(|| {
+    let s = trainer::exit_on_error(model::device::hot(|| {
         args.load::<ppo::PpoConfig>()
             .and_then(|(cfg, used)| ppo::run(&cfg, &used, args.resume.as_deref()))
     }));

@@ -45,15 +45,13 @@ fn main() {
             template,
             device,
         } = ScoreCli::parse().command;
-        model::device::in_pool(|| {
-            score(&dir, &input, batch_size, raw, template.as_deref(), &device)
-        })
+        model::device::hot(|| score(&dir, &input, batch_size, raw, template.as_deref(), &device))
     } else {
         let args = trainer::StageArgs::parse(
             "reward",
             "Train a reward model on labelers' K-way rankings (`reward --config ...`), or score responses with one (`reward score DIR --input FILE`)",
         );
-        model::device::in_pool(|| {
+        model::device::hot(|| {
             args.load::<reward::RewardConfig>()
                 .and_then(|(cfg, used)| reward::run(&cfg, &used, args.resume.as_deref()))
         })

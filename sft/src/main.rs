@@ -6,7 +6,7 @@ fn main() {
         "sft",
         "Supervised fine-tuning of a causal LM on demonstrations",
     );
-    let s = trainer::exit_on_error(model::device::in_pool(|| {
+    let s = trainer::exit_on_error(model::device::hot(|| {
         args.load::<sft::SftConfig>()
             .and_then(|(cfg, used)| sft::run(&cfg, &used, args.resume.as_deref()))
     }));

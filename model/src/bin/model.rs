@@ -117,7 +117,7 @@ fn main() {
     let template_given = matches
         .subcommand_matches("generate")
         .is_some_and(|m| m.value_source("template") == Some(ValueSource::CommandLine));
-    if let Err(e) = model::device::in_pool(|| run(cli, template_given)) {
+    if let Err(e) = model::device::hot(|| run(cli, template_given)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
