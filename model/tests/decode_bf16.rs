@@ -1,6 +1,9 @@
-//! Decoding under `matmul = "bf16"`: a generation packs the model's weights once, and the
-//! decoding steps' few-row products then run in bf16 from the packed copies. Its own test binary
-//! (one test): the precision is process-wide, and the other tests compare f32 numbers.
+//! Weights packed for decoding: under `matmul = "bf16"` a generation packs the model's weights
+//! once and the decoding steps' few-row products run in bf16 from the packed copies; in f32 the
+//! row-stored weights are packed in f32 panels with unchanged numbers. Its own test binary (one
+//! test): the precision is process-wide, and the other tests compare f32 numbers.
+
+#![cfg(feature = "flex")]
 
 use model::fused::{MatmulPrecision, amx, matmul_precision, set_matmul_precision};
 use model::ops::to_f32_vec;
@@ -39,12 +42,22 @@ fn bf16_decoding_reads_the_packed_weights() {
         .collect();
     let next: Vec<u32> = (0..6).map(|r| (r * 41 + 3) as u32).collect();
 
-    let f32_logits = step_logits(&model, &prompts, &next, true);
+    // f32: the projections (stored by rows) are packed in f32 panels where the CPU has AVX-512,
+    // not the tied LM head (a transposed view); packed, a step gives the same numbers bit for
+    // bit (the same sums in the same order).
     assert_eq!(matmul_precision(), MatmulPrecision::Fp32);
-    assert!(
-        model.pack_for_decoding().is_empty(),
-        "fp32 products pack nothing"
+    let f32_packed = model.pack_for_decoding();
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    assert_eq!(
+        f32_packed.len(),
+        if avx512 { 4 * cfg.num_layers } else { 0 }
     );
+    drop(f32_packed);
+    let f32_logits = step_logits(&model, &prompts, &next, true);
+    assert!(step_logits(&model, &prompts, &next, false) == f32_logits);
 
     set_matmul_precision(MatmulPrecision::Bf16);
     let packed = model.pack_for_decoding();

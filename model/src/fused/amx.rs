@@ -953,10 +953,17 @@ pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedB, threads: 
     unreachable!("no PackedB exists without AMX ({:?}, {threads})", a.ptr);
 }
 
+/// A matrix packed for the products that will read it: bf16 tile panels ([`PackedB`]) for
+/// bf16 products, or f32 panels for few-row f32 products ([`super::skinny::PackedF32`]).
+pub enum PackedWeight {
+    Bf16(PackedB),
+    F32(super::skinny::PackedF32),
+}
+
 /// Matrices packed for as long as their [`Kept`] handles live, found by the products that read
-/// them through the same view (address, strides, shape).
+/// them through the same view (address, strides, shape) at the same precision.
 mod kept {
-    use super::{PackedB, View};
+    use super::{PackedB, PackedWeight, View};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, RwLock};
 
@@ -967,23 +974,25 @@ mod kept {
         cs: isize,
         k: usize,
         n: usize,
+        bf16: bool,
     }
 
     impl Key {
-        fn of(b: &View, k: usize, n: usize) -> Self {
+        fn of(b: &View, k: usize, n: usize, bf16: bool) -> Self {
             Self {
                 addr: b.ptr as usize,
                 rs: b.rs,
                 cs: b.cs,
                 k,
                 n,
+                bf16,
             }
         }
     }
 
     struct Entry {
         key: Key,
-        packed: Arc<PackedB>,
+        packed: Arc<PackedWeight>,
         /// Handles that keep it (two generations with one model at once share the entry).
         holders: usize,
     }
@@ -992,24 +1001,33 @@ mod kept {
     /// ENTRIES' length, read without the lock by every product.
     static COUNT: AtomicUsize = AtomicUsize::new(0);
 
-    /// Keeps B packed until the handle is dropped; None without AMX.
+    /// Keeps B packed until the handle is dropped.
     pub struct Kept(Key);
 
+    /// Packs B for bf16 products (`bf16`; None without AMX) or for few-row f32 products (None
+    /// without AVX-512).
+    ///
     /// # Safety
     /// `b` describes a k × n matrix inside an allocation that stays alive and unchanged until
     /// the returned handle is dropped.
-    pub unsafe fn keep(b: View, k: usize, n: usize) -> Option<Kept> {
-        let key = Key::of(&b, k, n);
+    pub unsafe fn keep(b: View, k: usize, n: usize, bf16: bool) -> Option<Kept> {
+        let key = Key::of(&b, k, n, bf16);
         let mut entries = ENTRIES.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = entries.iter_mut().find(|e| e.key == key) {
             e.holders += 1;
             return Some(Kept(key));
         }
         // SAFETY: as this function's contract.
-        let packed = Arc::new(unsafe { PackedB::new(b, k, n) }?);
+        let packed = unsafe {
+            if bf16 {
+                PackedWeight::Bf16(PackedB::new(b, k, n)?)
+            } else {
+                PackedWeight::F32(super::super::skinny::PackedF32::new(b, k, n)?)
+            }
+        };
         entries.push(Entry {
             key,
-            packed,
+            packed: Arc::new(packed),
             holders: 1,
         });
         COUNT.store(entries.len(), Ordering::Release);
@@ -1029,12 +1047,12 @@ mod kept {
         }
     }
 
-    /// The packed copy of the k × n matrix `b` views, if one is kept.
-    pub fn find(b: &View, k: usize, n: usize) -> Option<Arc<PackedB>> {
+    /// The packed copy of the k × n matrix `b` views, for `bf16` or f32 products, if one is kept.
+    pub fn find(b: &View, k: usize, n: usize, bf16: bool) -> Option<Arc<PackedWeight>> {
         if COUNT.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let key = Key::of(b, k, n);
+        let key = Key::of(b, k, n, bf16);
         let entries = ENTRIES.read().unwrap_or_else(|e| e.into_inner());
         entries
             .iter()
@@ -1254,19 +1272,20 @@ mod tests {
             cs: 64,
         };
         // SAFETY: b outlives both handles.
-        let (first, second) = unsafe { (keep(vb, 64, 48), keep(vb, 64, 48)) };
+        let (first, second) = unsafe { (keep(vb, 64, 48, true), keep(vb, 64, 48, true)) };
         assert!(first.is_some() && second.is_some());
-        assert!(kept(&vb, 64, 48).is_some());
+        assert!(kept(&vb, 64, 48, true).is_some());
+        assert!(kept(&vb, 64, 48, false).is_none(), "kept for bf16, not f32");
         // Another view of the same memory is another matrix.
-        assert!(kept(&transposed, 48, 64).is_none());
-        assert!(kept(&vb, 64, 32).is_none());
+        assert!(kept(&transposed, 48, 64, true).is_none());
+        assert!(kept(&vb, 64, 32, true).is_none());
         drop(first);
         assert!(
-            kept(&vb, 64, 48).is_some(),
+            kept(&vb, 64, 48, true).is_some(),
             "the second handle still keeps it"
         );
         drop(second);
-        assert!(kept(&vb, 64, 48).is_none());
+        assert!(kept(&vb, 64, 48, true).is_none());
     }
 
     /// The rounding costs what bf16 costs: against the f32 product the error is about 2^-8 of the

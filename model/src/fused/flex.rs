@@ -61,14 +61,18 @@ pub(super) struct KeptWeight {
     _tensor: FlexTensor,
 }
 
-/// Packs the 2-D f32 weight `w` for the products that read it through this same view, under
-/// `matmul = "bf16"` on AMX; None otherwise.
-pub(super) fn keep(w: FlexTensor) -> Option<KeptWeight> {
+/// Packs the 2-D f32 weight `w` for the products that read it through this same view: for bf16
+/// products (`bf16`, on AMX) or for f32 products of fewer than 32 rows (on AVX-512); None where
+/// the CPU has neither.
+pub(super) fn keep(w: FlexTensor, bf16: bool) -> Option<KeptWeight> {
     let shape = w.shape();
     if w.dtype() != DType::F32 || shape.num_dims() != 2 || shape[0] < 32 || shape[1] < 32 {
         return None;
     }
     let st = w.layout().strides().to_vec();
+    if !bf16 && st[1] != 1 {
+        return None;
+    }
     let view = amx::View {
         ptr: w.storage::<f32>()[w.layout().start_offset()..].as_ptr(),
         rs: st[0],
@@ -76,7 +80,7 @@ pub(super) fn keep(w: FlexTensor) -> Option<KeptWeight> {
     };
     // SAFETY: the view is burn's layout of `w`, whose memory the returned value keeps alive;
     // nothing writes to memory that another handle (ours) shares.
-    let kept = unsafe { amx::keep(view, shape[0], shape[1]) }?;
+    let kept = unsafe { amx::keep(view, shape[0], shape[1], bf16) }?;
     Some(KeptWeight {
         _kept: kept,
         _tensor: w,
@@ -563,22 +567,22 @@ impl Kernels for Flex {
         let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
         // A weight packed for this generation ([`keep`]): bf16 whatever the rows, so a decoding
         // step reads the weights at half the bytes, and nothing is packed per product.
-        let packed = if batch == 1 && super::matmul_precision() == super::MatmulPrecision::Bf16 {
-            amx::kept(
-                &amx::View {
-                    ptr: r.as_ptr(),
-                    rs: rst[nd - 2],
-                    cs: rst[nd - 1],
-                },
-                k,
-                n,
-            )
+        // In f32, a weight packed in f32 panels serves the products of fewer than 32 rows.
+        let in_bf16 = super::matmul_precision() == super::MatmulPrecision::Bf16;
+        let packed = if batch == 1 && (in_bf16 || m < 32) {
+            let view = amx::View {
+                ptr: r.as_ptr(),
+                rs: rst[nd - 2],
+                cs: rst[nd - 1],
+            };
+            amx::kept(&view, k, n, in_bf16)
         } else {
             None
         };
-        let bf16 = packed.is_some() || super::bf16_product(m, n, k);
+        let bf16 = packed.is_some() && in_bf16 || super::bf16_product(m, n, k);
         // A few rows times a weight matrix (a decoding step): the skinny kernel.
         let skinny = !bf16
+            && packed.is_none()
             && batch == 1
             && skinny::usable(
                 m,
@@ -602,7 +606,14 @@ impl Kernels for Flex {
                 };
                 if let Some(b) = &packed {
                     let threads = !matches!(parallelism, gemm::Parallelism::None);
-                    amx::gemm_packed(m, dst, view(l, lst), b, threads);
+                    match &**b {
+                        amx::PackedWeight::Bf16(b) => {
+                            amx::gemm_packed(m, dst, view(l, lst), b, threads)
+                        }
+                        amx::PackedWeight::F32(b) => {
+                            skinny::gemm_packed(m, dst, view(l, lst), b, threads)
+                        }
+                    }
                     return;
                 }
                 if bf16 || skinny {

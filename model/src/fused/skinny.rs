@@ -270,6 +270,153 @@ unsafe fn cols_of_b(p: Product, j0: usize, j1: usize) {
     }
 }
 
+/// B (k × n) packed once for many skinny products, as a generation's weights are: panels of 16
+/// columns, each k rows of 16 contiguous f32 (zero beyond n), so that a product reads each panel
+/// as one sequential stream and keeps its 16 × 16 block of C in registers for the whole depth.
+/// Each element of C is the same f32 sum, in the same order, as [`gemm`] computes for B with
+/// contiguous rows.
+pub struct PackedF32 {
+    buf: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedF32 {
+    /// B packed, or None on a CPU without AVX-512 (where skinny products are not used).
+    ///
+    /// # Safety
+    /// `b` describes a k × n matrix inside a live allocation.
+    pub unsafe fn new(b: View, k: usize, n: usize) -> Option<Self> {
+        if !avx512() || k == 0 || n == 0 {
+            return None;
+        }
+        let panels = n.div_ceil(LANES);
+        let mut buf = vec![0f32; panels * k * LANES];
+        let fill = |(q, panel): (usize, &mut [f32])| {
+            for p in 0..k {
+                for j in 0..LANES.min(n - q * LANES) {
+                    // SAFETY: (p, q · 16 + j) inside B.
+                    panel[p * LANES + j] = unsafe { element(&b, p, q * LANES + j) };
+                }
+            }
+        };
+        use rayon::prelude::*;
+        buf.par_chunks_mut(k * LANES).enumerate().for_each(fill);
+        Some(Self { buf, k, n })
+    }
+}
+
+/// Element (i, j) of the matrix `v` views.
+///
+/// # Safety
+/// (i, j) inside that matrix.
+unsafe fn element(v: &View, i: usize, j: usize) -> f32 {
+    unsafe { *v.ptr.offset(i as isize * v.rs + j as isize * v.cs) }
+}
+
+/// C (m × n, row-major, written whole) = A (m × `b.k`) · B, B packed in advance, for m < 32.
+///
+/// # Safety
+/// m < 32; `a` describes an m × `b.k` matrix inside a live allocation; `c` points to m · `b.n`
+/// writable f32s that nothing else reads or writes during the call. (A PackedF32 exists only on
+/// CPUs with AVX-512.)
+pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedF32, threads: bool) {
+    let (n, k) = (b.n, b.k);
+    debug_assert!(m < 32);
+    if m == 0 {
+        return;
+    }
+    let blocks = m.div_ceil(LANES);
+    let mut at = SPARE.with(|s| s.take());
+    at.clear();
+    at.resize(blocks * k * LANES, 0.0);
+    for i in 0..m {
+        let (blk, lane) = (i / LANES, i % LANES);
+        let dst = &mut at[blk * k * LANES + lane..];
+        for kk in 0..k {
+            // SAFETY: (i, kk) inside A.
+            dst[kk * LANES] = unsafe { *a.ptr.offset(i as isize * a.rs + kk as isize * a.cs) };
+        }
+    }
+    let panels = n.div_ceil(LANES);
+    let (at_ptr, bp, out) = (at.as_ptr() as usize, b.buf.as_ptr() as usize, c as usize);
+    let run = move |q0: usize, q1: usize| {
+        for q in q0..q1 {
+            let cols = LANES.min(n - q * LANES);
+            for blk in 0..blocks {
+                let rows = LANES.min(m - blk * LANES);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the packed A holds blocks · k · 16 values, the panel k · 16; the block
+                // of C written is rows × cols inside m × n.
+                unsafe {
+                    panel(
+                        (at_ptr as *const f32).add(blk * k * LANES),
+                        (bp as *const f32).add(q * k * LANES),
+                        k,
+                        (out as *mut f32).add(blk * LANES * n + q * LANES),
+                        n,
+                        rows,
+                        cols,
+                    )
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("no PackedF32 exists without AVX-512 ({rows}, {cols})");
+            }
+        }
+    };
+    if threads && m * n * k >= SPLIT && panels >= 2 {
+        let half = panels / 2;
+        rayon::join(|| run(0, half), || run(half, panels));
+    } else {
+        run(0, panels);
+    }
+    SPARE.with(|s| s.set(at));
+}
+
+/// Rows of a packed panel between the one [`panel`] multiplies and the one it prefetches.
+const PREFETCH: usize = 32;
+
+/// One 16 × 16 block of C (`rows` × `cols` of it stored) from 16 rows of packed A and one panel
+/// of packed B, summed over the whole depth in registers.
+///
+/// # Safety
+/// AVX-512F; `at` holds k · 16 values, `bp` k · 16; `c` has `rows` rows of `cols` writable
+/// values at row stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn panel(
+    at: *const f32,
+    bp: *const f32,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+) {
+    let mut acc = [_mm512_setzero_ps(); LANES];
+    // SAFETY: as this function's contract.
+    unsafe {
+        for p in 0..k {
+            // The panel streams from memory: ask for it PREFETCH rows ahead. Past the panel's
+            // end the address may leave B's buffer: prefetches do not fault.
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + PREFETCH) * LANES).cast());
+            let bv = _mm512_loadu_ps(bp.add(p * LANES));
+            let ap = at.add(p * LANES);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), bv, *acc);
+            }
+        }
+        let mask: __mmask16 = if cols == LANES {
+            !0
+        } else {
+            (1u16 << cols) - 1
+        };
+        for (i, acc) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(c.add(i * ldc), mask, *acc);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +495,46 @@ mod tests {
                 }
             }
             check(m, n, k, true, true, false);
+        }
+    }
+
+    /// B packed in f32 panels gives what the unpacked product gives, bit for bit (the same sums
+    /// in the same order), with and without threads, ragged shapes included.
+    #[test]
+    fn packed_b_gives_the_unpacked_numbers() {
+        if !avx512() {
+            // SAFETY: a 1 x 1 matrix.
+            assert!(unsafe { PackedF32::new(view(&[1.0], 1, 1), 1, 1) }.is_none());
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 17, 5),
+            (16, 100, 257),
+            (17, 9, 31),
+            (31, 300, 128),
+            (16, 1024, 512),
+        ] {
+            let mut rng = StdRng::seed_from_u64((m + n + k) as u64);
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (av, bv) = (view(&a, k as isize, 1), view(&b, n as isize, 1));
+            // SAFETY: the views describe a and b, alive for the test.
+            let packed = unsafe { PackedF32::new(bv, k, n) }.expect("AVX-512");
+            for threads in [false, true] {
+                let mut want = vec![f32::NAN; m * n];
+                let mut got = vec![f32::NAN; m * n];
+                // SAFETY: as in `check`.
+                unsafe {
+                    gemm(m, n, k, want.as_mut_ptr(), av, bv, threads);
+                    gemm_packed(m, got.as_mut_ptr(), av, &packed, threads);
+                }
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{m}x{n}x{k} threads {threads}"
+                );
+            }
         }
     }
 
