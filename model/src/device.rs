@@ -103,6 +103,26 @@ pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
     return in_pool(|| {
         use std::sync::atomic::{AtomicBool, Ordering};
+        // One `hot` region at a time in the process: a call made while another runs (a
+        // generation inside a stage binary, or concurrent callers) runs as `in_pool`. With two
+        // regions' helpers, each helper could be stolen by a thread waiting inside the other
+        // region's body and spin there until the other region ends, which it never would.
+        // With one, the helper task is the oldest on its region's queue and is stolen before
+        // any of the region's work, so it never spins on top of work its region waits for.
+        static ACTIVE: AtomicBool = AtomicBool::new(false);
+        if ACTIVE
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return f();
+        }
+        struct Release;
+        impl Drop for Release {
+            fn drop(&mut self) {
+                ACTIVE.store(false, Ordering::Release);
+            }
+        }
+        let _release = Release;
         let runner = rayon::current_thread_index();
         let done = AtomicBool::new(false);
         rayon::scope(|s| {
@@ -126,9 +146,16 @@ pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                     }
                 });
             }
-            let r = f();
-            done.store(true, Ordering::Release);
-            r
+            // Stops the helpers when f returns or unwinds (a panic must not leave them spinning
+            // and the scope waiting for them).
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
+            let _stop = Stop(&done);
+            f()
         })
     });
     #[cfg(not(feature = "flex"))]

@@ -1012,11 +1012,16 @@ mod kept {
     /// the returned handle is dropped.
     pub unsafe fn keep(b: View, k: usize, n: usize, bf16: bool) -> Option<Kept> {
         let key = Key::of(&b, k, n, bf16);
-        let mut entries = ENTRIES.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = entries.iter_mut().find(|e| e.key == key) {
+        let held = |entries: &mut Vec<Entry>| {
+            let e = entries.iter_mut().find(|e| e.key == key)?;
             e.holders += 1;
-            return Some(Kept(key));
+            Some(Kept(key))
+        };
+        if let Some(kept) = held(&mut ENTRIES.write().unwrap_or_else(|e| e.into_inner())) {
+            return Some(kept);
         }
+        // Packed without the lock: packing runs parallel work, during which this thread may
+        // take other tasks, and none of them may wait on a lock it holds.
         // SAFETY: as this function's contract.
         let packed = unsafe {
             if bf16 {
@@ -1025,6 +1030,11 @@ mod kept {
                 PackedWeight::F32(super::super::skinny::PackedF32::new(b, k, n)?)
             }
         };
+        let mut entries = ENTRIES.write().unwrap_or_else(|e| e.into_inner());
+        // Another generation may have packed the same matrix meanwhile: share its copy.
+        if let Some(kept) = held(&mut entries) {
+            return Some(kept);
+        }
         entries.push(Entry {
             key,
             packed: Arc::new(packed),
