@@ -44,6 +44,27 @@ thread_local! {
     static SPARE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// A (m × k) packed transposed in blocks of 16 rows, zero-padded: (i, kk) at
+/// (i / 16) · k · 16 + kk · 16 + i % 16, in this thread's reused buffer (hand it back to
+/// `SPARE` after the product).
+///
+/// # Safety
+/// `a` describes an m × k matrix inside a live allocation.
+unsafe fn pack_a(m: usize, k: usize, a: View) -> Vec<f32> {
+    let mut at = SPARE.with(|s| s.take());
+    at.clear();
+    at.resize(m.div_ceil(LANES) * k * LANES, 0.0);
+    for i in 0..m {
+        let (blk, lane) = (i / LANES, i % LANES);
+        let dst = &mut at[blk * k * LANES + lane..];
+        for kk in 0..k {
+            // SAFETY: (i, kk) inside A.
+            dst[kk * LANES] = unsafe { element(&a, i, kk) };
+        }
+    }
+    at
+}
+
 /// One product as the kernels see it: shapes, A packed by [`gemm`], B, and C (row-major, n
 /// columns); shared by the two halves of a split product.
 #[derive(Clone, Copy)]
@@ -68,18 +89,8 @@ unsafe impl Sync for Product {}
 /// during the call.
 pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, threads: bool) {
     debug_assert!(usable(m, n, k, &b));
-    let blocks = m.div_ceil(LANES);
-    let mut at = SPARE.with(|s| s.take());
-    at.clear();
-    at.resize(blocks * k * LANES, 0.0);
-    for i in 0..m {
-        let (blk, lane) = (i / LANES, i % LANES);
-        let dst = &mut at[blk * k * LANES + lane..];
-        for kk in 0..k {
-            // SAFETY: (i, kk) inside A.
-            dst[kk * LANES] = unsafe { *a.ptr.offset(i as isize * a.rs + kk as isize * a.cs) };
-        }
-    }
+    // SAFETY: `a` describes an m × k matrix (the caller's contract).
+    let at = unsafe { pack_a(m, k, a) };
     let p = Product {
         m,
         n,
@@ -327,17 +338,8 @@ pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedF32, threads
         return;
     }
     let blocks = m.div_ceil(LANES);
-    let mut at = SPARE.with(|s| s.take());
-    at.clear();
-    at.resize(blocks * k * LANES, 0.0);
-    for i in 0..m {
-        let (blk, lane) = (i / LANES, i % LANES);
-        let dst = &mut at[blk * k * LANES + lane..];
-        for kk in 0..k {
-            // SAFETY: (i, kk) inside A.
-            dst[kk * LANES] = unsafe { *a.ptr.offset(i as isize * a.rs + kk as isize * a.cs) };
-        }
-    }
+    // SAFETY: `a` describes an m × k matrix (the caller's contract).
+    let at = unsafe { pack_a(m, k, a) };
     let panels = n.div_ceil(LANES);
     let (at_ptr, bp, out) = (at.as_ptr() as usize, b.buf.as_ptr() as usize, c as usize);
     let run = move |q0: usize, q1: usize| {
