@@ -99,6 +99,7 @@ const SPINS: u32 = 2000;
 /// keep their cores busy while `f` runs. A thread that finds this task queued on itself (the
 /// thread running `f`) returns at once. After a few microseconds without work, each poll also
 /// yields the core to the operating system, so a serial phase or a second process gets it.
+/// `RLHF_NO_SPIN=1` turns this off (plain [`in_pool`]), for a machine shared with other work.
 pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
     return in_pool(|| {
@@ -110,9 +111,11 @@ pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         // With one, the helper task is the oldest on its region's queue and is stolen before
         // any of the region's work, so it never spins on top of work its region waits for.
         static ACTIVE: AtomicBool = AtomicBool::new(false);
-        if ACTIVE
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var_os("RLHF_NO_SPIN").is_some())
+            || ACTIVE
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
         {
             return f();
         }
