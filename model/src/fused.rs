@@ -706,9 +706,10 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 /// every product of that weight then uses whatever its rows (a decoding step's 16 included),
 /// instead of reading the f32 weight; in f32 on AVX-512, f32 panels of 16 columns
 /// ([`skinny::PackedF32`]) for its products of fewer than 32 rows (the same sums, in the same
-/// order, as unpacked), when the weights stored by rows come to at most 2^24 elements (an f32
-/// copy doubles their memory while it lives, and beyond the cache it measured slower). Empty
-/// otherwise. Made by [`pack_weights`].
+/// order, as unpacked; weights stored by rows only), when all the weights together come to at
+/// most 2^24 elements (an f32 copy doubles their memory while it lives, and beyond the cache it
+/// measured slower). Empty otherwise. Made by [`pack_weights`]; the registry the products look
+/// in is [`kept`].
 #[derive(Default)]
 pub struct PackedWeights {
     #[cfg(feature = "flex")]
@@ -924,6 +925,8 @@ pub mod reference {
 pub mod amx;
 #[cfg(feature = "flex")]
 mod flex;
+#[cfg(feature = "flex")]
+pub mod kept;
 #[cfg(feature = "flex")]
 pub mod skinny;
 

@@ -90,7 +90,8 @@ fn sample_all(
     if b == 0 || cfg.max_new_tokens == 0 {
         return Ok(out);
     }
-    // Held until the last step: the weights in bf16 panels when products run in bf16.
+    // Held until the last step: the weights packed for the decoding products (see
+    // `CausalLm::pack_for_decoding`).
     let _packed = model.pack_for_decoding();
     let mut batch = TokenBatch::left_padded(prompts, cfg.pad_token_id);
     let mut cache =

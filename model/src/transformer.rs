@@ -800,8 +800,9 @@ impl CausalLm {
     }
 
     /// The weights that every step of a generation multiplies (each layer's projections and the
-    /// LM head), packed for the generation's products while the returned value lives (under
-    /// `matmul = "bf16"` on AMX; empty otherwise): see [`fused::PackedWeights`].
+    /// LM head), packed for the generation's products while the returned value lives (bf16 tile
+    /// panels under `matmul = "bf16"` on AMX, f32 panels in f32 on AVX-512 for small enough
+    /// models): see [`fused::PackedWeights`].
     pub fn pack_for_decoding(&self) -> fused::PackedWeights {
         let mut weights = Vec::with_capacity(4 * self.layers.len() + 1);
         for block in &self.layers {

@@ -953,126 +953,6 @@ pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedB, threads: 
     unreachable!("no PackedB exists without AMX ({:?}, {threads})", a.ptr);
 }
 
-/// A matrix packed for the products that will read it: bf16 tile panels ([`PackedB`]) for
-/// bf16 products, or f32 panels for few-row f32 products ([`super::skinny::PackedF32`]).
-pub enum PackedWeight {
-    Bf16(PackedB),
-    F32(super::skinny::PackedF32),
-}
-
-/// Matrices packed for as long as their [`Kept`] handles live, found by the products that read
-/// them through the same view (address, strides, shape) at the same precision.
-mod kept {
-    use super::{PackedB, PackedWeight, View};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, RwLock};
-
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    struct Key {
-        addr: usize,
-        rs: isize,
-        cs: isize,
-        k: usize,
-        n: usize,
-        bf16: bool,
-    }
-
-    impl Key {
-        fn of(b: &View, k: usize, n: usize, bf16: bool) -> Self {
-            Self {
-                addr: b.ptr as usize,
-                rs: b.rs,
-                cs: b.cs,
-                k,
-                n,
-                bf16,
-            }
-        }
-    }
-
-    struct Entry {
-        key: Key,
-        packed: Arc<PackedWeight>,
-        /// Handles that keep it (two generations with one model at once share the entry).
-        holders: usize,
-    }
-
-    static ENTRIES: RwLock<Vec<Entry>> = RwLock::new(Vec::new());
-    /// ENTRIES' length, read without the lock by every product.
-    static COUNT: AtomicUsize = AtomicUsize::new(0);
-
-    /// Keeps B packed until the handle is dropped.
-    pub struct Kept(Key);
-
-    /// Packs B for bf16 products (`bf16`; None without AMX) or for few-row f32 products (None
-    /// without AVX-512).
-    ///
-    /// # Safety
-    /// `b` describes a k × n matrix inside an allocation that stays alive and unchanged until
-    /// the returned handle is dropped.
-    pub unsafe fn keep(b: View, k: usize, n: usize, bf16: bool) -> Option<Kept> {
-        let key = Key::of(&b, k, n, bf16);
-        let held = |entries: &mut Vec<Entry>| {
-            let e = entries.iter_mut().find(|e| e.key == key)?;
-            e.holders += 1;
-            Some(Kept(key))
-        };
-        if let Some(kept) = held(&mut ENTRIES.write().unwrap_or_else(|e| e.into_inner())) {
-            return Some(kept);
-        }
-        // Packed without the lock: packing runs parallel work, during which this thread may
-        // take other tasks, and none of them may wait on a lock it holds.
-        // SAFETY: as this function's contract.
-        let packed = unsafe {
-            if bf16 {
-                PackedWeight::Bf16(PackedB::new(b, k, n)?)
-            } else {
-                PackedWeight::F32(super::super::skinny::PackedF32::new(b, k, n)?)
-            }
-        };
-        let mut entries = ENTRIES.write().unwrap_or_else(|e| e.into_inner());
-        // Another generation may have packed the same matrix meanwhile: share its copy.
-        if let Some(kept) = held(&mut entries) {
-            return Some(kept);
-        }
-        entries.push(Entry {
-            key,
-            packed: Arc::new(packed),
-            holders: 1,
-        });
-        COUNT.store(entries.len(), Ordering::Release);
-        Some(Kept(key))
-    }
-
-    impl Drop for Kept {
-        fn drop(&mut self) {
-            let mut entries = ENTRIES.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = entries.iter().position(|e| e.key == self.0) {
-                entries[i].holders -= 1;
-                if entries[i].holders == 0 {
-                    entries.swap_remove(i);
-                }
-            }
-            COUNT.store(entries.len(), Ordering::Release);
-        }
-    }
-
-    /// The packed copy of the k × n matrix `b` views, for `bf16` or f32 products, if one is kept.
-    pub fn find(b: &View, k: usize, n: usize, bf16: bool) -> Option<Arc<PackedWeight>> {
-        if COUNT.load(Ordering::Acquire) == 0 {
-            return None;
-        }
-        let key = Key::of(b, k, n, bf16);
-        let entries = ENTRIES.read().unwrap_or_else(|e| e.into_inner());
-        entries
-            .iter()
-            .find(|e| e.key == key)
-            .map(|e| e.packed.clone())
-    }
-}
-
-pub use kept::{Kept, find as kept, keep};
-
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn tiles(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, threads: bool) {
     unsafe { rounded(m, n, k, c, a, b, threads) }
@@ -1205,8 +1085,7 @@ mod tests {
     }
 
     /// B packed in advance gives the numbers of B packed by each product, bit for bit: decoding
-    /// rows (one strip, with and without the second thread), many rows, both layouts of B; and a
-    /// kept matrix is found through its view until the last of its handles is dropped.
+    /// rows (one strip, with and without the second thread), many rows, both layouts of B.
     #[test]
     fn packed_b_gives_the_numbers_of_packing_per_product() {
         if !available() {
@@ -1270,32 +1149,6 @@ mod tests {
                 }
             }
         }
-        let b = matrix(64, 48, 7);
-        let vb = View {
-            ptr: b.as_ptr(),
-            rs: 48,
-            cs: 1,
-        };
-        let transposed = View {
-            ptr: b.as_ptr(),
-            rs: 1,
-            cs: 64,
-        };
-        // SAFETY: b outlives both handles.
-        let (first, second) = unsafe { (keep(vb, 64, 48, true), keep(vb, 64, 48, true)) };
-        assert!(first.is_some() && second.is_some());
-        assert!(kept(&vb, 64, 48, true).is_some());
-        assert!(kept(&vb, 64, 48, false).is_none(), "kept for bf16, not f32");
-        // Another view of the same memory is another matrix.
-        assert!(kept(&transposed, 48, 64, true).is_none());
-        assert!(kept(&vb, 64, 32, true).is_none());
-        drop(first);
-        assert!(
-            kept(&vb, 64, 48, true).is_some(),
-            "the second handle still keeps it"
-        );
-        drop(second);
-        assert!(kept(&vb, 64, 48, true).is_none());
     }
 
     /// The rounding costs what bf16 costs: against the f32 product the error is about 2^-8 of the

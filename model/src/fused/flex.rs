@@ -2,7 +2,7 @@
 //! once, rows split across rayon's threads when a tensor is large enough for that to pay. Other
 //! dtypes take the composed kernels.
 
-use super::{Kernels, amx, generic, skinny};
+use super::{Kernels, amx, generic, kept, skinny};
 use crate::simd::{exp, max_of, multiversion, sum_map, sum_map2};
 use burn::backend::Flex;
 use burn::backend::TensorMetadata;
@@ -53,17 +53,18 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
     )
 }
 
-/// A weight matrix held packed for bf16 products ([`amx::keep`]) and the tensor whose memory the
+/// A weight matrix held packed ([`kept::keep`]) and the tensor whose memory the
 /// packed copy was made from, kept alive and unchanged (a tensor is copied on write while
 /// another handle shares its memory) until this is dropped.
 pub(super) struct KeptWeight {
-    _kept: amx::Kept,
+    _kept: kept::Kept,
     _tensor: FlexTensor,
 }
 
 /// Packs the 2-D f32 weight `w` for the products that read it through this same view: for bf16
-/// products (`bf16`, on AMX) or for f32 products of fewer than 32 rows (on AVX-512); None where
-/// the CPU has neither.
+/// products (`bf16`, on AMX) or for f32 products of fewer than 32 rows (on AVX-512, and only a
+/// weight stored by rows: a transposed view, the tied LM head, is read by the skinny kernel
+/// along its contiguous columns already); None otherwise.
 pub(super) fn keep(w: FlexTensor, bf16: bool) -> Option<KeptWeight> {
     let shape = w.shape();
     if w.dtype() != DType::F32 || shape.num_dims() != 2 || shape[0] < 32 || shape[1] < 32 {
@@ -80,7 +81,7 @@ pub(super) fn keep(w: FlexTensor, bf16: bool) -> Option<KeptWeight> {
     };
     // SAFETY: the view is burn's layout of `w`, whose memory the returned value keeps alive;
     // nothing writes to memory that another handle (ours) shares.
-    let kept = unsafe { amx::keep(view, shape[0], shape[1], bf16) }?;
+    let kept = unsafe { kept::keep(view, shape[0], shape[1], bf16) }?;
     Some(KeptWeight {
         _kept: kept,
         _tensor: w,
@@ -569,31 +570,20 @@ impl Kernels for Flex {
         // step reads the weights at half the bytes, and nothing is packed per product.
         // In f32, a weight packed in f32 panels serves the products of fewer than 32 rows.
         let in_bf16 = super::matmul_precision() == super::MatmulPrecision::Bf16;
+        // B of a single product (a weight times the rows of a step).
+        let weight = amx::View {
+            ptr: r.as_ptr(),
+            rs: rst[nd - 2],
+            cs: rst[nd - 1],
+        };
         let packed = if batch == 1 && (in_bf16 || m < 32) {
-            let view = amx::View {
-                ptr: r.as_ptr(),
-                rs: rst[nd - 2],
-                cs: rst[nd - 1],
-            };
-            amx::kept(&view, k, n, in_bf16)
+            kept::find(&weight, k, n, in_bf16)
         } else {
             None
         };
         let bf16 = packed.is_some() && in_bf16 || super::bf16_product(m, n, k);
         // A few rows times a weight matrix (a decoding step): the skinny kernel.
-        let skinny = !bf16
-            && packed.is_none()
-            && batch == 1
-            && skinny::usable(
-                m,
-                n,
-                k,
-                &amx::View {
-                    ptr: r.as_ptr(),
-                    rs: rst[nd - 2],
-                    cs: rst[nd - 1],
-                },
-            );
+        let skinny = !bf16 && packed.is_none() && batch == 1 && skinny::usable(m, n, k, &weight);
         let product = |i: usize, dst: *mut f32, parallelism: gemm::Parallelism| {
             // SAFETY: the operands' offsets, shapes and strides describe views inside their
             // buffers (burn's layout); gemm with read_dst = false, amx::gemm and skinny::gemm
@@ -607,10 +597,10 @@ impl Kernels for Flex {
                 if let Some(b) = &packed {
                     let threads = !matches!(parallelism, gemm::Parallelism::None);
                     match &**b {
-                        amx::PackedWeight::Bf16(b) => {
+                        kept::PackedWeight::Bf16(b) => {
                             amx::gemm_packed(m, dst, view(l, lst), b, threads)
                         }
-                        amx::PackedWeight::F32(b) => {
+                        kept::PackedWeight::F32(b) => {
                             skinny::gemm_packed(m, dst, view(l, lst), b, threads)
                         }
                     }

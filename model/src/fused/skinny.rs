@@ -127,6 +127,12 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+/// The mask of the first `w` ≤ 16 lanes.
+#[cfg(target_arch = "x86_64")]
+fn lanes(w: usize) -> __mmask16 {
+    if w >= LANES { !0 } else { (1u16 << w) - 1 }
+}
+
 /// Rows of B per sweep of [`rows_of_b`] (the accumulators are loaded and stored once per sweep).
 const SWEEP: usize = 8;
 
@@ -180,7 +186,7 @@ unsafe fn rows_of_b_chunk(p: Product, j0: usize, j1: usize) {
         for g in 0..groups {
             let j = j0 + g * LANES;
             let w = (j1 - j).min(LANES);
-            let mask: __mmask16 = if w == LANES { !0 } else { (1u16 << w) - 1 };
+            let mask = lanes(w);
             for blk in 0..blocks {
                 // SAFETY: rows k0..k0 + kb and columns j..j + w inside B (the mask covers the
                 // rest); the packed block holds k · 16 values; the buffer blocks · 16 rows of
@@ -341,7 +347,11 @@ pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedF32, threads
     // SAFETY: `a` describes an m × k matrix (the caller's contract).
     let at = unsafe { pack_a(m, k, a) };
     let panels = n.div_ceil(LANES);
-    let (at_ptr, bp, out) = (at.as_ptr() as usize, b.buf.as_ptr() as usize, c as usize);
+    let ptrs = Panels {
+        at: at.as_ptr(),
+        b: b.buf.as_ptr(),
+        c,
+    };
     let run = move |q0: usize, q1: usize| {
         for q in q0..q1 {
             let cols = LANES.min(n - q * LANES);
@@ -352,10 +362,10 @@ pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedF32, threads
                 // of C written is rows × cols inside m × n.
                 unsafe {
                     panel(
-                        (at_ptr as *const f32).add(blk * k * LANES),
-                        (bp as *const f32).add(q * k * LANES),
+                        ptrs.at().add(blk * k * LANES),
+                        ptrs.b().add(q * k * LANES),
                         k,
-                        (out as *mut f32).add(blk * LANES * n + q * LANES),
+                        ptrs.c().add(blk * LANES * n + q * LANES),
                         n,
                         rows,
                         cols,
@@ -373,6 +383,30 @@ pub unsafe fn gemm_packed(m: usize, c: *mut f32, a: View, b: &PackedF32, threads
         run(0, panels);
     }
     SPARE.with(|s| s.set(at));
+}
+
+/// [`gemm_packed`]'s operands as its two halves see them: packed A, packed B, C.
+#[derive(Clone, Copy)]
+struct Panels {
+    at: *const f32,
+    b: *const f32,
+    c: *mut f32,
+}
+// SAFETY: the packed operands are only read; each half writes its own panels' columns of C.
+unsafe impl Send for Panels {}
+unsafe impl Sync for Panels {}
+
+impl Panels {
+    // Methods, so that closures capture the whole `Panels`, not its pointers.
+    fn at(self) -> *const f32 {
+        self.at
+    }
+    fn b(self) -> *const f32 {
+        self.b
+    }
+    fn c(self) -> *mut f32 {
+        self.c
+    }
 }
 
 /// Rows of a packed panel between the one [`panel`] multiplies and the one it prefetches.
@@ -408,11 +442,7 @@ unsafe fn panel(
                 *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), bv, *acc);
             }
         }
-        let mask: __mmask16 = if cols == LANES {
-            !0
-        } else {
-            (1u16 << cols) - 1
-        };
+        let mask = lanes(cols);
         for (i, acc) in acc.iter().enumerate().take(rows) {
             _mm512_mask_storeu_ps(c.add(i * ldc), mask, *acc);
         }
