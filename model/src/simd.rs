@@ -49,7 +49,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     let xc = x.clamp(-87.3, 88.7);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let f = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_2e-4_f32;
     let p = p * f + 1.398_2e-3;
@@ -58,7 +59,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * f + 1.666_666_5e-1;
     let p = p * f + 0.5;
     let y = p * f * f + f + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // n is in t's low mantissa bits (t = 1.5 · 2^23 + n): read it with integer arithmetic, which
+    // vectorises; `n as i32` is a saturating conversion that the compiler leaves scalar.
+    let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let scale = f32::from_bits(((n + 127) << 23) as u32);
     if x < -87.3 { 0.0 } else { y * scale }
 }
 
