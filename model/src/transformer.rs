@@ -16,7 +16,7 @@ use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::activation::gelu;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use std::sync::{Arc, Mutex};
 
 /// Additive attention bias for masked positions. Finite, so that a fully masked row (a padding
@@ -630,16 +630,32 @@ impl CausalLm {
         t
     }
 
-    /// Hidden states after the final norm. tokens/mask: [b, t] → [b, t, d].
+    /// Hidden states after the final norm. tokens/mask: [b, t] → [b, t, d]; the rows of padding
+    /// positions are zero.
+    ///
+    /// A batch with padding runs unpadded: the embedding, norms, projections and MLP (all the
+    /// products but attention's) see only the real tokens, as one row of n tokens, and only
+    /// attention works in the padded layout (its queries, keys and values are scattered into
+    /// it, and its output gathered back). A real token's result is the same as in the padded
+    /// computation, since no real token attends to padding; what is saved is the work on the
+    /// padding positions (about 30% of a batch of 16 chat examples padded to the longest).
     pub fn forward(&self, batch: &TokenBatch) -> Tensor<3> {
         let mut cache = KvCache::new(self.layers.len(), batch.batch);
-        self.forward_cached(batch, &mut cache)
+        let real = batch.real_tokens();
+        let unpad = real > 0 && real < batch.tokens.len();
+        self.run(batch, &mut cache, unpad)
     }
 
     /// Runs `batch` after what `cache` holds and appends its keys and values to the cache.
     /// Padding tokens in `batch` (mask 0) are never attended to. Returns hidden states
     /// [b, t_new, d].
     pub fn forward_cached(&self, batch: &TokenBatch, cache: &mut KvCache) -> Tensor<3> {
+        self.run(batch, cache, false)
+    }
+
+    /// [`Self::forward_cached`], with the position-wise work on the real tokens only when
+    /// `unpad` (see [`Self::forward`]).
+    fn run(&self, batch: &TokenBatch, cache: &mut KvCache, unpad: bool) -> Tensor<3> {
         let device = self.device();
         let (bsz, t) = (batch.batch, batch.seq);
         let past = cache.len();
@@ -670,19 +686,36 @@ impl CausalLm {
             }
         }
         let bias: Tensor<4> = Tensor::from_data(TensorData::new(bias, [bsz, 1, t, total]), &device);
-        let tokens: Tensor<2, Int> = Tensor::from_data(
-            TensorData::new(
-                batch.tokens.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                [bsz, t],
+        // The flat indices (row · t + position) of the real tokens, when running unpadded; the
+        // position-wise work then runs on [1, n, d].
+        let real: Option<Vec<usize>> =
+            unpad.then(|| (0..bsz * t).filter(|&i| batch.mask[i]).collect());
+        let rows = real.as_ref().map(|idx| Rows {
+            idx: Tensor::from_data(
+                TensorData::new(idx.iter().map(|&i| i as i64).collect(), [idx.len()]),
+                &device,
             ),
-            &device,
-        );
+            bsz,
+            t,
+        });
+        // Token ids and position ids in the layout the position-wise work runs in.
+        let (ids, lay): (Vec<i64>, [usize; 2]) = match &real {
+            Some(idx) => (
+                idx.iter().map(|&i| batch.tokens[i] as i64).collect(),
+                [1, idx.len()],
+            ),
+            None => (batch.tokens.iter().map(|&x| x as i64).collect(), [bsz, t]),
+        };
+        let tokens: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, lay), &device);
         let mut x = self.embed.forward(tokens);
         let rope = match &self.positions {
             Some(table) => {
                 let max = self.config.max_position_embeddings as i64 - 1;
-                let p: Vec<i64> = pos.iter().map(|&p| p.min(max)).collect();
-                let p: Tensor<2, Int> = Tensor::from_data(TensorData::new(p, [bsz, t]), &device);
+                let p: Vec<i64> = match &real {
+                    Some(idx) => idx.iter().map(|&i| pos[i].min(max)).collect(),
+                    None => pos.iter().map(|&p| p.min(max)).collect(),
+                };
+                let p: Tensor<2, Int> = Tensor::from_data(TensorData::new(p, lay), &device);
                 x = x + table.forward(p);
                 None
             }
@@ -694,6 +727,7 @@ impl CausalLm {
             let a = self.attention(
                 &block.attn,
                 h,
+                rows.as_ref(),
                 &bias,
                 rope.as_ref(),
                 &mut cache.layers[l],
@@ -704,7 +738,11 @@ impl CausalLm {
             let m = self.mlp(&block.mlp, h);
             x = x + self.dropout.forward(m);
         }
-        self.norm.forward(x)
+        let x = self.norm.forward(x);
+        match &rows {
+            Some(rows) => rows.pad(x),
+            None => x,
+        }
     }
 
     /// cos and sin tables [b, t, 1, head_dim] for RoPE at the given positions.
@@ -736,20 +774,22 @@ impl CausalLm {
         )
     }
 
-    /// x: [b, t, d] → [b, t, d]
+    /// x: [b, t, d] → [b, t, d]; or, with `rows`, the real tokens [1, n, d] → [1, n, d] (the
+    /// scores, softmax and weighted values in the padded layout `rows` describes).
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         attn: &Attention,
         x: Tensor<3>,
+        rows: Option<&Rows>,
         bias: &Tensor<4>,
         rope: Option<&(Tensor<4>, Tensor<4>)>,
         cache: &mut Option<LayerKv>,
         capacity: usize,
     ) -> Tensor<3> {
         let cfg = &*self.config;
-        let [bsz, t, _] = x.dims();
         let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let [q, k, v]: [Tensor<3>; 3] = split_linear(
+        let qkv: [Tensor<3>; 3] = split_linear(
             &attn.qkv,
             x,
             [
@@ -758,6 +798,11 @@ impl CausalLm {
                 (h + kv) * hd..(h + 2 * kv) * hd,
             ],
         );
+        let [q, k, v] = match rows {
+            Some(rows) => qkv.map(|y| rows.pad(y)),
+            None => qkv,
+        };
+        let [bsz, t, _] = q.dims();
         let (q, k) = (q.reshape([bsz, t, h, hd]), k.reshape([bsz, t, kv, hd]));
         let (q, k) = match rope {
             Some((cos, sin)) => (fused::rope(q, cos, sin), fused::rope(k, cos, sin)),
@@ -783,6 +828,10 @@ impl CausalLm {
         let weights = fused::masked_softmax(scores, bias, 1.0 / (hd as f64).sqrt());
         let ctx = fused::matmul(weights, v);
         let ctx = ctx.swap_dims(1, 2).reshape([bsz, t, h * hd]);
+        let ctx = match rows {
+            Some(rows) => rows.gather(ctx),
+            None => ctx,
+        };
         apply(&attn.o, ctx)
     }
 
@@ -869,6 +918,41 @@ impl CausalLm {
 }
 
 /// A linear layer through [`fused::linear`].
+/// Where the real tokens of a padded batch [bsz, t] are, for a forward that runs the
+/// position-wise work on them alone ([`CausalLm::forward`]).
+struct Rows {
+    /// Flat indices (row · t + position) of the real tokens, ascending: [n].
+    idx: Tensor<1, Int>,
+    bsz: usize,
+    t: usize,
+}
+
+impl Rows {
+    /// [1, n, c] → [bsz, t, c], zero at padding positions (its backward gathers the gradient's
+    /// real rows).
+    fn pad(&self, x: Tensor<3>) -> Tensor<3> {
+        let [_, n, c] = x.dims();
+        let zeros = Tensor::zeros([self.bsz * self.t, c], &x.device());
+        zeros
+            .select_assign(
+                0,
+                self.idx.clone(),
+                x.reshape([n, c]),
+                IndexingUpdateOp::Add,
+            )
+            .reshape([self.bsz, self.t, c])
+    }
+
+    /// [bsz, t, c] → the real tokens' rows [1, n, c].
+    fn gather(&self, x: Tensor<3>) -> Tensor<3> {
+        let c = x.dims()[2];
+        let n = self.idx.dims()[0];
+        x.reshape([self.bsz * self.t, c])
+            .select(0, self.idx.clone())
+            .reshape([1, n, c])
+    }
+}
+
 fn apply<const D: usize>(lin: &Linear, x: Tensor<D>) -> Tensor<D> {
     fused::linear(x, lin.weight.val(), lin.bias.as_ref().map(|b| b.val()))
 }
@@ -922,6 +1006,108 @@ mod tests {
     use super::*;
     use burn::nn::LinearConfig;
     use burn::tensor::Distribution;
+
+    /// A padded batch runs unpadded (position-wise work on the real tokens only): its real
+    /// tokens' hidden states and the parameters' gradients are those of each row run alone
+    /// (no padding, the dense path), for right- and left-padded rows, with grouped-query
+    /// attention (tiny has 4 heads over 2 key/value heads); padding rows come out zero.
+    #[test]
+    fn unpadded_forward_matches_rows_run_alone() {
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        let cfg = ModelConfig::preset("tiny", 50).unwrap();
+        let model = CausalLm::new(&cfg, false, 3, &device).unwrap();
+        let rows: Vec<Vec<u32>> = vec![
+            vec![5, 9, 2, 31, 7, 7, 40],
+            vec![11, 3],
+            vec![8, 1, 49, 22, 6],
+        ];
+        let d = cfg.hidden_size;
+        // A fixed weighting of each hidden value, so that every position and unit counts.
+        let weight = |r: usize, j: usize, k: usize| ((r * 31 + j * 7 + k) % 13) as f32 / 13.0 - 0.4;
+        for left in [false, true] {
+            let batch = if left {
+                TokenBatch::left_padded(&rows, 0)
+            } else {
+                TokenBatch::right_padded(&rows, 0)
+            };
+            let t = batch.seq;
+            let hidden = model.forward(&batch);
+            let h = crate::ops::to_f32_vec(hidden.clone());
+            let mut w = vec![0f32; rows.len() * t * d];
+            let mut loss_alone = None;
+            for (r, row) in rows.iter().enumerate() {
+                let pad = t - row.len();
+                let start = if left { pad } else { 0 };
+                let alone = model.forward(&TokenBatch::dense(row.clone(), 1, row.len()));
+                let a = crate::ops::to_f32_vec(alone.clone());
+                let mut wa = vec![0f32; row.len() * d];
+                for j in 0..row.len() {
+                    for k in 0..d {
+                        let (x, y) = (a[j * d + k], h[(r * t + start + j) * d + k]);
+                        assert!(
+                            (x - y).abs() < 1e-5,
+                            "left {left} row {r} pos {j}: {x} vs {y}"
+                        );
+                        w[(r * t + start + j) * d + k] = weight(r, j, k);
+                        wa[j * d + k] = weight(r, j, k);
+                    }
+                }
+                for j in (0..t).filter(|&j| j < start || j >= start + row.len()) {
+                    assert!(
+                        h[(r * t + j) * d..(r * t + j + 1) * d]
+                            .iter()
+                            .all(|&v| v == 0.0)
+                    );
+                }
+                let wa = Tensor::<3>::from_data(TensorData::new(wa, [1, row.len(), d]), &device);
+                let l = (alone * wa).sum();
+                loss_alone = Some(match loss_alone {
+                    None => l,
+                    Some(acc) => acc + l,
+                });
+            }
+            let w = Tensor::<3>::from_data(TensorData::new(w, [rows.len(), t, d]), &device);
+            let g_batch = (hidden * w).sum().backward();
+            let g_alone = loss_alone.unwrap().backward();
+            let block = &model.layers[0];
+            let grads = [
+                (
+                    "embed",
+                    model.embed.weight.val().grad(&g_batch),
+                    model.embed.weight.val().grad(&g_alone),
+                ),
+                (
+                    "qkv",
+                    block.attn.qkv.weight.val().grad(&g_batch),
+                    block.attn.qkv.weight.val().grad(&g_alone),
+                ),
+                (
+                    "o",
+                    block.attn.o.weight.val().grad(&g_batch),
+                    block.attn.o.weight.val().grad(&g_alone),
+                ),
+                (
+                    "down",
+                    block.mlp.down.weight.val().grad(&g_batch),
+                    block.mlp.down.weight.val().grad(&g_alone),
+                ),
+            ];
+            for (name, a, b) in grads {
+                let (a, b) = (
+                    crate::ops::to_f32_vec(a.expect("gradient")),
+                    crate::ops::to_f32_vec(b.expect("gradient")),
+                );
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 1e-3, "{name}: gradient is all but zero");
+                for (p, q) in a.iter().zip(&b) {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * scale,
+                        "left {left} {name}: {p} vs {q}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The training path of `split_linear` (one matmul per weight block) gives the values and
     /// the gradients (weight, bias, input) of the fused matmul with its output sliced.
