@@ -129,6 +129,18 @@ pub trait Kernels: Backend {
         generic::swiglu_backward::<Self>(gate, up, grad)
     }
 
+    /// [`Kernels::swiglu`] on gate and up side by side in the last axis: x [.., 2i] (the output
+    /// of one product by the gate | up weight) → [.., i].
+    fn swiglu_joined(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        generic::swiglu_joined::<Self>(x)
+    }
+
+    /// Gradient of [`Kernels::swiglu_joined`]: [.., 2i], the gate's and up's gradients side by
+    /// side (no gradient of a slice, which burn's autodiff writes into a zeroed whole).
+    fn swiglu_joined_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        generic::swiglu_joined_backward::<Self>(x, grad)
+    }
+
     /// softmax(scale · scores + bias) over the last axis. scores: [b, h, t, k], bias: [b, 1, t, k]
     /// (the same for every head).
     fn masked_softmax(
@@ -292,6 +304,41 @@ pub mod generic {
         [g_gate, g_up]
     }
 
+    /// The gate and up halves of x [.., 2i].
+    fn halves<B: Backend>(x: FloatTensor<B>) -> [FloatTensor<B>; 2] {
+        let shape = x.shape();
+        let n = shape.num_dims();
+        let i = shape[n - 1] / 2;
+        let part = |r: std::ops::Range<usize>| {
+            let ranges: Vec<_> = (0..n)
+                .map(|d| {
+                    if d + 1 == n {
+                        s(r.clone())
+                    } else {
+                        s(0..shape[d])
+                    }
+                })
+                .collect();
+            B::float_slice(x.clone(), &ranges)
+        };
+        [part(0..i), part(i..2 * i)]
+    }
+
+    pub fn swiglu_joined<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        let [gate, up] = halves::<B>(x);
+        swiglu::<B>(gate, up)
+    }
+
+    pub fn swiglu_joined_backward<B: Backend>(
+        x: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let n = x.shape().num_dims();
+        let [gate, up] = halves::<B>(x);
+        let [g_gate, g_up] = swiglu_backward::<B>(gate, up, grad);
+        B::float_cat(vec![g_gate, g_up], n - 1)
+    }
+
     pub fn masked_softmax<B: Backend>(
         scores: FloatTensor<B>,
         bias: FloatTensor<B>,
@@ -436,6 +483,21 @@ impl<B: Kernels> Backward<B, 2> for SwigluOp {
         let [g_gate, g_up] = B::swiglu_backward(gate, up, grads.consume::<B>(&ops.node));
         give::<B>(grads, pg, || g_gate);
         give::<B>(grads, pu, || g_up);
+    }
+}
+
+#[derive(Debug)]
+struct SwigluJoinedOp;
+
+impl<B: Kernels> Backward<B, 1> for SwigluJoinedOp {
+    /// the joined gate | up input
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = parent_ids(&ops);
+        let x = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        give::<B>(grads, parent, || B::swiglu_joined_backward(x, grad));
     }
 }
 
@@ -643,6 +705,33 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         return y;
     }
     reference::swiglu(gate, up)
+}
+
+fn swiglu_joined_on<B: Kernels, const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    match prim::<B, D>(x)? {
+        Prim::Tracked(x) => Some(tracked::<B, D>(record(SwigluJoinedOp, [x], |[x]| {
+            (B::swiglu_joined(x.clone()), x)
+        }))),
+        Prim::Plain(x) => Some(plain::<B, D>(B::swiglu_joined(x))),
+    }
+}
+
+/// SwiGLU's gated activation on the output of one product by the gate | up weight: x [.., 2i]
+/// → silu(x[.., :i]) · x[.., i:], [.., i]. Its gradient is written whole, gate and up side by
+/// side, where two slices' gradients would each be written into a zeroed [.., 2i] and summed.
+pub fn swiglu_joined<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let w = x.dims()[D - 1];
+    assert_eq!(w % 2, 0, "swiglu_joined: last axis {w} is odd");
+    if let Some(y) = on_backends!(|B| swiglu_joined_on::<B, D>(&x)) {
+        return y;
+    }
+    reference::swiglu(
+        x.clone().narrow(D - 1, 0, w / 2),
+        x.narrow(D - 1, w / 2, w / 2),
+    )
 }
 
 fn masked_softmax_on<B: Kernels>(
@@ -1021,6 +1110,22 @@ mod tests {
             |[g, u]| reference::swiglu(g.clone(), u.clone()),
             "swiglu (large)",
         );
+    }
+
+    #[test]
+    fn swiglu_joined_matches_the_decomposed_ops() {
+        for (shape, name) in [
+            ([2, 7, 60], "swiglu_joined"),
+            ([4, 128, 192], "swiglu_joined (large)"),
+        ] {
+            let i = shape[2] / 2;
+            check(
+                [shape],
+                |[x]| swiglu_joined(x.clone()),
+                |[x]| reference::swiglu(x.clone().narrow(2, 0, i), x.clone().narrow(2, i, i)),
+                name,
+            );
+        }
     }
 
     /// The linear layer against burn's, with the weight a column slice of a wider matrix (as the

@@ -837,11 +837,8 @@ impl CausalLm {
 
     fn mlp(&self, mlp: &Mlp, x: Tensor<3>) -> Tensor<3> {
         let hidden = match self.config.activation {
-            Activation::Silu => {
-                let i = self.config.intermediate_size;
-                let [gate, up] = split_linear(&mlp.up, x, [0..i, i..2 * i]);
-                fused::swiglu(gate, up)
-            }
+            // One product by the gate | up weight, then the activation on its two halves.
+            Activation::Silu => fused::swiglu_joined(apply(&mlp.up, x)),
             Activation::GeluTanh => gelu_tanh(apply(&mlp.up, x)),
             Activation::Gelu => gelu(apply(&mlp.up, x)),
         };

@@ -482,6 +482,47 @@ impl Kernels for Flex {
         outs.map(|o| tensor(o, shape.clone()))
     }
 
+    fn swiglu_joined(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let Some(xv) = values(&x) else {
+            return generic::swiglu_joined::<Self>(x);
+        };
+        let mut shape = x.shape();
+        let last = shape.num_dims() - 1;
+        let i = shape[last] / 2;
+        shape[last] = i;
+        let xs = slice(&xv);
+        // SAFETY: swiglu_row writes its whole row.
+        let [y] = unsafe {
+            written(xs.len() / 2, |[y]| {
+                for_rows(y, i, |r, out| {
+                    let row = &xs[2 * r * i..2 * (r + 1) * i];
+                    swiglu_row(out, &row[..i], &row[i..]);
+                })
+            })
+        };
+        tensor(y, shape)
+    }
+
+    fn swiglu_joined_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (Some(xv), Some(dv)) = (values(&x), values(&grad)) else {
+            return generic::swiglu_joined_backward::<Self>(x, grad);
+        };
+        let shape = x.shape();
+        let i = shape[shape.num_dims() - 1] / 2;
+        let (xs, ds) = (slice(&xv), slice(&dv));
+        // SAFETY: swiglu_backward_row writes both halves of each row whole.
+        let [gx] = unsafe {
+            written(xs.len(), |[gx]| {
+                for_rows(gx, 2 * i, |r, out| {
+                    let row = &xs[2 * r * i..2 * (r + 1) * i];
+                    let (og, ou) = out.split_at_mut(i);
+                    swiglu_backward_row(og, ou, &row[..i], &row[i..], &ds[r * i..(r + 1) * i]);
+                })
+            })
+        };
+        tensor(gx, shape)
+    }
+
     fn masked_softmax(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
