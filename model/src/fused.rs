@@ -199,17 +199,21 @@ pub trait Kernels: Backend {
     }
 
     /// One AdamW step in one pass (see [`AdamWStep`]): parameter, gradient and moments (none on
-    /// the first step) → (parameter, first moment, second moment). None: not fused on this
-    /// backend (the caller composes tensor ops).
+    /// the first step) → (parameter, first moment, second moment), written over the inputs'
+    /// memory where they own it. The inputs back: not fused on this backend (the caller
+    /// composes tensor ops).
     fn adamw(
-        _param: FloatTensor<Self>,
-        _grad: FloatTensor<Self>,
-        _moments: Option<[FloatTensor<Self>; 2]>,
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<[FloatTensor<Self>; 2]>,
         _step: &AdamWStep,
-    ) -> Option<[FloatTensor<Self>; 3]> {
-        None
+    ) -> Result<[FloatTensor<Self>; 3], AdamWInputs<Self>> {
+        Err((param, grad, moments))
     }
 }
+
+/// What [`Kernels::adamw`] hands back when it does not apply: parameter, gradient, moments.
+pub type AdamWInputs<B> = (FloatTensor<B>, FloatTensor<B>, Option<[FloatTensor<B>; 2]>);
 
 /// The scalars of one AdamW step (Loshchilov & Hutter's decoupled weight decay), in the order
 /// burn-optim's `AdamW` applies them, so that the fused pass gives the same f32 results:
@@ -930,36 +934,59 @@ pub fn token_logprobs(logits: &Tensor<3>, targets: &Tensor<2, Int>) -> Option<Te
     on_backends!(|B| token_logprobs_on::<B>(logits, targets))
 }
 
+/// Tensors of an AdamW step: parameter, gradient, moments (none on the first step).
+pub type AdamWTensors<const D: usize> = (Tensor<D>, Tensor<D>, Option<[Tensor<D>; 2]>);
+
 fn adamw_on<B: Kernels, const D: usize>(
-    p: &Tensor<D>,
-    g: &Tensor<D>,
-    moments: Option<[&Tensor<D>; 2]>,
+    args: &mut Option<AdamWTensors<D>>,
     step: &AdamWStep,
 ) -> Option<[Tensor<D>; 3]>
 where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
 {
-    let plain_prim = |t: &Tensor<D>| match prim::<B, D>(t)? {
-        Prim::Plain(x) => Some(x),
-        Prim::Tracked(_) => None,
+    // Only plain tensors of this backend are taken (checked on clones, which are dropped, so
+    // that the tensors handed over own their memory as they did).
+    let plain_here = |t: &Tensor<D>| matches!(prim::<B, D>(t), Some(Prim::Plain(_)));
+    let (p, g, m) = args.as_ref()?;
+    if !plain_here(p)
+        || !plain_here(g)
+        || m.as_ref()
+            .is_some_and(|[m, v]| !plain_here(m) || !plain_here(v))
+    {
+        return None;
+    }
+    let (p, g, m) = args.take()?;
+    let inner = |t: Tensor<D>| {
+        t.try_into_primitive::<B>()
+            .unwrap_or_else(|_| unreachable!("checked to be a plain tensor of this backend"))
     };
-    let moments = match moments {
-        Some([m, v]) => Some([plain_prim(m)?, plain_prim(v)?]),
-        None => None,
-    };
-    let out = B::adamw(plain_prim(p)?, plain_prim(g)?, moments, step)?;
-    Some(out.map(plain::<B, D>))
+    match B::adamw(inner(p), inner(g), m.map(|m| m.map(inner)), step) {
+        Ok(out) => Some(out.map(plain::<B, D>)),
+        Err((p, g, m)) => {
+            *args = Some((
+                plain::<B, D>(p),
+                plain::<B, D>(g),
+                m.map(|m| m.map(plain::<B, D>)),
+            ));
+            None
+        }
+    }
 }
 
 /// One AdamW step over a whole parameter in one pass where the backend has the kernel (flex,
-/// f32): (parameter, first moment, second moment). None otherwise.
+/// f32): (parameter, first moment, second moment), in the inputs' memory where they own it.
+/// The inputs back otherwise.
 pub fn adamw<const D: usize>(
-    param: &Tensor<D>,
-    grad: &Tensor<D>,
-    moments: Option<[&Tensor<D>; 2]>,
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moments: Option<[Tensor<D>; 2]>,
     step: &AdamWStep,
-) -> Option<[Tensor<D>; 3]> {
-    on_backends!(|B| adamw_on::<B, D>(param, grad, moments, step))
+) -> Result<[Tensor<D>; 3], Box<AdamWTensors<D>>> {
+    let mut args = Some((param, grad, moments));
+    match on_backends!(|B| adamw_on::<B, D>(&mut args, step)) {
+        Some(out) => Ok(out),
+        None => Err(Box::new(args.expect("the inputs, handed back"))),
+    }
 }
 
 /// Rotary position embedding, rotate-half layout (as transformers). x: [b, t, h, hd];

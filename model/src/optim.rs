@@ -66,15 +66,21 @@ impl Optimizer for FusedAdamW {
             c1: 1.0 - self.beta1.powi(time as i32),
             c2: 1.0 - self.beta2.powi(time as i32),
         };
-        // (No AMSGrad: this optimizer never creates a max_moment_2.)
-        let moments = state
-            .as_ref()
-            .map(|s| [&s.momentum.moment_1, &s.momentum.moment_2]);
-        if let Some([p, m, v]) = fused::adamw(&tensor, &grad, moments, &step) {
-            let momentum = AdaptiveMomentumState::new(time, m, v);
-            return (p, Some(AdamWState::new(momentum)));
+        // (No AMSGrad: this optimizer never creates a max_moment_2.) The moments are handed over
+        // by value, so that the fused pass can write over them.
+        let moments = state.map(|s| [s.momentum.moment_1, s.momentum.moment_2]);
+        match fused::adamw(tensor, grad, moments, &step) {
+            Ok([p, m, v]) => {
+                let momentum = AdaptiveMomentumState::new(time, m, v);
+                (p, Some(AdamWState::new(momentum)))
+            }
+            Err(inputs) => {
+                let (tensor, grad, moments) = *inputs;
+                let state = moments
+                    .map(|[m, v]| AdamWState::new(AdaptiveMomentumState::new(time - 1, m, v)));
+                self.composed.step(lr, tensor, grad, state)
+            }
         }
-        self.composed.step(lr, tensor, grad, state)
     }
 
     fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
@@ -151,11 +157,13 @@ mod tests {
         // On flex the fused pass is what ran (not the composed fallback): it applies to these
         // tensors. (LibTorch has no fused kernel: the loop above compared the fallback.)
         if crate::backend_name() != "flex" {
-            assert!(fused::adamw(&start_t(&device), &start_t(&device), None, &STEP).is_none());
+            assert!(fused::adamw(start_t(&device), start_t(&device), None, &STEP).is_err());
             return;
         }
         let p = Tensor::<2>::ones([3, 4], &device.clone().inner());
-        let [p1, m, v] = fused::adamw(&p, &p, None, &STEP).expect("fused on flex");
+        let Ok([p1, m, v]) = fused::adamw(p.clone(), p, None, &STEP) else {
+            panic!("fused on flex")
+        };
         // g = 1: m = 0.1, v = 0.05, u = 1 / (1 + 1e-8), p = 1 - 0.1 · u.
         assert_eq!(m.into_data().try_to_vec::<f32>().unwrap()[0], 1.0 - 0.9f32);
         assert_eq!(v.into_data().try_to_vec::<f32>().unwrap()[0], 1.0 - 0.95f32);

@@ -351,6 +351,55 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// AdamW's later steps over a run of parameters, in place: p, m, v ← (p', m', v').
+    fn adamw_in_place(pmv: [&mut [f32]; 3], g: &[f32], step: &super::AdamWStep) {
+        let [p, m, v] = pmv;
+        let n = p.len();
+        let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+        for i in 0..n {
+            [p[i], m[i], v[i]] = step.apply(p[i], g[i], Some(m[i]), Some(v[i]));
+        }
+    }
+}
+
+multiversion! {
+    /// The same, with p' written over the gradient: g, m, v ← (p', m', v').
+    fn adamw_over_grad(gmv: [&mut [f32]; 3], p: &[f32], step: &super::AdamWStep) {
+        let [g, m, v] = gmv;
+        let n = g.len();
+        let (m, v, p) = (&mut m[..n], &mut v[..n], &p[..n]);
+        for i in 0..n {
+            [g[i], m[i], v[i]] = step.apply(p[i], g[i], Some(m[i]), Some(v[i]));
+        }
+    }
+}
+
+/// Runs `kernel` over matching runs of three written slices and one read slice, in parallel
+/// when long.
+fn in_runs([a, b, c]: [&mut [f32]; 3], d: &[f32], kernel: impl Fn([&mut [f32]; 3], &[f32]) + Sync) {
+    let chunk = PARALLEL_MIN;
+    if a.len() >= chunk {
+        a.par_chunks_mut(chunk)
+            .zip(b.par_chunks_mut(chunk))
+            .zip(c.par_chunks_mut(chunk))
+            .zip(d.par_chunks(chunk))
+            .for_each(|(((a, b), c), d)| kernel([a, b, c], d));
+    } else {
+        kernel([a, b, c], d);
+    }
+}
+
+/// The whole of a tensor's memory as f32 to write in place: None unless the tensor owns it
+/// alone and is exactly its contiguous f32 elements.
+fn whole_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
+    let n = t.shape().num_elements();
+    if t.dtype() != DType::F32 || !t.layout().is_contiguous() || t.layout().start_offset() != 0 {
+        return None;
+    }
+    t.try_storage_mut::<f32>().filter(|s| s.len() == n)
+}
+
 impl Kernels for Flex {
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> [FloatTensor<Self>; 2] {
         let (Some(xv), Some(wv)) = (values(&x), values(&w)) else {
@@ -788,26 +837,62 @@ impl Kernels for Flex {
     }
 
     fn adamw(
-        param: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
+        mut param: FloatTensor<Self>,
+        mut grad: FloatTensor<Self>,
         moments: Option<[FloatTensor<Self>; 2]>,
         step: &super::AdamWStep,
-    ) -> Option<[FloatTensor<Self>; 3]> {
-        let p = values(&param)?;
-        let g = values(&grad)?;
-        let mv = match moments {
-            Some([m, v]) => Some([values(&m)?, values(&v)?]),
+    ) -> Result<[FloatTensor<Self>; 3], super::AdamWInputs<Self>> {
+        let n = param.shape().num_elements();
+        let fits = |t: &FlexTensor| t.dtype() == DType::F32 && t.shape().num_elements() == n;
+        if !fits(&param)
+            || !fits(&grad)
+            || moments.as_ref().is_some_and(|[m, v]| !fits(m) || !fits(v))
+        {
+            return Err((param, grad, moments));
+        }
+        // The moments are written over where this owns them (the optimizer hands them over by
+        // value), and the new parameter over the old one, or else over the gradient, which is
+        // used up here: no fresh buffers to fault in, fill and free. (The parameter is usually
+        // shared at this point: autodiff's graph keeps a handle on its leaves.)
+        let moments = match moments {
+            Some([mut m, mut v]) => {
+                let done = match (whole_mut(&mut m), whole_mut(&mut v)) {
+                    (Some(ms), Some(vs)) => {
+                        if let Some(ps) = whole_mut(&mut param) {
+                            let g = values(&grad).expect("an f32 tensor");
+                            in_runs([ps, ms, vs], slice(&g), |pmv, g| {
+                                adamw_in_place(pmv, g, step)
+                            });
+                            Some(true)
+                        } else if let Some(gs) = whole_mut(&mut grad) {
+                            let p = values(&param).expect("an f32 tensor");
+                            in_runs([gs, ms, vs], slice(&p), |gmv, p| {
+                                adamw_over_grad(gmv, p, step)
+                            });
+                            Some(false)
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                };
+                match done {
+                    Some(true) => return Ok([param, m, v]),
+                    Some(false) => return Ok([grad, m, v]),
+                    None => Some([m, v]),
+                }
+            }
             None => None,
         };
-        let n = p.shape().num_elements();
-        let (ps, gs) = (slice(&p), slice(&g));
+        let g = values(&grad).expect("an f32 tensor");
+        let gs = slice(&g);
+        let p = values(&param).expect("an f32 tensor");
+        let mv = moments.map(|[m, v]| [m, v].map(|t| values(&t).expect("an f32 tensor")));
+        let ps = slice(&p);
         let (ms, vs) = match &mv {
             Some([m, v]) => (Some(slice(m)), Some(slice(v))),
             None => (None, None),
         };
-        if gs.len() != n || ms.is_some_and(|m| m.len() != n) || vs.is_some_and(|v| v.len() != n) {
-            return None;
-        }
         // SAFETY: adamw_first / adamw_next write every element of their three runs, and the
         // runs cover the outputs.
         let out = unsafe {
@@ -837,7 +922,7 @@ impl Kernels for Flex {
             })
         };
         let shape = p.shape();
-        Some(out.map(|o| tensor(o, shape.clone())))
+        Ok(out.map(|o| tensor(o, shape.clone())))
     }
 
     fn rope(
@@ -880,6 +965,51 @@ impl Kernels for Flex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// AdamW with moments writes over the parameter's and the moments' memory when it owns
+    /// them, and gives the same values as when a shared tensor makes it write fresh buffers.
+    #[test]
+    fn adamw_writes_in_place_when_it_owns_the_memory() {
+        let step = super::super::AdamWStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            decay: 0.999,
+            c1: 0.19,
+            c2: 0.002,
+        };
+        let n = PARALLEL_MIN + 77; // the threaded path, with a short last chunk
+        let make = |k: f32| {
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0 * k)
+                .collect();
+            tensor(v, Shape::new([n]))
+        };
+        let second_moment: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 1e-4).collect();
+        let addr = |t: &FlexTensor| t.as_slice::<f32>().unwrap().as_ptr();
+        let (p, g, m, v) = (
+            make(1.0),
+            make(0.1),
+            make(0.01),
+            tensor(second_moment, Shape::new([n])),
+        );
+        let kept = p.clone(); // shares p's memory: this call cannot write over it
+        let Ok(copied) = Flex::adamw(kept.clone(), g.clone(), Some([m.clone(), v.clone()]), &step)
+        else {
+            panic!("fused")
+        };
+        assert_ne!(addr(&copied[0]), addr(&kept));
+        drop(kept);
+        let (pa, ma, va) = (addr(&p), addr(&m), addr(&v));
+        let Ok(in_place) = Flex::adamw(p, g, Some([m, v]), &step) else {
+            panic!("fused")
+        };
+        assert_eq!([pa, ma, va], in_place.each_ref().map(addr));
+        for (a, b) in copied.iter().zip(&in_place) {
+            assert_eq!(a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+        }
+    }
 
     /// The vectorised exp against libm over the range softmax and SiLU feed it.
     #[test]
