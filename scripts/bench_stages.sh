@@ -100,6 +100,11 @@
 #   (harmonic mean of the per-step rates); TRL times whole rounds (8 optimizer steps) for RLOO.
 #
 # Differences that remain (not removable without changing one side's algorithm):
+# - Padding: both sides pad each batch to its longest row; our forward then runs the projections
+#   and the MLP on the real tokens only (attention in the padded layout), TRL/transformers on every
+#   position (TRL's padding_free mode flattens the batch, which is correct only with FlashAttention,
+#   not available on the CPU). Same values for the real tokens; about 30% of an SFT batch here is
+#   padding.
 # - Attention: TRL/transformers use their default (sdpa) kernel; ours its own attention.
 #   PyTorch uses its default intra-op threads (printed as torch_threads); ours its own pool. Both
 #   processes run alone on the same cores, one after the other.
