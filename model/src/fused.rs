@@ -114,29 +114,15 @@ pub trait Kernels: Backend {
         generic::rms_norm_backward::<Self>(x, w, rstd, grad)
     }
 
-    /// silu(gate) · up, elementwise; both [.., i].
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        generic::swiglu::<Self>(gate, up)
-    }
-
-    /// Gradients of [`Kernels::swiglu`]: with s = σ(gate),
-    /// g_up = g · gate · s and g_gate = g · up · s · (1 + gate · (1 − s)).
-    fn swiglu_backward(
-        gate: FloatTensor<Self>,
-        up: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 2] {
-        generic::swiglu_backward::<Self>(gate, up, grad)
-    }
-
-    /// [`Kernels::swiglu`] on gate and up side by side in the last axis: x [.., 2i] (the output
-    /// of one product by the gate | up weight) → [.., i].
+    /// SwiGLU on gate and up side by side in the last axis: x [.., 2i] (the output of one product
+    /// by the gate | up weight) → silu(gate) · up [.., i].
     fn swiglu_joined(x: FloatTensor<Self>) -> FloatTensor<Self> {
         generic::swiglu_joined::<Self>(x)
     }
 
     /// Gradient of [`Kernels::swiglu_joined`]: [.., 2i], the gate's and up's gradients side by
-    /// side (no gradient of a slice, which burn's autodiff writes into a zeroed whole).
+    /// side (no gradient of a slice, which burn's autodiff writes into a zeroed whole). With
+    /// s = σ(gate): g_up = g · gate · s and g_gate = g · up · s · (1 + gate · (1 − s)).
     fn swiglu_joined_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         generic::swiglu_joined_backward::<Self>(x, grad)
     }
@@ -289,12 +275,12 @@ pub mod generic {
         [gx, gw]
     }
 
-    pub fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
         let s = B::sigmoid(gate.clone());
         B::float_mul(B::float_mul(gate, s), up)
     }
 
-    pub fn swiglu_backward<B: Backend>(
+    fn swiglu_backward<B: Backend>(
         gate: FloatTensor<B>,
         up: FloatTensor<B>,
         grad: FloatTensor<B>,
@@ -471,22 +457,6 @@ impl<B: Kernels> Backward<B, 2> for RmsNormOp {
         let [gx, gw] = B::rms_norm_backward(x, w, rstd, grads.consume::<B>(&ops.node));
         give::<B>(grads, px, || gx);
         give::<B>(grads, pw, || gw);
-    }
-}
-
-#[derive(Debug)]
-struct SwigluOp;
-
-impl<B: Kernels> Backward<B, 2> for SwigluOp {
-    /// gate, up
-    type State = [FloatTensor<B>; 2];
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [pg, pu] = parent_ids(&ops);
-        let [gate, up] = ops.state;
-        let [g_gate, g_up] = B::swiglu_backward(gate, up, grads.consume::<B>(&ops.node));
-        give::<B>(grads, pg, || g_gate);
-        give::<B>(grads, pu, || g_up);
     }
 }
 
@@ -698,17 +668,15 @@ where
     }
 }
 
-/// SwiGLU's gated activation, silu(gate) · up.
+/// SwiGLU's gated activation, silu(gate) · up, on two tensors: [`swiglu_joined`] on the two
+/// side by side (the model's MLP calls that directly, on its one gate | up product).
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     assert_eq!(
         gate.dims(),
         up.dims(),
         "swiglu: gate and up differ in shape"
     );
-    if let Some(y) = on_backends!(|B| binary_on::<B, D, _>(&gate, &up, SwigluOp, B::swiglu)) {
-        return y;
-    }
-    reference::swiglu(gate, up)
+    swiglu_joined(Tensor::cat(vec![gate, up], D - 1))
 }
 
 fn swiglu_joined_on<B: Kernels, const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>>

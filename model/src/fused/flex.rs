@@ -206,35 +206,6 @@ fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
     }
 }
 
-/// Two outputs of the same shape, row by row.
-fn for_rows2<T: Send>(
-    a: &mut [T],
-    b: &mut [T],
-    row_len: usize,
-    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
-) {
-    if a.len() >= PARALLEL_MIN {
-        let rows_per_task = (PARALLEL_MIN / row_len).max(1);
-        let n = rows_per_task * row_len;
-        a.par_chunks_mut(n)
-            .zip(b.par_chunks_mut(n))
-            .enumerate()
-            .for_each(|(c, (ca, cb))| {
-                for (i, (ra, rb)) in ca
-                    .chunks_mut(row_len)
-                    .zip(cb.chunks_mut(row_len))
-                    .enumerate()
-                {
-                    f(c * rows_per_task + i, ra, rb);
-                }
-            });
-    } else {
-        for (i, (ra, rb)) in a.chunks_mut(row_len).zip(b.chunks_mut(row_len)).enumerate() {
-            f(i, ra, rb);
-        }
-    }
-}
-
 multiversion! {
     /// out = softmax(s · scale + bias)
     fn softmax_row(out: &mut [Uninit], s: &[f32], bias: &[f32], scale: f32) {
@@ -351,42 +322,33 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// AdamW's later steps over a run of parameters, in place: p, m, v ← (p', m', v').
-    fn adamw_in_place(pmv: [&mut [f32]; 3], g: &[f32], step: &super::AdamWStep) {
-        let [p, m, v] = pmv;
-        let n = p.len();
-        let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
-        for i in 0..n {
-            [p[i], m[i], v[i]] = step.apply(p[i], g[i], Some(m[i]), Some(v[i]));
-        }
+/// AdamW's later steps over a run, w, m, v ← (p', m', v'), with (p, g) = `order(w, r)`: one
+/// loop body for both orders, each compiled without a branch in the loop (which keeps it from
+/// vectorising).
+#[inline(always)]
+fn adamw_runs(
+    [w, m, v]: [&mut [f32]; 3],
+    r: &[f32],
+    step: &super::AdamWStep,
+    order: impl Fn(f32, f32) -> (f32, f32),
+) {
+    let n = w.len();
+    let (m, v, r) = (&mut m[..n], &mut v[..n], &r[..n]);
+    for i in 0..n {
+        let (p, g) = order(w[i], r[i]);
+        [w[i], m[i], v[i]] = step.apply(p, g, Some(m[i]), Some(v[i]));
     }
 }
 
 multiversion! {
-    /// The same, with p' written over the gradient: g, m, v ← (p', m', v').
-    fn adamw_over_grad(gmv: [&mut [f32]; 3], p: &[f32], step: &super::AdamWStep) {
-        let [g, m, v] = gmv;
-        let n = g.len();
-        let (m, v, p) = (&mut m[..n], &mut v[..n], &p[..n]);
-        for i in 0..n {
-            [g[i], m[i], v[i]] = step.apply(p[i], g[i], Some(m[i]), Some(v[i]));
+    /// AdamW's later steps over a run of parameters, written over the inputs: `w` holds the
+    /// parameter (`w_is_param`) or else the gradient, `r` the other; w, m, v ← (p', m', v').
+    fn adamw_over(wmv: [&mut [f32]; 3], r: &[f32], w_is_param: bool, step: &super::AdamWStep) {
+        if w_is_param {
+            adamw_runs(wmv, r, step, |w, r| (w, r));
+        } else {
+            adamw_runs(wmv, r, step, |w, r| (r, w));
         }
-    }
-}
-
-/// Runs `kernel` over matching runs of three written slices and one read slice, in parallel
-/// when long.
-fn in_runs([a, b, c]: [&mut [f32]; 3], d: &[f32], kernel: impl Fn([&mut [f32]; 3], &[f32]) + Sync) {
-    let chunk = PARALLEL_MIN;
-    if a.len() >= chunk {
-        a.par_chunks_mut(chunk)
-            .zip(b.par_chunks_mut(chunk))
-            .zip(c.par_chunks_mut(chunk))
-            .zip(d.par_chunks(chunk))
-            .for_each(|(((a, b), c), d)| kernel([a, b, c], d));
-    } else {
-        kernel([a, b, c], d);
     }
 }
 
@@ -488,47 +450,6 @@ impl Kernels for Flex {
             partial(0)
         };
         [tensor(gx, shape), tensor(gw, Shape::new([d]))]
-    }
-
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (Some(gv), Some(uv)) = (values(&gate), values(&up)) else {
-            return generic::swiglu::<Self>(gate, up);
-        };
-        let shape = gate.shape();
-        let (gs, us) = (slice(&gv), slice(&uv));
-        let d = shape[shape.num_dims() - 1];
-        // SAFETY: swiglu_row writes its whole row.
-        let [y] = unsafe {
-            written(gs.len(), |[y]| {
-                for_rows(y, d, |r, out| {
-                    swiglu_row(out, &gs[r * d..(r + 1) * d], &us[r * d..(r + 1) * d]);
-                })
-            })
-        };
-        tensor(y, shape)
-    }
-
-    fn swiglu_backward(
-        gate: FloatTensor<Self>,
-        up: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 2] {
-        let (Some(gv), Some(uv), Some(dv)) = (values(&gate), values(&up), values(&grad)) else {
-            return generic::swiglu_backward::<Self>(gate, up, grad);
-        };
-        let shape = gate.shape();
-        let (gs, us, ds) = (slice(&gv), slice(&uv), slice(&dv));
-        let d = shape[shape.num_dims() - 1];
-        // SAFETY: swiglu_backward_row writes both of its rows whole.
-        let outs = unsafe {
-            written(gs.len(), |[g_gate, g_up]| {
-                for_rows2(g_gate, g_up, d, |r, og, ou| {
-                    let span = r * d..(r + 1) * d;
-                    swiglu_backward_row(og, ou, &gs[span.clone()], &us[span.clone()], &ds[span]);
-                });
-            })
-        };
-        outs.map(|o| tensor(o, shape.clone()))
     }
 
     fn swiglu_joined(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -852,35 +773,34 @@ impl Kernels for Flex {
         }
         // The moments are written over where this owns them (the optimizer hands them over by
         // value), and the new parameter over the old one, or else over the gradient, which is
-        // used up here: no fresh buffers to fault in, fill and free. (The parameter is usually
-        // shared at this point: autodiff's graph keeps a handle on its leaves.)
+        // used up here: no fresh buffers to fault in, fill and free. (The parameter can still be
+        // shared, as on a stage's first step with moments.)
         let moments = match moments {
             Some([mut m, mut v]) => {
-                let done = match (whole_mut(&mut m), whole_mut(&mut v)) {
-                    (Some(ms), Some(vs)) => {
-                        if let Some(ps) = whole_mut(&mut param) {
-                            let g = values(&grad).expect("an f32 tensor");
-                            in_runs([ps, ms, vs], slice(&g), |pmv, g| {
-                                adamw_in_place(pmv, g, step)
-                            });
-                            Some(true)
-                        } else if let Some(gs) = whole_mut(&mut grad) {
-                            let p = values(&param).expect("an f32 tensor");
-                            in_runs([gs, ms, vs], slice(&p), |gmv, p| {
-                                adamw_over_grad(gmv, p, step)
-                            });
-                            Some(false)
+                if let (Some(ms), Some(vs)) = (whole_mut(&mut m), whole_mut(&mut v)) {
+                    let over_param = whole_mut(&mut param).is_some();
+                    let (w, r) = if over_param {
+                        (whole_mut(&mut param), values(&grad))
+                    } else {
+                        (whole_mut(&mut grad), values(&param))
+                    };
+                    if let (Some(w), Some(r)) = (w, r) {
+                        let (r, chunk) = (slice(&r), PARALLEL_MIN);
+                        if n >= chunk {
+                            w.par_chunks_mut(chunk)
+                                .zip(ms.par_chunks_mut(chunk))
+                                .zip(vs.par_chunks_mut(chunk))
+                                .zip(r.par_chunks(chunk))
+                                .for_each(|(((w, m), v), r)| {
+                                    adamw_over([w, m, v], r, over_param, step)
+                                });
                         } else {
-                            None
+                            adamw_over([w, ms, vs], r, over_param, step);
                         }
+                        return Ok([if over_param { param } else { grad }, m, v]);
                     }
-                    _ => None,
-                };
-                match done {
-                    Some(true) => return Ok([param, m, v]),
-                    Some(false) => return Ok([grad, m, v]),
-                    None => Some([m, v]),
                 }
+                Some([m, v])
             }
             None => None,
         };
@@ -967,7 +887,8 @@ mod tests {
     use super::*;
 
     /// AdamW with moments writes over the parameter's and the moments' memory when it owns
-    /// them, and gives the same values as when a shared tensor makes it write fresh buffers.
+    /// them (over the gradient's when the parameter is shared), and gives the same values as
+    /// when shared tensors make it write fresh buffers.
     #[test]
     fn adamw_writes_in_place_when_it_owns_the_memory() {
         let step = super::super::AdamWStep {
@@ -1000,6 +921,17 @@ mod tests {
             panic!("fused")
         };
         assert_ne!(addr(&copied[0]), addr(&kept));
+        // The parameter shared, the rest owned: the new parameter is written over the gradient.
+        let own = |t: &FlexTensor| tensor(t.as_slice::<f32>().unwrap().to_vec(), Shape::new([n]));
+        let (g2, m2, v2) = (own(&g), own(&m), own(&v));
+        let (ga, ma, va) = (addr(&g2), addr(&m2), addr(&v2));
+        let Ok(over_grad) = Flex::adamw(kept.clone(), g2, Some([m2, v2]), &step) else {
+            panic!("fused")
+        };
+        assert_eq!([ga, ma, va], over_grad.each_ref().map(addr));
+        for (a, b) in copied.iter().zip(&over_grad) {
+            assert_eq!(a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+        }
         drop(kept);
         let (pa, ma, va) = (addr(&p), addr(&m), addr(&v));
         let Ok(in_place) = Flex::adamw(p, g, Some([m, v]), &step) else {
