@@ -99,8 +99,9 @@ const FEW_ROWS_PARALLEL: usize = 1 << 16;
 
 multiversion! {
     /// c (m × n) = a (m × k) · b (k × n), all three row-major: each row of C a sum of B's rows
-    /// scaled by A's row (a step's attention weights times the values).
-    fn rows_times_b(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) {
+    /// scaled by A's row (a step's attention weights times the values). The sums are those of
+    /// [`rows_times_b_avx512`], which takes this on AVX-512.
+    fn rows_times_b_portable(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) {
         let n = b.len() / k;
         for (ci, ai) in c.chunks_mut(n).zip(a.chunks(k)) {
             for (x, &y) in ci.iter_mut().zip(&b[..n]) {
@@ -118,6 +119,61 @@ multiversion! {
     }
 }
 
+/// [`rows_times_b_portable`]: on AVX-512 each 64-column block of a row of C is summed in
+/// registers over all of B's rows (the portable loop loads and stores C at every row of B).
+fn rows_times_b(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { rows_times_b_avx512(c, a, b, k) };
+        return;
+    }
+    rows_times_b_portable(c, a, b, k)
+}
+
+/// [`rows_times_b_portable`]'s sums, in its order and roundings (a product, then one add per
+/// row of B: no fused multiply-add), four vectors of C at a time.
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_times_b_avx512(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) {
+    use std::arch::x86_64::*;
+    const V: usize = 4;
+    let n = b.len() / k;
+    for (ci, ai) in c.chunks_mut(n).zip(a.chunks(k)) {
+        let mut j = 0;
+        while j < n {
+            let mask: [__mmask16; V] = std::array::from_fn(|v| {
+                let w = (n - j).saturating_sub(v * 16).min(16);
+                ((1u32 << w) - 1) as __mmask16
+            });
+            // SAFETY: the masks keep every load inside row p of B and every store inside C's
+            // row (j + 16 · v + lane < n).
+            unsafe {
+                let row = |p: usize| b.as_ptr().add(p * n + j);
+                let s = _mm512_set1_ps(ai[0]);
+                let mut acc: [__m512; V] = std::array::from_fn(|v| {
+                    _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask[v], row(0).add(v * 16)))
+                });
+                for (p, &x) in ai.iter().enumerate().skip(1) {
+                    let s = _mm512_set1_ps(x);
+                    for v in 0..V {
+                        let y = _mm512_maskz_loadu_ps(mask[v], row(p).add(v * 16));
+                        acc[v] = _mm512_add_ps(acc[v], _mm512_mul_ps(s, y));
+                    }
+                }
+                let out = ci.as_mut_ptr().add(j).cast::<f32>();
+                for v in 0..V {
+                    _mm512_mask_storeu_ps(out.add(v * 16), mask[v], acc[v]);
+                }
+            }
+            j += V * 16;
+        }
+    }
+}
+
 /// c (m × n) = a (m × k) · B with B's columns contiguous, given as `bt` (n × k, row-major):
 /// each element of C one dot product (a step's queries against the keys).
 fn rows_dot_cols(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
@@ -125,10 +181,8 @@ fn rows_dot_cols(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         for (ci, ai) in c.chunks_mut(n).zip(a.chunks(k)) {
-            for (x, bj) in ci.iter_mut().zip(bt.chunks(k)) {
-                // SAFETY: the CPU has AVX-512F.
-                x.write(unsafe { dot_avx512(ai, bj) });
-            }
+            // SAFETY: the CPU has AVX-512F; ai holds k values, bt n rows of k, ci n.
+            unsafe { dots_avx512(ci, ai, bt, k) };
         }
         return;
     }
@@ -139,12 +193,88 @@ fn rows_dot_cols(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
     }
 }
 
+/// c[j] = a · bt[j] for the n rows of `bt` (n × k): [`dot_avx512`] of each, bit for bit, 16 rows
+/// at a time. Each row's 16 lanes of partial sums are formed as there; the 16 vectors are then
+/// reduced together by a tree that transposes as it adds, pairing lanes as
+/// `_mm512_reduce_add_ps` does ((i, i + 8), then (i, i + 4), (i, i + 2), (0, 1)), with 4 adds
+/// and 8 shuffles per 16 sums instead of a reduction per sum.
+///
+/// # Safety
+/// AVX-512F; `a` holds k values, `bt` n · k, `c` n with n = bt.len() / k.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_avx512(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
+    use std::arch::x86_64::*;
+    let n = bt.len() / k;
+    // Where sum j sits after the tree (see below).
+    let order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    let tail = ((1u32 << (k % 16)) - 1) as __mmask16;
+    let mut j0 = 0;
+    while j0 < n {
+        let rows = (n - j0).min(16);
+        // SAFETY: rows past n repeat the last one (computed, not stored); loads stay inside
+        // a and the rows of bt (the depth tail is masked); the store is masked to `rows`.
+        unsafe {
+            let row: [*const f32; 16] =
+                std::array::from_fn(|r| bt.as_ptr().add((j0 + r.min(rows - 1)) * k));
+            let mut v = [_mm512_setzero_ps(); 16];
+            let mut i = 0;
+            while i + 16 <= k {
+                let x = _mm512_loadu_ps(a.as_ptr().add(i));
+                for r in 0..16 {
+                    v[r] = _mm512_fmadd_ps(x, _mm512_loadu_ps(row[r].add(i)), v[r]);
+                }
+                i += 16;
+            }
+            if i < k {
+                let x = _mm512_maskz_loadu_ps(tail, a.as_ptr().add(i));
+                for r in 0..16 {
+                    let y = _mm512_maskz_loadu_ps(tail, row[r].add(i));
+                    v[r] = _mm512_fmadd_ps(x, y, v[r]);
+                }
+            }
+            // Lanes i and i + 8: w[p] holds row p's eight sums in its low half, row p + 8's
+            // in its high half.
+            let w: [__m512; 8] = std::array::from_fn(|p| {
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x44>(v[p], v[p + 8]),
+                    _mm512_shuffle_f32x4::<0xEE>(v[p], v[p + 8]),
+                )
+            });
+            // Lanes i and i + 4: x[p]'s 128-bit lanes hold rows p, p + 8, p + 4, p + 12.
+            let x: [__m512; 4] = std::array::from_fn(|p| {
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(w[p], w[p + 4]),
+                    _mm512_shuffle_f32x4::<0xDD>(w[p], w[p + 4]),
+                )
+            });
+            // Lanes i and i + 2 within each 128-bit lane: y[p] pairs rows of x[p] and x[p + 2].
+            let y: [__m512; 2] = std::array::from_fn(|p| {
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x44>(x[p], x[p + 2]),
+                    _mm512_shuffle_ps::<0xEE>(x[p], x[p + 2]),
+                )
+            });
+            // Lanes 0 and 1: each 128-bit lane L holds the sums of rows (0, 2, 1, 3) + (0, 8,
+            // 4, 12)[L].
+            let z = _mm512_add_ps(
+                _mm512_shuffle_ps::<0x88>(y[0], y[1]),
+                _mm512_shuffle_ps::<0xDD>(y[0], y[1]),
+            );
+            let sums = _mm512_permutexvar_ps(order, z);
+            let keep = ((1u32 << rows) - 1) as __mmask16;
+            _mm512_mask_storeu_ps(c.as_mut_ptr().add(j0).cast(), keep, sums);
+        }
+        j0 += 16;
+    }
+}
+
 /// Σ a·b over two slices of one length, 16 lanes at a time (LLVM vectorised the portable loop
 /// two lanes wide here).
 ///
 /// # Safety
 /// AVX-512F.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", test))]
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
@@ -940,6 +1070,63 @@ mod tests {
         assert_eq!([pa, ma, va], in_place.each_ref().map(addr));
         for (a, b) in copied.iter().zip(&in_place) {
             assert_eq!(a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+        }
+    }
+
+    /// The decoding step's attention products on AVX-512 give the numbers of the kernels they
+    /// replaced bit for bit: the scores each key's `dot_avx512`, the weighted values the portable
+    /// loop's (ragged key counts and depths included).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn attention_decode_kernels_match_their_references_bit_for_bit() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let vals = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 2654435761 + seed * 97) % 2001) as f32 - 1000.0) / 777.0)
+                .collect()
+        };
+        let read = |c: Vec<Uninit>| -> Vec<f32> {
+            // SAFETY: the kernels wrote every element.
+            c.into_iter().map(|x| unsafe { x.assume_init() }).collect()
+        };
+        for (m, n, k) in [
+            (1, 1, 64),
+            (1, 17, 64),
+            (2, 33, 16),
+            (1, 64, 40),
+            (3, 100, 7),
+            (1, 5, 130),
+        ] {
+            let (a, b) = (vals(m * k, 1), vals(n * k, 2));
+            let mut c = vec![Uninit::uninit(); m * n];
+            rows_dot_cols(&mut c, &a, &b, k);
+            let got = read(c);
+            for i in 0..m {
+                for j in 0..n {
+                    // SAFETY: AVX-512F checked above.
+                    let want =
+                        unsafe { dot_avx512(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]) };
+                    assert_eq!(
+                        got[i * n + j].to_bits(),
+                        want.to_bits(),
+                        "scores {m}x{n}x{k} ({i}, {j})"
+                    );
+                }
+            }
+            // Weights (m × n) times values (n × k).
+            let (w, v) = (vals(m * n, 3), vals(n * k, 4));
+            let (mut c, mut want) = (vec![Uninit::uninit(); m * k], vec![Uninit::uninit(); m * k]);
+            rows_times_b(&mut c, &w, &v, n);
+            rows_times_b_portable(&mut want, &w, &v, n);
+            let (got, want) = (read(c), read(want));
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "values {m}x{k}x{n}"
+            );
         }
     }
 

@@ -99,7 +99,7 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
         b,
         c,
     };
-    let width = if b.cs == 1 { LANES } else { 8 };
+    let width = if b.cs == 1 { GROUP } else { 8 };
     let col_blocks = n.div_ceil(width);
     let run = move |from: usize, to: usize| {
         let (j0, j1) = (from * width, (to * width).min(n));
@@ -134,21 +134,27 @@ fn lanes(w: usize) -> __mmask16 {
 }
 
 /// Rows of B per sweep of [`rows_of_b`] (the accumulators are loaded and stored once per sweep).
-const SWEEP: usize = 8;
+const SWEEP: usize = 16;
 
-/// Columns of C per pass of [`rows_of_b`] down all of B's rows: 16 rows of 512 columns of C
-/// (32 KB) stay in the level-1 cache.
-const CHUNK: usize = 512;
+/// Columns of C one register block of [`rows_of_b`] covers: three AVX-512 vectors.
+const GROUP: usize = 3 * LANES;
+
+/// Columns of C per pass of [`rows_of_b`] down all of B's rows: 16 rows of 480 columns of C
+/// (30 KB) stay in the level-1 cache.
+const CHUNK: usize = 10 * GROUP;
 
 thread_local! {
-    /// This thread's block of C for [`rows_of_b`], rows padded to 16.
+    /// This thread's block of C for [`rows_of_b`], rows padded to the register block's.
     static CBUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Columns j0..j1 of C for B with contiguous rows (cs = 1). B is read row by row, `SWEEP` rows
 /// at a time across all the columns (sequential streams that the prefetchers follow, where a
-/// column panel would jump a row's length at every step), and the 16 × 16 blocks of C are
-/// accumulated in a padded buffer that stays in cache.
+/// column panel would jump a row's length at every step), and the blocks of C are accumulated
+/// in a padded buffer that stays in cache. A register block is R rows by 48 columns of C: each
+/// depth step loads three vectors of B and R values of A for 3 · R multiply-adds (with one
+/// vector of B per 16 rows, the loads outnumbered the multiply-adds and the kernel ran at half
+/// the machine's rate).
 ///
 /// # Safety
 /// AVX-512F; `p` from [`gemm`], whose contract holds; j0..j1 inside 0..n.
@@ -158,60 +164,82 @@ unsafe fn rows_of_b(p: Product, j0: usize, j1: usize) {
     let mut j = j0;
     while j < j1 {
         let end = (j + CHUNK).min(j1);
-        // SAFETY: the caller's contract, for columns j..end.
-        unsafe { rows_of_b_chunk(p, j, end) };
+        // SAFETY: the caller's contract, for columns j..end. R divides 16 and fits 3 · R
+        // accumulators, 3 vectors of B and one of A in the 32 registers.
+        unsafe {
+            match p.m {
+                1 => rows_of_b_chunk::<1>(p, j, end),
+                2 => rows_of_b_chunk::<2>(p, j, end),
+                3 | 4 => rows_of_b_chunk::<4>(p, j, end),
+                _ => rows_of_b_chunk::<8>(p, j, end),
+            }
+        }
         j = end;
     }
 }
 
-/// [`rows_of_b`] for at most `CHUNK` columns.
+/// [`rows_of_b`] for at most `CHUNK` columns, R rows of C per register block.
 ///
 /// # Safety
-/// As [`rows_of_b`].
+/// As [`rows_of_b`]; R divides 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_of_b_chunk(p: Product, j0: usize, j1: usize) {
+unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
     let Product { m, n, k, at, b, c } = p;
-    let blocks = m.div_ceil(LANES);
+    let row_blocks = m.div_ceil(R);
     let width = j1 - j0;
-    let groups = width.div_ceil(LANES);
-    let stride = groups * LANES;
+    let groups = width.div_ceil(GROUP);
+    let stride = groups * GROUP;
     let mut buf = CBUF.with(|s| s.take());
     buf.clear();
-    buf.resize(blocks * LANES * stride, 0.0);
+    buf.resize(row_blocks * R * stride, 0.0);
     let cb = buf.as_mut_ptr();
     let mut k0 = 0;
     while k0 < k {
         let kb = (k - k0).min(SWEEP);
+        let prefetch = k0 + SWEEP < k;
         for g in 0..groups {
-            let j = j0 + g * LANES;
-            let w = (j1 - j).min(LANES);
-            let mask = lanes(w);
-            for blk in 0..blocks {
-                // SAFETY: rows k0..k0 + kb and columns j..j + w inside B (the mask covers the
-                // rest); the packed block holds k · 16 values; the buffer blocks · 16 rows of
-                // `stride` columns.
+            let j = j0 + g * GROUP;
+            let w = j1 - j;
+            let mask: [__mmask16; 3] = std::array::from_fn(|v| lanes(w.saturating_sub(v * LANES)));
+            for rb in 0..row_blocks {
+                let row0 = rb * R;
+                // SAFETY: rows k0..k0 + kb and columns j..j + 48 of B, where the masks cover
+                // those past j1; A's packed block of 16 rows holds k · 16 values (zero past m)
+                // and R divides 16; the buffer holds row_blocks · R rows of `stride` columns.
                 unsafe {
-                    let tile = cb.add(blk * LANES * stride + g * LANES);
-                    let mut acc: [__m512; LANES] =
-                        std::array::from_fn(|i| _mm512_loadu_ps(tile.add(i * stride)));
+                    let tile = cb.add(row0 * stride + g * GROUP);
+                    let mut acc: [[__m512; 3]; R] = std::array::from_fn(|i| {
+                        std::array::from_fn(|v| _mm512_loadu_ps(tile.add(i * stride + v * LANES)))
+                    });
                     let mut bp = b.ptr.offset(k0 as isize * b.rs).add(j);
-                    let mut ap = at.add((blk * k + k0) * LANES);
-                    for r in 0..kb {
-                        if blk == 0 && k0 + SWEEP + r < k {
+                    let mut ap = at.add(((row0 / LANES) * k + k0) * LANES + row0 % LANES);
+                    for _ in 0..kb {
+                        if rb == 0 && prefetch {
+                            // The next sweep's row, one line per vector (prefetches do not
+                            // fault past B).
                             let ahead = bp.wrapping_offset(SWEEP as isize * b.rs);
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                            for v in 0..3 {
+                                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(v * LANES).cast());
+                            }
                         }
-                        let bv = _mm512_maskz_loadu_ps(mask, bp);
+                        let bv: [__m512; 3] = std::array::from_fn(|v| {
+                            _mm512_maskz_loadu_ps(mask[v], bp.wrapping_add(v * LANES))
+                        });
                         for (i, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), bv, *acc);
+                            let a = _mm512_set1_ps(*ap.add(i));
+                            for v in 0..3 {
+                                acc[v] = _mm512_fmadd_ps(a, bv[v], acc[v]);
+                            }
                         }
                         // Wrapping: after the last row it points past B and is not read.
                         bp = bp.wrapping_offset(b.rs);
                         ap = ap.add(LANES);
                     }
                     for (i, acc) in acc.iter().enumerate() {
-                        _mm512_storeu_ps(tile.add(i * stride), *acc);
+                        for v in 0..3 {
+                            _mm512_storeu_ps(tile.add(i * stride + v * LANES), acc[v]);
+                        }
                     }
                 }
             }
