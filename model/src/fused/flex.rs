@@ -152,12 +152,17 @@ unsafe fn rows_times_b_avx512(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) 
             // SAFETY: the masks keep every load inside row p of B and every store inside C's
             // row (j + 16 · v + lane < n).
             unsafe {
-                let row = |p: usize| b.as_ptr().add(p * n + j);
+                let row = |p: usize| b.as_ptr().wrapping_add(p * n + j);
                 let s = _mm512_set1_ps(ai[0]);
                 let mut acc: [__m512; V] = std::array::from_fn(|v| {
                     _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask[v], row(0).add(v * 16)))
                 });
                 for (p, &x) in ai.iter().enumerate().skip(1) {
+                    // 8 rows ahead (past b's end the address may leave it: prefetches do not
+                    // fault).
+                    for v in 0..V {
+                        _mm_prefetch::<_MM_HINT_T0>(row(p + 8).wrapping_add(v * 16).cast());
+                    }
                     let s = _mm512_set1_ps(x);
                     for v in 0..V {
                         let y = _mm512_maskz_loadu_ps(mask[v], row(p).add(v * 16));
@@ -217,6 +222,13 @@ unsafe fn dots_avx512(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
         unsafe {
             let row: [*const f32; 16] =
                 std::array::from_fn(|r| bt.as_ptr().add((j0 + r.min(rows - 1)) * k));
+            // The next 16 rows, a line at a time (prefetches past bt do not fault).
+            let next = bt.as_ptr().wrapping_add((j0 + 16) * k);
+            let mut line = 0;
+            while line < 16 * k {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast());
+                line += 16;
+            }
             let mut v = [_mm512_setzero_ps(); 16];
             let mut i = 0;
             while i + 16 <= k {

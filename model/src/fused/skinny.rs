@@ -187,17 +187,20 @@ unsafe fn rows_of_b(p: Product, j0: usize, j1: usize) {
 unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
     let Product { m, n, k, at, b, c } = p;
     let row_blocks = m.div_ceil(R);
-    let width = j1 - j0;
-    let groups = width.div_ceil(GROUP);
+    let groups = (j1 - j0).div_ceil(GROUP);
     let stride = groups * GROUP;
+    // The first sweep starts from zero and the last stores into C: the buffer holds the sums
+    // in between, whatever it held before is never read.
     let mut buf = CBUF.with(|s| s.take());
-    buf.clear();
-    buf.resize(row_blocks * R * stride, 0.0);
+    if buf.len() < row_blocks * R * stride {
+        buf.resize(row_blocks * R * stride, 0.0);
+    }
     let cb = buf.as_mut_ptr();
     let mut k0 = 0;
     while k0 < k {
         let kb = (k - k0).min(SWEEP);
-        let prefetch = k0 + SWEEP < k;
+        let (first, last) = (k0 == 0, k0 + kb == k);
+        let prefetch = !last;
         for g in 0..groups {
             let j = j0 + g * GROUP;
             let w = j1 - j;
@@ -210,7 +213,13 @@ unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
                 unsafe {
                     let tile = cb.add(row0 * stride + g * GROUP);
                     let mut acc: [[__m512; 3]; R] = std::array::from_fn(|i| {
-                        std::array::from_fn(|v| _mm512_loadu_ps(tile.add(i * stride + v * LANES)))
+                        std::array::from_fn(|v| {
+                            if first {
+                                _mm512_setzero_ps()
+                            } else {
+                                _mm512_loadu_ps(tile.add(i * stride + v * LANES))
+                            }
+                        })
                     });
                     let mut bp = b.ptr.offset(k0 as isize * b.rs).add(j);
                     let mut ap = at.add(((row0 / LANES) * k + k0) * LANES + row0 % LANES);
@@ -236,19 +245,25 @@ unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
                         bp = bp.wrapping_offset(b.rs);
                         ap = ap.add(LANES);
                     }
-                    for (i, acc) in acc.iter().enumerate() {
-                        for v in 0..3 {
-                            _mm512_storeu_ps(tile.add(i * stride + v * LANES), acc[v]);
+                    if last {
+                        // Rows past m are padding; the masks keep the columns inside j..j1.
+                        for (i, acc) in acc.iter().enumerate().take(m.saturating_sub(row0)) {
+                            let dst = c.add((row0 + i) * n + j);
+                            for v in 0..3 {
+                                _mm512_mask_storeu_ps(dst.add(v * LANES), mask[v], acc[v]);
+                            }
+                        }
+                    } else {
+                        for (i, acc) in acc.iter().enumerate() {
+                            for v in 0..3 {
+                                _mm512_storeu_ps(tile.add(i * stride + v * LANES), acc[v]);
+                            }
                         }
                     }
                 }
             }
         }
         k0 += kb;
-    }
-    for i in 0..m {
-        // SAFETY: row i of C, columns j0..j1; the buffer's row i holds them from column 0.
-        unsafe { std::ptr::copy_nonoverlapping(cb.add(i * stride), c.add(i * n + j0), width) };
     }
     CBUF.with(|s| s.set(buf));
 }
