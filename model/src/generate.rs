@@ -103,7 +103,6 @@ fn sample_all(
     } else {
         1.0
     };
-    let mut probs = Vec::new();
     for step in 0..cfg.max_new_tokens {
         let hidden = model.forward_cached(&batch, &mut cache);
         let [_, t, d] = hidden.dims();
@@ -111,6 +110,47 @@ fn sample_all(
         let logits = model.logits(last)?;
         let v = logits.dims()[2];
         let logits = crate::ops::to_f32_vec(logits);
+        // One uniform per unfinished row, drawn in row order (greedy decoding draws none), so
+        // that the rows can be sampled on both halves of the pool with the numbers a row-by-row
+        // loop would give.
+        let live: Vec<usize> = (0..b).filter(|&r| !finished[r]).collect();
+        let draws: Vec<f32> = live
+            .iter()
+            .map(|_| {
+                if cfg.temperature > 0.0 {
+                    rng.random::<f32>()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let pick = |rows: &[usize], draws: &[f32]| -> Vec<(u32, f32)> {
+            let mut probs = Vec::new();
+            rows.iter()
+                .zip(draws)
+                .map(|(&r, &u)| {
+                    let row = &logits[r * v..(r + 1) * v];
+                    let (max, total) = exponentiate(row, inv_temperature, &mut probs);
+                    let tok = if cfg.temperature <= 0.0 {
+                        argmax(row)
+                    } else {
+                        sample(&probs, total, cfg.top_k, cfg.top_p, u)
+                    };
+                    (tok, row[tok as usize] * inv_temperature - max - total.ln())
+                })
+                .collect()
+        };
+        let half = live.len() / 2;
+        let picked: Vec<(u32, f32)> = if live.len() >= 4 {
+            let (a, z) = crate::device::join(
+                || pick(&live[..half], &draws[..half]),
+                || pick(&live[half..], &draws[half..]),
+            );
+            a.into_iter().chain(z).collect()
+        } else {
+            pick(&live, &draws)
+        };
+        let mut picked = picked.into_iter();
         let mut next = Vec::with_capacity(b);
         for r in 0..b {
             if finished[r] {
@@ -120,15 +160,9 @@ fn sample_all(
                 next.push(cfg.pad_token_id);
                 continue;
             }
-            let row = &logits[r * v..(r + 1) * v];
-            let (max, total) = exponentiate(row, inv_temperature, &mut probs);
-            let tok = if cfg.temperature <= 0.0 {
-                argmax(row)
-            } else {
-                sample(&probs, total, cfg.top_k, cfg.top_p, &mut rng)
-            };
+            let (tok, logprob) = picked.next().expect("one pick per unfinished row");
             out.tokens[r].push(tok);
-            out.logprobs[r].push(row[tok as usize] * inv_temperature - max - total.ln());
+            out.logprobs[r].push(logprob);
             out.mask[r].push(true);
             if cfg.eos_token_ids.contains(&tok) {
                 finished[r] = true;
@@ -175,11 +209,11 @@ crate::simd::multiversion! {
 }
 
 /// Samples a token from unnormalised probabilities `probs` (summing to `total`) after top-k and
-/// top-p truncation.
-fn sample(probs: &[f32], total: f32, top_k: usize, top_p: f32, rng: &mut StdRng) -> u32 {
+/// top-p truncation, with `u` uniform in [0, 1).
+fn sample(probs: &[f32], total: f32, top_k: usize, top_p: f32, u: f32) -> u32 {
     let truncate = (top_k > 0 && top_k < probs.len()) || top_p < 1.0;
     if !truncate {
-        return draw(probs, total, rng) as u32;
+        return draw(probs, total, u) as u32;
     }
     let mut idx: Vec<u32> = (0..probs.len() as u32).collect();
     // Sort by probability, highest first; ties by index for determinism.
@@ -206,12 +240,12 @@ fn sample(probs: &[f32], total: f32, top_k: usize, top_p: f32, rng: &mut StdRng)
         idx.truncate(keep.max(1));
     }
     let weights: Vec<f32> = idx.iter().map(|&i| probs[i as usize]).collect();
-    idx[draw(&weights, weights.iter().sum(), rng)]
+    idx[draw(&weights, weights.iter().sum(), u)]
 }
 
-/// Position drawn from `weights` (summing to `total`) by inverse CDF.
-fn draw(weights: &[f32], total: f32, rng: &mut StdRng) -> usize {
-    let mut u = rng.random::<f32>() * total;
+/// Position drawn from `weights` (summing to `total`) by inverse CDF at `u` in [0, 1).
+fn draw(weights: &[f32], total: f32, u: f32) -> usize {
+    let mut u = u * total;
     for (i, &w) in weights.iter().enumerate() {
         if u < w {
             return i;
@@ -232,11 +266,11 @@ mod tests {
         let probs = [0.2f32, 1.2, 0.6];
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..50 {
-            assert_eq!(sample(&probs, 2.0, 1, 1.0, &mut rng), 1);
+            assert_eq!(sample(&probs, 2.0, 1, 1.0, rng.random()), 1);
             // p = 0.5: 0.6 alone already reaches it.
-            assert_eq!(sample(&probs, 2.0, 0, 0.5, &mut rng), 1);
+            assert_eq!(sample(&probs, 2.0, 0, 0.5, rng.random()), 1);
             // p = 0.8: {1, 2}, never 0.
-            assert_ne!(sample(&probs, 2.0, 0, 0.8, &mut rng), 0);
+            assert_ne!(sample(&probs, 2.0, 0, 0.8, rng.random()), 0);
         }
         assert_eq!(argmax(&probs), 1);
     }
@@ -250,7 +284,7 @@ mod tests {
         let (max, total) = exponentiate(&[0.2f32.ln(), 0.8f32.ln()], 1.0, &mut probs);
         assert!((max - 0.8f32.ln()).abs() < 1e-6 && (total - 1.25).abs() < 1e-5);
         let ones = (0..n)
-            .filter(|_| sample(&probs, total, 0, 1.0, &mut rng) == 1)
+            .filter(|_| sample(&probs, total, 0, 1.0, rng.random()) == 1)
             .count();
         let freq = ones as f64 / n as f64;
         assert!((freq - 0.8).abs() < 0.015, "freq {freq}");
