@@ -152,8 +152,8 @@ fn sample_all(
         };
         let mut picked = picked.into_iter();
         let mut next = Vec::with_capacity(b);
-        for r in 0..b {
-            if finished[r] {
+        for (r, done) in finished.iter_mut().enumerate() {
+            if *done {
                 out.tokens[r].push(cfg.pad_token_id);
                 out.logprobs[r].push(0.0);
                 out.mask[r].push(false);
@@ -165,7 +165,7 @@ fn sample_all(
             out.logprobs[r].push(logprob);
             out.mask[r].push(true);
             if cfg.eos_token_ids.contains(&tok) {
-                finished[r] = true;
+                *done = true;
             }
             next.push(tok);
         }

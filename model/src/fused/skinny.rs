@@ -255,8 +255,8 @@ unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
                         }
                     } else {
                         for (i, acc) in acc.iter().enumerate() {
-                            for v in 0..3 {
-                                _mm512_storeu_ps(tile.add(i * stride + v * LANES), acc[v]);
+                            for (v, sums) in acc.iter().enumerate() {
+                                _mm512_storeu_ps(tile.add(i * stride + v * LANES), *sums);
                             }
                         }
                     }
