@@ -145,10 +145,8 @@ unsafe fn rows_times_b_avx512(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) 
     for (ci, ai) in c.chunks_mut(n).zip(a.chunks(k)) {
         let mut j = 0;
         while j < n {
-            let mask: [__mmask16; V] = std::array::from_fn(|v| {
-                let w = (n - j).saturating_sub(v * 16).min(16);
-                ((1u32 << w) - 1) as __mmask16
-            });
+            let mask: [__mmask16; V] =
+                std::array::from_fn(|v| skinny::lanes((n - j).saturating_sub(v * 16)));
             // SAFETY: the masks keep every load inside row p of B and every store inside C's
             // row (j + 16 · v + lane < n).
             unsafe {
@@ -213,7 +211,7 @@ unsafe fn dots_avx512(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
     let n = bt.len() / k;
     // Where sum j sits after the tree (see below).
     let order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
-    let tail = ((1u32 << (k % 16)) - 1) as __mmask16;
+    let tail = skinny::lanes(k % 16);
     let mut j0 = 0;
     while j0 < n {
         let rows = (n - j0).min(16);
@@ -274,8 +272,7 @@ unsafe fn dots_avx512(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
                 _mm512_shuffle_ps::<0xDD>(y[0], y[1]),
             );
             let sums = _mm512_permutexvar_ps(order, z);
-            let keep = ((1u32 << rows) - 1) as __mmask16;
-            _mm512_mask_storeu_ps(c.as_mut_ptr().add(j0).cast(), keep, sums);
+            _mm512_mask_storeu_ps(c.as_mut_ptr().add(j0).cast(), skinny::lanes(rows), sums);
         }
         j0 += 16;
     }
@@ -302,7 +299,7 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
             i += 16;
         }
         if i < n {
-            let mask = ((1u32 << (n - i)) - 1) as __mmask16;
+            let mask = skinny::lanes(n - i);
             let x = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(i));
             let y = _mm512_maskz_loadu_ps(mask, b.as_ptr().add(i));
             acc = _mm512_fmadd_ps(x, y, acc);

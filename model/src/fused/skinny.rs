@@ -127,9 +127,9 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// The mask of the first `w` ≤ 16 lanes.
+/// The mask of the first `w` lanes (all 16 for w ≥ 16).
 #[cfg(target_arch = "x86_64")]
-fn lanes(w: usize) -> __mmask16 {
+pub(super) fn lanes(w: usize) -> __mmask16 {
     if w >= LANES { !0 } else { (1u16 << w) - 1 }
 }
 
@@ -200,7 +200,6 @@ unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
     while k0 < k {
         let kb = (k - k0).min(SWEEP);
         let (first, last) = (k0 == 0, k0 + kb == k);
-        let prefetch = !last;
         for g in 0..groups {
             let j = j0 + g * GROUP;
             let w = j1 - j;
@@ -224,7 +223,7 @@ unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
                     let mut bp = b.ptr.offset(k0 as isize * b.rs).add(j);
                     let mut ap = at.add(((row0 / LANES) * k + k0) * LANES + row0 % LANES);
                     for _ in 0..kb {
-                        if rb == 0 && prefetch {
+                        if rb == 0 && !last {
                             // The next sweep's row, one line per vector (prefetches do not
                             // fault past B).
                             let ahead = bp.wrapping_offset(SWEEP as isize * b.rs);
@@ -557,6 +556,9 @@ mod tests {
         for &(m, n, k) in &[
             (1, 1, 1),
             (1, 17, 5),
+            (2, 50, 33),
+            (3, 49, 20),
+            (4, 96, 17),
             (5, 33, 64),
             (16, 16, 16),
             (16, 100, 257),
