@@ -121,24 +121,26 @@ multiversion! {
 
 /// [`rows_times_b_portable`]: on AVX-512 each 64-column block of a row of C is summed in
 /// registers over all of B's rows (the portable loop loads and stores C at every row of B).
-fn rows_times_b(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) {
+fn rows_times_b(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize, next: *const f32) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F.
-        unsafe { rows_times_b_avx512(c, a, b, k) };
+        unsafe { rows_times_b_avx512(c, a, b, k, next) };
         return;
     }
     rows_times_b_portable(c, a, b, k)
 }
 
 /// [`rows_times_b_portable`]'s sums, in its order and roundings (a product, then one add per
-/// row of B: no fused multiply-add), four vectors of C at a time.
+/// row of B: no fused multiply-add), four vectors of C at a time. Rows of B are prefetched 8
+/// ahead, past B's last row into the next product's B at `next` (the next head's values; any
+/// address: a prefetch never faults).
 ///
 /// # Safety
 /// AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_times_b_avx512(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) {
+unsafe fn rows_times_b_avx512(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize, next: *const f32) {
     use std::arch::x86_64::*;
     const V: usize = 4;
     let n = b.len() / k;
@@ -151,15 +153,20 @@ unsafe fn rows_times_b_avx512(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) 
             // row (j + 16 · v + lane < n).
             unsafe {
                 let row = |p: usize| b.as_ptr().wrapping_add(p * n + j);
+                let ahead = |p: usize| {
+                    if p + 8 < k {
+                        row(p + 8)
+                    } else {
+                        next.wrapping_add((p + 8 - k) * n + j)
+                    }
+                };
                 let s = _mm512_set1_ps(ai[0]);
                 let mut acc: [__m512; V] = std::array::from_fn(|v| {
                     _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask[v], row(0).add(v * 16)))
                 });
                 for (p, &x) in ai.iter().enumerate().skip(1) {
-                    // 8 rows ahead (past b's end the address may leave it: prefetches do not
-                    // fault).
                     for v in 0..V {
-                        _mm_prefetch::<_MM_HINT_T0>(row(p + 8).wrapping_add(v * 16).cast());
+                        _mm_prefetch::<_MM_HINT_T0>(ahead(p).wrapping_add(v * 16).cast());
                     }
                     let s = _mm512_set1_ps(x);
                     for v in 0..V {
@@ -179,13 +186,13 @@ unsafe fn rows_times_b_avx512(c: &mut [Uninit], a: &[f32], b: &[f32], k: usize) 
 
 /// c (m × n) = a (m × k) · B with B's columns contiguous, given as `bt` (n × k, row-major):
 /// each element of C one dot product (a step's queries against the keys).
-fn rows_dot_cols(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
+fn rows_dot_cols(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize, next: *const f32) {
     let n = bt.len() / k;
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         for (ci, ai) in c.chunks_mut(n).zip(a.chunks(k)) {
             // SAFETY: the CPU has AVX-512F; ai holds k values, bt n rows of k, ci n.
-            unsafe { dots_avx512(ci, ai, bt, k) };
+            unsafe { dots_avx512(ci, ai, bt, k, next) };
         }
         return;
     }
@@ -202,11 +209,14 @@ fn rows_dot_cols(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
 /// `_mm512_reduce_add_ps` does ((i, i + 8), then (i, i + 4), (i, i + 2), (0, 1)), with 4 adds
 /// and 8 shuffles per 16 sums instead of a reduction per sum.
 ///
+/// The next 16 rows are prefetched during each block, the first 16 of the next product's `bt`
+/// at `next` during the last (the next head's keys; any address: a prefetch never faults).
+///
 /// # Safety
 /// AVX-512F; `a` holds k values, `bt` n · k, `c` n with n = bt.len() / k.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dots_avx512(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
+unsafe fn dots_avx512(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize, next: *const f32) {
     use std::arch::x86_64::*;
     let n = bt.len() / k;
     // Where sum j sits after the tree (see below).
@@ -220,11 +230,15 @@ unsafe fn dots_avx512(c: &mut [Uninit], a: &[f32], bt: &[f32], k: usize) {
         unsafe {
             let row: [*const f32; 16] =
                 std::array::from_fn(|r| bt.as_ptr().add((j0 + r.min(rows - 1)) * k));
-            // The next 16 rows, a line at a time (prefetches past bt do not fault).
-            let next = bt.as_ptr().wrapping_add((j0 + 16) * k);
+            // The next 16 rows, a line at a time.
+            let ahead = if j0 + 16 < n {
+                bt.as_ptr().wrapping_add((j0 + 16) * k)
+            } else {
+                next
+            };
             let mut line = 0;
             while line < 16 * k {
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
                 line += 16;
             }
             let mut v = [_mm512_setzero_ps(); 16];
@@ -795,10 +809,12 @@ impl Kernels for Flex {
             let each = |i: usize, c: &mut [Uninit]| {
                 let (oa, ob) = (offset(i, lst) as usize, offset(i, rst) as usize);
                 let (a, b) = (&l[oa..oa + m * k], &r[ob..ob + k * n]);
+                // The next head's operand, for the kernels to prefetch as they finish this one.
+                let next = r.as_ptr().wrapping_offset(offset(i + 1, rst));
                 if b_rows {
-                    rows_times_b(c, a, b, k);
+                    rows_times_b(c, a, b, k, next);
                 } else {
-                    rows_dot_cols(c, a, b, k);
+                    rows_dot_cols(c, a, b, k, next);
                 }
             };
             let outs = &mut out.spare_capacity_mut()[..batch * m * n];
@@ -1110,7 +1126,7 @@ mod tests {
         ] {
             let (a, b) = (vals(m * k, 1), vals(n * k, 2));
             let mut c = vec![Uninit::uninit(); m * n];
-            rows_dot_cols(&mut c, &a, &b, k);
+            rows_dot_cols(&mut c, &a, &b, k, std::ptr::null());
             let got = read(c);
             for i in 0..m {
                 for j in 0..n {
@@ -1127,7 +1143,7 @@ mod tests {
             // Weights (m × n) times values (n × k).
             let (w, v) = (vals(m * n, 3), vals(n * k, 4));
             let (mut c, mut want) = (vec![Uninit::uninit(); m * k], vec![Uninit::uninit(); m * k]);
-            rows_times_b(&mut c, &w, &v, n);
+            rows_times_b(&mut c, &w, &v, n, std::ptr::null());
             rows_times_b_portable(&mut want, &w, &v, n);
             let (got, want) = (read(c), read(want));
             assert!(

@@ -46,23 +46,120 @@ thread_local! {
 
 /// A (m × k) packed transposed in blocks of 16 rows, zero-padded: (i, kk) at
 /// (i / 16) · k · 16 + kk · 16 + i % 16, in this thread's reused buffer (hand it back to
-/// `SPARE` after the product).
+/// `SPARE` after the product). Every element is written: rows of A (the common case) go
+/// through 16 × 16 register transposes, other layouts element by element.
 ///
 /// # Safety
 /// `a` describes an m × k matrix inside a live allocation.
 unsafe fn pack_a(m: usize, k: usize, a: View) -> Vec<f32> {
     let mut at = SPARE.with(|s| s.take());
-    at.clear();
-    at.resize(m.div_ceil(LANES) * k * LANES, 0.0);
-    for i in 0..m {
-        let (blk, lane) = (i / LANES, i % LANES);
-        let dst = &mut at[blk * k * LANES + lane..];
-        for kk in 0..k {
-            // SAFETY: (i, kk) inside A.
-            dst[kk * LANES] = unsafe { element(&a, i, kk) };
+    let len = m.div_ceil(LANES) * k * LANES;
+    if at.len() < len {
+        at.resize(len, 0.0);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if a.cs == 1 && avx512() {
+        // SAFETY: AVX-512F checked; the caller's contract; `at` holds `len` values.
+        unsafe { pack_a_rows(m, k, a, &mut at[..len]) };
+        return at;
+    }
+    for blk in 0..m.div_ceil(LANES) {
+        for lane in 0..LANES {
+            let i = blk * LANES + lane;
+            let dst = &mut at[blk * k * LANES + lane..];
+            for kk in 0..k {
+                // SAFETY: (i, kk) inside A for i < m.
+                dst[kk * LANES] = if i < m {
+                    unsafe { element(&a, i, kk) }
+                } else {
+                    0.0
+                };
+            }
         }
     }
     at
+}
+
+/// [`pack_a`] for A with contiguous rows: 16 rows by 16 depths loaded (masked past m and k),
+/// transposed in registers, stored as 16 depth steps of 16 rows.
+///
+/// # Safety
+/// AVX-512F; `a` describes an m × k matrix with cs = 1 inside a live allocation; `at` holds
+/// m.div_ceil(16) · k · 16 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a_rows(m: usize, k: usize, a: View, at: &mut [f32]) {
+    debug_assert_eq!(at.len(), m.div_ceil(LANES) * k * LANES);
+    let dst = at.as_mut_ptr();
+    for blk in 0..m.div_ceil(LANES) {
+        let rows = (m - blk * LANES).min(LANES);
+        let mut kk = 0;
+        while kk < k {
+            let depth = (k - kk).min(LANES);
+            let mask = lanes(depth);
+            // SAFETY: rows blk · 16 .. + rows of A, depths kk .. kk + depth (the mask); the
+            // block's k · 16 values in `at` hold depth steps kk .. kk + depth.
+            unsafe {
+                let r: [__m512; LANES] = std::array::from_fn(|i| {
+                    if i < rows {
+                        let row = a.ptr.offset((blk * LANES + i) as isize * a.rs).add(kk);
+                        _mm512_maskz_loadu_ps(mask, row)
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                let t = transpose16(r);
+                let out = dst.add(blk * k * LANES + kk * LANES);
+                for (d, v) in t.iter().enumerate().take(depth) {
+                    _mm512_storeu_ps(out.add(d * LANES), *v);
+                }
+            }
+            kk += depth;
+        }
+    }
+}
+
+/// The transpose of a 16 × 16 block held as 16 rows: element j of row i becomes element i of
+/// row j. Pairs of rows interleaved, then pairs of pairs, then the 128-bit quarters regrouped.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; LANES]) -> [__m512; LANES] {
+    // t[2p], t[2p + 1]: rows 2p and 2p + 1 interleaved (low and high pairs of each quarter).
+    let t: [__m512; LANES] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(x, y)
+        } else {
+            _mm512_unpackhi_ps(x, y)
+        }
+    });
+    // u[4g + c]: in quarter q, column 4q + c of rows 4g .. 4g + 4.
+    let u: [__m512; LANES] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (x, y) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(x, y)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(x, y)
+        }
+    });
+    let mut out = [_mm512_setzero_ps(); LANES];
+    for c in 0..4 {
+        // Quarters 0 and 2 (even) and 1 and 3 (odd) of rows 0..8 and of rows 8..16.
+        let (lo_even, lo_odd) = (
+            _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]),
+            _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]),
+        );
+        let (hi_even, hi_odd) = (
+            _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]),
+            _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]),
+        );
+        out[c] = _mm512_shuffle_f32x4::<0x88>(lo_even, hi_even);
+        out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(lo_even, hi_even);
+        out[4 + c] = _mm512_shuffle_f32x4::<0x88>(lo_odd, hi_odd);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(lo_odd, hi_odd);
+    }
+    out
 }
 
 /// One product as the kernels see it: shapes, A packed by [`gemm`], B, and C (row-major, n
@@ -99,7 +196,9 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
         b,
         c,
     };
-    let width = if b.cs == 1 { GROUP } else { 8 };
+    // Split between threads at vectors of C's columns (a 512-column product in halves of 256,
+    // not 240 and 272), 8 columns for B's other layout.
+    let width = if b.cs == 1 { LANES } else { 8 };
     let col_blocks = n.div_ceil(width);
     let run = move |from: usize, to: usize| {
         let (j0, j1) = (from * width, (to * width).min(n));
@@ -185,8 +284,7 @@ unsafe fn rows_of_b(p: Product, j0: usize, j1: usize) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
-    let Product { m, n, k, at, b, c } = p;
-    let row_blocks = m.div_ceil(R);
+    let row_blocks = p.m.div_ceil(R);
     let groups = (j1 - j0).div_ceil(GROUP);
     let stride = groups * GROUP;
     // The first sweep starts from zero and the last stores into C: the buffer holds the sums
@@ -197,67 +295,30 @@ unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
     }
     let cb = buf.as_mut_ptr();
     let mut k0 = 0;
-    while k0 < k {
-        let kb = (k - k0).min(SWEEP);
-        let (first, last) = (k0 == 0, k0 + kb == k);
+    while k0 < p.k {
+        let kb = (p.k - k0).min(SWEEP);
         for g in 0..groups {
             let j = j0 + g * GROUP;
-            let w = j1 - j;
-            let mask: [__mmask16; 3] = std::array::from_fn(|v| lanes(w.saturating_sub(v * LANES)));
             for rb in 0..row_blocks {
-                let row0 = rb * R;
-                // SAFETY: rows k0..k0 + kb and columns j..j + 48 of B, where the masks cover
-                // those past j1; A's packed block of 16 rows holds k · 16 values (zero past m)
-                // and R divides 16; the buffer holds row_blocks · R rows of `stride` columns.
+                let at = Block {
+                    row0: rb * R,
+                    j,
+                    j1,
+                    k0,
+                    kb,
+                    tile: cb.wrapping_add(rb * R * stride + g * GROUP),
+                    stride,
+                    prefetch: rb == 0,
+                };
+                // SAFETY: as `block` asks: the group's columns j..j1 (at most 48 of them), rows
+                // k0..k0 + kb of B, a buffer tile of R rows of `stride` columns.
                 unsafe {
-                    let tile = cb.add(row0 * stride + g * GROUP);
-                    let mut acc: [[__m512; 3]; R] = std::array::from_fn(|i| {
-                        std::array::from_fn(|v| {
-                            if first {
-                                _mm512_setzero_ps()
-                            } else {
-                                _mm512_loadu_ps(tile.add(i * stride + v * LANES))
-                            }
-                        })
-                    });
-                    let mut bp = b.ptr.offset(k0 as isize * b.rs).add(j);
-                    let mut ap = at.add(((row0 / LANES) * k + k0) * LANES + row0 % LANES);
-                    for _ in 0..kb {
-                        if rb == 0 && !last {
-                            // The next sweep's row, one line per vector (prefetches do not
-                            // fault past B).
-                            let ahead = bp.wrapping_offset(SWEEP as isize * b.rs);
-                            for v in 0..3 {
-                                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(v * LANES).cast());
-                            }
-                        }
-                        let bv: [__m512; 3] = std::array::from_fn(|v| {
-                            _mm512_maskz_loadu_ps(mask[v], bp.wrapping_add(v * LANES))
-                        });
-                        for (i, acc) in acc.iter_mut().enumerate() {
-                            let a = _mm512_set1_ps(*ap.add(i));
-                            for v in 0..3 {
-                                acc[v] = _mm512_fmadd_ps(a, bv[v], acc[v]);
-                            }
-                        }
-                        // Wrapping: after the last row it points past B and is not read.
-                        bp = bp.wrapping_offset(b.rs);
-                        ap = ap.add(LANES);
-                    }
-                    if last {
-                        // Rows past m are padding; the masks keep the columns inside j..j1.
-                        for (i, acc) in acc.iter().enumerate().take(m.saturating_sub(row0)) {
-                            let dst = c.add((row0 + i) * n + j);
-                            for v in 0..3 {
-                                _mm512_mask_storeu_ps(dst.add(v * LANES), mask[v], acc[v]);
-                            }
-                        }
-                    } else {
-                        for (i, acc) in acc.iter().enumerate() {
-                            for (v, sums) in acc.iter().enumerate() {
-                                _mm512_storeu_ps(tile.add(i * stride + v * LANES), *sums);
-                            }
-                        }
+                    // The last group of a range narrower than 48 columns takes fewer vectors
+                    // (a thread's half of a 512-column product ends in one of 16 or 32).
+                    match (j1 - j).div_ceil(LANES) {
+                        1 => block::<R, 1>(p, at),
+                        2 => block::<R, 2>(p, at),
+                        _ => block::<R, 3>(p, at),
                     }
                 }
             }
@@ -265,6 +326,105 @@ unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
         k0 += kb;
     }
     CBUF.with(|s| s.set(buf));
+}
+
+/// Where one register block of [`rows_of_b_chunk`] works: rows row0..row0 + R of C, columns
+/// j.. (up to 16 · V of them, none past j1), depths k0..k0 + kb, and its place in the buffer.
+#[derive(Clone, Copy)]
+struct Block {
+    row0: usize,
+    j: usize,
+    j1: usize,
+    k0: usize,
+    kb: usize,
+    tile: *mut f32,
+    stride: usize,
+    prefetch: bool,
+}
+
+/// One register block: R rows by V vectors of C, summed over one sweep of depths, starting from
+/// zero on the first sweep and stored into C on the last. Each depth step loads V vectors of B
+/// and R values of A for R · V multiply-adds.
+///
+/// # Safety
+/// AVX-512F; `p` from [`gemm`], whose contract holds; R divides 16; the block's columns are
+/// inside 0..n and `tile` points to R rows of `stride` writable f32s, 16 · V columns each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn block<const R: usize, const V: usize>(p: Product, at: Block) {
+    let Product {
+        m,
+        n,
+        k,
+        at: a,
+        b,
+        c,
+    } = p;
+    let Block {
+        row0,
+        j,
+        j1,
+        k0,
+        kb,
+        tile,
+        stride,
+        prefetch,
+    } = at;
+    let (first, last) = (k0 == 0, k0 + kb == k);
+    let w = j1 - j;
+    let mask: [__mmask16; V] = std::array::from_fn(|v| lanes(w.saturating_sub(v * LANES)));
+    // SAFETY: rows k0..k0 + kb and columns j..j + 16 · V of B, where the masks cover those past
+    // j1; A's packed block of 16 rows holds k · 16 values (zero past m) and R divides 16; the
+    // tile holds R rows of `stride` columns.
+    unsafe {
+        let mut acc: [[__m512; V]; R] = std::array::from_fn(|i| {
+            std::array::from_fn(|v| {
+                if first {
+                    _mm512_setzero_ps()
+                } else {
+                    _mm512_loadu_ps(tile.add(i * stride + v * LANES))
+                }
+            })
+        });
+        let mut bp = b.ptr.offset(k0 as isize * b.rs).add(j);
+        let mut ap = a.add(((row0 / LANES) * k + k0) * LANES + row0 % LANES);
+        for _ in 0..kb {
+            if prefetch && !last {
+                // The next sweep's row, one line per vector (prefetches do not fault past B).
+                let ahead = bp.wrapping_offset(SWEEP as isize * b.rs);
+                for v in 0..V {
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(v * LANES).cast());
+                }
+            }
+            let bv: [__m512; V] =
+                std::array::from_fn(|v| _mm512_maskz_loadu_ps(mask[v], bp.wrapping_add(v * LANES)));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*ap.add(i));
+                for v in 0..V {
+                    acc[v] = _mm512_fmadd_ps(a, bv[v], acc[v]);
+                }
+            }
+            // Wrapping: after the last row it points past B and is not read.
+            bp = bp.wrapping_offset(b.rs);
+            ap = ap.add(LANES);
+        }
+        if last {
+            // Rows past m are padding; the masks keep the columns inside j..j1.
+            for (i, acc) in acc.iter().enumerate().take(m.saturating_sub(row0)) {
+                let dst = c.add((row0 + i) * n + j);
+                for v in 0..V {
+                    _mm512_mask_storeu_ps(dst.add(v * LANES), mask[v], acc[v]);
+                }
+            }
+        } else {
+            for (i, acc) in acc.iter().enumerate() {
+                for (v, sums) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(tile.add(i * stride + v * LANES), *sums);
+                }
+            }
+        }
+    }
 }
 
 /// Columns j0..j1 of C for B with contiguous columns (rs = 1), 8 columns at a time.
@@ -502,6 +662,45 @@ mod tests {
             ptr: v.as_ptr(),
             rs,
             cs,
+        }
+    }
+
+    /// A packed by the register transposes (rows of A, strided past k) holds exactly what the
+    /// element-by-element packing of the transposed operand gives, zero padding included, for
+    /// block and depth tails; a buffer left dirty by a larger product is fully overwritten.
+    #[test]
+    fn packing_rows_of_a_matches_the_element_loop() {
+        if !avx512() {
+            return;
+        }
+        for (m, k) in [
+            (1, 1),
+            (3, 15),
+            (16, 16),
+            (17, 17),
+            (5, 40),
+            (31, 515),
+            (16, 1376),
+        ] {
+            let rs = k + 3;
+            let a: Vec<f32> = (0..m * rs).map(|x| x as f32 * 0.5 - 7.0).collect();
+            // The same matrix, column-major: the element loop packs it.
+            let at: Vec<f32> = (0..m * k).map(|x| a[(x % m) * rs + x / m]).collect();
+            SPARE.with(|s| s.set(vec![f32::NAN; 32 * 1400 * LANES]));
+            // SAFETY: both views describe m × k matrices inside their vectors.
+            let fast = unsafe { pack_a(m, k, view(&a, rs as isize, 1)) };
+            let slow = unsafe { pack_a(m, k, view(&at, 1, m as isize)) };
+            let len = m.div_ceil(LANES) * k * LANES;
+            assert_eq!(fast[..len], slow[..len], "m {m} k {k}");
+            for blk in 0..m.div_ceil(LANES) {
+                for kk in 0..k {
+                    for lane in 0..LANES {
+                        let (i, got) = (blk * LANES + lane, fast[(blk * k + kk) * LANES + lane]);
+                        let want = if i < m { a[i * rs + kk] } else { 0.0 };
+                        assert_eq!(got.to_bits(), want.to_bits(), "m {m} k {k} ({i}, {kk})");
+                    }
+                }
+            }
         }
     }
 
