@@ -969,6 +969,47 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     reference::rope(x, cos, sin)
 }
 
+/// Inference with a KV cache (flex backend): from the fused projection qkv [b, t, (h + 2 · kv) ·
+/// hd] and RoPE tables cos, sin [b, t, 1, hd], the rotated keys and the values written into the
+/// cache buffers `bufs` = [k, v], each [b, kv, room, hd], at positions past..past + t, in place;
+/// returns the rotated queries [b, h, t, hd]. The same numbers as splitting, rotating with
+/// [`rope`] and assigning the slices. None, with the buffers left as they were, where this does
+/// not apply (autodiff tensors, another backend, buffers shared or too short).
+pub fn rope_qkv_into_cache(
+    qkv: &Tensor<3>,
+    cos: &Tensor<4>,
+    sin: &Tensor<4>,
+    bufs: &mut [Tensor<4>; 2],
+    heads: [usize; 3],
+    past: usize,
+) -> Option<Tensor<4>> {
+    #[cfg(feature = "flex")]
+    {
+        type B = burn::backend::Flex;
+        let plain_here = |t: &Tensor<4>| !t.is_autodiff() && prim::<B, 4>(t).is_some();
+        if !qkv.is_autodiff()
+            && bufs.iter().all(plain_here)
+            && let (Some(Prim::Plain(x)), Some(Prim::Plain(c)), Some(Prim::Plain(s))) =
+                (prim::<B, 3>(qkv), prim::<B, 4>(cos), prim::<B, 4>(sin))
+        {
+            // Moved out (an empty placeholder in their place) so that they own their memory.
+            let placeholder = || Tensor::<4>::empty([0, 0, 0, 0], &qkv.device());
+            let [k, v] = std::mem::replace(bufs, [placeholder(), placeholder()]);
+            let inner = |t: Tensor<4>| {
+                t.try_into_primitive::<B>().unwrap_or_else(|_| {
+                    unreachable!("checked to be a plain tensor of this backend")
+                })
+            };
+            let (mut k, mut v) = (inner(k), inner(v));
+            let q = flex::rope_qkv_into_cache(&x, &c, &s, [&mut k, &mut v], heads, past);
+            *bufs = [plain::<B, 4>(k), plain::<B, 4>(v)];
+            return q.map(plain::<B, 4>);
+        }
+    }
+    let _ = (qkv, cos, sin, bufs, heads, past);
+    None
+}
+
 /// The operations in burn's tensor ops, differentiated by burn's autodiff: the path for what the
 /// fused kernels do not cover, and what the tests hold them to.
 pub mod reference {
@@ -1240,6 +1281,60 @@ mod tests {
                 |[s]| reference::masked_softmax(s.clone(), &bias, 0.25),
                 "masked_softmax",
             );
+        }
+    }
+
+    /// Keys and values written into the cache buffers by `rope_qkv_into_cache` (flex): bit for
+    /// bit what splitting the projection, rotating with `rope` and assigning the slices gives,
+    /// with grouped heads (kv < h), earlier positions kept and the room past the new ones
+    /// untouched; shared buffers are handed back unchanged.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn rope_into_the_cache_matches_split_rotate_and_assign() {
+        let device = crate::parse_device("cpu").unwrap();
+        let (b, h, kv, hd, room) = (3, 4, 2, 8, 12);
+        for (t, past) in [(5, 0), (1, 5), (2, 9)] {
+            let qkv: Tensor<3> = random([b, t, (h + 2 * kv) * hd], &device);
+            let half: Tensor<4> = random([b, t, 1, hd / 2], &device);
+            let cos = Tensor::cat(vec![half.clone().cos(), half.clone().cos()], 3);
+            let sin = Tensor::cat(vec![half.clone().sin(), half.sin()], 3);
+            let old: [Tensor<4>; 2] = [
+                random([b, kv, room, hd], &device),
+                random([b, kv, room, hd], &device),
+            ];
+            let mut bufs = old.clone().map(|t| t.clone() + 0.0); // owned alone
+            let q = rope_qkv_into_cache(&qkv, &cos, &sin, &mut bufs, [h, kv, hd], past)
+                .expect("flex tensors owned alone: the fused path applies");
+            let [k, v] = bufs;
+            let block = |r: std::ops::Range<usize>, heads: usize| {
+                qkv.clone()
+                    .slice([0..b, 0..t, r])
+                    .reshape([b, t, heads, hd])
+            };
+            let want_q = rope(block(0..h * hd, h), &cos, &sin).swap_dims(1, 2);
+            let want_k = rope(block(h * hd..(h + kv) * hd, kv), &cos, &sin).swap_dims(1, 2);
+            let want_v = block((h + kv) * hd..(h + 2 * kv) * hd, kv).swap_dims(1, 2);
+            let new = [0..b, 0..kv, past..past + t, 0..hd];
+            let want = [
+                old[0].clone().slice_assign(new.clone(), want_k),
+                old[1].clone().slice_assign(new, want_v),
+            ];
+            let bits = |x: Tensor<4>| {
+                to_f32_vec(x)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(q), bits(want_q), "queries, t {t} past {past}");
+            assert_eq!(bits(k), bits(want[0].clone()), "keys, t {t} past {past}");
+            assert_eq!(bits(v), bits(want[1].clone()), "values, t {t} past {past}");
+            // A buffer that something else still holds is not written.
+            let mut shared = [old[0].clone(), old[1].clone()];
+            let held = shared.clone();
+            let none = rope_qkv_into_cache(&qkv, &cos, &sin, &mut shared, [h, kv, hd], past);
+            assert!(none.is_none(), "a shared buffer: no fused write");
+            let [k, _] = shared;
+            assert_eq!(bits(k), bits(held[0].clone()), "shared keys unchanged");
         }
     }
 

@@ -195,7 +195,7 @@ fn append_kv(
     capacity: usize,
 ) -> (Tensor<4>, Tensor<4>) {
     let [b, kvh, t, hd] = k.dims();
-    let (past, room) = slot.as_ref().map_or((0, 0), |c| (c.len, c.k.dims()[2]));
+    let past = slot.as_ref().map_or(0, |c| c.len);
     let total = past + t;
     if slot.is_none() && capacity <= t {
         // Nothing to reuse (a training or scoring forward): keep the tensors as they are.
@@ -221,21 +221,7 @@ fn append_kv(
         });
         return (k, v);
     }
-    let (mut bk, mut bv) = match slot.take() {
-        Some(c) if room >= total => (c.k, c.v),
-        old => {
-            let room = total.max(2 * room).max(capacity);
-            let device = k.device();
-            let mut bk = Tensor::zeros([b, kvh, room, hd], &device);
-            let mut bv = Tensor::zeros([b, kvh, room, hd], &device);
-            if let Some(c) = old {
-                let filled = [0..b, 0..kvh, 0..past, 0..hd];
-                bk = bk.slice_assign(filled.clone(), c.k.slice(filled.clone()));
-                bv = bv.slice_assign(filled.clone(), c.v.slice(filled));
-            }
-            (bk, bv)
-        }
-    };
+    let (mut bk, mut bv, _) = buffers_with_room(slot, [b, kvh, hd], total, capacity, &k.device());
     let new = [0..b, 0..kvh, past..total, 0..hd];
     bk = bk.slice_assign(new.clone(), k);
     bv = bv.slice_assign(new, v);
@@ -247,6 +233,40 @@ fn append_kv(
         len: total,
     });
     views
+}
+
+/// Whether [`append_kv`] writes into buffers with room (a cache created with a capacity, past
+/// a first call that needs no more room than its own positions).
+fn appends_in_place(slot: &Option<LayerKv>, t: usize, capacity: usize) -> bool {
+    capacity > 0 && (slot.is_some() || capacity > t)
+}
+
+/// A layer's key and value buffers [b, kv_heads, room, hd] with room for `total` positions,
+/// taken out of `slot`, and how many positions they hold: the slot's own while they have the
+/// room, else new ones of the larger of `total`, twice the old room and `capacity`, with the old
+/// positions copied over.
+fn buffers_with_room(
+    slot: &mut Option<LayerKv>,
+    [b, kvh, hd]: [usize; 3],
+    total: usize,
+    capacity: usize,
+    device: &Device,
+) -> (Tensor<4>, Tensor<4>, usize) {
+    let (past, room) = slot.as_ref().map_or((0, 0), |c| (c.len, c.k.dims()[2]));
+    match slot.take() {
+        Some(c) if room >= total => (c.k, c.v, past),
+        old => {
+            let room = total.max(2 * room).max(capacity);
+            let mut bk = Tensor::zeros([b, kvh, room, hd], device);
+            let mut bv = Tensor::zeros([b, kvh, room, hd], device);
+            if let Some(c) = old {
+                let filled = [0..b, 0..kvh, 0..past, 0..hd];
+                bk = bk.slice_assign(filled.clone(), c.k.slice(filled.clone()));
+                bv = bv.slice_assign(filled.clone(), c.v.slice(filled));
+            }
+            (bk, bv, past)
+        }
+    }
 }
 
 /// Which heads a model is created or loaded with. A policy has an LM head; a reward or value
@@ -789,29 +809,56 @@ impl CausalLm {
     ) -> Tensor<3> {
         let cfg = &*self.config;
         let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let qkv: [Tensor<3>; 3] = split_linear(
-            &attn.qkv,
-            x,
-            [
-                0..h * hd,
-                h * hd..(h + kv) * hd,
-                (h + kv) * hd..(h + 2 * kv) * hd,
-            ],
-        );
-        let [q, k, v] = match rows {
-            Some(rows) => qkv.map(|y| rows.pad(y)),
-            None => qkv,
+        let parts = [
+            0..h * hd,
+            h * hd..(h + kv) * hd,
+            (h + kv) * hd..(h + 2 * kv) * hd,
+        ];
+        let (q, k, v) = if x.is_autodiff() {
+            self.split_heads(
+                split_linear(&attn.qkv, x, parts),
+                rows,
+                rope,
+                cache,
+                capacity,
+            )
+        } else {
+            // Inference: one product, whose column blocks are q, k and v.
+            let y = apply(&attn.qkv, x);
+            let [bsz, t, _] = y.dims();
+            let mut done = None;
+            if let (None, Some((cos, sin))) = (rows, rope)
+                && appends_in_place(cache, t, capacity)
+            {
+                // Rotated keys and the values written straight into the cache buffers.
+                let total = cache.as_ref().map_or(0, |c| c.len) + t;
+                let dims = [bsz, kv, hd];
+                let (bk, bv, past) = buffers_with_room(cache, dims, total, capacity, &y.device());
+                let mut bufs = [bk, bv];
+                let heads = [h, kv, hd];
+                let len = match fused::rope_qkv_into_cache(&y, cos, sin, &mut bufs, heads, past) {
+                    Some(q) => {
+                        let all = [0..bsz, 0..kv, 0..total, 0..hd];
+                        let [k, v] = bufs.clone().map(|b| b.slice(all.clone()));
+                        done = Some((q, k, v));
+                        total
+                    }
+                    // Not this backend: the buffers go back as they were, for the split below.
+                    None => past,
+                };
+                let [k, v] = bufs;
+                *cache = Some(LayerKv { k, v, len });
+            }
+            match done {
+                Some(qkv) => qkv,
+                None => {
+                    let qkv = parts.map(|r| y.clone().slice([0..bsz, 0..t, r]));
+                    self.split_heads(qkv, rows, rope, cache, capacity)
+                }
+            }
         };
-        let [bsz, t, _] = q.dims();
-        let (q, k) = (q.reshape([bsz, t, h, hd]), k.reshape([bsz, t, kv, hd]));
-        let (q, k) = match rope {
-            Some((cos, sin)) => (fused::rope(q, cos, sin), fused::rope(k, cos, sin)),
-            None => (q, k),
-        };
-        let q = q.swap_dims(1, 2);
-        let k = k.swap_dims(1, 2);
-        let v = v.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
-        let (k, v) = append_kv(cache, k, v, capacity);
+        // The padded layout's sizes (`rows` unpads x).
+        let [bsz, _, t, _] = q.dims();
         let total = k.dims()[2];
         let (k, v) = if h == kv {
             (k, v)
@@ -833,6 +880,36 @@ impl CausalLm {
             None => ctx,
         };
         apply(&attn.o, ctx)
+    }
+
+    /// The q, k, v blocks [b, t, ·] of the projection (or, with `rows`, of the real tokens) as
+    /// heads: q [b, h, t, hd] rotated, and all the cached keys and values [b, kv, len, hd] after
+    /// this step's are appended.
+    fn split_heads(
+        &self,
+        qkv: [Tensor<3>; 3],
+        rows: Option<&Rows>,
+        rope: Option<&(Tensor<4>, Tensor<4>)>,
+        cache: &mut Option<LayerKv>,
+        capacity: usize,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let cfg = &*self.config;
+        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let [q, k, v] = match rows {
+            Some(rows) => qkv.map(|y| rows.pad(y)),
+            None => qkv,
+        };
+        let [bsz, t, _] = q.dims();
+        let (q, k) = (q.reshape([bsz, t, h, hd]), k.reshape([bsz, t, kv, hd]));
+        let (q, k) = match rope {
+            Some((cos, sin)) => (fused::rope(q, cos, sin), fused::rope(k, cos, sin)),
+            None => (q, k),
+        };
+        let q = q.swap_dims(1, 2);
+        let k = k.swap_dims(1, 2);
+        let v = v.reshape([bsz, t, kv, hd]).swap_dims(1, 2);
+        let (k, v) = append_kv(cache, k, v, capacity);
+        (q, k, v)
     }
 
     fn mlp(&self, mlp: &Mlp, x: Tensor<3>) -> Tensor<3> {

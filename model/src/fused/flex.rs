@@ -515,6 +515,89 @@ fn whole_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
     t.try_storage_mut::<f32>().filter(|s| s.len() == n)
 }
 
+/// The rotate-half rotation of one head's row x (hd values) by the position's cos and sin rows,
+/// into `out`: the sums [`Kernels::rope`] writes, in its order.
+#[inline(always)]
+fn rope_row(out: &mut [f32], x: &[f32], c: &[f32], s: &[f32]) {
+    let half = x.len() / 2;
+    let (lo, hi) = out.split_at_mut(half);
+    let (x, c, s) = (&x[..2 * half], &c[..2 * half], &s[..2 * half]);
+    for i in 0..half {
+        lo[i] = x[i] * c[i] - x[i + half] * s[i];
+        hi[i] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    }
+}
+
+/// A decoding step's (or a prompt's) queries, keys and values from the fused projection
+/// qkv [b, t, (h + 2 · kv) · hd] with RoPE tables cos, sin [b, t, 1, hd]: the keys rotated and
+/// the values written straight into the cache buffers k, v [b, kv, room, hd] at positions
+/// past..past + t, and the rotated queries returned as [b, h, t, hd]. Replaces the split, two
+/// reshape copies, two RoPE passes, a transposing copy and two slice assignments. None, with
+/// nothing written, unless every tensor is f32, the buffers are owned alone, contiguous and
+/// have the room, and the shapes agree.
+pub(super) fn rope_qkv_into_cache(
+    qkv: &FlexTensor,
+    cos: &FlexTensor,
+    sin: &FlexTensor,
+    [k, v]: [&mut FlexTensor; 2],
+    [h, kv, hd]: [usize; 3],
+    past: usize,
+) -> Option<FlexTensor> {
+    let shape = qkv.shape();
+    let (b, t, w) = (shape[0], shape[1], shape[2]);
+    let room = k.shape()[2];
+    let fits = shape.num_dims() == 3
+        && w == (h + 2 * kv) * hd
+        && hd % 2 == 0
+        && cos.shape().dims::<4>() == [b, t, 1, hd]
+        && sin.shape().dims::<4>() == [b, t, 1, hd]
+        && k.shape().dims::<4>() == [b, kv, room, hd]
+        && v.shape().dims::<4>() == [b, kv, room, hd]
+        && past + t <= room;
+    if !fits {
+        return None;
+    }
+    let (xv, cv, sv) = (values(qkv)?, values(cos)?, values(sin)?);
+    let (xs, cs, sn) = (slice(&xv), slice(&cv), slice(&sv));
+    let (ks, vs) = (whole_mut(k)?, whole_mut(v)?);
+    let mut q = vec![0f32; b * h * t * hd];
+    // One sequence: its queries [h, t, hd] and its keys and values [kv, room, hd].
+    let sequence = |r: usize, (q, (ks, vs)): (&mut [f32], (&mut [f32], &mut [f32]))| {
+        for j in 0..t {
+            let p = r * t + j;
+            let (x, c, s) = (
+                &xs[p * w..(p + 1) * w],
+                &cs[p * hd..(p + 1) * hd],
+                &sn[p * hd..(p + 1) * hd],
+            );
+            for head in 0..h {
+                let at = (head * t + j) * hd;
+                rope_row(&mut q[at..at + hd], &x[head * hd..(head + 1) * hd], c, s);
+            }
+            for g in 0..kv {
+                let at = (g * room + past + j) * hd;
+                let kx = &x[(h + g) * hd..(h + g + 1) * hd];
+                rope_row(&mut ks[at..at + hd], kx, c, s);
+                let vx = &x[(h + kv + g) * hd..(h + kv + g + 1) * hd];
+                vs[at..at + hd].copy_from_slice(vx);
+            }
+        }
+    };
+    let (qn, kn) = (h * t * hd, kv * room * hd);
+    if b * t * w >= PARALLEL_MIN {
+        q.par_chunks_mut(qn)
+            .zip(ks.par_chunks_mut(kn).zip(vs.par_chunks_mut(kn)))
+            .enumerate()
+            .for_each(|(r, parts)| sequence(r, parts));
+    } else {
+        q.chunks_mut(qn)
+            .zip(ks.chunks_mut(kn).zip(vs.chunks_mut(kn)))
+            .enumerate()
+            .for_each(|(r, parts)| sequence(r, parts));
+    }
+    Some(tensor(q, Shape::new([b, h, t, hd])))
+}
+
 impl Kernels for Flex {
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> [FloatTensor<Self>; 2] {
         let (Some(xv), Some(wv)) = (values(&x), values(&w)) else {
