@@ -1153,6 +1153,8 @@ mod tests {
     fn swiglu_joined_matches_the_decomposed_ops() {
         for (shape, name) in [
             ([2, 7, 60], "swiglu_joined"),
+            // A decoding step's rows: the two halves on two threads.
+            ([16, 1, 2752], "swiglu_joined (split rows)"),
             ([4, 128, 192], "swiglu_joined (large)"),
         ] {
             let i = shape[2] / 2;

@@ -359,6 +359,28 @@ fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
     }
 }
 
+/// [`for_rows`], with rows of costly elements (an exp each) split in two halves from `min`
+/// elements on (a decoding step's 16 rows of SwiGLU: ~20 us on one thread).
+fn for_rows_from<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    min: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let rows = out.len() / row_len.max(1);
+    if out.len() >= PARALLEL_MIN || out.len() < min || rows < 2 {
+        return for_rows(out, row_len, f);
+    }
+    let half = rows / 2;
+    let (a, z) = out.split_at_mut(half * row_len);
+    let run = |first: usize, part: &mut [T]| {
+        for (i, row) in part.chunks_mut(row_len).enumerate() {
+            f(first + i, row);
+        }
+    };
+    rayon::join(|| run(0, a), || run(half, z));
+}
+
 multiversion! {
     /// out = softmax(s · scale + bias)
     fn softmax_row(out: &mut [Uninit], s: &[f32], bias: &[f32], scale: f32) {
@@ -700,7 +722,7 @@ impl Kernels for Flex {
         // SAFETY: swiglu_row writes its whole row.
         let [y] = unsafe {
             written(xs.len() / 2, |[y]| {
-                for_rows(y, i, |r, out| {
+                for_rows_from(y, i, 1 << 13, |r, out| {
                     let row = &xs[2 * r * i..2 * (r + 1) * i];
                     swiglu_row(out, &row[..i], &row[i..]);
                 })
