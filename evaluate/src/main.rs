@@ -4,6 +4,10 @@
 use anyhow::Context;
 use clap::Parser;
 
+/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
+#[global_allocator]
+static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
     let opts = evaluate::Options::parse();

@@ -196,6 +196,9 @@ pub fn tune_allocator() {
         if std::env::var_os("RLHF_KEEP_MALLOC").is_some() {
             return;
         }
+        // Blocks glibc would still map and unmap on every step (see `alloc`), in binaries that
+        // declare `alloc::KeepLarge` their allocator.
+        crate::alloc::enable();
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: mallopt only changes glibc's allocation policy; it is thread-safe and affects
         // no existing allocation.

@@ -7,6 +7,7 @@
 //! It is not a trainer: schedules, loops and data live in the stage crates; [`ops`] holds the
 //! few tensor functions they all share, and [`optim`] the fused AdamW they all step with.
 
+pub mod alloc;
 pub mod batch;
 pub mod bench;
 pub mod checkpoint;

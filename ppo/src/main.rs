@@ -1,5 +1,9 @@
 //! `ppo --config configs/ppo.toml [--set key=value ...] [--out DIR] [--resume DIR] [--device D] [--seed N]`
 
+/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
+#[global_allocator]
+static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
     let args = trainer::StageArgs::parse(

@@ -65,6 +65,10 @@ enum Command {
     },
 }
 
+/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
+#[global_allocator]
+static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
