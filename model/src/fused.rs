@@ -1010,6 +1010,39 @@ pub fn rope_qkv_into_cache(
     None
 }
 
+/// Attention at a decoding step (inference, flex backend), each head in one pass: q [b, h, 1, hd]
+/// against the cached keys and values k, v [b, kv, n, hd] (kv dividing h: grouped heads read
+/// their shared key-value head in place), softmax with the bias [b, 1, 1, n] at `scale`.
+/// Returns the context [b, 1, h · hd]: bit for bit what [`matmul`], [`masked_softmax`] and
+/// [`matmul`] give on the expanded heads. None where it does not apply (autodiff tensors,
+/// another backend, more than one query position, other layouts).
+pub fn decode_attention(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    bias: &Tensor<4>,
+    scale: f64,
+) -> Option<Tensor<3>> {
+    #[cfg(feature = "flex")]
+    {
+        type B = burn::backend::Flex;
+        if [q, k, v, bias].iter().any(|t| t.is_autodiff()) {
+            return None;
+        }
+        let inner = |t: &Tensor<4>| match prim::<B, 4>(t) {
+            Some(Prim::Plain(x)) => Some(x),
+            _ => None,
+        };
+        let (q, k, v, bias) = (inner(q)?, inner(k)?, inner(v)?, inner(bias)?);
+        return flex::decode_attention(&q, &k, &v, &bias, scale as f32).map(plain::<B, 3>);
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = (q, k, v, bias, scale);
+        None
+    }
+}
+
 /// The operations in burn's tensor ops, differentiated by burn's autodiff: the path for what the
 /// fused kernels do not cover, and what the tests hold them to.
 pub mod reference {
@@ -1337,6 +1370,58 @@ mod tests {
             assert!(none.is_none(), "a shared buffer: no fused write");
             let [k, _] = shared;
             assert_eq!(bits(k), bits(held[0].clone()), "shared keys unchanged");
+        }
+    }
+
+    /// A decoding step's attention in one pass per head: bit for bit the scores, masked softmax
+    /// and weighted values of the three-step path on the expanded heads, for keys and values
+    /// that are views of longer cache buffers, grouped heads (kv < h) and masked keys.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn decode_attention_matches_the_three_steps() {
+        let device = crate::parse_device("cpu").unwrap();
+        for (b, h, kv, hd, n, room) in [
+            (3, 4, 2, 16, 37, 40),
+            (2, 4, 4, 64, 70, 96),
+            (1, 6, 1, 8, 1, 4),
+        ] {
+            let q: Tensor<4> = random([b, h, 1, hd], &device);
+            let all = [0..b, 0..kv, 0..n, 0..hd];
+            let k = random::<4>([b, kv, room, hd], &device).slice(all.clone());
+            let v = random::<4>([b, kv, room, hd], &device).slice(all);
+            // Key 0 of row 0 and the odd keys of the last row masked.
+            let mut mask = vec![0f32; b * n];
+            mask[0] = if n > 1 { -1e30 } else { 0.0 };
+            for j in (1..n).step_by(2) {
+                mask[(b - 1) * n + j] = -1e30;
+            }
+            let bias: Tensor<4> = Tensor::from_data(TensorData::new(mask, [b, 1, 1, n]), &device);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let ctx = decode_attention(&q, &k, &v, &bias, scale)
+                .expect("flex tensors, one query position: the fused path applies");
+            let expand = |x: Tensor<4>| {
+                x.reshape([b, kv, 1, n, hd])
+                    .expand([b, kv, h / kv, n, hd])
+                    .reshape([b, h, n, hd])
+            };
+            let scores = matmul(q.clone(), expand(k.clone()).swap_dims(2, 3));
+            let weights = masked_softmax(scores, &bias, scale);
+            let want = matmul(weights, expand(v.clone()))
+                .swap_dims(1, 2)
+                .reshape([b, 1, h * hd]);
+            let bits = |x: Tensor<3>| {
+                to_f32_vec(x)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(ctx), bits(want), "b {b} h {h} kv {kv} hd {hd} n {n}");
+            let two = Tensor::cat(vec![q.clone(), q.clone()], 2);
+            let bias2 = Tensor::cat(vec![bias.clone(), bias], 2);
+            assert!(
+                decode_attention(&two, &k, &v, &bias2, scale).is_none(),
+                "two positions"
+            );
         }
     }
 

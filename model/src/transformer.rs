@@ -859,6 +859,14 @@ impl CausalLm {
         };
         // The padded layout's sizes (`rows` unpads x).
         let [bsz, _, t, _] = q.dims();
+        let scale = 1.0 / (hd as f64).sqrt();
+        if t == 1
+            && rows.is_none()
+            && let Some(ctx) = fused::decode_attention(&q, &k, &v, bias, scale)
+        {
+            // A decoding step: scores, softmax and weighted values per head in one pass.
+            return apply(&attn.o, ctx);
+        }
         let total = k.dims()[2];
         let (k, v) = if h == kv {
             (k, v)
@@ -872,7 +880,7 @@ impl CausalLm {
             (expand(k), expand(v))
         };
         let scores = fused::matmul(q, k.swap_dims(2, 3));
-        let weights = fused::masked_softmax(scores, bias, 1.0 / (hd as f64).sqrt());
+        let weights = fused::masked_softmax(scores, bias, scale);
         let ctx = fused::matmul(weights, v);
         let ctx = ctx.swap_dims(1, 2).reshape([bsz, t, h * hd]);
         let ctx = match rows {

@@ -620,6 +620,119 @@ pub(super) fn rope_qkv_into_cache(
     Some(tensor(q, Shape::new([b, h, t, hd])))
 }
 
+/// A contiguous f32 block of `len` elements of `t` starting at element offset `at` from the
+/// tensor's start: None past its storage.
+fn block(t: &FlexTensor, at: usize, len: usize) -> Option<&[f32]> {
+    let store = t.storage::<f32>();
+    store.get(t.layout().start_offset() + at..t.layout().start_offset() + at + len)
+}
+
+/// Attention at a decoding step, per head in one pass: q [b, h, 1, hd] against the cached keys
+/// k [b, kv, n, hd] (views of the cache buffers: each head's n rows contiguous), the softmax
+/// with the bias row [b, 1, 1, n] at `scale`, and the weighted values v [b, kv, n, hd]; heads
+/// h / kv at a time share a key-value head (grouped-query attention, read in place instead of
+/// expanded). Returns the context [b, 1, h · hd]. The same kernels in the same order as the
+/// three-step path (scores, `masked_softmax`, weighted values), so bit for bit its numbers;
+/// one parallel region instead of three, and each head's scores stay in the level-1 cache.
+/// None where the layouts do not fit (the caller then takes the three steps).
+pub(super) fn decode_attention(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    bias: &FlexTensor,
+    scale: f32,
+) -> Option<FlexTensor> {
+    let (qs, ks, vs, bs) = (q.shape(), k.shape(), v.shape(), bias.shape());
+    if [q, k, v, bias].iter().any(|t| t.dtype() != DType::F32)
+        || qs.num_dims() != 4
+        || ks.num_dims() != 4
+        || vs != ks
+    {
+        return None;
+    }
+    let [b, h, t, hd] = qs.dims::<4>();
+    let [_, kv, n, _] = ks.dims::<4>();
+    let fits = t == 1
+        && ks.dims::<4>() == [b, kv, n, hd]
+        && bs.dims::<4>() == [b, 1, 1, n]
+        && kv > 0
+        && h % kv == 0
+        && n > 0
+        && hd > 0;
+    if !fits {
+        return None;
+    }
+    // Rows of each head contiguous; whatever the strides of the batch and head dimensions.
+    let rows_ok = |t: &FlexTensor| {
+        let st = t.layout().strides();
+        st[3] == 1 && (n == 1 || st[2] == hd as isize) && st[0] >= 0 && st[1] >= 0
+    };
+    if !rows_ok(k) || !rows_ok(v) {
+        return None;
+    }
+    let (qv, bv) = (values(q)?, values(bias)?);
+    let (qx, bx) = (slice(&qv), slice(&bv));
+    // Where head (r, g) of a [b, kv, n, hd] view starts, from the view's start.
+    fn head_at(t: &FlexTensor, r: usize, g: usize) -> usize {
+        let st = t.layout().strides();
+        r * st[0] as usize + g * st[1] as usize
+    }
+    let head_block = |t, r, g| block(t, head_at(t, r, g), n * hd);
+    // Every head's blocks exist (checked once, so the loop below cannot fail half-way).
+    for r in 0..b {
+        for g in 0..kv {
+            head_block(k, r, g)?;
+            head_block(v, r, g)?;
+        }
+    }
+    let group = h / kv;
+    let heads = b * h;
+    let mut out: Vec<f32> = Vec::with_capacity(heads * hd);
+    let each =
+        |i: usize, ctx: &mut [Uninit], scores: &mut Vec<Uninit>, weights: &mut Vec<Uninit>| {
+            let (r, g) = (i / h, i % h / group);
+            let kb = head_block(k, r, g).expect("checked above");
+            let vb = head_block(v, r, g).expect("checked above");
+            // The next head's blocks, for the kernels to prefetch as they finish this one (any
+            // address: a prefetch never faults).
+            let (r1, g1) = ((i + 1) / h, (i + 1) % h / group);
+            let next = |t: &FlexTensor| {
+                t.storage::<f32>()
+                    .as_ptr()
+                    .wrapping_add(t.layout().start_offset() + head_at(t, r1, g1))
+            };
+            scores.resize(n, Uninit::uninit());
+            weights.resize(n, Uninit::uninit());
+            rows_dot_cols(scores, &qx[i * hd..(i + 1) * hd], kb, hd, next(k));
+            // SAFETY: rows_dot_cols wrote all n scores; f32 has no invalid values.
+            let sc = unsafe { &*(scores.as_slice() as *const [Uninit] as *const [f32]) };
+            softmax_row(weights, sc, &bx[r * n..(r + 1) * n], scale);
+            // SAFETY: softmax_row wrote all n weights.
+            let w = unsafe { &*(weights.as_slice() as *const [Uninit] as *const [f32]) };
+            rows_times_b(ctx, w, vb, n, next(v));
+        };
+    let outs = &mut out.spare_capacity_mut()[..heads * hd];
+    if heads * n * hd * 2 >= FEW_ROWS_PARALLEL {
+        let per = heads.div_ceil(2 * rayon::current_num_threads());
+        outs.par_chunks_mut(per * hd)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let (mut scores, mut weights) = (Vec::new(), Vec::new());
+                for (j, ctx) in chunk.chunks_mut(hd).enumerate() {
+                    each(c * per + j, ctx, &mut scores, &mut weights);
+                }
+            });
+    } else {
+        let (mut scores, mut weights) = (Vec::new(), Vec::new());
+        for (i, ctx) in outs.chunks_mut(hd).enumerate() {
+            each(i, ctx, &mut scores, &mut weights);
+        }
+    }
+    // SAFETY: every head wrote its hd context values.
+    unsafe { out.set_len(heads * hd) };
+    Some(tensor(out, Shape::new([b, 1, h * hd])))
+}
+
 impl Kernels for Flex {
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> [FloatTensor<Self>; 2] {
         let (Some(xv), Some(wv)) = (values(&x), values(&w)) else {
