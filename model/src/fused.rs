@@ -1327,8 +1327,13 @@ mod tests {
     #[test]
     fn rope_into_the_cache_matches_split_rotate_and_assign() {
         let device = crate::parse_device("cpu").unwrap();
-        let (b, h, kv, hd, room) = (3, 4, 2, 8, 12);
-        for (t, past) in [(5, 0), (1, 5), (2, 9)] {
+        // The last: a decoding step of 16 sequences, written on both halves of the pool.
+        for (b, h, kv, hd, room, t, past) in [
+            (3, 4, 2, 8, 12, 5, 0),
+            (3, 4, 2, 8, 12, 1, 5),
+            (3, 4, 2, 8, 12, 2, 9),
+            (16, 8, 8, 64, 20, 1, 7),
+        ] {
             let qkv: Tensor<3> = random([b, t, (h + 2 * kv) * hd], &device);
             let half: Tensor<4> = random([b, t, 1, hd / 2], &device);
             let cos = Tensor::cat(vec![half.clone().cos(), half.clone().cos()], 3);

@@ -606,7 +606,9 @@ pub(super) fn rope_qkv_into_cache(
         }
     };
     let (qn, kn) = (h * t * hd, kv * room * hd);
-    if b * t * w >= PARALLEL_MIN {
+    // From a decoding step's 16 sequences on: the writes into the cache land on lines that are
+    // not in the cache (a new position of every head), and two threads wait on half as many.
+    if b >= 2 && b * t * w >= 1 << 13 {
         q.par_chunks_mut(qn)
             .zip(ks.par_chunks_mut(kn).zip(vs.par_chunks_mut(kn)))
             .enumerate()
