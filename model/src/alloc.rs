@@ -1,5 +1,5 @@
 //! A global allocator that keeps freed blocks of 16 MiB and more for the next allocation of the
-//! same size, as PyTorch's caching allocator does: the binaries declare it
+//! same size class, as PyTorch's caching allocator does: the binaries declare it
 //! (`#[global_allocator] static A: model::alloc::KeepLarge = model::alloc::KeepLarge;`).
 //!
 //! [`crate::device::tune_allocator`] makes glibc serve every size from its heaps and never trim
@@ -10,10 +10,11 @@
 //! gradient: every step faulted them in and zeroed them page by page again (`model bench --shape
 //! medium`: ~34k page faults per training step, `perf stat -e minor-faults`).
 //!
-//! Blocks are matched by exact size and alignment (a training loop asks for the same shapes
-//! every step); at most [`SLOTS`] blocks and [`KEEP_BYTES`] are kept, the oldest handed back
-//! first. Off until [`enable`] (which `tune_allocator` calls): until then, and below 16 MiB,
-//! every call goes straight to the system allocator.
+//! Large requests are rounded up to a size class (eighths of a power of two: at most 12.5% more
+//! address space, never touched unless used), so that batches padded to slightly different
+//! lengths reuse each other's blocks; at most [`SLOTS`] blocks and [`KEEP_BYTES`] are kept, the
+//! oldest handed back first. Keeping is off until [`enable`] (which `tune_allocator` calls);
+//! below 16 MiB every call goes straight to the system allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
@@ -24,7 +25,25 @@ pub const LARGE: usize = 16 << 20;
 /// Most blocks kept at once.
 pub const SLOTS: usize = 16;
 /// Most bytes kept at once.
-pub const KEEP_BYTES: usize = 4 << 30;
+pub const KEEP_BYTES: usize = 2 << 30;
+
+/// The size a request of `size` bytes is served with: itself below [`LARGE`], else rounded up to
+/// a multiple of an eighth of its power of two.
+pub fn class(size: usize) -> usize {
+    if size < LARGE {
+        return size;
+    }
+    let step = 1usize << (usize::BITS - 1 - size.leading_zeros() - 3);
+    size.div_ceil(step) * step
+}
+
+/// `layout` with its size class.
+fn classed(layout: Layout) -> Layout {
+    // SAFETY: the class is at least the size, a multiple of 2 MiB from LARGE on, and the
+    // alignment is the layout's own (valid); a class this large never overflows isize for the
+    // sizes a process can ask for.
+    unsafe { Layout::from_size_align_unchecked(class(layout.size()), layout.align()) }
+}
 
 static ON: AtomicBool = AtomicBool::new(false);
 
@@ -103,42 +122,77 @@ impl KeepLarge {
     }
 }
 
-// SAFETY: every block handed out is either fresh from `System` or a block of exactly the same
-// size and alignment that was freed to this allocator and is owned by no one else; blocks go
-// back to `System` with the layout they were allocated with.
+// SAFETY: every block of LARGE bytes or more is allocated from `System` with its size class and
+// handed back to it with that same layout (a request's class depends on its size alone); a kept
+// block is handed out only for a request of its class and alignment, and is owned by no one else.
 unsafe impl GlobalAlloc for KeepLarge {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= LARGE
-            && ON.load(Ordering::Relaxed)
+        if layout.size() < LARGE {
+            // SAFETY: the caller's contract.
+            return unsafe { System.alloc(layout) };
+        }
+        let layout = classed(layout);
+        if ON.load(Ordering::Relaxed)
             && let Some(p) = Self::take(layout)
         {
             return p;
         }
-        // SAFETY: the caller's contract.
+        // SAFETY: the caller's contract, for a larger size.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= LARGE
-            && ON.load(Ordering::Relaxed)
+        if layout.size() < LARGE {
+            // SAFETY: the caller's contract.
+            return unsafe { System.alloc_zeroed(layout) };
+        }
+        let size = layout.size();
+        let layout = classed(layout);
+        if ON.load(Ordering::Relaxed)
             && let Some(p) = Self::take(layout)
         {
-            // SAFETY: the block holds layout.size() bytes.
-            unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
+            // SAFETY: the block holds at least `size` bytes.
+            unsafe { std::ptr::write_bytes(p, 0, size) };
             return p;
         }
-        // SAFETY: the caller's contract.
+        // SAFETY: the caller's contract, for a larger size.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if layout.size() >= LARGE && ON.load(Ordering::Relaxed) {
+        if layout.size() < LARGE {
             // SAFETY: the caller's contract.
-            unsafe { Self::keep(ptr, layout) };
-            return;
+            return unsafe { System.dealloc(ptr, layout) };
         }
-        // SAFETY: the caller's contract.
-        unsafe { System.dealloc(ptr, layout) }
+        let layout = classed(layout);
+        if ON.load(Ordering::Relaxed) {
+            // SAFETY: the caller's contract; the block was allocated with its class.
+            unsafe { Self::keep(ptr, layout) };
+        } else {
+            // SAFETY: as above.
+            unsafe { System.dealloc(ptr, layout) };
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.size() < LARGE && new_size < LARGE {
+            // SAFETY: the caller's contract.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        if class(layout.size()) == class(new_size) {
+            // The block already has the room.
+            return ptr;
+        }
+        // SAFETY: the caller's contract: a valid new layout, `ptr` live with `layout`.
+        unsafe {
+            let new = Layout::from_size_align_unchecked(new_size, layout.align());
+            let p = self.alloc(new);
+            if !p.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            p
+        }
     }
 }
 
@@ -146,42 +200,67 @@ unsafe impl GlobalAlloc for KeepLarge {
 mod tests {
     use super::*;
 
-    /// A freed large block is handed out again for the same layout (and zeroed when asked), not
-    /// for another; the cache never holds more than its slots.
     #[test]
-    fn a_freed_large_block_serves_the_next_request_of_its_size() {
+    fn sizes_round_up_to_eighths_of_their_power_of_two() {
+        assert_eq!(class(1000), 1000);
+        assert_eq!(class(LARGE), LARGE);
+        assert_eq!(class(LARGE + 1), LARGE + (2 << 20));
+        assert_eq!(class(67_108_864 + 1), 67_108_864 + (8 << 20));
+        let big = 537_000_000;
+        assert!(class(big) >= big && class(big) <= big + big / 8);
+    }
+
+    /// A freed large block is handed out again for a request of its size class (zeroed when
+    /// asked), not for another class; growing within the class keeps the block; the cache never
+    /// holds more than its slots.
+    #[test]
+    fn a_freed_large_block_serves_the_next_request_of_its_class() {
         enable();
         let a = KeepLarge;
         let layout = Layout::from_size_align(LARGE + 4096, 64).unwrap();
-        // SAFETY: layouts of non-zero size; each block is freed once with its own layout.
+        // SAFETY: layouts of non-zero size; each block is freed once with the layout it was last
+        // allocated or reallocated with.
         unsafe {
             let p = a.alloc(layout);
             assert!(!p.is_null());
             p.write_bytes(7, layout.size());
             a.dealloc(p, layout);
-            let q = a.alloc_zeroed(layout);
+            // Another length of the same class (a batch padded a little longer).
+            let near = Layout::from_size_align(LARGE + 8192, 64).unwrap();
+            let q = a.alloc_zeroed(near);
             assert_eq!(q, p, "the kept block comes back");
             assert!(
-                std::slice::from_raw_parts(q, layout.size())
+                std::slice::from_raw_parts(q, near.size())
                     .iter()
                     .all(|&b| b == 0)
             );
-            let other = Layout::from_size_align(LARGE + 8192, 64).unwrap();
+            let grown = a.realloc(q, near, LARGE + (1 << 20));
+            assert_eq!(grown, q, "room within the class");
+            let other = Layout::from_size_align(2 * LARGE, 64).unwrap();
             let r = a.alloc(other);
             assert_ne!(r, q);
             a.dealloc(r, other);
-            a.dealloc(q, layout);
+            a.dealloc(
+                grown,
+                Layout::from_size_align(LARGE + (1 << 20), 64).unwrap(),
+            );
             // More frees than slots: the oldest go back to the system.
             let many: Vec<_> = (0..SLOTS + 3)
                 .map(|i| {
-                    let l = Layout::from_size_align(LARGE + i * 4096, 64).unwrap();
+                    let l = Layout::from_size_align(LARGE * (i + 1), 64).unwrap();
                     (a.alloc(l), l)
                 })
                 .collect();
             for &(p, l) in &many {
                 a.dealloc(p, l);
             }
-            assert_eq!(KEPT.lock().unwrap().len, SLOTS);
+            let kept = KEPT.lock().unwrap();
+            assert!(
+                kept.len <= SLOTS && kept.bytes <= KEEP_BYTES,
+                "{} {}",
+                kept.len,
+                kept.bytes
+            );
         }
     }
 }
