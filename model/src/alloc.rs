@@ -244,13 +244,21 @@ mod tests {
                 grown,
                 Layout::from_size_align(LARGE + (1 << 20), 64).unwrap(),
             );
-            // More frees than slots: the oldest go back to the system.
+            // More frees than slots, each of its own class (16 + 2i MiB, then 32 + 4i MiB, ...;
+            // ~0.8 GiB of address space, never touched): the oldest go back to the system.
             let many: Vec<_> = (0..SLOTS + 3)
                 .map(|i| {
-                    let l = Layout::from_size_align(LARGE * (i + 1), 64).unwrap();
-                    (a.alloc(l), l)
+                    let (octave, step) = (i / 8, i % 8);
+                    let size = (LARGE << octave) + step * ((LARGE << octave) / 8);
+                    let l = Layout::from_size_align(size, 64).unwrap();
+                    let p = a.alloc(l);
+                    assert!(!p.is_null());
+                    (p, l)
                 })
                 .collect();
+            let classes: std::collections::HashSet<_> =
+                many.iter().map(|(_, l)| class(l.size())).collect();
+            assert_eq!(classes.len(), SLOTS + 3);
             for &(p, l) in &many {
                 a.dealloc(p, l);
             }
