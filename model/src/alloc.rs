@@ -37,12 +37,10 @@ pub fn class(size: usize) -> usize {
     size.div_ceil(step) * step
 }
 
-/// `layout` with its size class.
+/// `layout` with its size class (itself where the class would not be a valid layout, near
+/// `isize::MAX`: the same answer for the same size, at allocation and at free).
 fn classed(layout: Layout) -> Layout {
-    // SAFETY: the class is at least the size, a multiple of 2 MiB from LARGE on, and the
-    // alignment is the layout's own (valid); a class this large never overflows isize for the
-    // sizes a process can ask for.
-    unsafe { Layout::from_size_align_unchecked(class(layout.size()), layout.align()) }
+    Layout::from_size_align(class(layout.size()), layout.align()).unwrap_or(layout)
 }
 
 static ON: AtomicBool = AtomicBool::new(false);

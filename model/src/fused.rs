@@ -579,6 +579,27 @@ where
     }
 }
 
+/// `t`'s value when it is a plain (untracked) tensor of backend B.
+fn plain_prim<B: Backend, const D: usize>(t: &Tensor<D>) -> Option<FloatTensor<B>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    match prim::<B, D>(t)? {
+        Prim::Plain(x) => Some(x),
+        Prim::Tracked(_) => None,
+    }
+}
+
+/// `t`, checked to be a plain tensor of B ([`plain_prim`]), moved into B's tensor: it owns its
+/// memory as it did (for kernels that write over their inputs).
+fn into_plain<B: Backend, const D: usize>(t: Tensor<D>) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    t.try_into_primitive::<B>()
+        .unwrap_or_else(|_| unreachable!("checked to be a plain tensor of this backend"))
+}
+
 fn tracked<B: Backend, const D: usize>(p: AutodiffTensor<B>) -> Tensor<D>
 where
     DispatchTensor: DispatchKindConversion<Autodiff<B>>,
@@ -915,7 +936,7 @@ where
 {
     // Only plain tensors of this backend are taken (checked on clones, which are dropped, so
     // that the tensors handed over own their memory as they did).
-    let plain_here = |t: &Tensor<D>| matches!(prim::<B, D>(t), Some(Prim::Plain(_)));
+    let plain_here = |t: &Tensor<D>| plain_prim::<B, D>(t).is_some();
     let (p, g, m) = args.as_ref()?;
     if !plain_here(p)
         || !plain_here(g)
@@ -925,10 +946,7 @@ where
         return None;
     }
     let (p, g, m) = args.take()?;
-    let inner = |t: Tensor<D>| {
-        t.try_into_primitive::<B>()
-            .unwrap_or_else(|_| unreachable!("checked to be a plain tensor of this backend"))
-    };
+    let inner = into_plain::<B, D>;
     match B::adamw(inner(p), inner(g), m.map(|m| m.map(inner)), step) {
         Ok(out) => Some(out.map(plain::<B, D>)),
         Err((p, g, m)) => {
@@ -986,21 +1004,17 @@ pub fn rope_qkv_into_cache(
     #[cfg(feature = "flex")]
     {
         type B = burn::backend::Flex;
-        let plain_here = |t: &Tensor<4>| !t.is_autodiff() && prim::<B, 4>(t).is_some();
-        if !qkv.is_autodiff()
-            && bufs.iter().all(plain_here)
-            && let (Some(Prim::Plain(x)), Some(Prim::Plain(c)), Some(Prim::Plain(s))) =
-                (prim::<B, 3>(qkv), prim::<B, 4>(cos), prim::<B, 4>(sin))
+        if bufs.iter().all(|t| plain_prim::<B, 4>(t).is_some())
+            && let (Some(x), Some(c), Some(s)) = (
+                plain_prim::<B, 3>(qkv),
+                plain_prim::<B, 4>(cos),
+                plain_prim::<B, 4>(sin),
+            )
         {
             // Moved out (an empty placeholder in their place) so that they own their memory.
             let placeholder = || Tensor::<4>::empty([0, 0, 0, 0], &qkv.device());
             let [k, v] = std::mem::replace(bufs, [placeholder(), placeholder()]);
-            let inner = |t: Tensor<4>| {
-                t.try_into_primitive::<B>().unwrap_or_else(|_| {
-                    unreachable!("checked to be a plain tensor of this backend")
-                })
-            };
-            let (mut k, mut v) = (inner(k), inner(v));
+            let (mut k, mut v) = (into_plain::<B, 4>(k), into_plain::<B, 4>(v));
             let q = flex::rope_qkv_into_cache(&x, &c, &s, [&mut k, &mut v], heads, past);
             *bufs = [plain::<B, 4>(k), plain::<B, 4>(v)];
             return q.map(plain::<B, 4>);
@@ -1026,17 +1040,10 @@ pub fn decode_attention(
     #[cfg(feature = "flex")]
     {
         type B = burn::backend::Flex;
-        if [q, k, v, bias].iter().any(|t| t.is_autodiff()) {
-            return None;
-        }
-        let inner = |t: &Tensor<4>| match prim::<B, 4>(t) {
-            Some(Prim::Plain(x)) => Some(x),
-            _ => None,
-        };
-        let (q, k, v, bias) = (inner(q)?, inner(k)?, inner(v)?, inner(bias)?);
-        return flex::decode_attention(&q, &k, &v, &bias, scale as f32).map(plain::<B, 3>);
+        let [q, k, v, bias] = [q, k, v, bias].map(plain_prim::<B, 4>);
+        flex::decode_attention(&q?, &k?, &v?, &bias?, scale as f32).map(plain::<B, 3>)
     }
-    #[allow(unreachable_code)]
+    #[cfg(not(feature = "flex"))]
     {
         let _ = (q, k, v, bias, scale);
         None
@@ -1107,6 +1114,24 @@ mod tests {
 
     fn random<const D: usize>(shape: [usize; D], device: &burn::tensor::Device) -> Tensor<D> {
         Tensor::random(shape, Distribution::Normal(0.0, 1.5), device)
+    }
+
+    /// RoPE tables cos, sin [b, t, 1, hd] with equal halves, as `rope_tables` builds them.
+    fn rope_tables(
+        [b, t, hd]: [usize; 3],
+        device: &burn::tensor::Device,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let half: Tensor<4> = random([b, t, 1, hd / 2], device);
+        (
+            Tensor::cat(vec![half.clone().cos(), half.clone().cos()], 3),
+            Tensor::cat(vec![half.clone().sin(), half.sin()], 3),
+        )
+    }
+
+    /// A tensor's values as bits, for bit-for-bit comparisons (of the flex-only paths).
+    #[cfg(feature = "flex")]
+    fn bits<const D: usize>(x: Tensor<D>) -> Vec<u32> {
+        to_f32_vec(x).iter().map(|v| v.to_bits()).collect()
     }
 
     /// The fused op and its reference on the same tracked inputs: values, and the gradients of
@@ -1335,9 +1360,7 @@ mod tests {
             (16, 8, 8, 64, 20, 1, 7),
         ] {
             let qkv: Tensor<3> = random([b, t, (h + 2 * kv) * hd], &device);
-            let half: Tensor<4> = random([b, t, 1, hd / 2], &device);
-            let cos = Tensor::cat(vec![half.clone().cos(), half.clone().cos()], 3);
-            let sin = Tensor::cat(vec![half.clone().sin(), half.sin()], 3);
+            let (cos, sin) = rope_tables([b, t, hd], &device);
             let old: [Tensor<4>; 2] = [
                 random([b, kv, room, hd], &device),
                 random([b, kv, room, hd], &device),
@@ -1359,12 +1382,6 @@ mod tests {
                 old[0].clone().slice_assign(new.clone(), want_k),
                 old[1].clone().slice_assign(new, want_v),
             ];
-            let bits = |x: Tensor<4>| {
-                to_f32_vec(x)
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             assert_eq!(bits(q), bits(want_q), "queries, t {t} past {past}");
             assert_eq!(bits(k), bits(want[0].clone()), "keys, t {t} past {past}");
             assert_eq!(bits(v), bits(want[1].clone()), "values, t {t} past {past}");
@@ -1414,12 +1431,6 @@ mod tests {
             let want = matmul(weights, expand(v.clone()))
                 .swap_dims(1, 2)
                 .reshape([b, 1, h * hd]);
-            let bits = |x: Tensor<3>| {
-                to_f32_vec(x)
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             assert_eq!(bits(ctx), bits(want), "b {b} h {h} kv {kv} hd {hd} n {n}");
             let two = Tensor::cat(vec![q.clone(), q.clone()], 2);
             let bias2 = Tensor::cat(vec![bias.clone(), bias], 2);
@@ -1434,10 +1445,7 @@ mod tests {
     fn rope_matches_the_decomposed_ops() {
         let device = crate::parse_device("cpu").unwrap().autodiff();
         for (b, t, h, hd) in [(2, 5, 3, 8), (4, 64, 4, 32)] {
-            // Tables with equal halves, as rope_tables builds them.
-            let half: Tensor<4> = random([b, t, 1, hd / 2], &device);
-            let cos = Tensor::cat(vec![half.clone().cos(), half.clone().cos()], 3);
-            let sin = Tensor::cat(vec![half.clone().sin(), half.sin()], 3);
+            let (cos, sin) = rope_tables([b, t, hd], &device);
             check(
                 [[b, t, h, hd]],
                 |[x]| rope(x.clone(), &cos, &sin),

@@ -825,37 +825,15 @@ impl CausalLm {
         } else {
             // Inference: one product, whose column blocks are q, k and v.
             let y = apply(&attn.qkv, x);
-            let [bsz, t, _] = y.dims();
-            let mut done = None;
-            if let (None, Some((cos, sin))) = (rows, rope)
-                && appends_in_place(cache, t, capacity)
-            {
-                // Rotated keys and the values written straight into the cache buffers.
-                let total = cache.as_ref().map_or(0, |c| c.len) + t;
-                let dims = [bsz, kv, hd];
-                let (bk, bv, past) = buffers_with_room(cache, dims, total, capacity, &y.device());
-                let mut bufs = [bk, bv];
-                let heads = [h, kv, hd];
-                let len = match fused::rope_qkv_into_cache(&y, cos, sin, &mut bufs, heads, past) {
-                    Some(q) => {
-                        let all = [0..bsz, 0..kv, 0..total, 0..hd];
-                        let [k, v] = bufs.clone().map(|b| b.slice(all.clone()));
-                        done = Some((q, k, v));
-                        total
-                    }
-                    // Not this backend: the buffers go back as they were, for the split below.
-                    None => past,
-                };
-                let [k, v] = bufs;
-                *cache = Some(LayerKv { k, v, len });
-            }
-            match done {
-                Some(qkv) => qkv,
-                None => {
-                    let qkv = parts.map(|r| y.clone().slice([0..bsz, 0..t, r]));
-                    self.split_heads(qkv, rows, rope, cache, capacity)
-                }
-            }
+            let fused = match (rows, rope) {
+                (None, Some(tables)) => self.rope_into_cache(&y, tables, cache, capacity),
+                _ => None,
+            };
+            fused.unwrap_or_else(|| {
+                let [bsz, t, _] = y.dims();
+                let qkv = parts.map(|r| y.clone().slice([0..bsz, 0..t, r]));
+                self.split_heads(qkv, rows, rope, cache, capacity)
+            })
         };
         // The padded layout's sizes (`rows` unpads x).
         let [bsz, _, t, _] = q.dims();
@@ -888,6 +866,38 @@ impl CausalLm {
             None => ctx,
         };
         apply(&attn.o, ctx)
+    }
+
+    /// [`Self::split_heads`] for a cache that appends in place, from the fused projection
+    /// y [b, t, (h + 2 · kv) · hd]: the rotated keys and the values written straight into the
+    /// cache buffers ([`fused::rope_qkv_into_cache`]). None, the cache as it was (its buffers
+    /// grown if they had to be), where that does not apply.
+    fn rope_into_cache(
+        &self,
+        y: &Tensor<3>,
+        (cos, sin): &(Tensor<4>, Tensor<4>),
+        cache: &mut Option<LayerKv>,
+        capacity: usize,
+    ) -> Option<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        let cfg = &*self.config;
+        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let [bsz, t, _] = y.dims();
+        if !appends_in_place(cache, t, capacity) {
+            return None;
+        }
+        let total = cache.as_ref().map_or(0, |c| c.len) + t;
+        let (bk, bv, past) = buffers_with_room(cache, [bsz, kv, hd], total, capacity, &y.device());
+        let mut bufs = [bk, bv];
+        let q = fused::rope_qkv_into_cache(y, cos, sin, &mut bufs, [h, kv, hd], past);
+        let all = [0..bsz, 0..kv, 0..total, 0..hd];
+        let views = q.map(|q| {
+            let [k, v] = bufs.clone().map(|b| b.slice(all.clone()));
+            (q, k, v)
+        });
+        let len = if views.is_some() { total } else { past };
+        let [k, v] = bufs;
+        *cache = Some(LayerKv { k, v, len });
+        views
     }
 
     /// The q, k, v blocks [b, t, ·] of the projection (or, with `rows`, of the real tokens) as

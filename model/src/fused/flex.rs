@@ -343,6 +343,19 @@ unsafe fn written<const N: usize>(
 
 /// Calls `f(row_index, out_row)` for each `row_len`-long row of `out`, in parallel when large.
 fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    for_rows_from(out, row_len, PARALLEL_MIN, f)
+}
+
+/// [`for_rows`], split across threads from `min` elements on (rows of costly elements, an exp
+/// each, split earlier: a decoding step's 16 rows of SwiGLU are ~20 us on one thread): below
+/// `PARALLEL_MIN`, in two halves.
+fn for_rows_from<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    min: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let rows = out.len() / row_len.max(1);
     if out.len() >= PARALLEL_MIN {
         let rows_per_task = (PARALLEL_MIN / row_len).max(1);
         out.par_chunks_mut(rows_per_task * row_len)
@@ -352,33 +365,20 @@ fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
                     f(c * rows_per_task + i, row);
                 }
             });
+    } else if out.len() >= min && rows >= 2 {
+        let half = rows / 2;
+        let (a, z) = out.split_at_mut(half * row_len);
+        let run = |first: usize, part: &mut [T]| {
+            for (i, row) in part.chunks_mut(row_len).enumerate() {
+                f(first + i, row);
+            }
+        };
+        rayon::join(|| run(0, a), || run(half, z));
     } else {
         for (i, row) in out.chunks_mut(row_len).enumerate() {
             f(i, row);
         }
     }
-}
-
-/// [`for_rows`], with rows of costly elements (an exp each) split in two halves from `min`
-/// elements on (a decoding step's 16 rows of SwiGLU: ~20 us on one thread).
-fn for_rows_from<T: Send>(
-    out: &mut [T],
-    row_len: usize,
-    min: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
-    let rows = out.len() / row_len.max(1);
-    if out.len() >= PARALLEL_MIN || out.len() < min || rows < 2 {
-        return for_rows(out, row_len, f);
-    }
-    let half = rows / 2;
-    let (a, z) = out.split_at_mut(half * row_len);
-    let run = |first: usize, part: &mut [T]| {
-        for (i, row) in part.chunks_mut(row_len).enumerate() {
-            f(first + i, row);
-        }
-    };
-    rayon::join(|| run(0, a), || run(half, z));
 }
 
 multiversion! {
@@ -537,16 +537,17 @@ fn whole_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
     t.try_storage_mut::<f32>().filter(|s| s.len() == n)
 }
 
-/// The rotate-half rotation of one head's row x (hd values) by the position's cos and sin rows,
-/// into `out`: the sums [`Kernels::rope`] writes, in its order.
+/// The rotate-half rotation of one head's row x (hd values, hd even) by the position's cos and
+/// sin rows, each value handed to `put` with its place in `out`: [`Kernels::rope`]'s rows (into
+/// fresh memory) and [`rope_qkv_into_cache`]'s (into the cache) are this one loop.
 #[inline(always)]
-fn rope_row(out: &mut [f32], x: &[f32], c: &[f32], s: &[f32]) {
+fn rope_row<T>(out: &mut [T], x: &[f32], c: &[f32], s: &[f32], put: impl Fn(&mut T, f32)) {
     let half = x.len() / 2;
     let (lo, hi) = out.split_at_mut(half);
     let (x, c, s) = (&x[..2 * half], &c[..2 * half], &s[..2 * half]);
     for i in 0..half {
-        lo[i] = x[i] * c[i] - x[i + half] * s[i];
-        hi[i] = x[i + half] * c[i + half] + x[i] * s[i + half];
+        put(&mut lo[i], x[i] * c[i] - x[i + half] * s[i]);
+        put(&mut hi[i], x[i + half] * c[i + half] + x[i] * s[i + half]);
     }
 }
 
@@ -565,11 +566,9 @@ pub(super) fn rope_qkv_into_cache(
     [h, kv, hd]: [usize; 3],
     past: usize,
 ) -> Option<FlexTensor> {
-    let shape = qkv.shape();
-    let (b, t, w) = (shape[0], shape[1], shape[2]);
+    let [b, t, w] = qkv.shape().dims::<3>();
     let room = k.shape()[2];
-    let fits = shape.num_dims() == 3
-        && w == (h + 2 * kv) * hd
+    let fits = w == (h + 2 * kv) * hd
         && hd % 2 == 0
         && cos.shape().dims::<4>() == [b, t, 1, hd]
         && sin.shape().dims::<4>() == [b, t, 1, hd]
@@ -594,12 +593,13 @@ pub(super) fn rope_qkv_into_cache(
             );
             for head in 0..h {
                 let at = (head * t + j) * hd;
-                rope_row(&mut q[at..at + hd], &x[head * hd..(head + 1) * hd], c, s);
+                let qx = &x[head * hd..(head + 1) * hd];
+                rope_row(&mut q[at..at + hd], qx, c, s, |o, v| *o = v);
             }
             for g in 0..kv {
                 let at = (g * room + past + j) * hd;
                 let kx = &x[(h + g) * hd..(h + g + 1) * hd];
-                rope_row(&mut ks[at..at + hd], kx, c, s);
+                rope_row(&mut ks[at..at + hd], kx, c, s, |o, v| *o = v);
                 let vx = &x[(h + kv + g) * hd..(h + kv + g + 1) * hd];
                 vs[at..at + hd].copy_from_slice(vx);
             }
@@ -620,6 +620,33 @@ pub(super) fn rope_qkv_into_cache(
             .for_each(|(r, parts)| sequence(r, parts));
     }
     Some(tensor(q, Shape::new([b, h, t, hd])))
+}
+
+/// `each(i, out_i, scratch)` for the outputs of `len` values each in `outs` (one per attention
+/// head), in order, or in chunks on both halves of the pool when `parallel` (each chunk with its
+/// own scratch, made by `S::default`).
+fn per_head<S: Default>(
+    outs: &mut [Uninit],
+    len: usize,
+    parallel: bool,
+    each: impl Fn(usize, &mut [Uninit], &mut S) + Sync,
+) {
+    if parallel {
+        let per = (outs.len() / len).div_ceil(2 * rayon::current_num_threads());
+        outs.par_chunks_mut(per * len)
+            .enumerate()
+            .for_each(|(g, chunk)| {
+                let mut scratch = S::default();
+                for (j, out) in chunk.chunks_mut(len).enumerate() {
+                    each(g * per + j, out, &mut scratch);
+                }
+            });
+    } else {
+        let mut scratch = S::default();
+        for (i, out) in outs.chunks_mut(len).enumerate() {
+            each(i, out, &mut scratch);
+        }
+    }
 }
 
 /// A contiguous f32 block of `len` elements of `t` starting at element offset `at` from the
@@ -690,46 +717,31 @@ pub(super) fn decode_attention(
     let group = h / kv;
     let heads = b * h;
     let mut out: Vec<f32> = Vec::with_capacity(heads * hd);
-    let each =
-        |i: usize, ctx: &mut [Uninit], scores: &mut Vec<Uninit>, weights: &mut Vec<Uninit>| {
-            let (r, g) = (i / h, i % h / group);
-            let kb = head_block(k, r, g).expect("checked above");
-            let vb = head_block(v, r, g).expect("checked above");
-            // The next head's blocks, for the kernels to prefetch as they finish this one (any
-            // address: a prefetch never faults).
-            let (r1, g1) = ((i + 1) / h, (i + 1) % h / group);
-            let next = |t: &FlexTensor| {
-                t.storage::<f32>()
-                    .as_ptr()
-                    .wrapping_add(t.layout().start_offset() + head_at(t, r1, g1))
-            };
-            scores.resize(n, Uninit::uninit());
-            weights.resize(n, Uninit::uninit());
-            rows_dot_cols(scores, &qx[i * hd..(i + 1) * hd], kb, hd, next(k));
-            // SAFETY: rows_dot_cols wrote all n scores; f32 has no invalid values.
-            let sc = unsafe { &*(scores.as_slice() as *const [Uninit] as *const [f32]) };
-            softmax_row(weights, sc, &bx[r * n..(r + 1) * n], scale);
-            // SAFETY: softmax_row wrote all n weights.
-            let w = unsafe { &*(weights.as_slice() as *const [Uninit] as *const [f32]) };
-            rows_times_b(ctx, w, vb, n, next(v));
+    type Scratch = (Vec<Uninit>, Vec<Uninit>);
+    let each = |i: usize, ctx: &mut [Uninit], (scores, weights): &mut Scratch| {
+        let (r, g) = (i / h, i % h / group);
+        let kb = head_block(k, r, g).expect("checked above");
+        let vb = head_block(v, r, g).expect("checked above");
+        // The next head's blocks, for the kernels to prefetch as they finish this one (any
+        // address: a prefetch never faults).
+        let (r1, g1) = ((i + 1) / h, (i + 1) % h / group);
+        let next = |t: &FlexTensor| {
+            t.storage::<f32>()
+                .as_ptr()
+                .wrapping_add(t.layout().start_offset() + head_at(t, r1, g1))
         };
+        scores.resize(n, Uninit::uninit());
+        weights.resize(n, Uninit::uninit());
+        rows_dot_cols(scores, &qx[i * hd..(i + 1) * hd], kb, hd, next(k));
+        // SAFETY: rows_dot_cols wrote all n scores; f32 has no invalid values.
+        let sc = unsafe { &*(scores.as_slice() as *const [Uninit] as *const [f32]) };
+        softmax_row(weights, sc, &bx[r * n..(r + 1) * n], scale);
+        // SAFETY: softmax_row wrote all n weights.
+        let w = unsafe { &*(weights.as_slice() as *const [Uninit] as *const [f32]) };
+        rows_times_b(ctx, w, vb, n, next(v));
+    };
     let outs = &mut out.spare_capacity_mut()[..heads * hd];
-    if heads * n * hd * 2 >= FEW_ROWS_PARALLEL {
-        let per = heads.div_ceil(2 * rayon::current_num_threads());
-        outs.par_chunks_mut(per * hd)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let (mut scores, mut weights) = (Vec::new(), Vec::new());
-                for (j, ctx) in chunk.chunks_mut(hd).enumerate() {
-                    each(c * per + j, ctx, &mut scores, &mut weights);
-                }
-            });
-    } else {
-        let (mut scores, mut weights) = (Vec::new(), Vec::new());
-        for (i, ctx) in outs.chunks_mut(hd).enumerate() {
-            each(i, ctx, &mut scores, &mut weights);
-        }
-    }
+    per_head(outs, hd, heads * n * hd * 2 >= FEW_ROWS_PARALLEL, each);
     // SAFETY: every head wrote its hd context values.
     unsafe { out.set_len(heads * hd) };
     Some(tensor(out, Shape::new([b, 1, h * hd])))
@@ -1026,7 +1038,7 @@ impl Kernels for Flex {
         let b_rows = rst[nd - 1] == 1 && (k == 1 || rst[nd - 2] == n as isize);
         let b_cols = rst[nd - 2] == 1 && (n == 1 || rst[nd - 1] == k as isize);
         if batch > 1 && m <= FEW_ROWS && m * n * k > 0 && compact_a && (b_rows || b_cols) && !bf16 {
-            let each = |i: usize, c: &mut [Uninit]| {
+            let each = |i: usize, c: &mut [Uninit], _: &mut ()| {
                 let (oa, ob) = (offset(i, lst) as usize, offset(i, rst) as usize);
                 let (a, b) = (&l[oa..oa + m * k], &r[ob..ob + k * n]);
                 // The next head's operand, for the kernels to prefetch as they finish this one.
@@ -1038,20 +1050,7 @@ impl Kernels for Flex {
                 }
             };
             let outs = &mut out.spare_capacity_mut()[..batch * m * n];
-            if batch * work >= FEW_ROWS_PARALLEL {
-                let per = batch.div_ceil(2 * rayon::current_num_threads());
-                outs.par_chunks_mut(per * m * n)
-                    .enumerate()
-                    .for_each(|(g, chunk)| {
-                        for (j, c) in chunk.chunks_mut(m * n).enumerate() {
-                            each(g * per + j, c);
-                        }
-                    });
-            } else {
-                for (i, c) in outs.chunks_mut(m * n).enumerate() {
-                    each(i, c);
-                }
-            }
+            per_head(outs, m * n, batch * work >= FEW_ROWS_PARALLEL, each);
         } else if batch > 1 && batch * work >= 128 * 128 * 128 && m * n > 0 {
             // Small products, many of them (attention heads): one thread per product.
             out.spare_capacity_mut()[..batch * m * n]
@@ -1230,7 +1229,6 @@ impl Kernels for Flex {
         };
         let shape = x.shape();
         let [_, _, h, hd] = [shape[0], shape[1], shape[2], shape[3]];
-        let half = hd / 2;
         let (xs, cs, sn) = (slice(&xv), slice(&cv), slice(&sv));
         assert_eq!(hd % 2, 0, "rope: head dimension {hd} is odd");
         // SAFETY: each row's two halves (hd even) are written whole.
@@ -1245,11 +1243,9 @@ impl Kernels for Flex {
                         &cs[p * hd..(p + 1) * hd],
                         &sn[p * hd..(p + 1) * hd],
                     );
-                    let (lo, hi) = out.split_at_mut(half);
-                    for i in 0..half {
-                        lo[i].write(xr[i] * cr[i] - xr[i + half] * sr[i]);
-                        hi[i].write(xr[i + half] * cr[i + half] + xr[i] * sr[i + half]);
-                    }
+                    rope_row(out, xr, cr, sr, |o, v| {
+                        o.write(v);
+                    });
                 })
             })
         };
