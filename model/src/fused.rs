@@ -196,6 +196,18 @@ pub trait Kernels: Backend {
     ) -> Result<[FloatTensor<Self>; 3], AdamWInputs<Self>> {
         Err((param, grad, moments))
     }
+
+    /// Σ x² over all of x's elements, summed in a fixed order (the same value on every run),
+    /// for the global gradient norm. None: not fused on this backend (the caller composes
+    /// tensor ops and keeps the sum on the device).
+    fn sum_squares(_x: &FloatTensor<Self>) -> Option<f64> {
+        None
+    }
+
+    /// x · c (the gradients' clipping coefficient), written over x's memory where it owns it.
+    fn scale(x: FloatTensor<Self>, c: f32) -> FloatTensor<Self> {
+        generic::scale::<Self>(x, c)
+    }
 }
 
 /// What [`Kernels::adamw`] hands back when it does not apply: parameter, gradient, moments.
@@ -237,6 +249,10 @@ impl AdamWStep {
 /// The kernels composed of a backend's tensor ops (see [`Kernels`] for each one's formula).
 pub mod generic {
     use super::*;
+
+    pub fn scale<B: Backend>(x: FloatTensor<B>, c: f32) -> FloatTensor<B> {
+        B::float_mul_scalar(x, c.into())
+    }
 
     pub fn rms_norm<B: Backend>(
         x: FloatTensor<B>,
@@ -976,6 +992,29 @@ pub fn adamw<const D: usize>(
     }
 }
 
+/// Σ x² over a plain (untracked) tensor's elements where the backend has the kernel (flex, f32):
+/// one parallel pass that writes nothing (the composed `square().sum()` writes a squared copy),
+/// summed in a fixed order. None otherwise.
+pub fn sum_squares<const D: usize>(x: &Tensor<D>) -> Option<f64> {
+    on_backends!(|B| plain_prim::<B, D>(x).and_then(|p| B::sum_squares(&p)))
+}
+
+/// x · c for a plain (untracked) tensor, in x's memory where it owns it (flex, f32; parallel);
+/// the same values as `x.mul_scalar(c)`.
+pub fn scale<const D: usize>(x: Tensor<D>, c: f32) -> Tensor<D> {
+    fn scale_on<B: Kernels, const D: usize>(x: &mut Option<Tensor<D>>, c: f32) -> Option<Tensor<D>>
+    where
+        DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+    {
+        // Checked on a clone, which is dropped, so that the tensor handed over owns its memory.
+        plain_prim::<B, D>(x.as_ref()?)?;
+        Some(plain::<B, D>(B::scale(into_plain::<B, D>(x.take()?), c)))
+    }
+    let mut x = Some(x);
+    on_backends!(|B| scale_on::<B, D>(&mut x, c))
+        .unwrap_or_else(|| x.expect("not taken").mul_scalar(c))
+}
+
 /// Rotary position embedding, rotate-half layout (as transformers). x: [b, t, h, hd];
 /// cos, sin: [b, t, 1, hd], constants whose two halves are equal.
 pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
@@ -1453,5 +1492,51 @@ mod tests {
                 "rope",
             );
         }
+    }
+
+    /// The gradient-norm kernels: Σ x² against an f64 sum on the host (sizes below and above
+    /// the parallel split, a strided view), and the scale bit for bit against `mul_scalar`, in
+    /// place only where the tensor owns its memory (a clone sharing it keeps its values).
+    #[test]
+    #[cfg(feature = "flex")]
+    fn sum_squares_and_scale_match_the_composed_ops() {
+        let device = crate::parse_device("cpu").unwrap();
+        for n in [1, 1000, 70_001, 300_000] {
+            let x: Tensor<1> = random([n], &device);
+            let expect: f64 = to_f32_vec(x.clone())
+                .iter()
+                .map(|&v| v as f64 * v as f64)
+                .sum();
+            let got = sum_squares(&x).expect("fused on flex");
+            assert!(
+                (got - expect).abs() <= 1e-6 * expect,
+                "n {n}: {got} vs {expect}"
+            );
+            let want = bits(x.clone().mul_scalar(0.37));
+            let shared = x.clone();
+            assert_eq!(bits(scale(x, 0.37)), want, "n {n}");
+            let owned = shared.clone().mul_scalar(1.0);
+            assert_eq!(bits(scale(owned, 0.37)), want, "n {n}, owned");
+            // The clone that shared the scaled tensor's memory is as it was.
+            let unscaled: f64 = to_f32_vec(shared)
+                .iter()
+                .map(|&v| v as f64 * v as f64)
+                .sum();
+            assert_eq!(
+                unscaled, expect,
+                "n {n}: the shared tensor was written over"
+            );
+        }
+        let m: Tensor<2> = random([300, 257], &device);
+        let t = m.clone().transpose();
+        let expect: f64 = to_f32_vec(m).iter().map(|&v| v as f64 * v as f64).sum();
+        let got = sum_squares(&t).expect("fused on flex");
+        assert!(
+            (got - expect).abs() <= 1e-6 * expect,
+            "view: {got} vs {expect}"
+        );
+        // Tracked tensors are not taken.
+        let tracked: Tensor<1> = random([10], &device.clone().autodiff()).require_grad();
+        assert!(sum_squares(&tracked).is_none());
     }
 }

@@ -81,16 +81,24 @@ pub fn token_tensor(
     Tensor::from_data(TensorData::new(v, [b, t]), device)
 }
 
+/// Σ g² over all gradients: on the host where the backend has the fused kernel (one read of each
+/// gradient, in f64, parameters in visiting order), else as a tensor on the device (one read back
+/// at the end, not one per parameter).
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
-    sum: Option<Tensor<1>>,
+    host: f64,
+    device: Option<Tensor<1>>,
 }
 
 impl ModuleVisitor for SquaredNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
+            if let Some(s) = crate::fused::sum_squares(&g) {
+                self.host += s;
+                return;
+            }
             let s = g.square().sum();
-            self.sum = Some(match self.sum.take() {
+            self.device = Some(match self.device.take() {
                 Some(a) => a + s,
                 None => s,
             });
@@ -106,16 +114,22 @@ struct Scale<'a> {
 impl ModuleVisitor for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
-            self.grads.register::<D>(param.id, g.mul_scalar(self.coef));
+            self.grads
+                .register::<D>(param.id, crate::fused::scale(g, self.coef));
         }
     }
 }
 
 /// The global L2 norm of all gradients of `module`'s parameters.
 pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f32 {
-    let mut v = SquaredNorm { grads, sum: None };
+    let mut v = SquaredNorm {
+        grads,
+        host: 0.0,
+        device: None,
+    };
     module.visit(&mut v);
-    v.sum.map_or(0.0, |s| s.sqrt().into_scalar::<f32>())
+    let device = v.device.map_or(0.0, |s| s.into_scalar::<f32>() as f64);
+    (v.host + device).sqrt() as f32
 }
 
 /// Scales all gradients so that their global norm is at most `max_norm` (as torch's
@@ -198,5 +212,59 @@ mod tests {
                 "untracked {x} vs {y}"
             );
         }
+    }
+
+    /// Global-norm clipping: the norm of all gradients together (as torch's `clip_grad_norm_`),
+    /// each gradient scaled by max / (norm + 1e-6) when the norm is above max, untouched below.
+    #[test]
+    fn clip_grad_norm_scales_all_gradients_by_the_global_norm() {
+        use burn::nn::{Linear, LinearConfig};
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        // Two layers, one large enough for the kernels' parallel split.
+        let a: Linear = LinearConfig::new(256, 300).init(&device);
+        let b: Linear = LinearConfig::new(300, 3).init(&device);
+        let x = Tensor::<2>::random([4, 256], Distribution::Normal(0.0, 1.0), &device);
+        let loss = b.forward(a.forward(x)).powi_scalar(2).sum();
+        let module = (a, b);
+        let host = |grads: &GradientsParams| -> Vec<Vec<f32>> {
+            let (a, b) = &module;
+            [&a.weight, &b.weight]
+                .iter()
+                .map(|p| to_f32_vec(grads.get::<2>(p.id).unwrap()))
+                .chain(
+                    [&a.bias, &b.bias]
+                        .iter()
+                        .map(|p| to_f32_vec(grads.get::<1>(p.as_ref().unwrap().id).unwrap())),
+                )
+                .collect()
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), &module);
+        let before = host(&grads);
+        let expect = before
+            .iter()
+            .flatten()
+            .map(|&g| g as f64 * g as f64)
+            .sum::<f64>()
+            .sqrt();
+        assert!(expect > 1.0, "the test needs a norm above 1: {expect}");
+        assert!(((grad_norm(&module, &grads) as f64) - expect).abs() <= 1e-5 * expect);
+
+        // Above max: every gradient times max / (norm + 1e-6), the same f32 products.
+        let mut clipped = grads;
+        let norm = clip_grad_norm(&module, &mut clipped, 1.0);
+        assert!(((norm as f64) - expect).abs() <= 1e-5 * expect);
+        let coef = 1.0 / (norm + 1e-6);
+        for (g, c) in before.iter().zip(host(&clipped)) {
+            let want: Vec<u32> = g.iter().map(|&v| (v * coef).to_bits()).collect();
+            assert_eq!(c.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+        }
+        let after = grad_norm(&module, &clipped);
+        assert!((after - 1.0).abs() < 1e-4, "norm after clipping {after}");
+
+        // Below max: untouched.
+        let again = host(&clipped);
+        let norm = clip_grad_norm(&module, &mut clipped, 10.0);
+        assert!((norm - after).abs() < 1e-6);
+        assert_eq!(host(&clipped), again);
     }
 }

@@ -458,6 +458,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// x ← x · c
+    fn scale_run(x: &mut [f32], c: f32) {
+        for x in x {
+            *x *= c;
+        }
+    }
+}
+
+multiversion! {
     /// Σ g · w · x, with gw = g · w written to `scratch`
     fn dot3(scratch: &mut [f32], g: &[f32], w: &[f32], x: &[f32]) -> f32 {
         for ((s, &g), &w) in scratch.iter_mut().zip(g).zip(w) {
@@ -1129,6 +1138,36 @@ impl Kernels for Flex {
             })
         };
         tensor(out, shape)
+    }
+
+    fn sum_squares(x: &FloatTensor<Self>) -> Option<f64> {
+        let xv = values(x)?;
+        let xs = slice(&xv);
+        // f32 sums over runs of PARALLEL_MIN elements (several lanes each), then the runs' sums
+        // in f64 in their order: no dependence on how the threads split the work.
+        let runs: Vec<f64> = if xs.len() >= 2 * PARALLEL_MIN {
+            xs.par_chunks(PARALLEL_MIN)
+                .map(|c| sum_squares(c) as f64)
+                .collect()
+        } else {
+            xs.chunks(PARALLEL_MIN)
+                .map(|c| sum_squares(c) as f64)
+                .collect()
+        };
+        Some(runs.iter().sum())
+    }
+
+    fn scale(mut x: FloatTensor<Self>, c: f32) -> FloatTensor<Self> {
+        let Some(xs) = whole_mut(&mut x) else {
+            return generic::scale::<Self>(x, c);
+        };
+        if xs.len() >= 2 * PARALLEL_MIN {
+            xs.par_chunks_mut(PARALLEL_MIN)
+                .for_each(|run| scale_run(run, c));
+        } else {
+            scale_run(xs, c);
+        }
+        x
     }
 
     fn adamw(
