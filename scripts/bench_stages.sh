@@ -27,8 +27,12 @@
 #   SFT_STEPS             measured SFT steps; the same number of warm-up steps runs first (default 60)
 #   RM_WARMUP, RM_STEPS   reward warm-up / measured steps (default 5 / 40)
 #   PPO_WARMUP, PPO_ITERS PPO/RLOO warm-up / measured iterations (default 3 / 12)
+#   ROUNDS                rounds per preset, each running our three stages then TRL's (default
+#                         2); the table takes each side's best round and shows the range over
+#                         the rounds (a shared machine's noise only ever slows a run down; the
+#                         same rule as `model bench --rounds`)
 #   Per preset: SFT_STEPS_small=... etc. override for one preset.
-# With the defaults the whole run (both presets) takes about 3 minutes on a 2-core CPU after the
+# With the defaults the whole run (both presets) takes about 4 minutes on a 2-core CPU after the
 # build (and the TRL install). Run it on an otherwise idle machine: it prints how busy the CPU was
 # with other work before each preset and how much CPU time other processes took while the preset
 # ran, with a warning when they took more than 5%. Under contention PyTorch (OpenMP threads on
@@ -132,6 +136,7 @@ task=datasets/demo/task
 template=$'Human: {prompt}\n\nAssistant:'
 out=${OUT_DIR:-runs/bench-stages}
 shapes=${SHAPES:-tiny small}
+rounds=${ROUNDS:-2}
 matmul=${MATMUL:-fp32}
 
 # Prints a command (shell-quoted, so that it can be pasted) and runs it.
@@ -250,51 +255,57 @@ for preset in $shapes; do
   ppo_n=$(knob PPO_ITERS "$preset" 12)
   case "$preset" in tiny) vocab=1024 ;; *) vocab=8192 ;; esac
   echo
-  echo "=== $preset: sft $sft_n+$sft_n steps, reward $rm_w+$rm_n steps, ppo $ppo_w+$ppo_n iterations"
+  echo "=== $preset: sft $sft_n+$sft_n steps, reward $rm_w+$rm_n steps, ppo $ppo_w+$ppo_n iterations, $rounds round(s)"
   cpu_busy
   mark
   run "$bin/model" init --preset "$preset" --texts "$work/texts.txt" --vocab-size "$vocab" --seed 0 \
     --out "$o/init"
 
-  # Ours. Evaluation off (no validation split), checkpoints only after the last step.
-  run "$bin/sft" --config configs/sft.toml --out "$o/sft" --set matmul="$matmul" \
-    --set model.base="$o/init" --set data.path="$work/sft.jsonl" \
-    --set data.template="$template" --set data.validation_fraction=0 --set data.max_length=128 \
-    --set data.packing=false --set train.batch_size=16 --set train.grad_accum=1 \
-    --set train.max_steps=$((2 * sft_n)) --set train.log_every="$sft_n" \
-    --set train.eval_every=0 --set train.save_every=0 --set train.lr=3e-3 \
-    --set train.warmup_steps=5 --set train.max_grad_norm=1.0
-  run "$bin/reward" --config configs/reward.toml --out "$o/reward" --set matmul="$matmul" \
-    --set model.base="$o/init" --set data.path="$work/groups.jsonl" --set data.kind=ranked_groups \
-    --set data.template="$template" --set data.validation_fraction=0 --set data.max_length=128 \
-    --set data.ties=drop --set data.demonstrations= --set loss.kind=pairwise \
-    --set loss.forward=groups --set train.batch_size=8 --set train.grad_accum=1 \
-    --set train.max_steps=$((rm_w + rm_n)) --set train.log_every=1 --set train.eval_every=0 \
-    --set train.save_every=0 --set train.lr=1e-3 --set train.max_grad_norm=1.0
-  run "$bin/ppo" --config configs/ppo.toml --out "$o/ppo" --set matmul="$matmul" \
-    --set model.policy="$o/sft/final" --set model.reward_model="$o/reward/final" \
-    --set model.critic=reward_model --set data.prompts="$task/prompts.jsonl" \
-    --set rollout.batch_size=16 --set rollout.max_new_tokens=24 --set rollout.temperature=1.0 \
-    --set rollout.top_k=0 --set rollout.top_p=1.0 --set kl.coef=0.3 --set kl.adaptive=false \
-    --set ppo.epochs=4 --set ppo.minibatch_size=8 --set ppo.max_approx_kl=0 \
-    --set train.iterations=$((ppo_w + ppo_n)) --set train.log_every=1 --set train.save_every=0 \
-    --set train.sample_every=0 --set train.max_grad_norm=1.0
+  for round in $(seq 1 "$rounds"); do
+    echo
+    echo "--- $preset: round $round of $rounds"
+    # Each round's stages start afresh (the same seeds: the same folders for TRL's side).
+    rm -rf "$o/sft" "$o/reward" "$o/ppo" "$o/trl"
+    # Ours. Evaluation off (no validation split), checkpoints only after the last step.
+    run "$bin/sft" --config configs/sft.toml --out "$o/sft" --set matmul="$matmul" \
+      --set model.base="$o/init" --set data.path="$work/sft.jsonl" \
+      --set data.template="$template" --set data.validation_fraction=0 --set data.max_length=128 \
+      --set data.packing=false --set train.batch_size=16 --set train.grad_accum=1 \
+      --set train.max_steps=$((2 * sft_n)) --set train.log_every="$sft_n" \
+      --set train.eval_every=0 --set train.save_every=0 --set train.lr=3e-3 \
+      --set train.warmup_steps=5 --set train.max_grad_norm=1.0
+    run "$bin/reward" --config configs/reward.toml --out "$o/reward" --set matmul="$matmul" \
+      --set model.base="$o/init" --set data.path="$work/groups.jsonl" --set data.kind=ranked_groups \
+      --set data.template="$template" --set data.validation_fraction=0 --set data.max_length=128 \
+      --set data.ties=drop --set data.demonstrations= --set loss.kind=pairwise \
+      --set loss.forward=groups --set train.batch_size=8 --set train.grad_accum=1 \
+      --set train.max_steps=$((rm_w + rm_n)) --set train.log_every=1 --set train.eval_every=0 \
+      --set train.save_every=0 --set train.lr=1e-3 --set train.max_grad_norm=1.0
+    run "$bin/ppo" --config configs/ppo.toml --out "$o/ppo" --set matmul="$matmul" \
+      --set model.policy="$o/sft/final" --set model.reward_model="$o/reward/final" \
+      --set model.critic=reward_model --set data.prompts="$task/prompts.jsonl" \
+      --set rollout.batch_size=16 --set rollout.max_new_tokens=24 --set rollout.temperature=1.0 \
+      --set rollout.top_k=0 --set rollout.top_p=1.0 --set kl.coef=0.3 --set kl.adaptive=false \
+      --set ppo.epochs=4 --set ppo.minibatch_size=8 --set ppo.max_approx_kl=0 \
+      --set train.iterations=$((ppo_w + ppo_n)) --set train.log_every=1 --set train.save_every=0 \
+      --set train.sample_every=0 --set train.max_grad_norm=1.0
 
-  collect "$py" scripts/bench_trl.py ours --preset "$preset" --stage sft \
-    --metrics "$o/sft/metrics.jsonl" --warmup "$sft_n" --steps "$sft_n"
-  collect "$py" scripts/bench_trl.py ours --preset "$preset" --stage reward \
-    --metrics "$o/reward/metrics.jsonl" --warmup "$rm_w" --steps "$rm_n" --per-step $((4 * 8))
-  collect "$py" scripts/bench_trl.py ours --preset "$preset" --stage ppo \
-    --metrics "$o/ppo/metrics.jsonl" --warmup "$ppo_w" --steps "$ppo_n" --per-step 16
+    collect "$py" scripts/bench_trl.py ours --preset "$preset" --stage sft \
+      --metrics "$o/sft/metrics.jsonl" --warmup "$sft_n" --steps "$sft_n"
+    collect "$py" scripts/bench_trl.py ours --preset "$preset" --stage reward \
+      --metrics "$o/reward/metrics.jsonl" --warmup "$rm_w" --steps "$rm_n" --per-step $((4 * 8))
+    collect "$py" scripts/bench_trl.py ours --preset "$preset" --stage ppo \
+      --metrics "$o/ppo/metrics.jsonl" --warmup "$ppo_w" --steps "$ppo_n" --per-step 16
 
-  # TRL, on the same folders and data.
-  collect "$py" scripts/bench_trl.py run --preset "$preset" --work "$work" --out "$o/trl" \
-    --init "$o/init" --policy "$o/sft/final" --reward-model "$o/reward/final" \
-    --template "$template" --matmul "$matmul" \
-    --sft-warmup "$sft_n" --sft-steps "$sft_n" --sft-batch 16 --sft-max-length 128 \
-    --rm-warmup "$rm_w" --rm-steps "$rm_n" --rm-groups 8 --rm-max-length 128 \
-    --ppo-warmup "$ppo_w" --ppo-iters "$ppo_n" --ppo-episodes 16 --ppo-num-generations 2 \
-    --ppo-minibatch 8 --ppo-epochs 4 --ppo-max-new-tokens 24 --ppo-beta 0.3
+    # TRL, on the same folders and data.
+    collect "$py" scripts/bench_trl.py run --preset "$preset" --work "$work" --out "$o/trl" \
+      --init "$o/init" --policy "$o/sft/final" --reward-model "$o/reward/final" \
+      --template "$template" --matmul "$matmul" \
+      --sft-warmup "$sft_n" --sft-steps "$sft_n" --sft-batch 16 --sft-max-length 128 \
+      --rm-warmup "$rm_w" --rm-steps "$rm_n" --rm-groups 8 --rm-max-length 128 \
+      --ppo-warmup "$ppo_w" --ppo-iters "$ppo_n" --ppo-episodes 16 --ppo-num-generations 2 \
+      --ppo-minibatch 8 --ppo-epochs 4 --ppo-max-new-tokens 24 --ppo-beta 0.3
+  done
   echo
   other_work "$preset" >"$out/.load" # not in a pipeline (a subshell): see ours_cs
   cat "$out/.load"
