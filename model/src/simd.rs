@@ -40,15 +40,17 @@ pub(crate) use multiversion;
 
 /// e^x in straight-line f32 arithmetic that vectorises (libm's `expf` is a scalar call):
 /// x = n·ln 2 + f with |f| ≤ ln 2 / 2, e^f by Cephes' degree-7 polynomial, 2^n through the
-/// exponent bits. Relative error about 2e-7 (a few ulp); exactly 0 below −87.3 (where f32's
-/// normal range ends and libm's result is at most 1e-38).
+/// exponent bits. Relative error about 2e-7 (a few ulp) up to ln(f32::MAX) ≈ 88.72 and +inf
+/// above it, as libm; exactly 0 below −87.3 (where f32's normal range ends and libm's result is
+/// at most 1e-38).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    let xc = x.clamp(-87.3, 88.7);
+    const MAX_ARG: f32 = 88.722_84; // ln(f32::MAX)
+    let xc = x.clamp(-87.3, MAX_ARG);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
     let f = xc - n * LN2_HI - n * LN2_LO;
@@ -62,8 +64,18 @@ pub(crate) fn exp(x: f32) -> f32 {
     // n is in t's low mantissa bits (t = 1.5 · 2^23 + n): read it with integer arithmetic, which
     // vectorises; `n as i32` is a saturating conversion that the compiler leaves scalar.
     let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
-    let scale = f32::from_bits(((n + 127) << 23) as u32);
-    if x < -87.3 { 0.0 } else { y * scale }
+    // 2^n as two factors: n reaches 128 above x ≈ 88.38, past one f32 exponent (the products by
+    // powers of two are exact, so below that this is y · 2^n to the bit).
+    let h = n >> 1;
+    let s1 = f32::from_bits(((h + 127) << 23) as u32);
+    let s2 = f32::from_bits(((n - h + 127) << 23) as u32);
+    if x < -87.3 {
+        0.0
+    } else if x > MAX_ARG {
+        f32::INFINITY
+    } else {
+        y * s1 * s2
+    }
 }
 
 pub(crate) const LANES: usize = 16;
