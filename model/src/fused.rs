@@ -197,6 +197,17 @@ pub trait Kernels: Backend {
         Err((param, grad, moments))
     }
 
+    /// The rows of x [n, c] at the ascending, distinct row indices `idx` of a [rows, c] tensor
+    /// whose other rows are zero (a padded batch from its real tokens).
+    fn scatter_rows(x: FloatTensor<Self>, idx: &RowIndex<Self>, rows: usize) -> FloatTensor<Self> {
+        generic::scatter_rows::<Self>(x, idx, rows)
+    }
+
+    /// The rows `idx` of x [rows, c] → [n, c] (a padded batch's real tokens).
+    fn gather_rows(x: FloatTensor<Self>, idx: &RowIndex<Self>) -> FloatTensor<Self> {
+        Self::float_select(x, 0, idx.tensor.clone())
+    }
+
     /// Σ x² over all of x's elements, summed in a fixed order (the same value on every run),
     /// for the global gradient norm. None: not fused on this backend (the caller composes
     /// tensor ops and keeps the sum on the device).
@@ -208,6 +219,14 @@ pub trait Kernels: Backend {
     fn scale(x: FloatTensor<Self>, c: f32) -> FloatTensor<Self> {
         generic::scale::<Self>(x, c)
     }
+}
+
+/// Row indices for [`Kernels::scatter_rows`] / [`Kernels::gather_rows`]: on the host (ascending,
+/// distinct) and as the backend's int tensor.
+#[derive(Clone, Debug)]
+pub struct RowIndex<B: Backend> {
+    host: std::sync::Arc<[usize]>,
+    tensor: IntTensor<B>,
 }
 
 /// What [`Kernels::adamw`] hands back when it does not apply: parameter, gradient, moments.
@@ -252,6 +271,16 @@ pub mod generic {
 
     pub fn scale<B: Backend>(x: FloatTensor<B>, c: f32) -> FloatTensor<B> {
         B::float_mul_scalar(x, c.into())
+    }
+
+    pub fn scatter_rows<B: Backend>(
+        x: FloatTensor<B>,
+        idx: &RowIndex<B>,
+        rows: usize,
+    ) -> FloatTensor<B> {
+        let c = x.shape()[1];
+        let zeros = B::float_zeros(Shape::new([rows, c]), &x.device(), x.dtype().into());
+        B::float_select_assign(zeros, 0, idx.tensor.clone(), x, IndexingUpdateOp::Add)
     }
 
     pub fn rms_norm<B: Backend>(
@@ -522,6 +551,36 @@ impl<B: Kernels> Backward<B, 1> for RopeOp {
         let [cos, neg_sin] = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         give::<B>(grads, parent, || B::rope(grad, cos, neg_sin));
+    }
+}
+
+/// Scattering rows: the gradient is the gradient's rows at the indices.
+#[derive(Debug)]
+struct ScatterRowsOp;
+
+impl<B: Kernels> Backward<B, 1> for ScatterRowsOp {
+    type State = RowIndex<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = parent_ids(&ops);
+        let grad = grads.consume::<B>(&ops.node);
+        give::<B>(grads, parent, || B::gather_rows(grad, &ops.state));
+    }
+}
+
+/// Gathering rows: the gradient is scattered back, zero elsewhere.
+#[derive(Debug)]
+struct GatherRowsOp;
+
+impl<B: Kernels> Backward<B, 1> for GatherRowsOp {
+    /// the indices, the input's rows
+    type State = (RowIndex<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = parent_ids(&ops);
+        let (idx, rows) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        give::<B>(grads, parent, || B::scatter_rows(grad, &idx, rows));
     }
 }
 
@@ -912,6 +971,99 @@ where
     }
 }
 
+/// Where the real tokens of a padded batch are, for [`scatter_rows`] and [`gather_rows`]: flat
+/// row indices, ascending and distinct, on the host and as an int tensor on the device.
+#[derive(Clone, Debug)]
+pub struct Rows {
+    host: std::sync::Arc<[usize]>,
+    tensor: Tensor<1, Int>,
+}
+
+impl Rows {
+    /// Panics unless `idx` is ascending.
+    pub fn new(idx: Vec<usize>, device: &burn::tensor::Device) -> Self {
+        assert!(
+            idx.windows(2).all(|w| w[0] < w[1]),
+            "rows: indices not ascending"
+        );
+        let tensor = Tensor::from_data(
+            burn::tensor::TensorData::new(idx.iter().map(|&i| i as i64).collect(), [idx.len()]),
+            device,
+        );
+        Self {
+            host: idx.into(),
+            tensor,
+        }
+    }
+
+    /// How many rows are picked.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+
+    fn on<B: Backend>(&self) -> Option<RowIndex<B>>
+    where
+        DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+    {
+        Some(RowIndex {
+            host: self.host.clone(),
+            tensor: int_prim::<B, 1>(&self.tensor)?,
+        })
+    }
+}
+
+fn rows_on<B: Kernels>(x: &Tensor<2>, idx: &Rows, scatter: Option<usize>) -> Option<Tensor<2>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    let i = idx.on::<B>()?;
+    let rows = x.dims()[0];
+    match (prim::<B, 2>(x)?, scatter) {
+        (Prim::Tracked(x), Some(to)) => Some(tracked::<B, 2>(record(ScatterRowsOp, [x], |[x]| {
+            (B::scatter_rows(x, &i, to), i.clone())
+        }))),
+        (Prim::Tracked(x), None) => Some(tracked::<B, 2>(record(GatherRowsOp, [x], |[x]| {
+            (B::gather_rows(x, &i), (i.clone(), rows))
+        }))),
+        (Prim::Plain(x), Some(to)) => Some(plain::<B, 2>(B::scatter_rows(x, &i, to))),
+        (Prim::Plain(x), None) => Some(plain::<B, 2>(B::gather_rows(x, &i))),
+    }
+}
+
+/// x [n, c] → [rows, c]: x's rows at `idx`, zero elsewhere (a padded batch from its real tokens).
+/// Its gradient is the gradient's rows at `idx`.
+pub fn scatter_rows(x: Tensor<2>, idx: &Rows, rows: usize) -> Tensor<2> {
+    assert_eq!(x.dims()[0], idx.len(), "scatter_rows: rows and indices");
+    assert!(
+        idx.host.last().is_none_or(|&i| i < rows),
+        "scatter_rows: index past {rows} rows"
+    );
+    on_backends!(|B| rows_on::<B>(&x, idx, Some(rows))).unwrap_or_else(|| {
+        let c = x.dims()[1];
+        Tensor::zeros([rows, c], &x.device()).select_assign(
+            0,
+            idx.tensor.clone(),
+            x,
+            IndexingUpdateOp::Add,
+        )
+    })
+}
+
+/// x [rows, c] → its rows at `idx`, [n, c] (a padded batch's real tokens). Its gradient is the
+/// gradient scattered back, zero elsewhere.
+pub fn gather_rows(x: Tensor<2>, idx: &Rows) -> Tensor<2> {
+    assert!(
+        idx.host.last().is_none_or(|&i| i < x.dims()[0]),
+        "gather_rows: index past {} rows",
+        x.dims()[0]
+    );
+    on_backends!(|B| rows_on::<B>(&x, idx, None)).unwrap_or_else(|| x.select(0, idx.tensor.clone()))
+}
+
 fn token_logprobs_on<B: Kernels>(logits: &Tensor<3>, targets: &Tensor<2, Int>) -> Option<Tensor<2>>
 where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
@@ -1211,6 +1363,41 @@ mod tests {
         let ours = fused_op(&plain);
         assert!(!ours.is_autodiff());
         close(&to_f32_vec(ours), &r, 1e-5, &format!("{what} (untracked)"));
+    }
+
+    /// Scattering a padded batch's real rows into place and gathering them back: values and
+    /// gradients as the composed zeros + select_assign and select (small, and large enough for
+    /// the threaded path).
+    #[test]
+    fn scatter_and_gather_rows_match_the_composed_ops() {
+        for (rows, c) in [(7, 5), (300, 130)] {
+            let idx: Vec<usize> = (0..rows).filter(|i| i % 3 != 1).collect();
+            let n = idx.len();
+            let index = |x: &Tensor<2>| {
+                let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+                Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(v, [n]), &x.device())
+            };
+            let picked = |x: &Tensor<2>| Rows::new(idx.clone(), &x.device());
+            check(
+                [[n, c]],
+                |[x]| scatter_rows(x.clone(), &picked(x), rows),
+                |[x]| {
+                    Tensor::zeros([rows, c], &x.device()).select_assign(
+                        0,
+                        index(x),
+                        x.clone(),
+                        IndexingUpdateOp::Add,
+                    )
+                },
+                "scatter_rows",
+            );
+            check(
+                [[rows, c]],
+                |[x]| gather_rows(x.clone(), &picked(x)),
+                |[x]| x.clone().select(0, index(x)),
+                "gather_rows",
+            );
+        }
     }
 
     #[test]

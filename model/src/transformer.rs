@@ -16,7 +16,7 @@ use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::activation::gelu;
-use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::sync::{Arc, Mutex};
 
 /// Additive attention bias for masked positions. Finite, so that a fully masked row (a padding
@@ -711,10 +711,7 @@ impl CausalLm {
         let real: Option<Vec<usize>> =
             unpad.then(|| (0..bsz * t).filter(|&i| batch.mask[i]).collect());
         let rows = real.as_ref().map(|idx| Rows {
-            idx: Tensor::from_data(
-                TensorData::new(idx.iter().map(|&i| i as i64).collect(), [idx.len()]),
-                &device,
-            ),
+            idx: fused::Rows::new(idx.clone(), &device),
             bsz,
             t,
         });
@@ -1014,7 +1011,7 @@ impl CausalLm {
 /// position-wise work on them alone ([`CausalLm::forward`]).
 struct Rows {
     /// Flat indices (row · t + position) of the real tokens, ascending: [n].
-    idx: Tensor<1, Int>,
+    idx: fused::Rows,
     bsz: usize,
     t: usize,
 }
@@ -1024,24 +1021,15 @@ impl Rows {
     /// real rows).
     fn pad(&self, x: Tensor<3>) -> Tensor<3> {
         let [_, n, c] = x.dims();
-        let zeros = Tensor::zeros([self.bsz * self.t, c], &x.device());
-        zeros
-            .select_assign(
-                0,
-                self.idx.clone(),
-                x.reshape([n, c]),
-                IndexingUpdateOp::Add,
-            )
+        fused::scatter_rows(x.reshape([n, c]), &self.idx, self.bsz * self.t)
             .reshape([self.bsz, self.t, c])
     }
 
-    /// [bsz, t, c] → the real tokens' rows [1, n, c].
+    /// [bsz, t, c] → the real tokens' rows [1, n, c] (its backward scatters the gradient back).
     fn gather(&self, x: Tensor<3>) -> Tensor<3> {
         let c = x.dims()[2];
-        let n = self.idx.dims()[0];
-        x.reshape([self.bsz * self.t, c])
-            .select(0, self.idx.clone())
-            .reshape([1, n, c])
+        let n = self.idx.len();
+        fused::gather_rows(x.reshape([self.bsz * self.t, c]), &self.idx).reshape([1, n, c])
     }
 }
 

@@ -1140,6 +1140,67 @@ impl Kernels for Flex {
         tensor(out, shape)
     }
 
+    fn scatter_rows(
+        x: FloatTensor<Self>,
+        idx: &super::RowIndex<Self>,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        let Some(xv) = values(&x) else {
+            return generic::scatter_rows::<Self>(x, idx, rows);
+        };
+        let c = x.shape()[1];
+        let xs = slice(&xv);
+        // Each output row's source row, if any.
+        let mut src = vec![usize::MAX; rows];
+        for (j, &r) in idx.host.iter().enumerate() {
+            src[r] = j;
+        }
+        // SAFETY: every row is written whole, copied or zeroed.
+        let [y] = unsafe {
+            written(rows * c, |[y]| {
+                for_rows(y, c, |r, out| match src[r] {
+                    usize::MAX => out.iter_mut().for_each(|o| {
+                        o.write(0.0);
+                    }),
+                    j => out
+                        .iter_mut()
+                        .zip(&xs[j * c..(j + 1) * c])
+                        .for_each(|(o, &v)| {
+                            o.write(v);
+                        }),
+                })
+            })
+        };
+        tensor(y, Shape::new([rows, c]))
+    }
+
+    fn gather_rows(x: FloatTensor<Self>, idx: &super::RowIndex<Self>) -> FloatTensor<Self> {
+        let Some(xv) = values(&x) else {
+            return <Self as burn::backend::ops::FloatTensorOps<Self>>::float_select(
+                x,
+                0,
+                idx.tensor.clone(),
+            );
+        };
+        let c = x.shape()[1];
+        let xs = slice(&xv);
+        let n = idx.host.len();
+        // SAFETY: every row is copied whole.
+        let [y] = unsafe {
+            written(n * c, |[y]| {
+                for_rows(y, c, |j, out| {
+                    let r = idx.host[j];
+                    out.iter_mut()
+                        .zip(&xs[r * c..(r + 1) * c])
+                        .for_each(|(o, &v)| {
+                            o.write(v);
+                        });
+                })
+            })
+        };
+        tensor(y, Shape::new([n, c]))
+    }
+
     fn sum_squares(x: &FloatTensor<Self>) -> Option<f64> {
         let xv = values(x)?;
         let xs = slice(&xv);
