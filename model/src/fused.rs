@@ -225,6 +225,8 @@ pub trait Kernels: Backend {
 /// distinct) and as the backend's int tensor.
 #[derive(Clone, Debug)]
 pub struct RowIndex<B: Backend> {
+    /// Read by the flex kernels.
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
     host: std::sync::Arc<[usize]>,
     tensor: IntTensor<B>,
 }
