@@ -208,6 +208,17 @@ pub trait Kernels: Backend {
         Self::float_select(x, 0, idx.tensor.clone())
     }
 
+    /// The gradient of an embedding lookup: grad [n, d] of the rows looked up at `ids` (any
+    /// order, repeats) → [vocab, d], each row the sum of its lookups' gradients in their order,
+    /// zero for rows not looked up.
+    fn embedding_grad(
+        grad: FloatTensor<Self>,
+        ids: &RowIndex<Self>,
+        vocab: usize,
+    ) -> FloatTensor<Self> {
+        generic::scatter_rows::<Self>(grad, ids, vocab)
+    }
+
     /// Σ x² over all of x's elements, summed in a fixed order (the same value on every run),
     /// for the global gradient norm. None: not fused on this backend (the caller composes
     /// tensor ops and keeps the sum on the device).
@@ -567,6 +578,22 @@ impl<B: Kernels> Backward<B, 1> for ScatterRowsOp {
         let [parent] = parent_ids(&ops);
         let grad = grads.consume::<B>(&ops.node);
         give::<B>(grads, parent, || B::gather_rows(grad, &ops.state));
+    }
+}
+
+/// An embedding lookup: the gradient's rows summed into the table's rows.
+#[derive(Debug)]
+struct EmbeddingOp;
+
+impl<B: Kernels> Backward<B, 1> for EmbeddingOp {
+    /// the ids, the table's rows
+    type State = (RowIndex<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = parent_ids(&ops);
+        let (ids, vocab) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        give::<B>(grads, parent, || B::embedding_grad(grad, &ids, vocab));
     }
 }
 
@@ -1018,6 +1045,40 @@ impl Rows {
     }
 }
 
+fn embedding_on<B: Kernels>(table: &Tensor<2>, ids: &Rows) -> Option<Tensor<2>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
+{
+    let i = ids.on::<B>()?;
+    let vocab = table.dims()[0];
+    match prim::<B, 2>(table)? {
+        Prim::Tracked(w) => Some(tracked::<B, 2>(record(EmbeddingOp, [w], |[w]| {
+            (B::gather_rows(w, &i), (i.clone(), vocab))
+        }))),
+        Prim::Plain(w) => Some(plain::<B, 2>(B::gather_rows(w, &i))),
+    }
+}
+
+/// Rows `ids` of an embedding table [vocab, d] → [n, d]. Its gradient is each table row's sum of
+/// its lookups' gradients (in their order), zero for the others: burn's `select` backward
+/// builds the same from a zeroed table on one thread, which on flex also copies the zeros.
+pub fn embedding(table: Tensor<2>, ids: Vec<usize>) -> Tensor<2> {
+    let vocab = table.dims()[0];
+    assert!(
+        ids.iter().all(|&i| i < vocab),
+        "embedding: an id past the table's {vocab} rows"
+    );
+    let ids = Rows {
+        tensor: Tensor::from_data(
+            burn::tensor::TensorData::new(ids.iter().map(|&i| i as i64).collect(), [ids.len()]),
+            &table.device(),
+        ),
+        host: ids.into(),
+    };
+    on_backends!(|B| embedding_on::<B>(&table, &ids))
+        .unwrap_or_else(|| table.select(0, ids.tensor.clone()))
+}
+
 fn rows_on<B: Kernels>(x: &Tensor<2>, idx: &Rows, scatter: Option<usize>) -> Option<Tensor<2>>
 where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
@@ -1399,6 +1460,40 @@ mod tests {
                 |[x]| x.clone().select(0, index(x)),
                 "gather_rows",
             );
+        }
+    }
+
+    /// Embedding lookups (unordered ids with repeats; rows never looked up): values as
+    /// `select`, and the table's gradient bit for bit as `select`'s backward (each row's
+    /// lookups summed in their order), small and threaded.
+    #[test]
+    fn embedding_matches_select_and_its_gradient() {
+        for (vocab, d, n) in [(11, 6, 9), (700, 96, 1500)] {
+            let ids: Vec<usize> = (0..n).map(|i| (i * 7 + i / 3) % (vocab - 2)).collect();
+            let index = |x: &Tensor<2>| {
+                let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+                Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(v, [n]), &x.device())
+            };
+            check(
+                [[vocab, d]],
+                |[w]| embedding(w.clone(), ids.clone()),
+                |[w]| w.clone().select(0, index(w)),
+                "embedding",
+            );
+            #[cfg(feature = "flex")]
+            {
+                let device = crate::parse_device("cpu").unwrap().autodiff();
+                let w: Tensor<2> = random([vocab, d], &device).require_grad();
+                let up: Tensor<2> = random([n, d], &device);
+                let ours = (embedding(w.clone(), ids.clone()) * up.clone())
+                    .sum()
+                    .backward();
+                let theirs = (w.clone().select(0, index(&w)) * up).sum().backward();
+                let (g, r) = (w.grad(&ours).unwrap(), w.grad(&theirs).unwrap());
+                assert_eq!(bits(g.clone()), bits(r), "{vocab} x {d}: gradient");
+                let last = to_f32_vec(g.slice([vocab - 2..vocab, 0..d]));
+                assert!(last.iter().all(|&x| x == 0.0), "rows never looked up");
+            }
         }
     }
 

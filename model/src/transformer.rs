@@ -716,15 +716,16 @@ impl CausalLm {
             t,
         });
         // Token ids and position ids in the layout the position-wise work runs in.
-        let (ids, lay): (Vec<i64>, [usize; 2]) = match &real {
+        let (ids, lay): (Vec<usize>, [usize; 2]) = match &real {
             Some(idx) => (
-                idx.iter().map(|&i| batch.tokens[i] as i64).collect(),
+                idx.iter().map(|&i| batch.tokens[i] as usize).collect(),
                 [1, idx.len()],
             ),
-            None => (batch.tokens.iter().map(|&x| x as i64).collect(), [bsz, t]),
+            None => (batch.tokens.iter().map(|&x| x as usize).collect(), [bsz, t]),
         };
-        let tokens: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, lay), &device);
-        let mut x = self.embed.forward(tokens);
+        let table = self.embed.weight.val();
+        let d = table.dims()[1];
+        let mut x = fused::embedding(table, ids).reshape([lay[0], lay[1], d]);
         let rope = match &self.positions {
             Some(table) => {
                 let max = self.config.max_position_embeddings as i64 - 1;

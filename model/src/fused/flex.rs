@@ -1174,6 +1174,51 @@ impl Kernels for Flex {
         tensor(y, Shape::new([rows, c]))
     }
 
+    fn embedding_grad(
+        grad: FloatTensor<Self>,
+        ids: &super::RowIndex<Self>,
+        vocab: usize,
+    ) -> FloatTensor<Self> {
+        let Some(gv) = values(&grad) else {
+            return generic::scatter_rows::<Self>(grad, ids, vocab);
+        };
+        let d = grad.shape()[1];
+        let gs = slice(&gv);
+        // The lookups of each table row, in their order (counting sort): starts[r]..starts[r + 1]
+        // of `order`.
+        let mut starts = vec![0usize; vocab + 1];
+        for &r in ids.host.iter() {
+            starts[r + 1] += 1;
+        }
+        for r in 0..vocab {
+            starts[r + 1] += starts[r];
+        }
+        let mut next = starts.clone();
+        let mut order = vec![0usize; ids.host.len()];
+        for (j, &r) in ids.host.iter().enumerate() {
+            order[next[r]] = j;
+            next[r] += 1;
+        }
+        // SAFETY: every row is written whole (zeroed, then the lookups added in order).
+        let [y] = unsafe {
+            written(vocab * d, |[y]| {
+                for_rows(y, d, |r, out| {
+                    out.iter_mut().for_each(|o| {
+                        o.write(0.0);
+                    });
+                    // SAFETY (the enclosing block's): every element was just written.
+                    let out = &mut *(out as *mut [Uninit] as *mut [f32]);
+                    for &j in &order[starts[r]..starts[r + 1]] {
+                        for (o, &g) in out.iter_mut().zip(&gs[j * d..(j + 1) * d]) {
+                            *o += g;
+                        }
+                    }
+                })
+            })
+        };
+        tensor(y, Shape::new([vocab, d]))
+    }
+
     fn gather_rows(x: FloatTensor<Self>, idx: &super::RowIndex<Self>) -> FloatTensor<Self> {
         let Some(xv) = values(&x) else {
             return <Self as burn::backend::ops::FloatTensorOps<Self>>::float_select(
