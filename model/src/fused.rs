@@ -197,26 +197,17 @@ pub trait Kernels: Backend {
         Err((param, grad, moments))
     }
 
-    /// The rows of x [n, c] at the ascending, distinct row indices `idx` of a [rows, c] tensor
-    /// whose other rows are zero (a padded batch from its real tokens).
+    /// x [n, c] scattered into a [rows, c] tensor: row `idx[j]` gets x's row j (the rows of
+    /// repeated indices summed, in order), rows not indexed are zero. The backward of
+    /// [`Kernels::gather_rows`] (a padded batch from its real tokens; an embedding table's
+    /// gradient from its lookups').
     fn scatter_rows(x: FloatTensor<Self>, idx: &RowIndex<Self>, rows: usize) -> FloatTensor<Self> {
         generic::scatter_rows::<Self>(x, idx, rows)
     }
 
-    /// The rows `idx` of x [rows, c] → [n, c] (a padded batch's real tokens).
+    /// The rows `idx` of x [rows, c] → [n, c] (a padded batch's real tokens; embedding lookups).
     fn gather_rows(x: FloatTensor<Self>, idx: &RowIndex<Self>) -> FloatTensor<Self> {
         Self::float_select(x, 0, idx.tensor.clone())
-    }
-
-    /// The gradient of an embedding lookup: grad [n, d] of the rows looked up at `ids` (any
-    /// order, repeats) → [vocab, d], each row the sum of its lookups' gradients in their order,
-    /// zero for rows not looked up.
-    fn embedding_grad(
-        grad: FloatTensor<Self>,
-        ids: &RowIndex<Self>,
-        vocab: usize,
-    ) -> FloatTensor<Self> {
-        generic::scatter_rows::<Self>(grad, ids, vocab)
     }
 
     /// Σ x² over all of x's elements, summed in a fixed order (the same value on every run),
@@ -232,8 +223,8 @@ pub trait Kernels: Backend {
     }
 }
 
-/// Row indices for [`Kernels::scatter_rows`] / [`Kernels::gather_rows`]: on the host (ascending,
-/// distinct) and as the backend's int tensor.
+/// Row indices for [`Kernels::scatter_rows`] / [`Kernels::gather_rows`]: on the host and as the
+/// backend's int tensor.
 #[derive(Clone, Debug)]
 pub struct RowIndex<B: Backend> {
     /// Read by the flex kernels.
@@ -581,23 +572,8 @@ impl<B: Kernels> Backward<B, 1> for ScatterRowsOp {
     }
 }
 
-/// An embedding lookup: the gradient's rows summed into the table's rows.
-#[derive(Debug)]
-struct EmbeddingOp;
-
-impl<B: Kernels> Backward<B, 1> for EmbeddingOp {
-    /// the ids, the table's rows
-    type State = (RowIndex<B>, usize);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = parent_ids(&ops);
-        let (ids, vocab) = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        give::<B>(grads, parent, || B::embedding_grad(grad, &ids, vocab));
-    }
-}
-
-/// Gathering rows: the gradient is scattered back, zero elsewhere.
+/// Gathering rows (a padded batch's real tokens, embedding lookups): the gradient is scattered
+/// back, repeats summed, zero elsewhere.
 #[derive(Debug)]
 struct GatherRowsOp;
 
@@ -1000,8 +976,8 @@ where
     }
 }
 
-/// Where the real tokens of a padded batch are, for [`scatter_rows`] and [`gather_rows`]: flat
-/// row indices, ascending and distinct, on the host and as an int tensor on the device.
+/// Row indices for [`scatter_rows`] and [`gather_rows`] (where a padded batch's real tokens are;
+/// the ids an embedding looks up), on the host and as an int tensor on the device.
 #[derive(Clone, Debug)]
 pub struct Rows {
     host: std::sync::Arc<[usize]>,
@@ -1009,12 +985,7 @@ pub struct Rows {
 }
 
 impl Rows {
-    /// Panics unless `idx` is ascending.
     pub fn new(idx: Vec<usize>, device: &burn::tensor::Device) -> Self {
-        assert!(
-            idx.windows(2).all(|w| w[0] < w[1]),
-            "rows: indices not ascending"
-        );
         let tensor = Tensor::from_data(
             burn::tensor::TensorData::new(idx.iter().map(|&i| i as i64).collect(), [idx.len()]),
             device,
@@ -1045,38 +1016,13 @@ impl Rows {
     }
 }
 
-fn embedding_on<B: Kernels>(table: &Tensor<2>, ids: &Rows) -> Option<Tensor<2>>
-where
-    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B>>,
-{
-    let i = ids.on::<B>()?;
-    let vocab = table.dims()[0];
-    match prim::<B, 2>(table)? {
-        Prim::Tracked(w) => Some(tracked::<B, 2>(record(EmbeddingOp, [w], |[w]| {
-            (B::gather_rows(w, &i), (i.clone(), vocab))
-        }))),
-        Prim::Plain(w) => Some(plain::<B, 2>(B::gather_rows(w, &i))),
-    }
-}
-
-/// Rows `ids` of an embedding table [vocab, d] → [n, d]. Its gradient is each table row's sum of
-/// its lookups' gradients (in their order), zero for the others: burn's `select` backward
-/// builds the same from a zeroed table on one thread, which on flex also copies the zeros.
+/// Rows `ids` of an embedding table [vocab, d] → [n, d]: [`gather_rows`], whose gradient is each
+/// table row's sum of its lookups' gradients (in their order), zero for the others; burn's
+/// `select` backward builds the same from a zeroed table on one thread, which on flex also copies
+/// the zeros.
 pub fn embedding(table: Tensor<2>, ids: Vec<usize>) -> Tensor<2> {
-    let vocab = table.dims()[0];
-    assert!(
-        ids.iter().all(|&i| i < vocab),
-        "embedding: an id past the table's {vocab} rows"
-    );
-    let ids = Rows {
-        tensor: Tensor::from_data(
-            burn::tensor::TensorData::new(ids.iter().map(|&i| i as i64).collect(), [ids.len()]),
-            &table.device(),
-        ),
-        host: ids.into(),
-    };
-    on_backends!(|B| embedding_on::<B>(&table, &ids))
-        .unwrap_or_else(|| table.select(0, ids.tensor.clone()))
+    let ids = Rows::new(ids, &table.device());
+    gather_rows(table, &ids)
 }
 
 fn rows_on<B: Kernels>(x: &Tensor<2>, idx: &Rows, scatter: Option<usize>) -> Option<Tensor<2>>
@@ -1097,12 +1043,12 @@ where
     }
 }
 
-/// x [n, c] → [rows, c]: x's rows at `idx`, zero elsewhere (a padded batch from its real tokens).
-/// Its gradient is the gradient's rows at `idx`.
+/// x [n, c] → [rows, c]: x's rows at `idx` (repeats summed in order), zero elsewhere (a padded
+/// batch from its real tokens). Its gradient is the gradient's rows at `idx`.
 pub fn scatter_rows(x: Tensor<2>, idx: &Rows, rows: usize) -> Tensor<2> {
     assert_eq!(x.dims()[0], idx.len(), "scatter_rows: rows and indices");
     assert!(
-        idx.host.last().is_none_or(|&i| i < rows),
+        idx.host.iter().all(|&i| i < rows),
         "scatter_rows: index past {rows} rows"
     );
     on_backends!(|B| rows_on::<B>(&x, idx, Some(rows))).unwrap_or_else(|| {
@@ -1116,11 +1062,11 @@ pub fn scatter_rows(x: Tensor<2>, idx: &Rows, rows: usize) -> Tensor<2> {
     })
 }
 
-/// x [rows, c] → its rows at `idx`, [n, c] (a padded batch's real tokens). Its gradient is the
-/// gradient scattered back, zero elsewhere.
+/// x [rows, c] → its rows at `idx`, [n, c] (a padded batch's real tokens; embedding lookups). Its
+/// gradient is the gradient scattered back, repeats summed in order, zero elsewhere.
 pub fn gather_rows(x: Tensor<2>, idx: &Rows) -> Tensor<2> {
     assert!(
-        idx.host.last().is_none_or(|&i| i < x.dims()[0]),
+        idx.host.iter().all(|&i| i < x.dims()[0]),
         "gather_rows: index past {} rows",
         x.dims()[0]
     );

@@ -1148,60 +1148,26 @@ impl Kernels for Flex {
         let Some(xv) = values(&x) else {
             return generic::scatter_rows::<Self>(x, idx, rows);
         };
-        let c = x.shape()[1];
+        let d = x.shape()[1];
         let xs = slice(&xv);
-        // Each output row's source row, if any.
-        let mut src = vec![usize::MAX; rows];
-        for (j, &r) in idx.host.iter().enumerate() {
-            src[r] = j;
-        }
-        // SAFETY: every row is written whole, copied or zeroed.
-        let [y] = unsafe {
-            written(rows * c, |[y]| {
-                for_rows(y, c, |r, out| match src[r] {
-                    usize::MAX => out.iter_mut().for_each(|o| {
-                        o.write(0.0);
-                    }),
-                    j => out
-                        .iter_mut()
-                        .zip(&xs[j * c..(j + 1) * c])
-                        .for_each(|(o, &v)| {
-                            o.write(v);
-                        }),
-                })
-            })
-        };
-        tensor(y, Shape::new([rows, c]))
-    }
-
-    fn embedding_grad(
-        grad: FloatTensor<Self>,
-        ids: &super::RowIndex<Self>,
-        vocab: usize,
-    ) -> FloatTensor<Self> {
-        let Some(gv) = values(&grad) else {
-            return generic::scatter_rows::<Self>(grad, ids, vocab);
-        };
-        let d = grad.shape()[1];
-        let gs = slice(&gv);
-        // The lookups of each table row, in their order (counting sort): starts[r]..starts[r + 1]
-        // of `order`.
-        let mut starts = vec![0usize; vocab + 1];
-        for &r in ids.host.iter() {
+        // The rows of x that go to each output row, in their order (counting sort):
+        // starts[r]..starts[r + 1] of `order`.
+        let mut starts = vec![0usize; rows + 1];
+        for &r in idx.host.iter() {
             starts[r + 1] += 1;
         }
-        for r in 0..vocab {
+        for r in 0..rows {
             starts[r + 1] += starts[r];
         }
         let mut next = starts.clone();
-        let mut order = vec![0usize; ids.host.len()];
-        for (j, &r) in ids.host.iter().enumerate() {
+        let mut order = vec![0usize; idx.host.len()];
+        for (j, &r) in idx.host.iter().enumerate() {
             order[next[r]] = j;
             next[r] += 1;
         }
-        // SAFETY: every row is written whole (zeroed, then the lookups added in order).
+        // SAFETY: every row is written whole (zeroed, then its rows of x added in order).
         let [y] = unsafe {
-            written(vocab * d, |[y]| {
+            written(rows * d, |[y]| {
                 for_rows(y, d, |r, out| {
                     out.iter_mut().for_each(|o| {
                         o.write(0.0);
@@ -1209,14 +1175,14 @@ impl Kernels for Flex {
                     // SAFETY (the enclosing block's): every element was just written.
                     let out = &mut *(out as *mut [Uninit] as *mut [f32]);
                     for &j in &order[starts[r]..starts[r + 1]] {
-                        for (o, &g) in out.iter_mut().zip(&gs[j * d..(j + 1) * d]) {
-                            *o += g;
+                        for (o, &v) in out.iter_mut().zip(&xs[j * d..(j + 1) * d]) {
+                            *o += v;
                         }
                     }
                 })
             })
         };
-        tensor(y, Shape::new([vocab, d]))
+        tensor(y, Shape::new([rows, d]))
     }
 
     fn gather_rows(x: FloatTensor<Self>, idx: &super::RowIndex<Self>) -> FloatTensor<Self> {
