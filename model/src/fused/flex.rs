@@ -1165,16 +1165,27 @@ impl Kernels for Flex {
             order[next[r]] = j;
             next[r] += 1;
         }
-        // SAFETY: every row is written whole (zeroed, then its rows of x added in order).
+        // SAFETY: every row is written whole (zeros, or its first row of x, then the others added
+        // in order).
         let [y] = unsafe {
             written(rows * d, |[y]| {
                 for_rows(y, d, |r, out| {
-                    out.iter_mut().for_each(|o| {
-                        o.write(0.0);
-                    });
+                    let (first, rest) = match &order[starts[r]..starts[r + 1]] {
+                        [] => {
+                            out.iter_mut().for_each(|o| {
+                                o.write(0.0);
+                            });
+                            return;
+                        }
+                        [first, rest @ ..] => (*first, rest),
+                    };
+                    // 0 + x as the zeroed start plus the first row would give (−0 becomes +0).
+                    for (o, &v) in out.iter_mut().zip(&xs[first * d..(first + 1) * d]) {
+                        o.write(0.0 + v);
+                    }
                     // SAFETY (the enclosing block's): every element was just written.
                     let out = &mut *(out as *mut [Uninit] as *mut [f32]);
-                    for &j in &order[starts[r]..starts[r + 1]] {
+                    for &j in rest {
                         for (o, &v) in out.iter_mut().zip(&xs[j * d..(j + 1) * d]) {
                             *o += v;
                         }
