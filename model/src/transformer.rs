@@ -723,18 +723,21 @@ impl CausalLm {
             ),
             None => (batch.tokens.iter().map(|&x| x as usize).collect(), [bsz, t]),
         };
-        let table = self.embed.weight.val();
-        let d = table.dims()[1];
-        let mut x = fused::embedding(table, ids).reshape([lay[0], lay[1], d]);
+        // Token (and GPT-2's position) embeddings: rows of the table, in that layout.
+        let lookup = |table: &Embedding, ids: Vec<usize>| {
+            let w = table.weight.val();
+            let d = w.dims()[1];
+            fused::embedding(w, ids).reshape([lay[0], lay[1], d])
+        };
+        let mut x = lookup(&self.embed, ids);
         let rope = match &self.positions {
             Some(table) => {
                 let max = self.config.max_position_embeddings as i64 - 1;
-                let p: Vec<i64> = match &real {
-                    Some(idx) => idx.iter().map(|&i| pos[i].min(max)).collect(),
-                    None => pos.iter().map(|&p| p.min(max)).collect(),
+                let p: Vec<usize> = match &real {
+                    Some(idx) => idx.iter().map(|&i| pos[i].min(max) as usize).collect(),
+                    None => pos.iter().map(|&p| p.min(max) as usize).collect(),
                 };
-                let p: Tensor<2, Int> = Tensor::from_data(TensorData::new(p, lay), &device);
-                x = x + table.forward(p);
+                x = x + lookup(table, p);
                 None
             }
             None => Some(self.rope_tables(&pos, bsz, t, &device)),

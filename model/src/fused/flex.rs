@@ -1212,11 +1212,9 @@ impl Kernels for Flex {
             written(n * c, |[y]| {
                 for_rows(y, c, |j, out| {
                     let r = idx.host[j];
-                    out.iter_mut()
-                        .zip(&xs[r * c..(r + 1) * c])
-                        .for_each(|(o, &v)| {
-                            o.write(v);
-                        });
+                    for (o, &v) in out.iter_mut().zip(&xs[r * c..(r + 1) * c]) {
+                        o.write(v);
+                    }
                 })
             })
         };
@@ -1244,12 +1242,7 @@ impl Kernels for Flex {
         let Some(xs) = whole_mut(&mut x) else {
             return generic::scale::<Self>(x, c);
         };
-        if xs.len() >= 2 * PARALLEL_MIN {
-            xs.par_chunks_mut(PARALLEL_MIN)
-                .for_each(|run| scale_run(run, c));
-        } else {
-            scale_run(xs, c);
-        }
+        for_rows(xs, PARALLEL_MIN, |_, run| scale_run(run, c));
         x
     }
 
