@@ -54,6 +54,11 @@ pub enum MatmulPrecision {
     Bf16,
 }
 
+/// Additive attention bias of a masked key. Finite, so that a fully masked row (a padding query)
+/// gives uniform weights rather than NaN; any score plus this is far enough below a row's maximum
+/// that its softmax weight is exactly zero ([`attention`] skips such keys).
+pub const MASKED: f32 = -1e9;
+
 static MATMUL_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Sets the precision of every later matrix product in this process; returns what will run, in
@@ -1224,6 +1229,96 @@ pub fn rope_qkv_into_cache(
     None
 }
 
+/// Whether [`attention`] runs fused in this build and precision (the flex backend, `matmul =
+/// "fp32"`; under bf16 the attention products stay the bf16 products of the composed path).
+pub fn attention_fused() -> bool {
+    cfg!(feature = "flex")
+        && crate::backend_name() == "flex"
+        && matmul_precision() == MatmulPrecision::Fp32
+}
+
+/// Attention without a KV cache (a training or scoring forward) as one autodiff node on the flex
+/// backend: qkv, the fused projection [.., (h + 2 · kv) · hd] of the real tokens (`rows`, where
+/// they are in the padded layout [b, t]) or of the padded layout itself, the bias [b, 1, t, t]
+/// (a constant; [`MASKED`] at masked keys), RoPE tables cos, sin [b, t, 1, hd] (constants; none
+/// for GPT-2) → the context [.., h · hd] in qkv's rows. The values of the composed path (rows
+/// scattered into the padded layout, [`rope`], [`matmul`], [`masked_softmax`], [`matmul`], the
+/// context's rows gathered) up to the order of float sums; its backward gives qkv's gradient in
+/// one pass. None where it does not apply (see [`attention_fused`]; other dtypes).
+pub fn attention(
+    qkv: &Tensor<3>,
+    rows: Option<&Rows>,
+    [b, t]: [usize; 2],
+    bias: &Tensor<4>,
+    rope: Option<&(Tensor<4>, Tensor<4>)>,
+    [h, kv, hd]: [usize; 3],
+    scale: f64,
+) -> Option<Tensor<3>> {
+    #[cfg(feature = "flex")]
+    if attention_fused() {
+        type B = burn::backend::Flex;
+        use flex::attention::{Dims, PADDING};
+        let src = match rows {
+            None => None,
+            Some(rows) => {
+                let mut src = vec![PADDING; b * t];
+                for (j, &p) in rows.host.iter().enumerate() {
+                    match src.get_mut(p) {
+                        Some(s) if *s == PADDING => *s = j,
+                        _ => return None,
+                    }
+                }
+                Some(std::sync::Arc::<[usize]>::from(src))
+            }
+        };
+        let dims = Dims {
+            b,
+            t,
+            h,
+            kv,
+            hd,
+            scale: scale as f32,
+        };
+        let bias = prim::<B, 4>(bias)?.value();
+        let tables = match rope {
+            Some((c, s)) => Some([prim::<B, 4>(c)?.value(), prim::<B, 4>(s)?.value()]),
+            None => None,
+        };
+        let run = |x: &FloatTensor<B>, save: bool| {
+            let rope = tables.as_ref().map(|[c, s]| [c, s]);
+            flex::attention::forward(x, src.clone(), &bias, rope, dims, save)
+        };
+        return match prim::<B, 3>(qkv)? {
+            Prim::Tracked(x) => match run(&x.clone().into_primitive(), true)? {
+                (y, Some(saved)) => Some(tracked::<B, 3>(record(AttentionOp, [x], |_| (y, saved)))),
+                (_, None) => None,
+            },
+            Prim::Plain(x) => run(&x, false).map(|(y, _)| plain::<B, 3>(y)),
+        };
+    }
+    let _ = (qkv, rows, b, t, bias, rope, h, kv, hd, scale);
+    None
+}
+
+/// The bias and the RoPE tables are constants: no gradient flows to them.
+#[cfg(feature = "flex")]
+#[derive(Debug)]
+struct AttentionOp;
+
+#[cfg(feature = "flex")]
+impl Backward<burn::backend::Flex, 1> for AttentionOp {
+    type State = flex::attention::Saved;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        type B = burn::backend::Flex;
+        let [parent] = parent_ids(&ops);
+        let grad = grads.consume::<B>(&ops.node);
+        give::<B>(grads, parent, || {
+            flex::attention::backward(&ops.state, &grad)
+        });
+    }
+}
+
 /// Attention at a decoding step (inference, flex backend), each head in one pass: q [b, h, 1, hd]
 /// against the cached keys and values k, v [b, kv, n, hd] (kv dividing h: grouped heads read
 /// their shared key-value head in place), softmax with the bias [b, 1, 1, n] at `scale`.
@@ -1597,6 +1692,138 @@ mod tests {
             }
         }
         Tensor::from_data(TensorData::new(v, [b, 1, t, k]), device)
+    }
+
+    /// The composed attention that [`attention`] fuses, in burn's tensor ops: rows scattered into
+    /// the padded layout, q | k | v split, RoPE, heads expanded for grouped keys, scores, masked
+    /// softmax, weighted values, the context's real rows gathered.
+    #[allow(clippy::too_many_arguments)]
+    fn composed_attention(
+        y: Tensor<3>,
+        rows: Option<&Rows>,
+        [b, t]: [usize; 2],
+        bias: &Tensor<4>,
+        rope: Option<&(Tensor<4>, Tensor<4>)>,
+        [h, kv, hd]: [usize; 3],
+        scale: f64,
+    ) -> Tensor<3> {
+        let w = (h + 2 * kv) * hd;
+        let y = match rows {
+            Some(r) => Tensor::zeros([b * t, w], &y.device())
+                .select_assign(
+                    0,
+                    r.tensor.clone(),
+                    y.reshape([r.len(), w]),
+                    IndexingUpdateOp::Add,
+                )
+                .reshape([b, t, w]),
+            None => y,
+        };
+        let part = |at: usize, c: usize| {
+            y.clone()
+                .slice([0..b, 0..t, at * hd..(at + c) * hd])
+                .reshape([b, t, c, hd])
+        };
+        let (mut q, mut k, v) = (part(0, h), part(h, kv), part(h + kv, kv));
+        if let Some((cos, sin)) = rope {
+            q = reference::rope(q, cos, sin);
+            k = reference::rope(k, cos, sin);
+        }
+        let expand = |x: Tensor<4>| {
+            x.swap_dims(1, 2)
+                .reshape([b, kv, 1, t, hd])
+                .expand([b, kv, h / kv, t, hd])
+                .reshape([b, h, t, hd])
+        };
+        let scores = q.swap_dims(1, 2).matmul(expand(k).swap_dims(2, 3));
+        let weights = reference::masked_softmax(scores, bias, scale);
+        let ctx = weights
+            .matmul(expand(v))
+            .swap_dims(1, 2)
+            .reshape([b, t, h * hd]);
+        match rows {
+            Some(r) => ctx
+                .reshape([b * t, h * hd])
+                .select(0, r.tensor.clone())
+                .reshape([1, r.len(), h * hd]),
+            None => ctx,
+        }
+    }
+
+    /// The fused attention against the composed ops, values and gradients (tracked and
+    /// untracked): grouped and plain heads, RoPE and none (GPT-2), sequences longer than a block
+    /// and not a multiple of it, a causal mask with a masked key (so one query sees no key at
+    /// all: uniform weights, as the composed softmax gives), and a padded batch run on its real
+    /// rows (left and right padding). Elsewhere than on flex in fp32 it does not apply.
+    #[test]
+    fn attention_matches_the_composed_ops() {
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        // (b, t, h, kv, hd, rope, padding per sequence (left, right))
+        type Case = (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            bool,
+            &'static [(usize, usize)],
+        );
+        let cases: [Case; 4] = [
+            (2, 45, 4, 2, 8, true, &[]),
+            (2, 70, 3, 3, 4, false, &[]),
+            (3, 37, 2, 2, 16, true, &[(0, 0), (5, 0), (0, 10)]),
+            (2, 96, 4, 1, 8, true, &[(33, 0), (0, 3)]),
+        ];
+        for (b, t, h, kv, hd, with_rope, padding) in cases {
+            let what = format!("attention b {b} t {t} h {h} kv {kv} hd {hd}");
+            let real = |r: usize, j: usize| {
+                padding
+                    .get(r)
+                    .is_none_or(|&(left, right)| j >= left && j < t - right)
+            };
+            let mut mask = vec![0f32; b * t * t];
+            for r in 0..b {
+                for i in 0..t {
+                    for j in 0..t {
+                        if j > i || !real(r, j) || (padding.is_empty() && r == 1 && j == 0) {
+                            mask[(r * t + i) * t + j] = MASKED;
+                        }
+                    }
+                }
+            }
+            let bias: Tensor<4> = Tensor::from_data(TensorData::new(mask, [b, 1, t, t]), &device);
+            let rows = (!padding.is_empty()).then(|| {
+                let idx = (0..b * t).filter(|&p| real(p / t, p % t)).collect();
+                Rows::new(idx, &device)
+            });
+            let n = rows.as_ref().map_or(b * t, Rows::len);
+            let lead = if rows.is_some() { [1, n] } else { [b, t] };
+            let rope = with_rope.then(|| rope_tables([b, t, hd], &device));
+            let scale = 1.0 / (hd as f64).sqrt();
+            let args = (
+                rows.as_ref(),
+                [b, t],
+                &bias,
+                rope.as_ref(),
+                [h, kv, hd],
+                scale,
+            );
+            let shape = [lead[0], lead[1], (h + 2 * kv) * hd];
+            if !attention_fused() {
+                let y = random(shape, &device);
+                assert!(attention(&y, args.0, args.1, args.2, args.3, args.4, args.5).is_none());
+                continue;
+            }
+            check(
+                [shape],
+                |[y]| {
+                    attention(y, args.0, args.1, args.2, args.3, args.4, args.5)
+                        .unwrap_or_else(|| panic!("{what}: the fused path applies"))
+                },
+                |[y]| composed_attention(y.clone(), args.0, args.1, args.2, args.3, args.4, args.5),
+                &what,
+            );
+        }
     }
 
     #[test]

@@ -19,9 +19,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::sync::{Arc, Mutex};
 
-/// Additive attention bias for masked positions. Finite, so that a fully masked row (a padding
-/// query) gives uniform weights rather than NaN.
-const MASKED: f32 = -1e9;
+use crate::fused::MASKED;
 
 /// RMSNorm (Llama) or LayerNorm (GPT-2), computed in f32.
 #[derive(Module, Debug)]
@@ -663,19 +661,19 @@ impl CausalLm {
         let mut cache = KvCache::new(self.layers.len(), batch.batch);
         let real = batch.real_tokens();
         let unpad = real > 0 && real < batch.tokens.len();
-        self.run(batch, &mut cache, unpad)
+        self.run(batch, &mut cache, unpad, false)
     }
 
     /// Runs `batch` after what `cache` holds and appends its keys and values to the cache.
     /// Padding tokens in `batch` (mask 0) are never attended to. Returns hidden states
     /// [b, t_new, d].
     pub fn forward_cached(&self, batch: &TokenBatch, cache: &mut KvCache) -> Tensor<3> {
-        self.run(batch, cache, false)
+        self.run(batch, cache, false, true)
     }
 
     /// [`Self::forward_cached`], with the position-wise work on the real tokens only when
-    /// `unpad` (see [`Self::forward`]).
-    fn run(&self, batch: &TokenBatch, cache: &mut KvCache, unpad: bool) -> Tensor<3> {
+    /// `unpad` (see [`Self::forward`]); the keys and values are appended to `cache` when `keep`.
+    fn run(&self, batch: &TokenBatch, cache: &mut KvCache, unpad: bool, keep: bool) -> Tensor<3> {
         let device = self.device();
         let (bsz, t) = (batch.batch, batch.seq);
         let past = cache.len();
@@ -753,6 +751,7 @@ impl CausalLm {
                 rope.as_ref(),
                 &mut cache.layers[l],
                 cache.capacity,
+                keep,
             );
             x = x + self.dropout.forward(a);
             let h = block.norm2.forward(x.clone());
@@ -796,7 +795,8 @@ impl CausalLm {
     }
 
     /// x: [b, t, d] → [b, t, d]; or, with `rows`, the real tokens [1, n, d] → [1, n, d] (the
-    /// scores, softmax and weighted values in the padded layout `rows` describes).
+    /// scores, softmax and weighted values in the padded layout `rows` describes). The keys and
+    /// values are appended to `cache` when `keep`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -807,6 +807,7 @@ impl CausalLm {
         rope: Option<&(Tensor<4>, Tensor<4>)>,
         cache: &mut Option<LayerKv>,
         capacity: usize,
+        keep: bool,
     ) -> Tensor<3> {
         let cfg = &*self.config;
         let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -815,7 +816,28 @@ impl CausalLm {
             h * hd..(h + kv) * hd,
             (h + kv) * hd..(h + 2 * kv) * hd,
         ];
-        let (q, k, v) = if x.is_autodiff() {
+        let scale = 1.0 / (hd as f64).sqrt();
+        // No cache to fill (a training or scoring forward): one product by the q | k | v weight,
+        // then the attention as one fused node.
+        let projected = if !keep && cache.is_none() && fused::attention_fused() {
+            let [bsz, t] = match rows {
+                Some(rows) => [rows.bsz, rows.t],
+                None => [x.dims()[0], x.dims()[1]],
+            };
+            let y = apply(&attn.qkv, x.clone());
+            let rows_idx = rows.map(|r| &r.idx);
+            match fused::attention(&y, rows_idx, [bsz, t], bias, rope, [h, kv, hd], scale) {
+                Some(ctx) => return apply(&attn.o, ctx),
+                None => Some(y),
+            }
+        } else {
+            None
+        };
+        let (q, k, v) = if let Some(y) = projected {
+            let [bsz, t, _] = y.dims();
+            let qkv = parts.clone().map(|r| y.clone().slice([0..bsz, 0..t, r]));
+            self.split_heads(qkv, rows, rope, cache, capacity)
+        } else if x.is_autodiff() {
             self.split_heads(
                 split_linear(&attn.qkv, x, parts),
                 rows,
@@ -838,7 +860,6 @@ impl CausalLm {
         };
         // The padded layout's sizes (`rows` unpads x).
         let [bsz, _, t, _] = q.dims();
-        let scale = 1.0 / (hd as f64).sqrt();
         if t == 1
             && rows.is_none()
             && let Some(ctx) = fused::decode_attention(&q, &k, &v, bias, scale)

@@ -11,6 +11,8 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
+pub(super) mod attention;
+
 /// Below this many elements a kernel runs on the calling thread (rayon's hand-off costs more).
 const PARALLEL_MIN: usize = 1 << 15;
 
