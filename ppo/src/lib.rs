@@ -718,24 +718,28 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let t_score = t0.elapsed().as_secs_f64();
 
         // Forward passes over the whole rollout without autodiff: old log-probs, reference
-        // log-probs, values.
+        // log-probs, values. Independent of each other, they run side by side
+        // (`model::device::join`), each returning its values on the host.
         let t0 = Instant::now();
         let (n, p) = (roll.n, roll.p);
         let resp_tokens = token_tensor(&roll.response_tokens, b, n, &base_device);
-        let (old_lp, _) = response_logprobs(
-            &policy_frozen,
-            &roll.batch,
-            resp_tokens.clone(),
-            p,
-            temperature,
-        )?;
-        let (ref_lp, _) = response_logprobs(&reference, &roll.batch, resp_tokens, p, temperature)?;
-        let old_values = values_of(&critic.valid(), &roll.batch, p, n)?;
-        let (old_lp, ref_lp, old_values) = (
-            to_f32_vec(old_lp),
-            to_f32_vec(ref_lp),
-            to_f32_vec(old_values),
+        let logprobs = |m: &CausalLm| -> Result<Vec<f32>> {
+            let (lp, _) = response_logprobs(m, &roll.batch, resp_tokens.clone(), p, temperature)?;
+            Ok(to_f32_vec(lp))
+        };
+        let critic_frozen = critic.valid();
+        let (old_lp, (ref_lp, old_values)) = model::device::join(
+            || logprobs(&policy_frozen),
+            || {
+                model::device::join(
+                    || logprobs(&reference),
+                    || -> Result<Vec<f32>> {
+                        Ok(to_f32_vec(values_of(&critic_frozen, &roll.batch, p, n)?))
+                    },
+                )
+            },
         );
+        let (old_lp, ref_lp, old_values) = (old_lp?, ref_lp?, old_values?);
         let t_forward = t0.elapsed().as_secs_f64();
 
         // 4. Per-token rewards: −β·KL on every response token plus the score on the last one.
