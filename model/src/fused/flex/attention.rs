@@ -153,6 +153,20 @@ impl Shared {
     }
 }
 
+/// Writes a head's row x into dst: rotated by the position's cos and sin rows when given.
+fn put_row(dst: &mut [Uninit], x: &[f32], rotation: Option<(&[f32], &[f32])>) {
+    match rotation {
+        Some((c, s)) => rope_row(dst, x, c, s, |o, v| {
+            o.write(v);
+        }),
+        None => {
+            for (o, &v) in dst.iter_mut().zip(x) {
+                o.write(v);
+            }
+        }
+    }
+}
+
 /// dst (m × n, rows `dst_rs` apart) = a · b (+ dst when `acc`), with a's element (i, p) at
 /// a[i · ars + p · acs] and b's (p, j) at b[p · brs + j · bcs]: one gemm call on this thread.
 ///
@@ -239,6 +253,7 @@ pub(in crate::fused) fn forward(
         None => None,
     };
     let (xs, bs) = (slice(&xv), slice(&bv));
+    let table_rows = tables.as_ref().map(|[c, s]| (slice(c), slice(s)));
     let layout = Layout::new(&dims, src, bs);
     let rep = h / kv;
     let heads_len = b * (h + 2 * kv) * t * hd;
@@ -259,7 +274,8 @@ pub(in crate::fused) fn forward(
         let qs: Vec<usize> = (g * rep..(g + 1) * rep).collect();
         for i in 0..t {
             let row = layout.row(&dims, r, i);
-            let p = r * t + i;
+            let at = (r * t + i) * hd..(r * t + i + 1) * hd;
+            let rotation = table_rows.map(|(c, s)| (&c[at.clone()], &s[at.clone()]));
             let put = |s: usize, col: usize, rotate: bool| {
                 // SAFETY: row i of head slot s of sequence r: this task's alone.
                 let dst = unsafe { hp.part(slot(r, s) + i * hd, hd) };
@@ -270,20 +286,7 @@ pub(in crate::fused) fn forward(
                     return;
                 }
                 let x = &xs[row * w + col * hd..row * w + (col + 1) * hd];
-                match (&tables, rotate) {
-                    (Some([c, s]), true) => {
-                        let (c, s) = (slice(c), slice(s));
-                        let (c, s) = (&c[p * hd..(p + 1) * hd], &s[p * hd..(p + 1) * hd]);
-                        rope_row(dst, x, c, s, |o, v| {
-                            o.write(v);
-                        });
-                    }
-                    _ => {
-                        for (o, &v) in dst.iter_mut().zip(x) {
-                            o.write(v);
-                        }
-                    }
-                }
+                put_row(dst, x, rotation.filter(|_| rotate));
             };
             for &q in &qs {
                 put(q, q, true);
@@ -408,20 +411,11 @@ pub(in crate::fused) fn backward(saved: &Saved, grad: &FlexTensor) -> FlexTensor
             }
             // SAFETY: columns `col` of the row of position (r, i): this task's alone.
             let dst = unsafe { dp.part(row * w + col * hd, hd) };
-            let p = r * t + i;
-            match (&tables, rotate) {
-                (Some((c, s)), true) => {
-                    let (c, s) = (&c[p * hd..(p + 1) * hd], &s[p * hd..(p + 1) * hd]);
-                    rope_row(dst, x, c, s, |o, v| {
-                        o.write(v);
-                    });
-                }
-                _ => {
-                    for (o, &v) in dst.iter_mut().zip(x) {
-                        o.write(v);
-                    }
-                }
-            }
+            let at = (r * t + i) * hd..(r * t + i + 1) * hd;
+            let rotation = tables
+                .as_ref()
+                .map(|(c, s)| (&c[at.clone()], &s[at.clone()]));
+            put_row(dst, x, rotation.filter(|_| rotate));
         };
         for q in g * rep..(g + 1) * rep {
             let qh = &hs[slot(r, q)..];
