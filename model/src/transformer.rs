@@ -1066,7 +1066,8 @@ fn apply<const D: usize>(lin: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// Inference: one matmul, and the blocks are views of its output. Training: one matmul per block
 /// of the weight, because the backward of a slice of the output writes the block's gradient into
 /// a zeroed tensor of the whole output's size (and then sums those), while slicing the weight
-/// moves the same work onto the weight, which is [d, out] instead of [b · t, out].
+/// moves the same work onto the weight, which is [d, out] instead of [b · t, out]. (q | k | v in
+/// training where [`fused::attention`] does not run: LibTorch, `matmul = "bf16"`.)
 fn split_linear<const N: usize>(
     lin: &Linear,
     x: Tensor<3>,
