@@ -19,7 +19,7 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary, unary};
 use burn::backend::tensor::{FloatTensor, IndexingUpdateOp, IntTensor};
 use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor, TensorMetadata};
 use burn::tensor::activation::{silu, softmax};
@@ -522,10 +522,10 @@ impl<B: Kernels> Backward<B, 1> for SwigluJoinedOp {
     type State = FloatTensor<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = parent_ids(&ops);
         let x = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        give::<B>(grads, parent, || B::swiglu_joined_backward(x, grad));
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::swiglu_joined_backward(x, grad)
+        });
     }
 }
 
@@ -538,10 +538,8 @@ impl<B: Kernels> Backward<B, 1> for MaskedSoftmaxOp {
     type State = (FloatTensor<B>, f32);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = parent_ids(&ops);
         let (probs, scale) = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        give::<B>(grads, parent, || {
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             B::masked_softmax_backward(probs, grad, scale)
         });
     }
@@ -556,10 +554,10 @@ impl<B: Kernels> Backward<B, 1> for RopeOp {
     type State = [FloatTensor<B>; 2];
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = parent_ids(&ops);
         let [cos, neg_sin] = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        give::<B>(grads, parent, || B::rope(grad, cos, neg_sin));
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::rope(grad, cos, neg_sin)
+        });
     }
 }
 
@@ -571,9 +569,10 @@ impl<B: Kernels> Backward<B, 1> for ScatterRowsOp {
     type State = RowIndex<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = parent_ids(&ops);
-        let grad = grads.consume::<B>(&ops.node);
-        give::<B>(grads, parent, || B::gather_rows(grad, &ops.state));
+        let idx = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::gather_rows(grad, &idx)
+        });
     }
 }
 
@@ -587,10 +586,10 @@ impl<B: Kernels> Backward<B, 1> for GatherRowsOp {
     type State = (RowIndex<B>, usize);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = parent_ids(&ops);
         let (idx, rows) = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        give::<B>(grads, parent, || B::scatter_rows(grad, &idx, rows));
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::scatter_rows(grad, &idx, rows)
+        });
     }
 }
 
@@ -602,15 +601,18 @@ impl<B: Kernels> Backward<B, 2> for MatmulOp {
     type State = [FloatTensor<B>; 2];
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [pl, pr] = parent_ids(&ops);
         let [lhs, rhs] = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
         let transposed = |t: FloatTensor<B>| {
             let n = t.shape().num_dims();
             B::float_swap_dims(t, n - 2, n - 1)
         };
-        give::<B>(grads, pr, || B::matmul(transposed(lhs), grad.clone()));
-        give::<B>(grads, pl, || B::matmul(grad, transposed(rhs)));
+        binary::<B, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |grad| B::matmul(grad, transposed(rhs)),
+            |grad| B::matmul(transposed(lhs), grad),
+        );
     }
 }
 
@@ -622,10 +624,8 @@ impl<B: Kernels> Backward<B, 1> for TokenLogprobsOp<B> {
     type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = parent_ids(&ops);
         let (logits, targets, lse) = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        give::<B>(grads, parent, || {
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             B::token_logprobs_backward(logits, targets, lse, grad)
         });
     }
@@ -1056,15 +1056,8 @@ pub fn scatter_rows(x: Tensor<2>, idx: &Rows, rows: usize) -> Tensor<2> {
         idx.host.iter().all(|&i| i < rows),
         "scatter_rows: index past {rows} rows"
     );
-    on_backends!(|B| rows_on::<B>(&x, idx, Some(rows))).unwrap_or_else(|| {
-        let c = x.dims()[1];
-        Tensor::zeros([rows, c], &x.device()).select_assign(
-            0,
-            idx.tensor.clone(),
-            x,
-            IndexingUpdateOp::Add,
-        )
-    })
+    on_backends!(|B| rows_on::<B>(&x, idx, Some(rows)))
+        .unwrap_or_else(|| reference::scatter_rows(x, idx.tensor.clone(), rows))
 }
 
 /// x [rows, c] → its rows at `idx`, [n, c] (a padded batch's real tokens; embedding lookups). Its
@@ -1310,11 +1303,9 @@ impl Backward<burn::backend::Flex, 1> for AttentionOp {
     type State = flex::attention::Saved;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        type B = burn::backend::Flex;
-        let [parent] = parent_ids(&ops);
-        let grad = grads.consume::<B>(&ops.node);
-        give::<B>(grads, parent, || {
-            flex::attention::backward(&ops.state, &grad)
+        let saved = ops.state;
+        unary::<burn::backend::Flex, _>(ops.parents, ops.node, grads, |grad| {
+            flex::attention::backward(&saved, &grad)
         });
     }
 }
@@ -1349,6 +1340,12 @@ pub fn decode_attention(
 /// fused kernels do not cover, and what the tests hold them to.
 pub mod reference {
     use super::*;
+
+    /// x [n, c] → [rows, c]: zeros with x's rows added at `idx`.
+    pub fn scatter_rows(x: Tensor<2>, idx: Tensor<1, Int>, rows: usize) -> Tensor<2> {
+        let c = x.dims()[1];
+        Tensor::zeros([rows, c], &x.device()).select_assign(0, idx, x, IndexingUpdateOp::Add)
+    }
 
     pub fn rms_norm<const D: usize>(x: Tensor<D>, w: Tensor<1>, eps: f64) -> Tensor<D> {
         let inv = x
@@ -1485,14 +1482,7 @@ mod tests {
             check(
                 [[n, c]],
                 |[x]| scatter_rows(x.clone(), &picked(x), rows),
-                |[x]| {
-                    Tensor::zeros([rows, c], &x.device()).select_assign(
-                        0,
-                        index(x),
-                        x.clone(),
-                        IndexingUpdateOp::Add,
-                    )
-                },
+                |[x]| reference::scatter_rows(x.clone(), index(x), rows),
                 "scatter_rows",
             );
             check(
@@ -1709,13 +1699,7 @@ mod tests {
     ) -> Tensor<3> {
         let w = (h + 2 * kv) * hd;
         let y = match rows {
-            Some(r) => Tensor::zeros([b * t, w], &y.device())
-                .select_assign(
-                    0,
-                    r.tensor.clone(),
-                    y.reshape([r.len(), w]),
-                    IndexingUpdateOp::Add,
-                )
+            Some(r) => reference::scatter_rows(y.reshape([r.len(), w]), r.tensor.clone(), b * t)
                 .reshape([b, t, w]),
             None => y,
         };
