@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::generate::{SamplingConfig, generate};
-use crate::ops::{clip_grad_norm, token_logprobs, token_tensor};
+use crate::ops::{clip_coef, grad_norm, token_logprobs, token_tensor};
 use crate::transformer::CausalLm;
 use crate::{Result, TokenBatch};
 use burn::module::Module;
@@ -87,9 +87,10 @@ pub fn train_tokens_per_s(s: &Shape, steps: usize, warmup: usize, device: &Devic
         let targets = token_tensor(&targets, b, t, &device);
         let loss = token_logprobs(logits, targets).mean().neg();
         let grads = loss.backward();
-        let mut grads = GradientsParams::from_grads(grads, &model);
-        clip_grad_norm(&model, &mut grads, 1.0);
-        model = optim.step(3e-4, model, grads);
+        let grads = GradientsParams::from_grads(grads, &model);
+        // Global-norm clip as the stages do it: the coefficient applied inside AdamW's pass.
+        let coef = clip_coef(grad_norm(&model, &grads), 1.0);
+        model = crate::optim::with_grad_scale(coef, || optim.step(3e-4, model, grads));
         // Force the step to finish before stopping the clock.
         let _ = loss.into_scalar::<f32>();
         if step >= warmup {

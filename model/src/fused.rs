@@ -245,9 +245,12 @@ pub type AdamWInputs<B> = (FloatTensor<B>, FloatTensor<B>, Option<[FloatTensor<B
 /// burn-optim's `AdamW` applies them, so that the fused pass gives the same f32 results:
 /// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², u = (m / c1) / (sqrt(v / c2) + eps),
 /// p = p·decay − u·lr, with c1 = 1 − β1^t, c2 = 1 − β2^t, decay = 1 − lr·wd (m = (1−β1)·g and
-/// v = (1−β2)·g² on the first step).
+/// v = (1−β2)·g² on the first step), where g is the stored gradient times `grad_scale` (the
+/// global-norm clip's coefficient, 1 when not clipping): one f32 product, the same as scaling
+/// the gradient in a pass of its own before the step (and exact at 1).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
+    pub grad_scale: f32,
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
@@ -261,6 +264,7 @@ impl AdamWStep {
     /// One parameter's update, the formula above (`m`, `v`: None on the first step).
     #[inline(always)]
     pub fn apply(&self, p: f32, g: f32, m: Option<f32>, v: Option<f32>) -> [f32; 3] {
+        let g = g * self.grad_scale;
         let m = match m {
             Some(m) => m * self.beta1 + g * (1.0 - self.beta1),
             None => g * (1.0 - self.beta1),

@@ -132,15 +132,25 @@ pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f32 {
     (v.host + device).sqrt() as f32
 }
 
-/// Scales all gradients so that their global norm is at most `max_norm` (as torch's
-/// `clip_grad_norm_`, coefficient max_norm / (norm + 1e-6)). Returns the norm before clipping.
+/// The coefficient that global-norm clipping multiplies every gradient by, given their norm:
+/// max_norm / (norm + 1e-6) above max_norm (as torch's `clip_grad_norm_`), else 1 (no change;
+/// also for a non-finite norm, which callers stop on).
+pub fn clip_coef(norm: f32, max_norm: f32) -> f32 {
+    if norm.is_finite() && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// Scales all gradients so that their global norm is at most `max_norm` ([`clip_coef`]).
+/// Returns the norm before clipping. (A training step hands the coefficient to the optimizer
+/// instead: `model::optim::with_grad_scale`.)
 pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f32) -> f32 {
     let norm = grad_norm(module, grads);
-    if norm.is_finite() && norm > max_norm {
-        let mut s = Scale {
-            grads,
-            coef: max_norm / (norm + 1e-6),
-        };
+    let coef = clip_coef(norm, max_norm);
+    if coef != 1.0 {
+        let mut s = Scale { grads, coef };
         module.visit(&mut s);
     }
     norm

@@ -5,6 +5,11 @@
 //!
 //! The stages build their optimizer through `trainer::optim::adamw`, which calls [`adamw`]; the
 //! benchmark uses it directly.
+//!
+//! Global-norm clipping multiplies every gradient by one coefficient before the step. Done as a
+//! pass of its own, that reads and writes all gradients once more; [`with_grad_scale`] hands the
+//! coefficient to this optimizer instead, which multiplies each gradient as it reads it (the
+//! same f32 product, so the same results).
 
 use crate::fused::{self, AdamWStep};
 use burn::optim::{
@@ -40,6 +45,41 @@ impl FusedAdamW {
     }
 }
 
+thread_local! {
+    /// The gradient scale of the optimizer step running on this thread ([`with_grad_scale`]),
+    /// and how many parameters' steps have applied it.
+    static GRAD_SCALE: std::cell::Cell<(f32, usize)> = const { std::cell::Cell::new((1.0, 0)) };
+}
+
+/// Runs `f`, an optimizer step of a [`FusedAdamW`] (`ModuleOptimizer::step`), with every gradient
+/// multiplied by `scale` as the step reads it: the global-norm clip's coefficient, applied without
+/// a pass over the gradients of its own.
+///
+/// The scale is this thread's while `f` runs (a step updates its parameters one after another on
+/// the calling thread), and the previous one is restored afterwards, so that a step that runs
+/// nested inside another on the same thread (a pool thread that picks up the other model's
+/// update while waiting, as with PPO's policy and critic) applies its own.
+///
+/// # Panics
+/// When `scale` is not 1 and `f` stepped no parameter through a [`FusedAdamW`] (another
+/// optimizer would have ignored the scale: a programming error, caught before it trains on).
+pub fn with_grad_scale<R>(scale: f32, f: impl FnOnce() -> R) -> R {
+    struct Restore((f32, usize));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_SCALE.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_SCALE.with(|s| s.replace((scale, 0))));
+    let out = f();
+    let (_, applied) = GRAD_SCALE.with(|s| s.get());
+    assert!(
+        scale == 1.0 || applied > 0,
+        "with_grad_scale({scale}): the step did not go through model::optim::FusedAdamW"
+    );
+    out
+}
+
 /// [`FusedAdamW`] as a whole-module optimizer.
 pub fn adamw(beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> ModuleOptimizer {
     ModuleOptimizer::from(FusedAdamW::new(beta1, beta2, eps, weight_decay))
@@ -56,8 +96,14 @@ impl Optimizer for FusedAdamW {
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
         let time = state.as_ref().map_or(1, |s| s.momentum.time + 1);
+        let grad_scale = GRAD_SCALE.with(|s| {
+            let (scale, applied) = s.get();
+            s.set((scale, applied + 1));
+            scale
+        });
         // As burn-optim: the decay factor and lr reach f32 as scalars of f64 expressions.
         let step = AdamWStep {
+            grad_scale,
             lr: lr as f32,
             beta1: self.beta1,
             beta2: self.beta2,
@@ -76,6 +122,11 @@ impl Optimizer for FusedAdamW {
             }
             Err(inputs) => {
                 let (tensor, grad, moments) = *inputs;
+                let grad = if grad_scale == 1.0 {
+                    grad
+                } else {
+                    fused::scale(grad, grad_scale)
+                };
                 let state = moments
                     .map(|[m, v]| AdamWState::new(AdaptiveMomentumState::new(time - 1, m, v)));
                 self.composed.step(lr, tensor, grad, state)
@@ -97,6 +148,7 @@ mod tests {
     use burn::tensor::Distribution;
 
     const STEP: AdamWStep = AdamWStep {
+        grad_scale: 1.0,
         lr: 0.1,
         beta1: 0.9,
         beta2: 0.95,
@@ -168,5 +220,50 @@ mod tests {
         assert_eq!(m.into_data().try_to_vec::<f32>().unwrap()[0], 1.0 - 0.9f32);
         assert_eq!(v.into_data().try_to_vec::<f32>().unwrap()[0], 1.0 - 0.95f32);
         assert!((p1.into_data().try_to_vec::<f32>().unwrap()[0] - 0.9).abs() < 1e-6);
+    }
+    /// A step under `with_grad_scale(c)` equals scaling the gradients by c in a pass of their own
+    /// (`ops::clip_grad_norm`) and then stepping, bit for bit (a layer large enough for the
+    /// threaded path, and its bias); a step nested inside it on the same thread (another model's,
+    /// as a pool thread may pick up) applies its own scale, here 1, which equals a plain step.
+    #[test]
+    fn grad_scale_in_the_step_equals_scaling_the_gradients_first() {
+        let device = crate::parse_device("cpu").unwrap().autodiff();
+        let init: Linear = LinearConfig::new(200, 200).init(&device);
+        let other: Linear = LinearConfig::new(200, 200).init(&device);
+        let (mut folded_l, mut scaled_l) = (init.clone(), init);
+        let (mut nested_l, mut plain_l) = (other.clone(), other);
+        let mut optims: Vec<ModuleOptimizer> =
+            (0..4).map(|_| adamw(0.9, 0.95, 1e-8, 0.1)).collect();
+        for step in 0..4 {
+            let x = Tensor::<2>::random([8, 200], Distribution::Normal(0.0, 3.0), &device);
+            let grads_of = |l: &Linear| {
+                let loss = l.forward(x.clone()).powi_scalar(2).mean();
+                GradientsParams::from_grads(loss.backward(), l)
+            };
+            let (g_folded, mut g_scaled) = (grads_of(&folded_l), grads_of(&scaled_l));
+            let (g_nested, g_plain) = (grads_of(&nested_l), grads_of(&plain_l));
+            let norm = crate::ops::clip_grad_norm(&scaled_l, &mut g_scaled, 0.5);
+            let coef = crate::ops::clip_coef(norm, 0.5);
+            assert!(coef < 1.0, "step {step}: the norm {norm} is clipped");
+            let [o_folded, o_scaled, o_nested, o_plain] = &mut optims[..] else {
+                unreachable!()
+            };
+            folded_l = with_grad_scale(coef, || {
+                nested_l = with_grad_scale(1.0, || o_nested.step(1e-2, nested_l.clone(), g_nested));
+                o_folded.step(1e-2, folded_l.clone(), g_folded)
+            });
+            scaled_l = o_scaled.step(1e-2, scaled_l, g_scaled);
+            plain_l = o_plain.step(1e-2, plain_l, g_plain);
+            assert_eq!(weights(&folded_l), weights(&scaled_l), "step {step}");
+            assert_eq!(weights(&nested_l), weights(&plain_l), "step {step}");
+        }
+        assert_ne!(weights(&folded_l), weights(&plain_l));
+    }
+
+    /// A scale that no fused step applied (another optimizer ran) is a programming error.
+    #[test]
+    #[should_panic(expected = "did not go through model::optim::FusedAdamW")]
+    fn a_scale_no_step_applied_panics() {
+        with_grad_scale(0.5, || ());
     }
 }

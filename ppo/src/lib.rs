@@ -704,21 +704,9 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let roll = Rollout::new(&prompt_tokens, &generation, &tok)?;
         let t_generate = started.elapsed().as_secs_f64();
 
-        // 2–3. Score each response; a response without EOS gets the penalty.
-        let t0 = Instant::now();
-        let mut scores = scorer.score(&batch_prompts, &roll.texts)?;
-        for (s, &eos) in scores.iter_mut().zip(&roll.has_eos) {
-            if !eos && cfg.reward.penalize_missing_eos {
-                *s = cfg.reward.missing_eos_penalty as f32;
-            }
-            if cfg.reward.clip_score > 0.0 {
-                *s = s.clamp(-cfg.reward.clip_score as f32, cfg.reward.clip_score as f32);
-            }
-        }
-        let t_score = t0.elapsed().as_secs_f64();
-
-        // Forward passes over the whole rollout without autodiff: old log-probs, reference
-        // log-probs, values. Independent of each other, they run side by side
+        // 2–3. Score each response (a response without EOS gets the penalty), and the forward
+        // passes over the whole rollout without autodiff: old log-probs, reference log-probs,
+        // values. All four are independent of each other: they run side by side
         // (`model::device::join`), each returning its values on the host.
         let t0 = Instant::now();
         let (n, p) = (roll.n, roll.p);
@@ -728,19 +716,38 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             Ok(to_f32_vec(lp))
         };
         let critic_frozen = critic.valid();
-        let (old_lp, (ref_lp, old_values)) = model::device::join(
-            || logprobs(&policy_frozen),
-            || {
+        let score = || {
+            let t = Instant::now();
+            (
+                scorer.score(&batch_prompts, &roll.texts),
+                t.elapsed().as_secs_f64(),
+            )
+        };
+        let ((scores, t_score), (old_lp, (ref_lp, old_values))) =
+            model::device::join(score, || {
                 model::device::join(
-                    || logprobs(&reference),
-                    || -> Result<Vec<f32>> {
-                        Ok(to_f32_vec(values_of(&critic_frozen, &roll.batch, p, n)?))
+                    || logprobs(&policy_frozen),
+                    || {
+                        model::device::join(
+                            || logprobs(&reference),
+                            || -> Result<Vec<f32>> {
+                                Ok(to_f32_vec(values_of(&critic_frozen, &roll.batch, p, n)?))
+                            },
+                        )
                     },
                 )
-            },
-        );
+            });
+        let mut scores = scores?;
         let (old_lp, ref_lp, old_values) = (old_lp?, ref_lp?, old_values?);
         let t_forward = t0.elapsed().as_secs_f64();
+        for (s, &eos) in scores.iter_mut().zip(&roll.has_eos) {
+            if !eos && cfg.reward.penalize_missing_eos {
+                *s = cfg.reward.missing_eos_penalty as f32;
+            }
+            if cfg.reward.clip_score > 0.0 {
+                *s = s.clamp(-cfg.reward.clip_score as f32, cfg.reward.clip_score as f32);
+            }
+        }
 
         // 4. Per-token rewards: −β·KL on every response token plus the score on the last one.
         let t0 = Instant::now();

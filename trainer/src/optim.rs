@@ -242,17 +242,20 @@ pub fn adamw(beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> ModuleOptim
 pub fn optimizer_step<M: Module>(
     optim: &mut ModuleOptimizer,
     module: M,
-    mut grads: GradientsParams,
+    grads: GradientsParams,
     lr: f64,
     max_grad_norm: f64,
     step: usize,
     last_good: Option<&Path>,
 ) -> Result<(M, f32)> {
-    let norm = if max_grad_norm > 0.0 {
-        model::ops::clip_grad_norm(&module, &mut grads, max_grad_norm as f32)
-    } else {
-        model::ops::grad_norm(&module, &grads)
-    };
+    let norm = model::ops::grad_norm(&module, &grads);
     crate::check_finite("gradient norm", norm as f64, step, last_good)?;
-    Ok((optim.step(lr, module, grads), norm))
+    // The clip's coefficient goes to the optimizer, which scales each gradient as it reads it.
+    let coef = if max_grad_norm > 0.0 {
+        model::ops::clip_coef(norm, max_grad_norm as f32)
+    } else {
+        1.0
+    };
+    let module = model::optim::with_grad_scale(coef, || optim.step(lr, module, grads));
+    Ok((module, norm))
 }

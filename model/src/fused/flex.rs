@@ -1380,6 +1380,7 @@ mod tests {
     #[test]
     fn adamw_writes_in_place_when_it_owns_the_memory() {
         let step = super::super::AdamWStep {
+            grad_scale: 1.0,
             lr: 0.01,
             beta1: 0.9,
             beta2: 0.999,
