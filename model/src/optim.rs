@@ -58,7 +58,9 @@ thread_local! {
 /// The scale is this thread's while `f` runs (a step updates its parameters one after another on
 /// the calling thread), and the previous one is restored afterwards, so that a step that runs
 /// nested inside another on the same thread (a pool thread that picks up the other model's
-/// update while waiting, as with PPO's policy and critic) applies its own.
+/// update while waiting, as with PPO's policy and critic) applies its own, provided it runs
+/// under its own `with_grad_scale`: every step of the stages does (`trainer::optim::
+/// optimizer_step`), and so should any step that may run beside a clipped one.
 ///
 /// # Panics
 /// When `scale` is not 1 and `f` stepped no parameter through a [`FusedAdamW`] (another
