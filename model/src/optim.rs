@@ -234,8 +234,8 @@ mod tests {
         let other: Linear = LinearConfig::new(200, 200).init(&device);
         let (mut folded_l, mut scaled_l) = (init.clone(), init);
         let (mut nested_l, mut plain_l) = (other.clone(), other);
-        let mut optims: Vec<ModuleOptimizer> =
-            (0..4).map(|_| adamw(0.9, 0.95, 1e-8, 0.1)).collect();
+        let [mut o_folded, mut o_scaled, mut o_nested, mut o_plain]: [ModuleOptimizer; 4] =
+            std::array::from_fn(|_| adamw(0.9, 0.95, 1e-8, 0.1));
         for step in 0..4 {
             let x = Tensor::<2>::random([8, 200], Distribution::Normal(0.0, 3.0), &device);
             let grads_of = |l: &Linear| {
@@ -247,9 +247,6 @@ mod tests {
             let norm = crate::ops::clip_grad_norm(&scaled_l, &mut g_scaled, 0.5);
             let coef = crate::ops::clip_coef(norm, 0.5);
             assert!(coef < 1.0, "step {step}: the norm {norm} is clipped");
-            let [o_folded, o_scaled, o_nested, o_plain] = &mut optims[..] else {
-                unreachable!()
-            };
             folded_l = with_grad_scale(coef, || {
                 nested_l = with_grad_scale(1.0, || o_nested.step(1e-2, nested_l.clone(), g_nested));
                 o_folded.step(1e-2, folded_l.clone(), g_folded)

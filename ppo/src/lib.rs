@@ -723,20 +723,17 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                 t.elapsed().as_secs_f64(),
             )
         };
+        let values = || -> Result<Vec<f32>> {
+            Ok(to_f32_vec(values_of(&critic_frozen, &roll.batch, p, n)?))
+        };
+        let forwards = || {
+            model::device::join(
+                || logprobs(&policy_frozen),
+                || model::device::join(|| logprobs(&reference), values),
+            )
+        };
         let ((scores, t_score), (old_lp, (ref_lp, old_values))) =
-            model::device::join(score, || {
-                model::device::join(
-                    || logprobs(&policy_frozen),
-                    || {
-                        model::device::join(
-                            || logprobs(&reference),
-                            || -> Result<Vec<f32>> {
-                                Ok(to_f32_vec(values_of(&critic_frozen, &roll.batch, p, n)?))
-                            },
-                        )
-                    },
-                )
-            });
+            model::device::join(score, forwards);
         let mut scores = scores?;
         let (old_lp, ref_lp, old_values) = (old_lp?, ref_lp?, old_values?);
         let t_forward = t0.elapsed().as_secs_f64();
