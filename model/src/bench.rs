@@ -100,9 +100,34 @@ pub fn train_tokens_per_s(s: &Shape, steps: usize, warmup: usize, device: &Devic
     Ok((b * t * steps) as f64 / timed)
 }
 
-/// Sampled tokens per second of KV-cache generation (temperature 1, no early stop), the mean over
-/// `reps` timed runs after one untimed run.
-pub fn generate_tokens_per_s(s: &Shape, reps: usize, device: &Device) -> Result<f64> {
+/// KV-cache generation on a shape: its speed, and what its decoding steps read from memory.
+#[derive(Clone, Copy, Debug)]
+pub struct GenerateRate {
+    /// Sampled tokens per second: the whole generation, its prompt forward included.
+    pub tokens_per_s: f64,
+    /// Seconds per decoding step: a generation's time less its prompt forward (with the packing
+    /// of the weights before it), over the steps after the first.
+    pub decode_step_s: f64,
+    /// Bytes of weight matrices a decoding step reads: each once, at the width decoding reads
+    /// it (bf16 panels under `matmul = "bf16"` on AMX, f32 otherwise).
+    pub weight_bytes: f64,
+    /// Bytes of cached keys and values a decoding step reads, on average over the steps.
+    pub kv_bytes: f64,
+    /// What the last step reads: the weights and the full cache (the working set a step sweeps).
+    pub working_set_bytes: f64,
+}
+
+impl GenerateRate {
+    /// Bytes per decoding step over seconds per step.
+    pub fn decode_gbps(&self) -> f64 {
+        (self.weight_bytes + self.kv_bytes) / self.decode_step_s / 1e9
+    }
+}
+
+/// KV-cache generation (temperature 1, no early stop): the mean over `reps` timed runs after
+/// one untimed run, and as many timed prompt forwards (the first step of a generation: the
+/// weights packed, the prompts through the model, the last position's logits).
+pub fn generate_rate(s: &Shape, reps: usize, device: &Device) -> Result<GenerateRate> {
     let cfg = shape_config(s)?;
     let model = CausalLm::new(&cfg, false, 0, device)?;
     let mut rng = StdRng::seed_from_u64(1);
@@ -130,19 +155,98 @@ pub fn generate_tokens_per_s(s: &Shape, reps: usize, device: &Device) -> Result<
             timed += start.elapsed().as_secs_f64();
         }
     }
-    Ok((s.gen_batch * s.gen_new * reps) as f64 / timed)
+    let mut prompt_timed = 0.0;
+    let mut bf16_weights = false;
+    for rep in 0..=reps {
+        let start = Instant::now();
+        crate::device::hot(|| -> Result<()> {
+            let packed = model.pack_for_decoding();
+            bf16_weights = packed.bf16();
+            let batch = TokenBatch::left_padded(&prompts, 0);
+            let mut cache = crate::KvCache::with_capacity(
+                cfg.num_layers,
+                s.gen_batch,
+                s.gen_prompt + s.gen_new,
+            );
+            let hidden = model.forward_cached(&batch, &mut cache);
+            let [b, t, d] = hidden.dims();
+            let logits = model.logits(hidden.slice([0..b, t - 1..t, 0..d]))?;
+            let _ = crate::ops::to_f32_vec(logits);
+            Ok(())
+        })?;
+        if rep > 0 {
+            prompt_timed += start.elapsed().as_secs_f64();
+        }
+    }
+    let steps = s.gen_new.saturating_sub(1).max(1);
+    // Decoding step j (1-based) attends over the prompt and j new positions, in every layer,
+    // keys and values of every key-value head of every sequence.
+    let kv_per_position =
+        (2 * cfg.num_layers * s.gen_batch * cfg.num_kv_heads * cfg.head_dim * 4) as f64;
+    let positions: usize = (1..=steps).map(|j| s.gen_prompt + j).sum();
+    let weight_bytes = (params_in_products(&model, &cfg) * if bf16_weights { 2 } else { 4 }) as f64;
+    Ok(GenerateRate {
+        tokens_per_s: (s.gen_batch * s.gen_new * reps) as f64 / timed,
+        decode_step_s: (timed - prompt_timed) / reps as f64 / steps as f64,
+        weight_bytes,
+        kv_bytes: kv_per_position * positions as f64 / steps as f64,
+        working_set_bytes: weight_bytes + kv_per_position * (s.gen_prompt + steps) as f64,
+    })
+}
+
+/// Sampled tokens per second of KV-cache generation: [`generate_rate`]'s.
+pub fn generate_tokens_per_s(s: &Shape, reps: usize, device: &Device) -> Result<f64> {
+    Ok(generate_rate(s, reps, device)?.tokens_per_s)
+}
+
+/// The machine's memory read rate over a working set of `bytes`: GB/s of sweeps that read a
+/// buffer of that size on every core (each thread its share, in order), the best of about
+/// 8 GB of sweeps (20 at least): the roof of a decoding step, which sweeps the weights and the
+/// cache once per step. Repeated sweeps, as a generation's steps are: a working set that the
+/// last-level cache can hold settles there only after several (measured here: 33 MB read at
+/// ~21 GB/s over the first 5 sweeps, ~48 GB/s once settled; 185 MB at ~21.5 GB/s either way).
+pub fn read_gbps(bytes: usize) -> f64 {
+    let reps = (8e9 / bytes.max(1) as f64).clamp(20.0, 2000.0) as usize;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Written, so that every page is backed (fresh zero pages would all read one page).
+    let buf: Vec<u64> = (0..(bytes / 8).max(threads)).map(|i| i as u64).collect();
+    let share = buf.len().div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for rep in 0..=reps {
+        let start = Instant::now();
+        let sum = std::thread::scope(|scope| {
+            let parts: Vec<_> = buf
+                .chunks(share)
+                .map(|part| scope.spawn(move || part.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            parts.into_iter().fold(0u64, |a, p| {
+                a.wrapping_add(p.join().expect("a read thread panicked"))
+            })
+        });
+        std::hint::black_box(sum);
+        if rep > 0 {
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+    }
+    (buf.len() * 8) as f64 / best / 1e9
 }
 
 /// Parameters that take part in matmuls (all but the token and position embedding tables, which
 /// are lookups): the `params` of the 6 · params · tokens estimate of a training step's FLOPs.
 pub fn matmul_params(s: &Shape, device: &Device) -> Result<usize> {
     let cfg = shape_config(s)?;
-    let model = CausalLm::new(&cfg, false, 0, device)?;
+    Ok(params_in_products(
+        &CausalLm::new(&cfg, false, 0, device)?,
+        &cfg,
+    ))
+}
+
+fn params_in_products(model: &CausalLm, cfg: &ModelConfig) -> usize {
     let mut embed = cfg.vocab_size * cfg.hidden_size;
     if cfg.family == crate::config::Family::Gpt2 {
         embed += cfg.max_position_embeddings * cfg.hidden_size;
     }
-    Ok(model.num_params() - embed)
+    model.num_params() - embed
 }
 
 /// The machine's matmul roof through our product path (`fused::matmul`, at the precision set by
@@ -161,4 +265,41 @@ pub fn sgemm_gflops(n: usize, reps: usize, device: &Device) -> f64 {
         }
     }
     2.0 * (n as f64).powi(3) / best / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A decoding step of the small shape reads each weight matrix once (4 · 256 · 768 q | k | v,
+    /// 256 · 256 o, 256 · 1376 gate | up and 688 · 256 down per layer, the untied 256 · 8192 LM
+    /// head, and the norms' weights) and the keys and values of the prompt and the positions
+    /// sampled so far: 2 · 4 layers · 16 sequences · 4 heads · 64 · 4 bytes per position, 64
+    /// positions on average over steps 1..=63 (33..=95).
+    #[test]
+    fn decoding_reads_every_weight_once_and_the_cache_so_far() {
+        let device = crate::device::parse_device("cpu").unwrap();
+        let s = shape("small").unwrap();
+        let rate = generate_rate(&s, 1, &device).unwrap();
+        let linear = 4 * (256 * 768 + 256 * 256 + 256 * 1376 + 688 * 256) + 256 * 8192;
+        let norms = 2 * 4 * 256 + 256;
+        assert_eq!(rate.weight_bytes, (4 * (linear + norms)) as f64);
+        let per_position = (2 * 4 * 16 * 4 * 64 * 4) as f64;
+        assert_eq!(rate.kv_bytes, per_position * 64.0);
+        assert_eq!(
+            rate.working_set_bytes,
+            rate.weight_bytes + per_position * 95.0
+        );
+        assert!(rate.tokens_per_s > 0.0 && rate.decode_step_s > 0.0);
+        let expect = (rate.weight_bytes + rate.kv_bytes) / rate.decode_step_s / 1e9;
+        assert!((rate.decode_gbps() - expect).abs() < 1e-9 * expect);
+    }
+
+    /// The read roof sums a buffer it wrote: a finite, positive rate, also for a size that does
+    /// not divide among the threads.
+    #[test]
+    fn read_roof_is_a_positive_rate() {
+        let r = read_gbps((1 << 20) + 12);
+        assert!(r.is_finite() && r > 0.0, "{r}");
+    }
 }

@@ -899,6 +899,14 @@ impl PackedWeights {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether the weights are packed as bf16 (a decoding step then reads 2 bytes per weight).
+    pub fn bf16(&self) -> bool {
+        #[cfg(feature = "flex")]
+        return self.kept.iter().any(|k| k.bf16());
+        #[cfg(not(feature = "flex"))]
+        false
+    }
 }
 
 /// The most weight elements [`pack_weights`] copies in f32 (64 MB). Measured (`model bench`

@@ -451,7 +451,7 @@ fn bench(
     matmul: model::MatmulPrecision,
     device: &burn::tensor::Device,
 ) -> Result<()> {
-    use model::bench::{SHAPES, generate_tokens_per_s, train_tokens_per_s};
+    use model::bench::{GenerateRate, SHAPES, generate_rate, train_tokens_per_s};
     let shapes: Vec<_> = if shape == "all" {
         SHAPES.to_vec()
     } else {
@@ -478,6 +478,8 @@ fn bench(
     };
     println!("our matrix products: {what_runs}");
     let mut rows = Vec::new();
+    // Our generation's best round per shape, for its bandwidth utilisation.
+    let mut decoding: Vec<(&str, GenerateRate)> = Vec::new();
     for round in 1..=rounds {
         for s in &shapes {
             let mut line = |what: &str, imp: &str, tps: f64| {
@@ -491,7 +493,13 @@ fn bench(
             // `generate` does so itself. The peer runs after, with our threads asleep.
             let train = model::device::hot(|| train_tokens_per_s(s, steps, 2, device))?;
             line("train", ours, train);
-            line("generate", ours, generate_tokens_per_s(s, reps, device)?);
+            let rate = generate_rate(s, reps, device)?;
+            line("generate", ours, rate.tokens_per_s);
+            match decoding.iter_mut().find(|(name, _)| *name == s.name) {
+                Some((_, best)) if best.tokens_per_s >= rate.tokens_per_s => {}
+                Some((_, best)) => *best = rate,
+                None => decoding.push((s.name, rate)),
+            }
             if let Some(py) = python {
                 for p in peers {
                     let precision = if p.ends_with("-bf16") { "bf16" } else { "fp32" };
@@ -559,6 +567,21 @@ fn bench(
             "{name:<8} train     MFU {:>5.1}%  (6 x {:.2}M matmul params x tokens/s = {gflops:.1} GFLOP/s)",
             100.0 * gflops / roof,
             *params as f64 / 1e6
+        );
+    }
+    // Memory-bandwidth utilisation of decoding: the bytes a step must read (each weight matrix
+    // once, the keys and values cached so far) per second of a step, over the rate at which
+    // this machine reads a working set of the same size.
+    for (name, rate) in &decoding {
+        let read_roof = model::bench::read_gbps(rate.working_set_bytes as usize);
+        let gbps = rate.decode_gbps();
+        println!(
+            "{name:<8} generate  MBU {:>5.1}%  ({:.1} MB weights + {:.1} MB keys/values per decoding step in {:.2} ms = {gbps:.1} GB/s; read roof over {:.0} MB: {read_roof:.1} GB/s)",
+            100.0 * gbps / read_roof,
+            rate.weight_bytes / 1e6,
+            rate.kv_bytes / 1e6,
+            rate.decode_step_s * 1e3,
+            rate.working_set_bytes / 1e6,
         );
     }
     Ok(())

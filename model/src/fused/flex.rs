@@ -59,8 +59,15 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
 /// packed copy was made from, kept alive and unchanged (a tensor is copied on write while
 /// another handle shares its memory) until this is dropped.
 pub(super) struct KeptWeight {
-    _kept: kept::Kept,
+    kept: kept::Kept,
     _tensor: FlexTensor,
+}
+
+impl KeptWeight {
+    /// Whether it is packed as bf16.
+    pub(super) fn bf16(&self) -> bool {
+        self.kept.bf16()
+    }
 }
 
 /// Packs the 2-D f32 weight `w` for the products that read it through this same view: for bf16
@@ -84,10 +91,7 @@ pub(super) fn keep(w: FlexTensor, bf16: bool) -> Option<KeptWeight> {
     // SAFETY: the view is burn's layout of `w`, whose memory the returned value keeps alive;
     // nothing writes to memory that another handle (ours) shares.
     let kept = unsafe { kept::keep(view, shape[0], shape[1], bf16) }?;
-    Some(KeptWeight {
-        _kept: kept,
-        _tensor: w,
-    })
+    Some(KeptWeight { kept, _tensor: w })
 }
 
 type Uninit = std::mem::MaybeUninit<f32>;

@@ -51,6 +51,13 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 /// Keeps B packed until the handle is dropped.
 pub struct Kept(Key);
 
+impl Kept {
+    /// Whether B is packed for bf16 products.
+    pub fn bf16(&self) -> bool {
+        self.0.bf16
+    }
+}
+
 /// Packs B for bf16 products (`bf16`; None without AMX) or for few-row f32 products (None
 /// without AVX-512).
 ///
