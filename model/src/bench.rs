@@ -168,11 +168,7 @@ pub fn generate_rate(s: &Shape, reps: usize, device: &Device) -> Result<Generate
                 s.gen_batch,
                 s.gen_prompt + s.gen_new,
             );
-            let hidden = model.forward_cached(&batch, &mut cache);
-            let [b, t, d] = hidden.dims();
-            let logits = model.logits(hidden.slice([0..b, t - 1..t, 0..d]))?;
-            let _ = crate::ops::to_f32_vec(logits);
-            Ok(())
+            crate::generate::next_logits(&model, &batch, &mut cache).map(drop)
         })?;
         if rep > 0 {
             prompt_timed += start.elapsed().as_secs_f64();
@@ -192,11 +188,6 @@ pub fn generate_rate(s: &Shape, reps: usize, device: &Device) -> Result<Generate
         kv_bytes: kv_per_position * positions as f64 / steps as f64,
         working_set_bytes: weight_bytes + kv_per_position * (s.gen_prompt + steps) as f64,
     })
-}
-
-/// Sampled tokens per second of KV-cache generation: [`generate_rate`]'s.
-pub fn generate_tokens_per_s(s: &Shape, reps: usize, device: &Device) -> Result<f64> {
-    Ok(generate_rate(s, reps, device)?.tokens_per_s)
 }
 
 /// The machine's memory read rate over a working set of `bytes`: GB/s of sweeps that read a

@@ -104,12 +104,8 @@ fn sample_all(
         1.0
     };
     for step in 0..cfg.max_new_tokens {
-        let hidden = model.forward_cached(&batch, &mut cache);
-        let [_, t, d] = hidden.dims();
-        let last = hidden.slice([0..b, t - 1..t, 0..d]);
-        let logits = model.logits(last)?;
-        let v = logits.dims()[2];
-        let logits = crate::ops::to_f32_vec(logits);
+        let logits = next_logits(model, &batch, &mut cache)?;
+        let v = logits.len() / b;
         // One uniform per unfinished row, drawn in row order (greedy decoding draws none), so
         // that the rows can be sampled on both halves of the pool with the numbers a row-by-row
         // loop would give.
@@ -184,6 +180,19 @@ fn sample_all(
     }
     // Rows that finished early were padded step by step; every row has the same length.
     Ok(out)
+}
+
+/// One step of a generation: `batch` run after what `cache` holds (its keys and values appended),
+/// and the LM logits at each row's last position, [b · vocab] on the host.
+pub(crate) fn next_logits(
+    model: &CausalLm,
+    batch: &TokenBatch,
+    cache: &mut KvCache,
+) -> crate::Result<Vec<f32>> {
+    let hidden = model.forward_cached(batch, cache);
+    let [b, t, d] = hidden.dims();
+    let logits = model.logits(hidden.slice([0..b, t - 1..t, 0..d]))?;
+    Ok(crate::ops::to_f32_vec(logits))
 }
 
 fn argmax(row: &[f32]) -> u32 {
