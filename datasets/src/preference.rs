@@ -2,7 +2,12 @@
 //! `labeling` crate: a [`RankedGroup`] (one labeler's ranking of K ≥ 2 responses to one prompt)
 //! and a [`Comparison`] (one pairwise judgement, possibly a tie), and the one expansion of ranked
 //! groups into pairs ([`RankedGroup::pairs`], [`expand_pairs`]): each of the K choose 2 pairs is a
-//! training example, as in InstructGPT.
+//! training example, as in InstructGPT. Labelers' rankings arrive as CSV ([`rankings`]:
+//! long or wide, every rule checked) and several labelers' judgements are combined or compared
+//! in [`pairs`] (majority, agreement, Kendall's W), so that every stage reads them the same way.
+
+pub mod pairs;
+pub mod rankings;
 
 /// One pairwise judgement (reward model): `chosen` is better than `rejected`, unless `tie`.
 ///

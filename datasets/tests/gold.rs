@@ -2,7 +2,8 @@
 //! ../shared/data (skipped, with a message, where it is absent).
 
 use datasets::gold::{
-    Rule, extract_answer, extract_final_answer, gold_answer, normalize, parse_rule,
+    Rule, contains_on_boundaries, extract_answer, extract_choice, extract_final_answer,
+    gold_answer, normalize, normalize_text, parse_rule,
 };
 use std::path::Path;
 
@@ -235,4 +236,189 @@ fn every_gsm8k_reference_solution_scores_one_against_its_own_answer() {
         n += 1;
     }
     assert!(n > 1000, "only {n} GSM8K lines");
+}
+
+fn score(rule: &str, response: &str, answer: &str) -> f32 {
+    parse_rule(rule)
+        .unwrap()
+        .score(response, Some(answer))
+        .unwrap()
+}
+
+#[test]
+fn normalized_match_compares_the_whole_response() {
+    let m = |r: &str, a: &str| score("normalized_match", r, a);
+    // A string answer with no number: exact_answer cannot see it, normalized_match can.
+    assert_eq!(m(" stone stone stone", "stone stone stone"), 1.0);
+    assert_eq!(exact(" stone stone stone", "stone stone stone"), 0.0);
+    assert_eq!(m("  Stone   STONE stone. ", "stone stone stone"), 1.0);
+    assert_eq!(m(" ENOTS!", "enots"), 1.0);
+    assert_eq!(m(" c-a-t", "c-a-t"), 1.0);
+    // Chatter around the right answer, or a different answer, scores 0.
+    assert_eq!(
+        m(" Sure! Here it is: stone stone stone", "stone stone stone"),
+        0.0
+    );
+    assert_eq!(m(" stone stone", "stone stone stone"), 0.0);
+    assert_eq!(m("", "stone"), 0.0);
+    // Numbers are text here: "8.0" is not "8" (numeric: is for that).
+    assert_eq!(m(" 8.0", "8"), 0.0);
+    // Chinese.
+    assert_eq!(m(" 石头石头石头。", "石头石头石头"), 1.0);
+    assert_eq!(m("北京！", "北京"), 1.0);
+    assert_eq!(m(" 好的：石头石头石头", "石头石头石头"), 0.0);
+    assert_eq!(m("南京", "北京"), 0.0);
+    assert_eq!(normalize_text("  Hello   World!. "), "hello world");
+    assert_eq!(normalize_text("ÉCOLE"), "école");
+}
+
+#[test]
+fn contains_answer_finds_the_answer_on_word_boundaries() {
+    let c = |r: &str, a: &str| score("contains_answer", r, a);
+    assert_eq!(c(" I think it is Paris, really.", "paris"), 1.0);
+    assert_eq!(c(" the cat.", "cat"), 1.0);
+    assert_eq!(c(" so it is 12.", "12"), 1.0);
+    assert_eq!(c(" stone stone stone, there", "stone stone stone"), 1.0);
+    // Inside a longer word or number it does not count.
+    assert_eq!(c(" concatenate", "cat"), 0.0);
+    assert_eq!(c(" 112 apples", "12"), 0.0);
+    assert_eq!(c(" about 12.5", "12"), 0.0);
+    assert_eq!(c(" about 3.5", "5"), 0.0);
+    assert_eq!(c(" London", "paris"), 0.0);
+    assert_eq!(c(" anything", ""), 0.0);
+    // Chinese: a plain substring.
+    assert_eq!(c("我觉得是北京吧。", "北京"), 1.0);
+    assert_eq!(c(" 答案是12。", "12"), 1.0);
+    assert_eq!(c("我觉得是南京。", "北京"), 0.0);
+    assert_eq!(c(" 答案是112。", "12"), 0.0);
+    assert!(contains_on_boundaries("a-b-c", "b"));
+    assert!(!contains_on_boundaries("abc", "b"));
+}
+
+#[test]
+fn numeric_compares_within_the_tolerance() {
+    let n = |r: &str, a: &str| score("numeric:0.01", r, a);
+    assert_eq!(n("The answer is 3.141.", "3.14"), 1.0);
+    assert_eq!(n(" so 1,234", "1234"), 1.0);
+    assert_eq!(n(" The answer is $12.", "#### 12"), 1.0);
+    assert_eq!(n(" The answer is -0.5.", "-0.504"), 1.0);
+    assert_eq!(n("The answer is 3.2.", "3.14"), 0.0);
+    assert_eq!(n("The answer is 3.14 metres.", "3.14"), 0.0);
+    assert_eq!(n("no number", "3.14"), 0.0);
+    assert_eq!(n("", "3.14"), 0.0);
+    // Chinese.
+    assert_eq!(n(" 7加5等于12。答案是12。", "12"), 1.0);
+    assert_eq!(n(" 答案是12.004。", "12"), 1.0);
+    assert_eq!(n("答案是3.2。", "3.14"), 0.0);
+    assert_eq!(n("答案是十二。", "12"), 0.0);
+    // Tolerance 0 is exact.
+    assert_eq!(score("numeric:0", "The answer is 8.0.", "8"), 1.0);
+    assert_eq!(score("numeric:0", "The answer is 8.01.", "8"), 0.0);
+    // A reference that is no number is the user's mistake, and says so.
+    let e = parse_rule("numeric:0.5")
+        .unwrap()
+        .score("The answer is 3.", Some("cat"))
+        .unwrap_err();
+    assert!(e.contains("numeric:0.5") && e.contains("cat"), "{e}");
+}
+
+#[test]
+fn choice_reads_the_chosen_letter() {
+    let c = |r: &str, a: &str| score("choice", r, a);
+    assert_eq!(c(" The answer is (B).", "B"), 1.0);
+    assert_eq!(c(" B) 47", "B"), 1.0);
+    assert_eq!(c(" I pick C.", "(C)"), 1.0);
+    assert_eq!(c(" D: 5", "d"), 1.0);
+    // The letter after "answer is" wins over letters restated before it.
+    assert_eq!(c(" A) 12 is small; the answer is B.", "B"), 1.0);
+    assert_eq!(c(" The answer is (A).", "B"), 0.0);
+    // A value instead of a letter, or no letter, scores 0; capitals inside words are not letters.
+    assert_eq!(c(" 47", "B"), 0.0);
+    assert_eq!(c(" Because 47 is largest", "B"), 0.0);
+    assert_eq!(c("", "B"), 0.0);
+    assert_eq!(c(" F) none", "B"), 0.0);
+    // Chinese.
+    assert_eq!(c(" 答案是B。", "B"), 1.0);
+    assert_eq!(c(" 我选(C)。", "C"), 1.0);
+    assert_eq!(c(" 答案是A。", "B"), 0.0);
+    assert_eq!(c(" 答案是47。", "B"), 0.0);
+    assert_eq!(extract_choice(" The answer is (E)."), Some('E'));
+    assert_eq!(extract_choice(" ABC"), None);
+    let e = parse_rule("choice")
+        .unwrap()
+        .score(" B", Some("47"))
+        .unwrap_err();
+    assert!(e.contains("A–E") && e.contains("47"), "{e}");
+}
+
+#[test]
+fn json_answer_needs_a_json_object_with_the_answer() {
+    let j = |r: &str, a: &str| score("json_answer", r, a);
+    assert_eq!(j(r#" {"answer": 12}"#, "12"), 1.0);
+    assert_eq!(j(r#"{"answer": 12.0, "why": "7 + 5"}"#, "12"), 1.0);
+    assert_eq!(j(r#" {"answer": "12"} "#, "12"), 1.0);
+    assert_eq!(j(r#" {"answer": "Stone Stone"}"#, "stone stone"), 1.0);
+    assert_eq!(j(r#" {"answer": 13}"#, "12"), 0.0);
+    // Without JSON, with another field, with text around it, or not an object: 0.
+    assert_eq!(j(" the answer is 12", "12"), 0.0);
+    assert_eq!(j(r#" {"result": 12}"#, "12"), 0.0);
+    assert_eq!(j(r#" Here: {"answer": 12}"#, "12"), 0.0);
+    assert_eq!(j(" [12]", "12"), 0.0);
+    assert_eq!(j(r#" {"answer": 12"#, "12"), 0.0);
+    assert_eq!(j("", "12"), 0.0);
+    // Chinese.
+    assert_eq!(j(r#" {"answer": "北京"}"#, "北京"), 1.0);
+    assert_eq!(j(r#"{"answer": "北京。"}"#, "北京"), 1.0);
+    assert_eq!(j(r#" {"answer": "南京"}"#, "北京"), 0.0);
+    assert_eq!(j(" 答案是北京。", "北京"), 0.0);
+}
+
+#[test]
+fn the_new_rules_parse_print_round_trip_and_need_an_answer() {
+    let rules = [
+        ("normalized_match", Rule::NormalizedMatch),
+        ("contains_answer", Rule::ContainsAnswer),
+        ("numeric:0.01", Rule::Numeric { tolerance: 0.01 }),
+        ("choice", Rule::Choice),
+        ("json_answer", Rule::JsonAnswer),
+    ];
+    for (text, rule) in rules {
+        assert_eq!(parse_rule(text), Ok(rule.clone()), "{text}");
+        assert_eq!(rule.to_string(), text);
+        assert!(rule.needs_answer(), "{text}");
+        let json = serde_json::to_string(&rule).unwrap();
+        assert_eq!(serde_json::from_str::<Rule>(&json).unwrap(), rule);
+        let e = rule.score(" 12", None).unwrap_err();
+        assert!(e.contains(text) && e.contains("answer"), "{e}");
+    }
+    assert_eq!(parse_rule("normalized-match"), Ok(Rule::NormalizedMatch));
+    assert_eq!(
+        serde_json::to_string(&Rule::Numeric { tolerance: 0.5 }).unwrap(),
+        r#"{"kind":"numeric","tolerance":0.5}"#
+    );
+    assert_eq!(
+        serde_json::from_str::<Rule>(r#"{"kind":"json_answer"}"#).unwrap(),
+        Rule::JsonAnswer
+    );
+    for bad in [
+        "numeric",
+        "numeric:",
+        "numeric:abc",
+        "numeric:-1",
+        "numeric:inf",
+    ] {
+        let e = parse_rule(bad).unwrap_err();
+        assert!(e.contains("numeric:0.01"), "{bad}: {e}");
+    }
+    let e = Rule::Numeric {
+        tolerance: f64::NAN,
+    }
+    .compile()
+    .unwrap_err();
+    assert!(e.contains("tolerance"), "{e}");
+    let e = parse_rule("json").unwrap_err();
+    assert!(
+        e.contains("json_answer") && e.contains("numeric:<tolerance>"),
+        "{e}"
+    );
 }

@@ -139,8 +139,23 @@ impl RunLog {
 /// Reads `DIR/metrics.jsonl` of each run folder; a folder without one, or a line that is not a
 /// JSON object, is an error naming it.
 pub fn read_runs(dirs: &[PathBuf]) -> Result<Vec<RunLog>> {
-    let mut runs: Vec<RunLog> = Vec::new();
+    // A reward ensemble's folder stands for its members' runs (member-0/, member-1/, ...) and
+    // its monitor's.
+    let mut expanded = Vec::new();
     for dir in dirs {
+        let members: Vec<PathBuf> = (0..)
+            .map(|i| dir.join(format!("member-{i}")))
+            .take_while(|d| d.join("metrics.jsonl").is_file())
+            .chain(Some(dir.join("monitor")).filter(|d| d.join("metrics.jsonl").is_file()))
+            .collect();
+        if !dir.join("metrics.jsonl").is_file() && !members.is_empty() {
+            expanded.extend(members);
+        } else {
+            expanded.push(dir.clone());
+        }
+    }
+    let mut runs: Vec<RunLog> = Vec::new();
+    for dir in &expanded {
         let path = dir.join("metrics.jsonl");
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(

@@ -38,6 +38,10 @@ pub struct Options {
     /// The reward model that scores the responses (a `reward` output folder).
     #[arg(long)]
     pub reward_model: PathBuf,
+    /// A reward model trained on prompts the --reward-model never saw, reported beside it (the
+    /// over-optimisation check without gold); default: the monitor/ stored with an ensemble.
+    #[arg(long)]
+    pub heldout_reward_model: Option<PathBuf>,
     /// Held-out prompts (`prompt`, optional `answer`): .jsonl, .csv or .parquet.
     #[arg(long)]
     pub prompts: PathBuf,
@@ -54,8 +58,11 @@ pub struct Options {
     #[arg(long)]
     pub demonstrations: Option<PathBuf>,
     /// Gold reward rule: `exact_answer` (the stated answer, else the last number),
-    /// `final_answer` (only an answer stated as "The answer is X" / `#### X` counts) or
-    /// `regex:<pattern>` (default: exact_answer when the prompts have answers).
+    /// `final_answer` (only an answer stated as "The answer is X" / `#### X` counts),
+    /// `normalized_match` (the whole response, case and punctuation aside), `contains_answer`,
+    /// `numeric:<tolerance>`, `choice` (the letter of "The answer is (B)"), `json_answer`
+    /// (`{"answer": …}`) or `regex:<pattern>` (default: exact_answer when the prompts have
+    /// answers).
     #[arg(long)]
     pub gold: Option<String>,
     /// Output folder: metrics.json, samples.jsonl, report.md and the plots (replaced whole).
@@ -119,6 +126,7 @@ struct Evaluated {
     template: String,
     responses: Vec<Response>,
     rewards: Vec<f64>,
+    heldout: Option<Vec<f64>>,
     gold: Option<Vec<f64>>,
     kl: Option<Vec<f64>>,
     kl_note: Option<String>,
@@ -157,6 +165,7 @@ impl Evaluated {
             responses: self.responses.len(),
             reward: est(&self.rewards),
             gold: self.gold.as_deref().and_then(|g| stats::rate(g, LEVEL)),
+            heldout_reward: self.heldout.as_deref().map(est),
             kl: self.kl.as_deref().map(est),
             kl_note: self.kl_note.clone(),
             length: est(&self.lengths()),
@@ -197,14 +206,41 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         Some(d) => Some(Lm::load(d, "--baseline", &device)?),
         None => None,
     };
-    let rm = models::load_reward_model(&opts.reward_model, &device)?;
-    let normalization = rm.meta.reward_normalization.as_ref().map(|n| {
-        format!(
-            "normalised: raw − {:.4}, the mean raw reward of the {}",
-            n.offset, n.reference
-        )
-    });
-    let scorer = ppo::Scorer::Model(Box::new(rm));
+    let scorer = reward::Scorer::load(
+        &opts.reward_model,
+        reward::ScorerOptions::default(),
+        &device,
+    )
+    .context("--reward-model")?;
+    let normalization = match &scorer {
+        reward::Scorer::Models { members, .. } => members[0].normalization.as_ref().map(|n| {
+            format!(
+                "normalised: raw − {:.4}, the mean raw reward of the {}{}",
+                n.offset,
+                n.reference,
+                if members.len() > 1 {
+                    format!(
+                        " (member 1 of an ensemble of {}; each member has its own offset; the reward is mean − std over the members)",
+                        members.len()
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        }),
+        reward::Scorer::Rule(_) => None,
+    };
+    let heldout_dir = match &opts.heldout_reward_model {
+        Some(d) => Some(d.clone()),
+        None => reward::scorer::monitor_dir(&opts.reward_model)?,
+    };
+    let heldout = match &heldout_dir {
+        Some(d) => Some(
+            reward::Scorer::load(d, reward::ScorerOptions::default(), &device)
+                .with_context(|| format!("--heldout-reward-model {}", d.display()))?,
+        ),
+        None => None,
+    };
     // The reference: --reference, else the baseline (reused when it is the same folder).
     let explicit_reference = opts.reference.is_some();
     let reference_dir = opts.reference.clone().or_else(|| opts.baseline.clone());
@@ -249,7 +285,21 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
     let evaluate = |lm: &Lm, encoded: &[Vec<u32>], name: &str, log: &mut dyn Write| {
         let t0 = std::time::Instant::now();
         let responses = models::sample(lm, encoded, &sampling)?;
-        let rewards = models::score(&scorer, &prompts, &opts.prompts, &responses)?;
+        let rewards: Vec<f64> = models::score(&scorer, &prompts, &responses)?
+            .rewards
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let heldout = match &heldout {
+            Some(h) => Some(
+                models::score(h, &prompts, &responses)?
+                    .rewards
+                    .into_iter()
+                    .map(f64::from)
+                    .collect::<Vec<f64>>(),
+            ),
+            None => None,
+        };
         let gold = match &gold {
             Some(rule) => Some(
                 responses
@@ -295,6 +345,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
             template: lm.template.as_str().to_string(),
             responses,
             rewards,
+            heldout,
             gold,
             kl,
             kl_note,
@@ -316,6 +367,10 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         Differences {
             reward: d(&pol.rewards, &b.rewards),
             gold: match (&pol.gold, &b.gold) {
+                (Some(x), Some(y)) => Some(d(x, y)),
+                _ => None,
+            },
+            heldout_reward: match (&pol.heldout, &b.heldout) {
                 (Some(x), Some(y)) => Some(d(x, y)),
                 _ => None,
             },
@@ -359,6 +414,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         prompts: prompts.len(),
         sampling: sampling.clone(),
         reward_model: opts.reward_model.display().to_string(),
+        heldout_reward_model: heldout_dir.as_ref().map(|d| d.display().to_string()),
         reward_normalization: normalization,
         reference: reference
             .is_some()

@@ -1,6 +1,6 @@
 //! The models of an evaluation and what is computed with them: sampling on the model crate's
-//! batched KV-cache path (each model with the template stored in its folder), scoring with the
-//! reward model exactly as `ppo` scores a rollout, the per-response KL of a model from a reference
+//! batched KV-cache path (each model with the template stored in its folder), scoring through
+//! `reward::Scorer` exactly as `ppo` scores a rollout, the per-response KL of a model from a reference
 //! (a forward pass of each over prompt + response), and perplexity on demonstrations.
 
 use crate::data::EvalPrompt;
@@ -25,6 +25,12 @@ impl Lm {
     /// Loads a causal-LM folder; a reward model here is an error naming the folder and `what`
     /// (the option it was given to).
     pub fn load(dir: &Path, what: &str, device: &Device) -> Result<Self> {
+        if reward::scorer::Manifest::read(dir)?.is_some() {
+            bail!(
+                "{what}: {} is a reward-model ensemble (ensemble.json), not a causal LM; give a policy folder",
+                dir.display()
+            );
+        }
         let (model, tokenizer, _) =
             model::checkpoint::load_with_tokenizer(dir, Some(Heads::LM), None, device)
                 .with_context(|| what.to_string())?;
@@ -155,51 +161,27 @@ pub fn sample(lm: &Lm, encoded: &[Vec<u32>], s: &Sampling) -> Result<Vec<Respons
         .collect())
 }
 
-/// Loads the reward model as `ppo` does (scalar head, its own tokenizer, the template stored
-/// with it, its normalisation); a causal LM here is an error naming the folder.
-pub fn load_reward_model(dir: &Path, device: &Device) -> Result<ppo::RewardModel> {
-    let (model, tokenizer, meta) =
-        model::checkpoint::load_with_tokenizer(dir, Some(Heads::SCALAR), None, device)
-            .context("--reward-model")?;
-    let template = model::checkpoint::resolve_template(None, Some(dir))
-        .with_context(|| format!("--reward-model {}", dir.display()))?;
-    Ok(ppo::RewardModel {
-        model: model.with_dropout(0.0),
-        tokenizer,
-        template,
-        meta,
-    })
-}
-
-/// The reward of each response, exactly as `ppo` scores a rollout (`ppo::Scorer::score`: the
-/// response text re-encoded with the reward model's tokenizer and template, the score at the
-/// last token, the stored normalisation); no missing-EOS penalty or clipping.
+/// The reward of each response through the one scorer `ppo` scores rollouts with
+/// ([`reward::Scorer`]: the response re-encoded with each reward model's tokenizer and template,
+/// the score at the last token, the stored normalisation; an ensemble's aggregate); no
+/// missing-EOS penalty or clipping.
 pub fn score(
-    scorer: &ppo::Scorer,
+    scorer: &reward::Scorer,
     prompts: &[EvalPrompt],
-    path: &Path,
     responses: &[Response],
-) -> Result<Vec<f64>> {
-    let ps: Vec<ppo::rollout::Prompt> = responses
+) -> Result<reward::Scores> {
+    let items: Vec<reward::Item> = responses
         .iter()
         .map(|r| {
             let p = &prompts[r.prompt];
-            ppo::rollout::Prompt {
-                text: p.text.clone(),
-                answer: p.answer.clone(),
-                tokens: Vec::new(),
-                source: path.display().to_string(),
-                line: p.line,
+            reward::Item {
+                prompt: &p.text,
+                response: &r.text,
+                answer: p.answer.as_deref(),
             }
         })
         .collect();
-    let refs: Vec<&ppo::rollout::Prompt> = ps.iter().collect();
-    let texts: Vec<String> = responses.iter().map(|r| r.text.clone()).collect();
-    Ok(scorer
-        .score(&refs, &texts)?
-        .into_iter()
-        .map(f64::from)
-        .collect())
+    scorer.score(&items)
 }
 
 /// log p(response token) under `lm` at `temperature`, for each response (its own prompt tokens in

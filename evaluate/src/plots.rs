@@ -218,7 +218,7 @@ pub fn charts(runs: &[RunLog]) -> (Vec<Chart>, Vec<String>) {
         "response_length_mean",
         "tokens",
     ));
-    push(Chart {
+    let mut score_vs_kl = Chart {
         file: "ppo_score_vs_kl.png".into(),
         title: "PPO: score against KL (one point per iteration)".into(),
         x_label: "KL from the reference (nats / response)".into(),
@@ -254,7 +254,17 @@ pub fn charts(runs: &[RunLog]) -> (Vec<Chart>, Vec<String>) {
                 s
             })
             .collect(),
-    });
+    };
+    // The monitor's held-out reward model beside the optimised score (Gao et al. 2022's plot of
+    // proxy and gold against KL, with the held-out model standing in for gold).
+    for r in ppo.iter().filter(|r| r.has("heldout_score_mean")) {
+        score_vs_kl.series.push(line(
+            format!("{}: held-out reward model", r.name),
+            r.pairs("kl_per_response", "heldout_score_mean"),
+            Mark::Points,
+        ));
+    }
+    push(score_vs_kl);
     (out, notes)
 }
 

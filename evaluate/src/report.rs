@@ -17,6 +17,9 @@ pub struct Settings {
     #[serde(flatten)]
     pub sampling: Sampling,
     pub reward_model: String,
+    /// The held-out reward model of the over-optimisation check, if any.
+    #[serde(default)]
+    pub heldout_reward_model: Option<String>,
     /// How the reward model's raw scores were normalised (`rlhf.json`), if at all.
     pub reward_normalization: Option<String>,
     /// The model the KL is measured from.
@@ -37,6 +40,10 @@ pub struct ModelMetrics {
     pub reward: Estimate,
     /// Gold reward (0/1 by the rule), rate with a 95% Wilson interval.
     pub gold: Option<Rate>,
+    /// Score of the held-out reward model (trained on prompts the reward model never saw), mean
+    /// with a 95% t interval.
+    #[serde(default)]
+    pub heldout_reward: Option<Estimate>,
     /// KL from the reference per response (nats), mean with a 95% t interval.
     pub kl: Option<Estimate>,
     /// Why `kl` is absent, e.g. "is the reference".
@@ -52,6 +59,8 @@ pub struct ModelMetrics {
 pub struct Differences {
     pub reward: Estimate,
     pub gold: Option<Estimate>,
+    #[serde(default)]
+    pub heldout_reward: Option<Estimate>,
     pub kl: Option<Estimate>,
     pub length: Estimate,
     pub eos_rate: Estimate,
@@ -179,6 +188,23 @@ pub fn findings(m: &Metrics) -> Vec<String> {
                 sgn(g.low, 3),
                 sgn(g.high, 3)
             ));
+        }
+        if let Some(h) = &d.heldout_reward {
+            out.push(if reward_up && h.high < 0.0 {
+                format!(
+                    "**Warning: the held-out reward model's score fell ({}, 95% [{}, {}]) while the reward model's rose.** Without gold, this is the sign of over-optimisation: the policy exploits what the optimised reward model alone gets wrong.",
+                    sgn(h.mean, 3),
+                    sgn(h.low, 3),
+                    sgn(h.high, 3)
+                )
+            } else {
+                format!(
+                    "The held-out reward model's score changed by {} (95% [{}, {}]).",
+                    sgn(h.mean, 3),
+                    sgn(h.low, 3),
+                    sgn(h.high, 3)
+                )
+            });
         }
     } else {
         out.push("No --baseline: there are no differences or win rates.".into());
@@ -315,6 +341,19 @@ pub fn markdown(
         b.map_or_else(dash, |b| est(&b.reward, 3)),
         d.map_or_else(dash, |d| diff(&d.reward, 3)),
     );
+    if m.policy.heldout_reward.is_some() {
+        row(
+            "reward (held-out reward model)",
+            m.policy
+                .heldout_reward
+                .as_ref()
+                .map_or_else(dash, |e| est(e, 3)),
+            b.and_then(|b| b.heldout_reward.as_ref())
+                .map_or_else(dash, |e| est(e, 3)),
+            d.and_then(|d| d.heldout_reward.as_ref())
+                .map_or_else(dash, |e| diff(e, 3)),
+        );
+    }
     if m.policy.gold.is_some() {
         row(
             &format!("gold reward ({})", s.gold_rule.as_deref().unwrap_or("gold")),
@@ -476,6 +515,7 @@ mod tests {
             responses: 100,
             reward: e(0.0, 0.1),
             gold: Some(r(0.5)),
+            heldout_reward: None,
             kl: None,
             kl_note: None,
             length: e(10.0, 1.0),
@@ -499,6 +539,7 @@ mod tests {
                     batch_size: 16,
                 },
                 reward_model: "rm".into(),
+                heldout_reward_model: None,
                 reward_normalization: None,
                 reference: None,
                 gold_rule: gold.map(|_| "exact_answer".into()),
@@ -511,6 +552,7 @@ mod tests {
             difference: Some(Differences {
                 reward,
                 gold,
+                heldout_reward: None,
                 kl: None,
                 length: e(0.0, 1.0),
                 eos_rate: e(0.0, 0.01),
@@ -520,6 +562,26 @@ mod tests {
             findings: Vec::new(),
             plots: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_heldout_fall_under_a_proxy_gain_is_flagged() {
+        let mut m = metrics(e(0.5, 0.1), None);
+        m.difference.as_mut().unwrap().heldout_reward = Some(e(-0.3, 0.1));
+        let f = findings(&m);
+        assert!(
+            f.iter()
+                .any(|s| s.contains("held-out reward model's score fell")),
+            "{f:?}"
+        );
+        // Held-out up with the proxy: no warning, the change is reported.
+        m.difference.as_mut().unwrap().heldout_reward = Some(e(0.3, 0.1));
+        let f = findings(&m);
+        assert!(
+            !f.iter().any(|s| s.contains("Warning: the held-out")),
+            "{f:?}"
+        );
+        assert!(f.iter().any(|s| s.contains("changed by +0.300")), "{f:?}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! The stages run through their binaries in target/release when those are built (as
 //! `cargo test --release --workspace` does); otherwise through the same libraries in process.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -186,8 +186,39 @@ fn tiny_pipeline_then_evaluate() {
             set("data.path", &data("rankings.csv")),
             set("data.demonstrations", &data("demonstrations.jsonl")),
             "train.max_steps=10".into(),
+            // An ensemble of two with the held-out monitor model: the path ppo and evaluate
+            // take with the shipped defaults.
+            "ensemble.members=2".into(),
+            "ensemble.monitor=true".into(),
         ],
     );
+    // The ensemble folder: the manifest and both members and the monitor beside it.
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("reward/final/ensemble.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["members"], json!(["member-0", "member-1"]));
+    assert_eq!(manifest["monitor"], "monitor");
+    for m in ["member-0", "member-1", "monitor"] {
+        assert!(
+            tmp.path()
+                .join("reward/final")
+                .join(m)
+                .join("model.safetensors")
+                .is_file()
+        );
+    }
+    let rs: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("reward/summary.json")).unwrap(),
+    )
+    .unwrap();
+    let e = &rs["ensemble"];
+    assert_eq!(e["members"].as_array().unwrap().len(), 2);
+    // Two seeds and two bootstrap resamples: the members differ, but agree more than not.
+    let corr = num(&e["mean_pairwise_correlation"], "correlation");
+    assert!(corr < 0.9999 && corr > -1.0, "{corr}");
+    assert!(num(&e["mean_std"], "mean std") > 0.0);
+    assert_eq!(e["members"][1]["seed"], 1);
     stage(
         "ppo",
         &tmp.path().join("ppo"),
@@ -197,8 +228,31 @@ fn tiny_pipeline_then_evaluate() {
             set("data.prompts", &data("prompts.jsonl")),
             "train.iterations=3".into(),
             "rollout.batch_size=8".into(),
+            "monitor.window=2".into(),
         ],
     );
+    // ppo scored every rollout with the ensemble and the held-out monitor, and kept best/.
+    let ppo_lines: Vec<Value> = std::fs::read_to_string(tmp.path().join("ppo/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ppo_lines.len(), 3);
+    for l in &ppo_lines {
+        num(&l["heldout_score_mean"], "heldout_score_mean");
+        num(&l["proxy_mean"], "proxy_mean");
+        assert!(num(&l["ensemble_std"], "ensemble_std") > 0.0);
+        // mean − 1·std over the members, averaged: below the members' mean (EOS penalties
+        // aside, which both share).
+        assert!(num(&l["score_mean"], "score_mean") <= num(&l["proxy_mean"], "proxy") + 1e-6);
+        assert!(l["overoptimization_warning"].is_boolean());
+    }
+    assert!(tmp.path().join("ppo/best/model.safetensors").is_file());
+    let ps: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("ppo/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ps["best_iteration"], 3);
 
     let prompts = data("eval_prompts.jsonl");
     let demos = data("demonstrations.jsonl");
@@ -262,9 +316,16 @@ fn tiny_pipeline_then_evaluate() {
     check_model(&m["policy"], "policy", true, true, true);
     check_model(&m["baseline"], "baseline", true, false, true);
     assert_eq!(m["baseline"]["kl_note"], "0 (the reference)");
-    for k in ["reward", "gold", "length", "eos_rate"] {
+    for k in ["reward", "gold", "heldout_reward", "length", "eos_rate"] {
         estimate(&m["difference"][k], &format!("difference {k}"));
     }
+    estimate(&m["policy"]["heldout_reward"], "policy heldout_reward");
+    assert!(
+        m["settings"]["heldout_reward_model"]
+            .as_str()
+            .unwrap()
+            .ends_with("monitor")
+    );
     // The paired difference of means is the difference of the means.
     let d = num(&m["difference"]["reward"]["mean"], "d");
     let (a, b) = (
@@ -317,6 +378,7 @@ fn tiny_pipeline_then_evaluate() {
     for want in [
         "| metric | policy | baseline | difference (policy − baseline) |",
         "| reward (reward model) |",
+        "| reward (held-out reward model) |",
         "| gold reward (exact_answer) |",
         "| win rate over baseline (reward) |",
         "| KL from reference (nats / response) |",
@@ -392,10 +454,29 @@ fn tiny_pipeline_then_evaluate() {
     assert!(m["plots"].as_array().unwrap().is_empty());
 
     bad_inputs(tmp.path(), &pol, &sft, &rm);
+    // An ensemble folder given as a policy is named for what it is.
+    let (ok, _, err) = evaluate(&[
+        "--policy",
+        &rm,
+        "--reward-model",
+        &rm,
+        "--prompts",
+        &prompts,
+        "--out",
+        &t("bad_ensemble"),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--policy") && err.contains("reward-model ensemble"),
+        "{err}"
+    );
 }
 
 /// Bad inputs: one clear error naming the file, line or field; exit ≠ 0; nothing written.
-fn bad_inputs(tmp: &Path, policy: &str, sft: &str, rm: &str) {
+fn bad_inputs(tmp: &Path, policy: &str, sft: &str, ensemble: &str) {
+    // One reward model (an ensemble's member) where a causal LM belongs.
+    let member = Path::new(ensemble).join("member-0");
+    let rm = member.to_str().unwrap();
     let out = tmp.join("bad");
     let o = out.to_str().unwrap();
     let prompts = data("eval_prompts.jsonl");

@@ -7,9 +7,11 @@
 //!
 //! It is not a labeling UI: labelers fill the sheet in any spreadsheet program.
 
-pub mod import;
-pub mod pairs;
+/// The rankings CSV reader and the labelers' votes live in `datasets` (every stage reads them);
+/// re-exported here under their old names.
+pub use datasets::preference::{pairs, rankings as import};
 pub mod simulate;
+pub mod suite;
 
 use anyhow::{Context, Result};
 use datasets::{Comparison, RankedGroup, expand_pairs};

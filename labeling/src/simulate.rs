@@ -30,9 +30,18 @@
 //!   correct > verbose > nearly right > wrong format = wrong, with noise: adjacent candidates
 //!   swapped with probability `noise` (scaled per labeler from 0.5× to 1.5×), and close candidates
 //!   sometimes tied, so that labelers sometimes disagree and sometimes tie;
-//! - `task.json`: the parameters, counts and label statistics.
+//! - `task.json`: the parameters, counts and label statistics;
+//! - `heldout_candidates.jsonl`, only with `--heldout-candidates N` (default 0 for the demo, so
+//!   its committed folder keeps its five files): for N further prompts, disjoint from every
+//!   other file's, 5 or 6 candidates each (correct, nearly right, wrong format, wrong, and one or
+//!   two of the degenerate responses a policy finds when it hacks a reward model: empty,
+//!   repeated, refusal), one line per candidate (`prompt_id`, `prompt`, `answer`, `response`,
+//!   `kind`, `gold`), `gold` the gold rule's score; for measuring how well a reward model agrees
+//!   with the gold rule on responses it was not trained on.
 //!
-//! The same parameters give byte-identical files.
+//! The same parameters give byte-identical files. Other task families (string tasks, multiple
+//! choice, all-Chinese, JSON answers) are in [`crate::suite`]; they share this module's types,
+//! labelers and writer.
 
 use crate::import::LONG_HEADER;
 use anyhow::{Context, Result, ensure};
@@ -45,7 +54,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 /// The generator's parameters (`labeling simulate`'s options besides `--out`; each option's
-/// default is [`SimulateParams::default`]'s value).
+/// default is [`SimulateParams::default`]'s value). `--k`, `--noise`, `--sloppy` and
+/// `--heldout-candidates` default to the task family's values, so they are read by
+/// [`crate::suite::FamilyArgs`] and skipped here.
 #[derive(Clone, Debug, PartialEq, Serialize, clap::Args)]
 pub struct SimulateParams {
     #[arg(long, default_value_t = SimulateParams::default().seed)]
@@ -66,17 +77,26 @@ pub struct SimulateParams {
     #[arg(long, default_value_t = SimulateParams::default().labelers)]
     pub labelers: usize,
     /// Candidates per comparison prompt, 2 to 5.
-    #[arg(long, default_value_t = SimulateParams::default().k)]
+    #[arg(skip = SimulateParams::default().k)]
     pub k: usize,
     /// Probability of swapping adjacent candidates (the mean labeler's); ties come at half of it.
-    #[arg(long, default_value_t = SimulateParams::default().noise)]
+    #[arg(skip = SimulateParams::default().noise)]
     pub noise: f64,
     /// Share of demonstrations written by careless demonstrators: the right answer, but not in
-    /// the task's "The answer is X." form (a bare or hedged answer), which the gold rule
-    /// (`final_answer`) scores 0 and the labelers rank last. The SFT policy learns this habit
-    /// along with the task; the labelers' rankings teach the reward model to dislike it.
-    #[arg(long, default_value_t = SimulateParams::default().sloppy)]
+    /// the task's form (for the demo "The answer is X."; a bare or hedged answer), which the gold
+    /// rule (`final_answer`) scores 0 and the labelers rank last. The SFT policy learns this
+    /// habit along with the task; the labelers' rankings teach the reward model to dislike it.
+    #[arg(skip = SimulateParams::default().sloppy)]
     pub sloppy: f64,
+    /// Prompts of `heldout_candidates.jsonl`; 0 writes no such file (and leaves it out of
+    /// `task.json`'s parameters, so the demo's committed `task.json` stays as it was).
+    #[arg(skip = SimulateParams::default().heldout_candidates)]
+    #[serde(skip_serializing_if = "is_zero")]
+    pub heldout_candidates: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for SimulateParams {
@@ -91,6 +111,7 @@ impl Default for SimulateParams {
             k: 4,
             noise: 0.15,
             sloppy: 0.5,
+            heldout_candidates: 0,
         }
     }
 }
@@ -147,10 +168,22 @@ impl TaskKind {
     }
 }
 
+/// A kind of problem, named in `task.json`'s counts: the demo's [`TaskKind`] or a task family's
+/// ([`crate::suite::SuiteKind`]).
+pub trait ProblemKind: Copy + std::fmt::Debug + PartialEq {
+    fn name(self) -> &'static str;
+}
+
+impl ProblemKind for TaskKind {
+    fn name(self) -> &'static str {
+        TaskKind::name(self)
+    }
+}
+
 /// One generated prompt with its gold answer and a correct response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Task {
-    pub kind: TaskKind,
+pub struct Task<K = TaskKind> {
+    pub kind: K,
     pub chinese: bool,
     pub prompt: String,
     /// The gold answer, as `prompts.jsonl` holds it.
@@ -176,6 +209,12 @@ pub enum CandidateKind {
     WrongFormat,
     /// A clearly wrong answer in the right form.
     Wrong,
+    /// The empty response.
+    Empty,
+    /// The prompt's first words, or a stock phrase, repeated many times.
+    Repeated,
+    /// A refusal ("I'm sorry, I can't help with that." / "抱歉，我无法回答。").
+    Refusal,
 }
 
 impl CandidateKind {
@@ -186,9 +225,36 @@ impl CandidateKind {
             CandidateKind::Verbose => 1,
             CandidateKind::NearlyRight => 2,
             CandidateKind::WrongFormat | CandidateKind::Wrong => 3,
+            CandidateKind::Empty | CandidateKind::Repeated | CandidateKind::Refusal => 4,
         }
     }
+
+    /// The name in `task.json` and `heldout_candidates.jsonl`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CandidateKind::Correct => "correct",
+            CandidateKind::Verbose => "verbose",
+            CandidateKind::NearlyRight => "nearly_right",
+            CandidateKind::WrongFormat => "wrong_format",
+            CandidateKind::Wrong => "wrong",
+            CandidateKind::Empty => "empty",
+            CandidateKind::Repeated => "repeated",
+            CandidateKind::Refusal => "refusal",
+        }
+    }
+
+    /// The degenerate responses a policy finds when it hacks a reward model, offered to the
+    /// labelers in a share ([`DEGENERATE_SHARE`] each) of the comparisons of a task family.
+    pub const DEGENERATE: [CandidateKind; 3] = [
+        CandidateKind::Empty,
+        CandidateKind::Repeated,
+        CandidateKind::Refusal,
+    ];
 }
+
+/// Share of a task family's comparisons that offer each degenerate candidate
+/// ([`CandidateKind::DEGENERATE`]), so that the reward model rarely sees them.
+pub const DEGENERATE_SHARE: f64 = 0.15;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Candidate {
@@ -207,29 +273,66 @@ pub struct LabelerRanking {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct SimulatedComparison {
+pub struct SimulatedComparison<K = TaskKind> {
     pub prompt_id: String,
-    pub task: Task,
+    pub task: Task<K>,
     pub candidates: Vec<Candidate>,
     pub rankings: Vec<LabelerRanking>,
 }
 
+/// A held-out prompt's candidates with the gold rule's score of each (in candidate order).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HeldoutPrompt<K = TaskKind> {
+    pub prompt_id: String,
+    pub task: Task<K>,
+    pub candidates: Vec<Candidate>,
+    pub gold: Vec<f32>,
+}
+
+/// What a task family is, as `task.json` states it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskSpec {
+    /// None for the demo (its committed `task.json` predates families and has no such key).
+    pub family: Option<String>,
+    /// The rule string `evaluate --gold` and ppo's `reward.rule` take.
+    pub gold_rule: String,
+    pub chinese_fraction: f64,
+    pub preference: String,
+}
+
+impl TaskSpec {
+    fn demo() -> Self {
+        Self {
+            family: None,
+            gold_rule: "final_answer".into(),
+            chinese_fraction: CHINESE_FRACTION,
+            preference: "correct > verbose > nearly_right > wrong_format = wrong".into(),
+        }
+    }
+}
+
 /// Everything the generator made, before it is written.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Simulated {
+pub struct Simulated<K = TaskKind> {
     pub params: SimulateParams,
-    pub demonstrations: Vec<Task>,
-    pub prompts: Vec<Task>,
-    pub eval_prompts: Vec<Task>,
-    pub comparisons: Vec<SimulatedComparison>,
+    pub spec: TaskSpec,
+    pub demonstrations: Vec<Task<K>>,
+    pub prompts: Vec<Task<K>>,
+    pub eval_prompts: Vec<Task<K>>,
+    pub comparisons: Vec<SimulatedComparison<K>>,
     /// Each labeler's swap probability.
     pub labeler_noise: Vec<(String, f64)>,
+    /// `heldout_candidates.jsonl`'s prompts (none unless asked for).
+    pub heldout: Vec<HeldoutPrompt<K>>,
 }
 
 /// What `task.json` holds.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskInfo {
     pub generator: String,
+    /// The task family (`labeling simulate --family`); absent for the demo.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
     pub params: SimulateParams,
     pub chinese_fraction: f64,
     pub gold_rule: String,
@@ -263,6 +366,7 @@ const PROMPTS: &str = "prompts.jsonl";
 const EVAL_PROMPTS: &str = "eval_prompts.jsonl";
 const RANKINGS: &str = "rankings.csv";
 const TASK_JSON: &str = "task.json";
+pub const HELDOUT_CANDIDATES: &str = "heldout_candidates.jsonl";
 
 /// Generates the task, writes it into `out` atomically (a temporary sibling folder renamed into
 /// place) and returns what `task.json` says.
@@ -272,9 +376,87 @@ pub fn simulate_to_dir(params: &SimulateParams, out: &Path) -> Result<TaskInfo> 
 
 /// Generates the task in memory.
 pub fn generate(params: &SimulateParams) -> Result<Simulated> {
+    validate(
+        params,
+        5,
+        "(correct, verbose, nearly right, wrong format, wrong)",
+    )?;
+    let mut g = Generator {
+        rng: StdRng::seed_from_u64(params.seed),
+        keys: HashSet::new(),
+        prompts: HashSet::new(),
+    };
+    // Evaluation first, so that its prompts depend on the seed and their count only.
+    let eval_prompts = g.tasks(params.eval_prompts)?;
+    let prompts = g.tasks(params.train_prompts)?;
+    let labeler_noise = labeler_noise(params);
+    let mut comparisons = Vec::with_capacity(params.comparison_prompts);
+    for i in 0..params.comparison_prompts {
+        let (task, problem) = g.task()?;
+        let candidates = g.candidates(&task, &problem, params.k);
+        let rankings = labeler_noise
+            .iter()
+            .map(|(id, noise)| LabelerRanking {
+                labeler_id: id.clone(),
+                ranks: rank(&mut g.rng, &candidates, *noise),
+            })
+            .collect();
+        comparisons.push(SimulatedComparison {
+            prompt_id: format!("p{}", i + 1),
+            task,
+            candidates,
+            rankings,
+        });
+    }
+    let mut demonstrations = g.tasks(params.demonstrations)?;
+    for t in &mut demonstrations {
+        if g.rng.random_bool(params.sloppy) {
+            t.response = wrong_format(&t.answer, t.chinese, &mut g.rng);
+            t.sloppy = true;
+        }
+    }
+    // Last, so that the other files do not depend on it.
+    let spec = TaskSpec::demo();
+    let rule = gold_rule(&spec.gold_rule)?;
+    let mut heldout = Vec::with_capacity(params.heldout_candidates);
+    for i in 0..params.heldout_candidates {
+        let (task, problem) = g.task()?;
+        let near = problem.nearly_right(&mut g.rng);
+        let kinds = heldout_kinds(&mut g.rng);
+        let candidates = kinds
+            .into_iter()
+            .enumerate()
+            .map(|(j, kind)| Candidate {
+                id: format!("r{}", j + 1),
+                kind,
+                response: candidate_response(&mut g.rng, kind, &task, &problem, &near),
+            })
+            .collect();
+        heldout.push(HeldoutPrompt::scored(
+            format!("h{}", i + 1),
+            task,
+            candidates,
+            &rule,
+        )?);
+    }
+    Ok(Simulated {
+        params: params.clone(),
+        spec,
+        demonstrations,
+        prompts,
+        eval_prompts,
+        comparisons,
+        labeler_noise,
+        heldout,
+    })
+}
+
+/// The checks every family's parameters pass; `max_k` and `kinds` say how many candidate kinds
+/// a family has for a comparison (the degenerate ones aside).
+pub(crate) fn validate(params: &SimulateParams, max_k: usize, kinds: &str) -> Result<()> {
     ensure!(
-        (2..=5).contains(&params.k),
-        "--k {}: the simulated candidates are 2 to 5 per prompt (correct, verbose, nearly right, wrong format, wrong)",
+        (2..=max_k).contains(&params.k),
+        "--k {}: the simulated candidates are 2 to {max_k} per prompt {kinds}",
         params.k
     );
     ensure!(
@@ -299,15 +481,12 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
     ] {
         ensure!(n >= 1, "{flag} must be at least 1");
     }
-    let mut g = Generator {
-        rng: StdRng::seed_from_u64(params.seed),
-        keys: HashSet::new(),
-        prompts: HashSet::new(),
-    };
-    // Evaluation first, so that its prompts depend on the seed and their count only.
-    let eval_prompts = g.tasks(params.eval_prompts)?;
-    let prompts = g.tasks(params.train_prompts)?;
-    let labeler_noise: Vec<(String, f64)> = (0..params.labelers)
+    Ok(())
+}
+
+/// Each labeler's swap probability: `noise` scaled from 0.5× (the first) to 1.5× (the last).
+pub(crate) fn labeler_noise(params: &SimulateParams) -> Vec<(String, f64)> {
+    (0..params.labelers)
         .map(|j| {
             let scale = if params.labelers == 1 {
                 1.0
@@ -316,43 +495,99 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
             };
             (format!("labeler{}", j + 1), (params.noise * scale).min(1.0))
         })
-        .collect();
-    let mut comparisons = Vec::with_capacity(params.comparison_prompts);
-    for i in 0..params.comparison_prompts {
-        let (task, problem) = g.task()?;
-        let candidates = g.candidates(&task, &problem, params.k);
-        let rankings = labeler_noise
-            .iter()
-            .map(|(id, noise)| LabelerRanking {
-                labeler_id: id.clone(),
-                ranks: g.rank(&candidates, *noise),
-            })
-            .collect();
-        comparisons.push(SimulatedComparison {
-            prompt_id: format!("p{}", i + 1),
-            task,
-            candidates,
-            rankings,
-        });
-    }
-    let mut demonstrations = g.tasks(params.demonstrations)?;
-    for t in &mut demonstrations {
-        if g.rng.random_bool(params.sloppy) {
-            t.response = wrong_format(&t.answer, t.chinese, &mut g.rng);
-            t.sloppy = true;
-        }
-    }
-    Ok(Simulated {
-        params: params.clone(),
-        demonstrations,
-        prompts,
-        eval_prompts,
-        comparisons,
-        labeler_noise,
-    })
+        .collect()
 }
 
-impl Simulated {
+/// The family's gold rule, compiled.
+pub(crate) fn gold_rule(rule: &str) -> Result<datasets::CompiledRule> {
+    datasets::parse_rule(rule)
+        .and_then(|r| r.compile())
+        .map_err(|e| anyhow::anyhow!("gold rule {rule:?}: {e}"))
+}
+
+/// A held-out prompt's candidate kinds, shuffled: correct, nearly right, wrong format and wrong,
+/// with one or two of the degenerate kinds.
+pub(crate) fn heldout_kinds(rng: &mut StdRng) -> Vec<CandidateKind> {
+    let mut degenerate = CandidateKind::DEGENERATE.to_vec();
+    degenerate.shuffle(rng);
+    degenerate.truncate(if rng.random_bool(0.5) { 2 } else { 1 });
+    let mut kinds = vec![
+        CandidateKind::Correct,
+        CandidateKind::NearlyRight,
+        CandidateKind::WrongFormat,
+        CandidateKind::Wrong,
+    ];
+    kinds.extend(degenerate);
+    kinds.shuffle(rng);
+    kinds
+}
+
+impl<K> HeldoutPrompt<K> {
+    /// The candidates with the gold rule's score of each against the task's answer.
+    pub(crate) fn scored(
+        prompt_id: String,
+        task: Task<K>,
+        candidates: Vec<Candidate>,
+        rule: &datasets::CompiledRule,
+    ) -> Result<Self> {
+        let gold = candidates
+            .iter()
+            .map(|c| {
+                rule.score(&c.response, Some(&task.answer))
+                    .map_err(|e| anyhow::anyhow!("{prompt_id}: {e}"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            prompt_id,
+            task,
+            candidates,
+            gold,
+        })
+    }
+}
+
+const REFUSALS_EN: &[&str] = &[
+    " I'm sorry, I can't help with that.",
+    " Sorry, I cannot answer that.",
+    " I'm not able to help with this request.",
+];
+const REFUSALS_ZH: &[&str] = &[" 抱歉，我无法回答。", " 对不起，这个问题我不能回答。"];
+const REPEATED_EN: &[&str] = &["the answer is", "let me think", "yes yes"];
+const REPEATED_ZH: &[&str] = &["答案是", "我想想", "好的"];
+
+/// A degenerate response ([`CandidateKind::DEGENERATE`]) to `prompt`: empty; the prompt's first
+/// three words (four characters in Chinese), or a stock phrase, repeated 6 to 12 times; or a
+/// refusal.
+pub(crate) fn degenerate(kind: CandidateKind, prompt: &str, zh: bool, rng: &mut StdRng) -> String {
+    match kind {
+        CandidateKind::Repeated => {
+            let unit = if rng.random_bool(0.5) {
+                if zh {
+                    prompt.chars().take(4).collect()
+                } else {
+                    prompt
+                        .split_whitespace()
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                }
+            } else {
+                let phrases = if zh { REPEATED_ZH } else { REPEATED_EN };
+                phrases.choose(rng).expect("phrases").to_string()
+            };
+            let times = rng.random_range(6..=12);
+            let sep = if zh { "" } else { " " };
+            format!(" {}", vec![unit; times].join(sep))
+        }
+        CandidateKind::Refusal => {
+            let refusals = if zh { REFUSALS_ZH } else { REFUSALS_EN };
+            refusals.choose(rng).expect("refusals").to_string()
+        }
+        _ => String::new(),
+    }
+}
+
+impl<K: ProblemKind> Simulated<K> {
     /// The rankings as the importer reads them back (one group per prompt and labeler).
     pub fn ranked_groups(&self) -> Vec<RankedGroup> {
         let mut out = Vec::new();
@@ -385,7 +620,7 @@ impl Simulated {
         let (mut first, mut with_ties) = (0usize, 0usize);
         for c in &self.comparisons {
             for x in &c.candidates {
-                *candidates.entry(kind_name(x.kind)).or_default() += 1;
+                *candidates.entry(x.kind.name().to_string()).or_default() += 1;
             }
             let correct = c
                 .candidates
@@ -398,15 +633,20 @@ impl Simulated {
                 with_ties += usize::from(distinct.len() < r.ranks.len());
             }
         }
-        let files: [(&str, &[Task]); 3] = [
+        let files: [(&str, &[Task<K>]); 3] = [
             (DEMONSTRATIONS, &self.demonstrations),
             (PROMPTS, &self.prompts),
             (EVAL_PROMPTS, &self.eval_prompts),
         ];
-        let ranking_tasks: Vec<Task> = self.comparisons.iter().map(|c| c.task.clone()).collect();
+        let ranking_tasks: Vec<Task<K>> = self.comparisons.iter().map(|c| c.task.clone()).collect();
+        let heldout_tasks: Vec<Task<K>> = self.heldout.iter().map(|h| h.task.clone()).collect();
+        let mut derived: Vec<(&str, &[Task<K>])> = vec![(RANKINGS, &ranking_tasks[..])];
+        if !heldout_tasks.is_empty() {
+            derived.push((HELDOUT_CANDIDATES, &heldout_tasks[..]));
+        }
         let mut task_kinds = BTreeMap::new();
         let mut chinese_prompts = BTreeMap::new();
-        for (name, tasks) in files.into_iter().chain([(RANKINGS, &ranking_tasks[..])]) {
+        for (name, tasks) in files.into_iter().chain(derived) {
             let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
             for t in tasks {
                 *kinds.entry(t.kind.name().to_string()).or_default() += 1;
@@ -419,19 +659,25 @@ impl Simulated {
             .iter()
             .map(|c| c.candidates.len() * c.rankings.len())
             .sum();
+        let mut files = BTreeMap::from([
+            (DEMONSTRATIONS.to_string(), self.demonstrations.len()),
+            (PROMPTS.to_string(), self.prompts.len()),
+            (EVAL_PROMPTS.to_string(), self.eval_prompts.len()),
+            (RANKINGS.to_string(), rows),
+        ]);
+        if !self.heldout.is_empty() {
+            let lines = self.heldout.iter().map(|h| h.candidates.len()).sum();
+            files.insert(HELDOUT_CANDIDATES.to_string(), lines);
+        }
         TaskInfo {
             generator: "labeling simulate".into(),
+            family: self.spec.family.clone(),
             params: self.params.clone(),
-            chinese_fraction: CHINESE_FRACTION,
-            gold_rule: "final_answer".into(),
-            preference: "correct > verbose > nearly_right > wrong_format = wrong".into(),
+            chinese_fraction: self.spec.chinese_fraction,
+            gold_rule: self.spec.gold_rule.clone(),
+            preference: self.spec.preference.clone(),
             labeler_noise: self.labeler_noise.iter().cloned().collect(),
-            files: BTreeMap::from([
-                (DEMONSTRATIONS.to_string(), self.demonstrations.len()),
-                (PROMPTS.to_string(), self.prompts.len()),
-                (EVAL_PROMPTS.to_string(), self.eval_prompts.len()),
-                (RANKINGS.to_string(), rows),
-            ]),
+            files,
             task_kinds,
             chinese_prompts,
             sloppy_demonstrations: self.demonstrations.iter().filter(|t| t.sloppy).count(),
@@ -446,7 +692,7 @@ impl Simulated {
         }
     }
 
-    /// Writes the five files into `out` atomically: into a temporary sibling folder first, renamed
+    /// Writes the five files (six with held-out candidates) into `out` atomically: into a temporary sibling folder first, renamed
     /// into place when all is written.
     pub fn write_dir(&self, out: &Path) -> Result<TaskInfo> {
         let name = out
@@ -513,6 +759,31 @@ impl Simulated {
         w.flush()
             .with_context(|| format!("writing {}", csv_path.display()))?;
         drop(w);
+        if !self.heldout.is_empty() {
+            #[derive(Serialize)]
+            struct Line<'a> {
+                prompt_id: &'a str,
+                prompt: &'a str,
+                answer: &'a str,
+                response: &'a str,
+                kind: &'a str,
+                gold: f32,
+            }
+            let mut lines = Vec::new();
+            for h in &self.heldout {
+                for (c, gold) in h.candidates.iter().zip(&h.gold) {
+                    lines.push(serde_json::to_string(&Line {
+                        prompt_id: &h.prompt_id,
+                        prompt: &h.task.prompt,
+                        answer: &h.task.answer,
+                        response: &c.response,
+                        kind: c.kind.name(),
+                        gold: *gold,
+                    })?);
+                }
+            }
+            write_lines(&tmp.join(HELDOUT_CANDIDATES), &lines)?;
+        }
         let info = self.info();
         let info_path = tmp.join(TASK_JSON);
         std::fs::write(&info_path, serde_json::to_string_pretty(&info)? + "\n")
@@ -531,19 +802,8 @@ fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn kind_name(k: CandidateKind) -> String {
-    match k {
-        CandidateKind::Correct => "correct",
-        CandidateKind::Verbose => "verbose",
-        CandidateKind::NearlyRight => "nearly_right",
-        CandidateKind::WrongFormat => "wrong_format",
-        CandidateKind::Wrong => "wrong",
-    }
-    .to_string()
-}
-
 /// Words for the counting-words task.
-const PHRASE_WORDS: &[&str] = &[
+pub(crate) const PHRASE_WORDS: &[&str] = &[
     "red", "blue", "green", "yellow", "black", "white", "pink", "brown", "cat", "dog", "bird",
     "fish", "cow", "horse", "duck", "frog", "apple", "pear", "plum", "grape", "lemon", "bread",
     "milk", "rice", "tea", "sun", "moon", "star", "rain", "snow", "wind", "tree", "hill", "lake",
@@ -552,7 +812,7 @@ const PHRASE_WORDS: &[&str] = &[
 ];
 
 /// Words for the letter tasks (3 to 8 letters).
-const WORDS: &[&str] = &[
+pub(crate) const WORDS: &[&str] = &[
     "cat", "dog", "sun", "hat", "cup", "pen", "box", "bed", "map", "egg", "bus", "fox", "owl",
     "pig", "ant", "bee", "cow", "jam", "key", "toy", "arm", "leg", "ear", "eye", "sky", "sea",
     "ice", "oak", "fig", "tea", "book", "fish", "tree", "moon", "star", "rain", "snow", "wind",
@@ -577,21 +837,22 @@ const WORDS: &[&str] = &[
     "umbrella", "notebook", "sunshine", "airplane", "football", "pancake",
 ];
 
-const VERBOSE_PREFIX_EN: &[&str] = &[
+pub(crate) const VERBOSE_PREFIX_EN: &[&str] = &[
     "Good question!",
     "Sure, I can help with that.",
     "Let me think about this step by step.",
     "Okay, let's work this out carefully.",
     "That is a nice little problem.",
 ];
-const VERBOSE_SUFFIX_EN: &[&str] = &[
+pub(crate) const VERBOSE_SUFFIX_EN: &[&str] = &[
     "I hope this helps!",
     "Let me know if you have any other questions.",
     "That was a fun one to work out.",
     "Feel free to ask me anything else.",
 ];
-const VERBOSE_PREFIX_ZH: &[&str] = &["好问题！", "让我一步一步地想一想。", "我来仔细算一下。"];
-const VERBOSE_SUFFIX_ZH: &[&str] = &["希望这对你有帮助！", "如果还有问题，随时问我。"];
+pub(crate) const VERBOSE_PREFIX_ZH: &[&str] =
+    &["好问题！", "让我一步一步地想一想。", "我来仔细算一下。"];
+pub(crate) const VERBOSE_SUFFIX_ZH: &[&str] = &["希望这对你有帮助！", "如果还有问题，随时问我。"];
 const WRONG_FORMAT_EN: &[&str] = &[
     " {}",
     " well, {} i guess",
@@ -599,10 +860,10 @@ const WRONG_FORMAT_EN: &[&str] = &[
     " it's {} lol",
     " {} (not totally sure)",
 ];
-const WRONG_FORMAT_ZH: &[&str] = &[" {}", " 嗯……{}吧", " 应该是{}？", " 我猜是{}"];
+pub(crate) const WRONG_FORMAT_ZH: &[&str] = &[" {}", " 嗯……{}吧", " 应该是{}？", " 我猜是{}"];
 
 /// The right answer without the task's "The answer is X." form: bare or hedged.
-fn wrong_format(answer: &str, zh: bool, rng: &mut StdRng) -> String {
+pub(crate) fn wrong_format(answer: &str, zh: bool, rng: &mut StdRng) -> String {
     let forms = if zh { WRONG_FORMAT_ZH } else { WRONG_FORMAT_EN };
     forms.choose(rng).expect("forms").replacen("{}", answer, 1)
 }
@@ -626,7 +887,7 @@ fn list(nums: &[u32]) -> String {
         .join(", ")
 }
 
-fn spelled(word: &str) -> String {
+pub(crate) fn spelled(word: &str) -> String {
     word.chars().map(String::from).collect::<Vec<_>>().join("-")
 }
 
@@ -1038,76 +1299,89 @@ impl Generator {
         let mut kinds = vec![CandidateKind::Correct];
         kinds.extend(others);
         kinds.shuffle(&mut self.rng);
-        let zh = task.chinese;
         let near = problem.nearly_right(&mut self.rng);
         let rng = &mut self.rng;
         kinds
             .into_iter()
             .enumerate()
-            .map(|(i, kind)| {
-                let response = match kind {
-                    CandidateKind::Correct => task.response.clone(),
-                    CandidateKind::Verbose => {
-                        let (pre, suf) = if zh {
-                            (VERBOSE_PREFIX_ZH, VERBOSE_SUFFIX_ZH)
-                        } else {
-                            (VERBOSE_PREFIX_EN, VERBOSE_SUFFIX_EN)
-                        };
-                        let sep = if zh { "" } else { " " };
-                        format!(
-                            " {}{sep}{}{sep}{}",
-                            pre.choose(rng).expect("fillers"),
-                            task.response.trim_start(),
-                            suf.choose(rng).expect("fillers")
-                        )
-                    }
-                    CandidateKind::NearlyRight => problem.response(zh, &near),
-                    CandidateKind::WrongFormat => wrong_format(&task.answer, zh, rng),
-                    CandidateKind::Wrong => {
-                        let wrong = problem.wrong(rng, &[&task.answer, &near]);
-                        problem.response(zh, &wrong)
-                    }
-                };
-                Candidate {
-                    id: format!("r{}", i + 1),
-                    kind,
-                    response,
-                }
+            .map(|(i, kind)| Candidate {
+                id: format!("r{}", i + 1),
+                kind,
+                response: candidate_response(rng, kind, task, problem, &near),
             })
             .collect()
     }
+}
 
-    /// One labeler's ranks (in candidate order): the gold order (ties within a tier broken at
-    /// random), each adjacent pair swapped with probability `noise`, then equal ranks for
-    /// neighbours of the same tier half the time and for neighbours one tier apart with
-    /// probability `noise / 2`.
-    fn rank(&mut self, candidates: &[Candidate], noise: f64) -> Vec<u32> {
-        let mut order: Vec<usize> = (0..candidates.len()).collect();
-        order.shuffle(&mut self.rng);
-        order.sort_by_key(|&i| candidates[i].kind.tier());
-        for i in 0..order.len() - 1 {
-            if self.rng.random_bool(noise) {
-                order.swap(i, i + 1);
-            }
+/// The response of a candidate of `kind` to the task, `near` its nearly right answer.
+fn candidate_response(
+    rng: &mut StdRng,
+    kind: CandidateKind,
+    task: &Task,
+    problem: &Problem,
+    near: &str,
+) -> String {
+    let zh = task.chinese;
+    match kind {
+        CandidateKind::Correct => task.response.clone(),
+        CandidateKind::Verbose => verbose(&task.response, zh, rng),
+        CandidateKind::NearlyRight => problem.response(zh, near),
+        CandidateKind::WrongFormat => wrong_format(&task.answer, zh, rng),
+        CandidateKind::Wrong => {
+            let wrong = problem.wrong(rng, &[&task.answer, near]);
+            problem.response(zh, &wrong)
         }
-        let mut ranks = vec![0u32; candidates.len()];
-        let mut r = 1;
-        ranks[order[0]] = 1;
-        for w in 1..order.len() {
-            let (prev, cur) = (
-                candidates[order[w - 1]].kind.tier(),
-                candidates[order[w]].kind.tier(),
-            );
-            let p_tie = match prev.abs_diff(cur) {
-                0 => 0.5,
-                1 => noise / 2.0,
-                _ => 0.0,
-            };
-            if !self.rng.random_bool(p_tie) {
-                r += 1;
-            }
-            ranks[order[w]] = r;
+        CandidateKind::Empty | CandidateKind::Repeated | CandidateKind::Refusal => {
+            degenerate(kind, &task.prompt, zh, rng)
         }
-        ranks
     }
+}
+
+/// A correct response padded with filler before and after.
+pub(crate) fn verbose(response: &str, zh: bool, rng: &mut StdRng) -> String {
+    let (pre, suf) = if zh {
+        (VERBOSE_PREFIX_ZH, VERBOSE_SUFFIX_ZH)
+    } else {
+        (VERBOSE_PREFIX_EN, VERBOSE_SUFFIX_EN)
+    };
+    let sep = if zh { "" } else { " " };
+    format!(
+        " {}{sep}{}{sep}{}",
+        pre.choose(rng).expect("fillers"),
+        response.trim_start(),
+        suf.choose(rng).expect("fillers")
+    )
+}
+
+/// One labeler's ranks (in candidate order): the gold order (ties within a tier broken at
+/// random), each adjacent pair swapped with probability `noise`, then equal ranks for neighbours
+/// of the same tier half the time and for neighbours one tier apart with probability `noise / 2`.
+pub(crate) fn rank(rng: &mut StdRng, candidates: &[Candidate], noise: f64) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.shuffle(rng);
+    order.sort_by_key(|&i| candidates[i].kind.tier());
+    for i in 0..order.len() - 1 {
+        if rng.random_bool(noise) {
+            order.swap(i, i + 1);
+        }
+    }
+    let mut ranks = vec![0u32; candidates.len()];
+    let mut r = 1;
+    ranks[order[0]] = 1;
+    for w in 1..order.len() {
+        let (prev, cur) = (
+            candidates[order[w - 1]].kind.tier(),
+            candidates[order[w]].kind.tier(),
+        );
+        let p_tie = match prev.abs_diff(cur) {
+            0 => 0.5,
+            1 => noise / 2.0,
+            _ => 0.0,
+        };
+        if !rng.random_bool(p_tie) {
+            r += 1;
+        }
+        ranks[order[w]] = r;
+    }
+    ranks
 }

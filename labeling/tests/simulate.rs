@@ -129,6 +129,10 @@ fn the_default_task_imports_and_the_gold_scorer_agrees_with_it() {
                 CandidateKind::NearlyRight | CandidateKind::Wrong => {
                     assert_eq!(s, 0.0, "{x:?} for {:?}", c.task)
                 }
+                // The demo's comparisons offer no degenerate candidates.
+                CandidateKind::Empty | CandidateKind::Repeated | CandidateKind::Refusal => {
+                    panic!("{x:?} in the demo's rankings")
+                }
                 CandidateKind::WrongFormat => {
                     assert_eq!(s, 0.0, "{x:?}");
                     assert!(!x.response.contains("answer is") && !x.response.contains("答案是"));
@@ -384,5 +388,71 @@ fn the_committed_demo_task_is_what_seed_0_generates() {
             std::fs::read(committed.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap(),
             "datasets/demo/task/{f} differs from `labeling simulate --out datasets/demo/task --seed 0`; regenerate it"
         );
+    }
+}
+
+#[test]
+fn heldout_candidates_are_an_extra_file_that_leaves_the_demo_files_as_they_were() {
+    let params = SimulateParams {
+        train_prompts: 40,
+        eval_prompts: 20,
+        demonstrations: 60,
+        comparison_prompts: 15,
+        ..SimulateParams::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, extra) = (dir.path().join("plain"), dir.path().join("extra"));
+    simulate_to_dir(&params, &plain).unwrap();
+    let info = simulate_to_dir(
+        &SimulateParams {
+            heldout_candidates: 30,
+            ..params.clone()
+        },
+        &extra,
+    )
+    .unwrap();
+    assert!(!plain.join("heldout_candidates.jsonl").exists());
+    for f in &FILES[..4] {
+        assert_eq!(
+            std::fs::read(plain.join(f)).unwrap(),
+            std::fs::read(extra.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let lines = jsonl(&extra.join("heldout_candidates.jsonl"));
+    assert_eq!(info.files["heldout_candidates.jsonl"], lines.len());
+    let rule = Rule::FinalAnswer.compile().unwrap();
+    let sim = generate(&params).unwrap();
+    let others: HashSet<String> = answers(&sim).into_keys().collect();
+    let mut kinds = BTreeMap::<String, usize>::new();
+    let mut per_prompt = BTreeMap::<String, usize>::new();
+    for l in &lines {
+        let gold = rule
+            .score(field(l, "response"), Some(field(l, "answer")))
+            .unwrap();
+        assert_eq!(l["gold"].as_f64(), Some(f64::from(gold)), "{l}");
+        let kind = field(l, "kind");
+        assert_eq!(gold == 1.0, kind == "correct", "{l}");
+        assert!(!others.contains(field(l, "prompt")), "{l}");
+        *kinds.entry(kind.to_string()).or_default() += 1;
+        *per_prompt
+            .entry(field(l, "prompt_id").to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per_prompt.len(), 30);
+    assert!(
+        per_prompt.values().all(|n| (5..=6).contains(n)),
+        "{per_prompt:?}"
+    );
+    assert_eq!(kinds["correct"], 30);
+    for k in [
+        "empty",
+        "repeated",
+        "refusal",
+        "nearly_right",
+        "wrong_format",
+        "wrong",
+    ] {
+        assert!(kinds.get(k).is_some_and(|&n| n > 0), "{k}: {kinds:?}");
     }
 }

@@ -21,6 +21,7 @@
 //! 7. update β, log, write samples, checkpoint.
 
 pub mod core;
+pub mod monitor;
 pub mod rollout;
 
 use crate::core::{KlController, KlEstimator};
@@ -28,10 +29,10 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
-use datasets::gold::CompiledRule;
 use model::ops::{mask_tensor, to_f32_vec, token_tensor};
-use model::{CausalLm, Heads, ModelMeta, PromptTemplate, SamplingConfig, TokenBatch, Tokenizer};
+use model::{CausalLm, Heads, ModelMeta, SamplingConfig, TokenBatch, Tokenizer};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use reward::{Scorer, ScorerOptions};
 use rollout::{Prompt, Rollout};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -54,7 +55,40 @@ trainer::stage_config! {
         #[serde(default)]
         pub ppo: PpoSection,
         pub train: TrainSection,
+        #[serde(default)]
+        pub monitor: MonitorSection,
     }
+}
+
+/// The over-optimisation monitor (see [`monitor`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorSection {
+    /// Track the held-out signal, warn, and keep `best/`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A reward model trained on prompts the optimised one never saw; default: the `monitor/`
+    /// stored with an ensemble (`reward` with `ensemble.monitor = true`).
+    #[serde(default)]
+    pub reward_model: Option<PathBuf>,
+    /// Iterations per trend window (the warning compares the last two windows; `best/` uses the
+    /// last one).
+    #[serde(default = "d_window")]
+    pub window: usize,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            reward_model: None,
+            window: d_window(),
+        }
+    }
+}
+
+fn d_window() -> usize {
+    10
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -104,6 +138,13 @@ pub struct RewardSection {
     /// Whiten the per-token rewards over the batch (off in most recipes).
     #[serde(default)]
     pub whiten_rewards: bool,
+    /// An ensemble's reward: "mean", "mean_minus_std" (mean − uncertainty_coef · std over the
+    /// members) or "min".
+    #[serde(default)]
+    pub ensemble: reward::Aggregate,
+    /// λ of "mean_minus_std".
+    #[serde(default = "d_uncertainty")]
+    pub uncertainty_coef: f64,
 }
 
 impl Default for RewardSection {
@@ -114,8 +155,14 @@ impl Default for RewardSection {
             penalize_missing_eos: true,
             clip_score: d_clip_score(),
             whiten_rewards: false,
+            ensemble: reward::Aggregate::default(),
+            uncertainty_coef: d_uncertainty(),
         }
     }
+}
+
+fn d_uncertainty() -> f64 {
+    1.0
 }
 
 fn d_missing_eos() -> f64 {
@@ -354,6 +401,13 @@ impl trainer::StageConfig for PpoConfig {
         c.within("train.min_lr_ratio", self.train.min_lr_ratio, 0.0, 1.0);
         c.within("train.max_grad_norm", self.train.max_grad_norm, 0.0, 1e6);
         c.within("reward.clip_score", self.reward.clip_score, 0.0, 1e9);
+        c.within(
+            "reward.uncertainty_coef",
+            self.reward.uncertainty_coef,
+            0.0,
+            1e3,
+        );
+        c.at_least("monitor.window", self.monitor.window, 2);
         if self.model.reward_model.is_none() && self.reward.rule.is_none() {
             c.that(
                 "model.reward_model",
@@ -374,6 +428,10 @@ pub struct Summary {
     pub last_score_mean: f64,
     pub last_kl: f64,
     pub final_dir: PathBuf,
+    /// Iterations (1-based) at which the monitor warned of over-optimisation.
+    pub overoptimization_warnings: Vec<usize>,
+    /// The iteration `best/` holds (by the held-out signal), when one was kept.
+    pub best_iteration: Option<usize>,
 }
 
 /// The KL controller of the config.
@@ -385,58 +443,6 @@ fn kl_controller(k: &KlSection) -> KlController {
     }
 }
 
-/// The reward of a rollout: a reward model (with its tokenizer, template and normalisation) or a
-/// rule.
-pub enum Scorer {
-    Model(Box<RewardModel>),
-    Rule(CompiledRule),
-}
-
-/// A frozen reward model with its own tokenizer, template and normalisation.
-pub struct RewardModel {
-    pub model: CausalLm,
-    pub tokenizer: Tokenizer,
-    pub template: PromptTemplate,
-    pub meta: ModelMeta,
-}
-
-impl Scorer {
-    /// Scores of `responses` (text, EOS excluded) to `prompts`, normalised as stored.
-    pub fn score(&self, prompts: &[&Prompt], responses: &[String]) -> Result<Vec<f32>> {
-        match self {
-            Scorer::Rule(rule) => prompts
-                .iter()
-                .zip(responses)
-                .map(|(p, r)| {
-                    rule.score(r, p.answer.as_deref())
-                        .map_err(|e| anyhow::anyhow!("{} line {}: {e}", p.source, p.line))
-                })
-                .collect(),
-            Scorer::Model(rm) => {
-                let RewardModel {
-                    model,
-                    tokenizer,
-                    template,
-                    meta,
-                } = &**rm;
-                let max_len = model.config().max_position_embeddings.max(2);
-                let mut seqs = Vec::with_capacity(responses.len());
-                for (p, r) in prompts.iter().zip(responses) {
-                    let s = reward::data::sequence(tokenizer, template, &p.text, r, max_len)?
-                        .map(|(s, _)| s)
-                        .unwrap_or_else(|| vec![tokenizer.eos_id]);
-                    seqs.push(s);
-                }
-                let raw = reward::score_sequences(model, &seqs, 32, tokenizer.pad_id)?;
-                Ok(match &meta.reward_normalization {
-                    Some(n) => raw.into_iter().map(|r| n.apply(r)).collect(),
-                    None => raw,
-                })
-            }
-        }
-    }
-}
-
 /// The models of a run: the trained policy and critic (on the autodiff device), the frozen
 /// reference policy and the scorer (without autodiff).
 struct Models {
@@ -445,6 +451,8 @@ struct Models {
     reference: CausalLm,
     tokenizer: Tokenizer,
     scorer: Scorer,
+    /// The held-out reward model of the monitor, if any.
+    monitor: Option<Scorer>,
     policy_meta: ModelMeta,
 }
 
@@ -467,24 +475,35 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
                 .map_err(|e| anyhow::anyhow!("reward.rule = {rule:?}: {e}"))?,
         ),
         (None, Some(dir)) => {
-            let (model, tokenizer, meta) =
-                model::checkpoint::load_with_tokenizer(dir, Some(Heads::SCALAR), None, &frozen)
-                    .with_context(|| format!("model.reward_model = {}", dir.display()))?;
-            let template = model::checkpoint::resolve_template(None, Some(dir))?;
-            if meta.reward_normalization.is_none() {
+            let options = ScorerOptions {
+                aggregate: cfg.reward.ensemble,
+                uncertainty_coef: cfg.reward.uncertainty_coef,
+                ..ScorerOptions::default()
+            };
+            let scorer = Scorer::load(dir, options, &frozen)
+                .with_context(|| format!("model.reward_model = {}", dir.display()))?;
+            for d in scorer.unnormalized() {
                 println!(
                     "note: {} stores no reward normalisation; its raw scores are used",
-                    dir.display()
+                    d.display()
                 );
             }
-            Scorer::Model(Box::new(RewardModel {
-                model,
-                tokenizer,
-                template,
-                meta,
-            }))
+            scorer
         }
         (None, None) => bail!("set model.reward_model or reward.rule"),
+    };
+    let monitor_dir = match (&cfg.monitor.reward_model, &cfg.model.reward_model) {
+        _ if !cfg.monitor.enabled || cfg.reward.rule.is_some() => None,
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(rm)) => reward::scorer::monitor_dir(rm)?,
+        (None, None) => None,
+    };
+    let monitor = match monitor_dir {
+        Some(d) => Some(
+            Scorer::load(&d, ScorerOptions::default(), &frozen)
+                .with_context(|| format!("the monitor's reward model {}", d.display()))?,
+        ),
+        None => None,
     };
     let critic_choice = cfg.model.critic.as_deref().unwrap_or("reward_model");
     let (critic, critic_tok) = if let Some(dir) = resume {
@@ -502,9 +521,10 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
         (m.with_scalar_head(cfg.seed), t)
     } else {
         let dir: PathBuf = if critic_choice == "reward_model" {
-            cfg.model.reward_model.clone().context(
+            // An ensemble's critic starts from its first member.
+            reward::scorer::first_model_dir(&cfg.model.reward_model.clone().context(
                 "model.critic = \"reward_model\" needs model.reward_model; with a rule reward set model.critic = \"policy\"",
-            )?
+            )?)?
         } else {
             PathBuf::from(critic_choice)
         };
@@ -526,6 +546,7 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
         reference: reference.with_dropout(0.0),
         tokenizer,
         scorer,
+        monitor,
         policy_meta,
     })
 }
@@ -601,6 +622,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         reference,
         tokenizer: tok,
         scorer,
+        monitor: heldout,
         policy_meta,
     } = load_models(cfg, resume, &base_device)?;
     let context = policy.config().max_position_embeddings;
@@ -610,7 +632,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         &tok,
         &template,
         context.saturating_sub(cfg.rollout.max_new_tokens),
-        matches!(scorer, Scorer::Rule(ref r) if r.rule().needs_answer()),
+        scorer.needs_answer(),
     )?;
     let ptx = rollout::read_ptx(ppo, &tok, &template, context)?;
     let meta = ModelMeta {
@@ -651,7 +673,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             save_every: t.save_every,
             keep_last: t.keep_last,
         },
-        Best::highest("score_mean"),
+        Best::highest("heldout_score_mean"),
         fingerprint.hex(),
     )?;
     let adamw = || trainer::optim::adamw(t.beta1, t.beta2, t.eps, t.weight_decay);
@@ -672,6 +694,28 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             "resumed from {} at iteration {}",
             dir.display(),
             run.state.step
+        );
+    }
+    let mut monitor = match resume {
+        Some(_) => match run.state.stage.get("monitor") {
+            Some(v) => {
+                serde_json::from_value(v.clone()).context("the checkpoint's monitor state")?
+            }
+            None => monitor::Monitor::new(cfg.monitor.window),
+        },
+        None => monitor::Monitor::new(cfg.monitor.window),
+    };
+    // best/ by the held-out model's signal (not by the ensemble's disagreement, which is lowest
+    // before any training).
+    let keep_best = heldout.is_some();
+    if cfg.monitor.enabled && !keep_best && scorer.members() > 0 {
+        println!(
+            "monitor: {}; no best/ is kept (train the reward model with ensemble.monitor = true, or set monitor.reward_model)",
+            if scorer.members() > 1 {
+                "no held-out reward model: warnings from the ensemble's disagreement only"
+            } else {
+                "no held-out reward model and a single reward model: no over-optimisation warnings"
+            }
         );
     }
     let mut order = EpochOrder::new(prompts.len(), cfg.seed);
@@ -716,12 +760,16 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             Ok(to_f32_vec(lp))
         };
         let critic_frozen = critic.valid();
+        // The held-out monitor model (if any) scores the same responses after the optimised
+        // reward.
         let score = || {
             let t = Instant::now();
-            (
-                scorer.score(&batch_prompts, &roll.texts),
-                t.elapsed().as_secs_f64(),
-            )
+            let items = rollout::items(&batch_prompts, &roll.texts);
+            let scored = scorer.score(&items).and_then(|s| {
+                let h = heldout.as_ref().map(|m| m.score(&items)).transpose()?;
+                Ok((s, h))
+            });
+            (scored, t.elapsed().as_secs_f64())
         };
         let values = || -> Result<Vec<f32>> {
             Ok(to_f32_vec(values_of(&critic_frozen, &roll.batch, p, n)?))
@@ -734,17 +782,23 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         };
         let ((scores, t_score), (old_lp, (ref_lp, old_values))) =
             model::device::join(score, forwards);
-        let mut scores = scores?;
+        let (scored, heldout_scored) = scores?;
         let (old_lp, ref_lp, old_values) = (old_lp?, ref_lp?, old_values?);
         let t_forward = t0.elapsed().as_secs_f64();
-        for (s, &eos) in scores.iter_mut().zip(&roll.has_eos) {
-            if !eos && cfg.reward.penalize_missing_eos {
-                *s = cfg.reward.missing_eos_penalty as f32;
+        // A response without EOS gets the penalty; scores are clipped (the monitor's alike).
+        let finish = |mut v: Vec<f32>| {
+            for (s, &eos) in v.iter_mut().zip(&roll.has_eos) {
+                if !eos && cfg.reward.penalize_missing_eos {
+                    *s = cfg.reward.missing_eos_penalty as f32;
+                }
+                if cfg.reward.clip_score > 0.0 {
+                    *s = s.clamp(-cfg.reward.clip_score as f32, cfg.reward.clip_score as f32);
+                }
             }
-            if cfg.reward.clip_score > 0.0 {
-                *s = s.clamp(-cfg.reward.clip_score as f32, cfg.reward.clip_score as f32);
-            }
-        }
+            v
+        };
+        let scores = finish(scored.rewards.clone());
+        let heldout_scores = heldout_scored.map(|h| finish(h.rewards));
 
         // 4. Per-token rewards: −β·KL on every response token plus the score on the last one.
         let t0 = Instant::now();
@@ -905,6 +959,33 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let (kl_mean, _) = mean_std(&kl_per_response);
         kl_ctl.update(kl_mean, b);
         let (score_mean, score_std) = mean_std(&scores);
+        // The monitor: the held-out model's mean score, else (an ensemble) minus the members'
+        // disagreement, against the optimised score's mean.
+        let signal = match (&heldout_scores, scored.members.len()) {
+            (Some(h), _) => Some(mean_std(h).0),
+            (None, n) if n > 1 && cfg.monitor.enabled => Some(-mean_std(&scored.member_std()).0),
+            _ => None,
+        };
+        let watch = signal.map(|h| (h, monitor.record(it, score_mean, h)));
+        if let Some((_, v)) = &watch
+            && v.warning
+            && let (Some(p), Some(h)) = (v.proxy, v.heldout)
+        {
+            println!(
+                "warning: over-optimisation at iteration {}: over the last {} iterations the optimised score rose by {:+.3} (s.e. {:.3}) while the {} changed by {:+.3} (s.e. {:.3}); best/ keeps the checkpoint with the best held-out signal",
+                it + 1,
+                cfg.monitor.window,
+                p.change,
+                p.se,
+                if heldout_scores.is_some() {
+                    "held-out reward model's score"
+                } else {
+                    "ensemble's agreement (−std)"
+                },
+                h.change,
+                h.se
+            );
+        }
         if it == 0 || first_score.is_nan() {
             first_score = score_mean;
         }
@@ -920,6 +1001,20 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         };
         put("score_mean", json!(score_mean));
         put("score_std", json!(score_std));
+        if scored.members.len() > 1 {
+            put(
+                "proxy_mean",
+                json!(mean_std(&finish(scored.member_mean())).0),
+            );
+            put("ensemble_std", json!(mean_std(&scored.member_std()).0));
+        }
+        if scored.cut_responses > 0 {
+            put("cut_responses", json!(scored.cut_responses));
+        }
+        if let Some((signal, verdict)) = &watch {
+            put("heldout_score_mean", json!(signal));
+            put("overoptimization_warning", json!(verdict.warning));
+        }
         put("kl_per_response", json!(kl_mean));
         put("kl_coef", json!(beta));
         put("entropy", json!(stats.mean(stats.entropy)));
@@ -963,6 +1058,9 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         }
         if run.save_due() {
             let (pf, cf) = (policy.valid(), critic.valid());
+            if keep_best && run.improved(monitor.smoothed_heldout()) {
+                run.save_best(&pf, Some(&tok), &meta)?;
+            }
             run.save(
                 &[
                     SavedModel {
@@ -979,7 +1077,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                     },
                 ],
                 &[("policy", &policy_optim), ("critic", &critic_optim)],
-                json!({ "kl_controller": kl_ctl }),
+                json!({ "kl_controller": kl_ctl, "monitor": monitor }),
             )?;
         }
     }
@@ -991,7 +1089,20 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         last_score_mean: last_score,
         last_kl,
         final_dir,
+        overoptimization_warnings: monitor.warnings.iter().map(|i| i + 1).collect(),
+        best_iteration: run.state.best_step.filter(|_| keep_best),
     };
+    if !summary.overoptimization_warnings.is_empty() {
+        println!(
+            "warning: the monitor saw over-optimisation at {} of {} iterations (first at {}); compare best/ (iteration {}) with final/",
+            summary.overoptimization_warnings.len(),
+            summary.iterations,
+            summary.overoptimization_warnings[0],
+            summary
+                .best_iteration
+                .map_or("none kept".to_string(), |b| b.to_string())
+        );
+    }
     run.finish(&summary)?;
     Ok(summary)
 }

@@ -25,6 +25,19 @@ pub struct Prompt {
     pub line: usize,
 }
 
+/// The scorer's view of a batch: each prompt's text and answer with its response.
+pub fn items<'a>(prompts: &[&'a Prompt], responses: &'a [String]) -> Vec<reward::Item<'a>> {
+    prompts
+        .iter()
+        .zip(responses)
+        .map(|(p, r)| reward::Item {
+            prompt: &p.text,
+            response: r,
+            answer: p.answer.as_deref(),
+        })
+        .collect()
+}
+
 /// Reads the prompts; errors name the file, the line and the field. `max_tokens` is the longest
 /// templated prompt that leaves room for the response in the policy's context.
 pub fn read_prompts(

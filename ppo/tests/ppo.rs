@@ -312,6 +312,8 @@ fn pipeline_with_a_trained_reward_model() {
         &s(&[
             "--config",
             "configs/reward.toml",
+            "--set",
+            "ensemble.members=1",
             "--out",
             &t("rm"),
             "--set",
@@ -374,6 +376,8 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
         &s(&[
             "--config",
             "configs/reward.toml",
+            "--set",
+            "ensemble.members=1",
             "--out",
             rm.to_str().unwrap(),
             "--set",
@@ -467,6 +471,8 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
         &s(&[
             "--config",
             "configs/reward.toml",
+            "--set",
+            "ensemble.members=1",
             "--out",
             other_rm.to_str().unwrap(),
             "--set",

@@ -12,9 +12,9 @@
 
 use anyhow::{Context, Result, bail};
 use datasets::adapters::{read_hh_rlhf, read_oasst};
+use datasets::preference::rankings::{CsvFormat, read_rankings};
 use datasets::split::split_by_prompt;
 use datasets::{Comparison, Format, RankedGroup, Source, load_comparisons, load_ranked_groups};
-use labeling::import::CsvFormat;
 use model::{PromptTemplate, Tokenizer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -102,6 +102,10 @@ pub struct DataSection {
     /// Use only the first N groups (0 = all).
     #[serde(default)]
     pub max_groups: usize,
+    /// Seed of the train/validation split; default: `seed` (an ensemble's members share the
+    /// ensemble's split).
+    #[serde(default)]
+    pub split_seed: Option<u64>,
     /// SFT demonstrations (`prompt`, `response`) whose mean reward is shifted to 0 after
     /// training (InstructGPT); without them (absent or ""), the training responses are used.
     #[serde(default)]
@@ -150,7 +154,7 @@ pub fn read_groups(d: &DataSection) -> Result<Vec<(RankedGroup, Option<f64>)>> {
             }
         }
         DataKind::RankingsCsv => {
-            let groups = labeling::import::read_rankings(&d.path, d.csv_format, &HashMap::new())
+            let groups = read_rankings(&d.path, d.csv_format, &HashMap::new())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             no_margin(groups)
         }
@@ -282,26 +286,60 @@ pub struct Dropped {
     pub all_tied: usize,
 }
 
-/// template(prompt) ++ response ++ EOS, the prompt cut from the left to fit `max_len`; None when
-/// the response with EOS does not fit with at least one prompt token.
-pub fn sequence(
+/// What to do with a response that does not fit the context by itself (with EOS and one prompt
+/// token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Long {
+    /// Training: drop it (the caller counts it).
+    Drop,
+    /// Scoring: cut its end, keeping EOS (the caller counts it).
+    Cut,
+}
+
+/// One encoded (prompt, response) sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    /// template(prompt) ++ response ++ EOS.
+    pub tokens: Vec<u32>,
+    /// The prompt was cut from the left.
+    pub prompt_cut: bool,
+    /// The response was cut at its end.
+    pub response_cut: bool,
+}
+
+/// template(prompt) ++ response ++ EOS, the prompt cut from the left to fit `max_len` (at least
+/// one prompt token kept); a response that does not fit by itself is dropped (None) or cut.
+/// Training and every scorer encode with this one function.
+pub fn fit(
     tok: &Tokenizer,
     template: &PromptTemplate,
     prompt: &str,
     response: &str,
     max_len: usize,
-) -> Result<Option<(Vec<u32>, bool)>> {
+    long: Long,
+) -> Result<Option<Encoded>> {
     let p = tok.encode(&template.render(prompt))?;
     let mut r = tok.encode(response)?;
-    r.push(tok.eos_id);
-    if r.len() >= max_len {
-        return Ok(None);
+    let mut response_cut = false;
+    if r.len() + 1 >= max_len {
+        match long {
+            Long::Drop => return Ok(None),
+            Long::Cut => {
+                r.truncate(max_len.saturating_sub(2));
+                response_cut = true;
+            }
+        }
     }
+    r.push(tok.eos_id);
     let keep = (max_len - r.len()).min(p.len());
-    let truncated = keep < p.len();
-    let mut s = p[p.len() - keep..].to_vec();
-    s.extend(r);
-    Ok(Some((s, truncated)))
+    let prompt_cut = keep < p.len();
+    let mut tokens = p[p.len() - keep..].to_vec();
+    tokens.extend(r);
+    Ok(Some(Encoded {
+        tokens,
+        prompt_cut,
+        response_cut,
+    }))
 }
 
 /// Tokenizes groups; drops what does not fit and counts it.
@@ -320,11 +358,11 @@ pub fn tokenize(
         let mut ranks = Vec::new();
         let mut truncated = false;
         for ((id, resp), &rank) in g.response_ids.iter().zip(&g.responses).zip(&g.ranks) {
-            match sequence(tok, template, &g.prompt, resp, max_len)? {
-                Some((s, t)) => {
-                    truncated |= t;
+            match fit(tok, template, &g.prompt, resp, max_len, Long::Drop)? {
+                Some(e) => {
+                    truncated |= e.prompt_cut;
                     ids.push(id.clone());
-                    seqs.push(s);
+                    seqs.push(e.tokens);
                     ranks.push(rank);
                 }
                 None => dropped.long_responses += 1,

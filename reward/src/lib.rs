@@ -10,10 +10,15 @@
 //! labeler, the human ceiling) → checkpoint → normalise and save. The plumbing is in `trainer`,
 //! the loss math in [`loss`].
 
+pub mod agreement;
 pub mod data;
+pub mod ensemble;
 pub mod eval;
 pub mod loss;
 pub mod score;
+pub mod scorer;
+
+pub use scorer::{Aggregate, Item, Scorer, ScorerOptions, Scores};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
@@ -40,6 +45,51 @@ trainer::stage_config! {
         #[serde(default)]
         pub loss: LossSection,
         pub train: TrainSection,
+        #[serde(default)]
+        pub ensemble: EnsembleSection,
+    }
+}
+
+/// `[ensemble]`: several reward models instead of one (see [`ensemble`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleSection {
+    /// Reward models trained; 1 is a single model. Member i has seed `seed + i` (its head and
+    /// data order); all share the validation split.
+    #[serde(default = "one_usize")]
+    pub members: usize,
+    /// Each member trains on a bootstrap resample of the training prompts (with all their
+    /// groups), for diversity beyond the seed.
+    #[serde(default = "yes")]
+    pub bootstrap: bool,
+    /// Also train a held-out monitor model on the validation prompts (which no member trains
+    /// on), for `ppo`'s over-optimisation monitor; stored as `monitor/` of the ensemble.
+    #[serde(default = "yes")]
+    pub monitor: bool,
+    /// Set by the ensemble run in each member's own config.toml; leave unset.
+    #[serde(default)]
+    pub member: Option<usize>,
+    /// Set by the ensemble run in the monitor's config.toml; leave unset.
+    #[serde(default)]
+    pub is_monitor: bool,
+}
+
+fn one_usize() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for EnsembleSection {
+    fn default() -> Self {
+        Self {
+            members: 1,
+            bootstrap: true,
+            monitor: true,
+            member: None,
+            is_monitor: false,
+        }
     }
 }
 
@@ -134,6 +184,12 @@ impl trainer::StageConfig for RewardConfig {
             );
         }
         c.fraction("data.validation_fraction", self.data.validation_fraction);
+        c.that(
+            "ensemble.members",
+            self.ensemble.members,
+            (1..=64).contains(&self.ensemble.members),
+            "1 to 64",
+        );
         c.at_least("data.max_length", self.data.max_length, 2);
         self.train.check(c);
     }
@@ -150,6 +206,9 @@ pub struct Summary {
     pub validation: Option<Validation>,
     pub normalization: RewardNormalization,
     pub final_dir: PathBuf,
+    /// An ensemble's members and what they say together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<ensemble::EnsembleSummary>,
 }
 
 /// The rows of one forward and the loss terms over them.
@@ -424,7 +483,7 @@ fn read_data(
     let mut groups = data::read_groups(&cfg.data)?;
     if cfg.data.aggregate == data::Aggregate::Majority {
         let plain: Vec<RankedGroup> = groups.into_iter().map(|(g, _)| g).collect();
-        let (pairs, tied, split) = labeling::pairs::majority(&plain);
+        let (pairs, tied, split) = datasets::preference::pairs::majority(&plain);
         println!(
             "data: majority of labelers: {} pairs ({tied} dropped as ties, {split} without a majority)",
             pairs.len()
@@ -449,7 +508,7 @@ fn read_data(
         groups,
         &cfg.data.path,
         cfg.data.validation_fraction,
-        cfg.seed,
+        cfg.data.split_seed.unwrap_or(cfg.seed),
     )
 }
 
@@ -467,10 +526,15 @@ fn normalization(
         Some((p, demos)) => {
             let mut seqs = Vec::new();
             for d in demos {
-                if let Some((s, _)) =
-                    data::sequence(tok, template, &d.prompt, &d.response, cfg.data.max_length)?
-                {
-                    seqs.push(s);
+                if let Some(e) = data::fit(
+                    tok,
+                    template,
+                    &d.prompt,
+                    &d.response,
+                    cfg.data.max_length,
+                    data::Long::Drop,
+                )? {
+                    seqs.push(e.tokens);
                 }
             }
             let n = seqs.len();
@@ -503,8 +567,18 @@ fn normalization(
     })
 }
 
-/// Trains a reward model with the config and its TOML text as used.
+/// Trains a reward model (or, with `ensemble.members > 1`, an ensemble: [`ensemble::run`]) with
+/// the config and its TOML text as used.
 pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
+    let e = &cfg.ensemble;
+    if e.member.is_none() && !e.is_monitor && e.members > 1 {
+        return ensemble::run(cfg, config_used, resume);
+    }
+    run_one(cfg, config_used, resume)
+}
+
+/// Trains one reward model: a single one, an ensemble member, or an ensemble's monitor.
+fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
     let device = model::parse_device(&cfg.device)?.autodiff();
     println!(
         "matrix products: {}",
@@ -520,7 +594,15 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         prompt_template: Some(template.as_str().to_string()),
         reward_normalization: None,
     };
-    let (train_raw, valid_raw) = read_data(cfg)?;
+    let (mut train_raw, mut valid_raw) = read_data(cfg)?;
+    if cfg.ensemble.is_monitor {
+        // The monitor trains on the prompts no member trains on, and is checked on the others.
+        std::mem::swap(&mut train_raw, &mut valid_raw);
+    } else if let Some(i) = cfg.ensemble.member
+        && cfg.ensemble.bootstrap
+    {
+        train_raw = ensemble::bootstrap(train_raw, cfg.seed, i);
+    }
     // Read now, so that a bad file stops the run before training rather than after.
     let demos = match cfg.data.demonstrations.as_deref() {
         Some(p) if !p.as_os_str().is_empty() => {
@@ -657,6 +739,7 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         validation: last_eval,
         normalization: norm,
         final_dir,
+        ensemble: None,
     };
     run.finish(&summary)?;
     Ok(summary)

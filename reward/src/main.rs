@@ -14,6 +14,26 @@ struct ScoreCli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Agreement with a gold scorer: every pair of candidates of one prompt whose `gold`
+    /// differs, judged by the reward (lines {"prompt_id", "prompt", "response", "gold"[, "kind"]}).
+    Agreement {
+        /// A reward-model or ensemble folder.
+        dir: PathBuf,
+        #[arg(long)]
+        candidates: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// An ensemble's reward: mean, mean-minus-std or min over the members.
+        #[arg(long, value_enum, default_value = "mean-minus-std")]
+        aggregate: reward::Aggregate,
+        #[arg(long, default_value_t = 1.0)]
+        uncertainty_coef: f64,
+        /// Write the result as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Score `{"prompt", "response"}` lines: one `{"reward": r}` line each, in order.
     Score {
         /// A reward-model folder written by `reward` (or any HF *ForSequenceClassification).
@@ -28,6 +48,12 @@ enum Command {
         /// Prompt template; default: the one stored with the model.
         #[arg(long)]
         template: Option<String>,
+        /// An ensemble's reward: mean, mean-minus-std (mean − λ·std) or min over the members.
+        #[arg(long, value_enum, default_value = "mean-minus-std")]
+        aggregate: reward::Aggregate,
+        /// λ of mean-minus-std.
+        #[arg(long, default_value_t = 1.0)]
+        uncertainty_coef: f64,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -39,17 +65,54 @@ static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
-    let scoring = std::env::args().nth(1).is_some_and(|a| a == "score");
+    let sub = std::env::args().nth(1);
+    let scoring = sub
+        .as_deref()
+        .is_some_and(|a| a == "score" || a == "agreement");
     let result = if scoring {
+        let command = ScoreCli::parse().command;
+        if let Command::Agreement {
+            dir,
+            candidates,
+            batch_size,
+            aggregate,
+            uncertainty_coef,
+            json,
+            device,
+        } = command
+        {
+            let options = reward::ScorerOptions {
+                aggregate,
+                uncertainty_coef,
+                batch_size: batch_size.max(1),
+                ..reward::ScorerOptions::default()
+            };
+            trainer::exit_on_error(model::device::hot(|| {
+                agreement(&dir, &candidates, options, json.as_deref(), &device)
+            }));
+            return;
+        }
         let Command::Score {
             dir,
             input,
             batch_size,
             raw,
             template,
+            aggregate,
+            uncertainty_coef,
             device,
-        } = ScoreCli::parse().command;
-        model::device::hot(|| score(&dir, &input, batch_size, raw, template.as_deref(), &device))
+        } = command
+        else {
+            unreachable!("agreement returned above")
+        };
+        let options = reward::ScorerOptions {
+            aggregate,
+            uncertainty_coef,
+            raw,
+            template,
+            batch_size,
+        };
+        model::device::hot(|| score(&dir, &input, options, &device))
     } else {
         let args = trainer::StageArgs::parse(
             "reward",
@@ -80,21 +143,72 @@ fn main() {
 fn score(
     dir: &std::path::Path,
     input: &std::path::Path,
-    batch_size: usize,
-    raw: bool,
-    template: Option<&str>,
+    options: reward::ScorerOptions,
     device: &str,
 ) -> anyhow::Result<()> {
     let device = model::parse_device(device)?;
-    let inputs = reward::score::read_inputs(input)?;
-    let s = reward::score::score(dir, &inputs, template, batch_size, raw, &device)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    reward::score::write_lines(&mut out, &s.rewards)?;
-    eprintln!(
-        "scored {} responses in {:.2}s ({:.1} responses/s)",
-        s.rewards.len(),
-        s.seconds,
-        s.rewards.len() as f64 / s.seconds.max(1e-9)
+    anyhow::ensure!(options.batch_size >= 1, "--batch-size must be at least 1");
+    anyhow::ensure!(
+        options.uncertainty_coef.is_finite() && options.uncertainty_coef >= 0.0,
+        "--uncertainty-coef {}: a number >= 0",
+        options.uncertainty_coef
     );
+    let inputs = reward::score::read_inputs(input)?;
+    let s = reward::score::score(dir, &inputs, options, &device)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    reward::score::write_lines(&mut out, &s.scores)?;
+    let n = s.scores.rewards.len();
+    let cut = if s.scores.cut_responses + s.scores.cut_prompts > 0 {
+        format!(
+            "; {} prompts cut from the left and {} responses cut at the end to fit the context",
+            s.scores.cut_prompts, s.scores.cut_responses
+        )
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "scored {n} responses with {} model(s) in {:.2}s ({:.1} responses/s){cut}",
+        s.members,
+        s.seconds,
+        n as f64 / s.seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+fn agreement(
+    dir: &std::path::Path,
+    candidates: &std::path::Path,
+    options: reward::ScorerOptions,
+    json: Option<&std::path::Path>,
+    device: &str,
+) -> anyhow::Result<()> {
+    let device = model::parse_device(device)?;
+    let cands = reward::agreement::read_candidates(candidates)?;
+    let scorer = reward::Scorer::load(dir, options, &device)?;
+    let a = reward::agreement::run(&scorer, &cands)?;
+    println!(
+        "agreement with gold: {:.3} [{:.3}, {:.3}] on {} pairs of {} prompts ({} model(s))",
+        a.overall.accuracy,
+        a.overall.low,
+        a.overall.high,
+        a.overall.total,
+        a.prompts,
+        scorer.members()
+    );
+    for (k, acc) in &a.by_worse_kind {
+        println!(
+            "  against {k:<14} {:.3} [{:.3}, {:.3}] on {} pairs; its mean reward {:+.3}",
+            acc.accuracy,
+            acc.low,
+            acc.high,
+            acc.total,
+            a.mean_reward_by_kind.get(k).copied().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(p) = json {
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&a)?)?;
+        std::fs::rename(&tmp, p)?;
+    }
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! `reward score DIR --input FILE.jsonl`: one `{"reward": r}` line per input line
-//! `{"prompt", "response"}`, in order; normalised with the model's stored offset unless `raw`.
+//! `{"prompt", "response"}`, in order, through the one [`Scorer`]; normalised with each model's
+//! stored offset unless `raw`.
 
+use crate::{Item, Scorer, ScorerOptions, Scores};
 use anyhow::{Context, Result, bail};
-use model::{Heads, ModelMeta, PromptTemplate};
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
@@ -10,8 +11,10 @@ use std::time::Instant;
 
 /// What `score` measured.
 pub struct Scored {
-    pub rewards: Vec<f32>,
+    pub scores: Scores,
     pub seconds: f64,
+    /// Reward models scored with (members of an ensemble).
+    pub members: usize,
 }
 
 /// Reads `{"prompt", "response"}` lines; errors name the file, line and field.
@@ -45,49 +48,51 @@ pub fn read_inputs(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Scores `inputs` with the reward model in `dir`.
+/// Scores `inputs` with the reward model (or ensemble) in `dir`, through [`Scorer`].
 pub fn score(
     dir: &Path,
     inputs: &[(String, String)],
-    template: Option<&str>,
-    batch_size: usize,
-    raw: bool,
+    options: ScorerOptions,
     device: &burn::tensor::Device,
 ) -> Result<Scored> {
-    let (model, tok, meta): (_, _, ModelMeta) =
-        model::checkpoint::load_with_tokenizer(dir, Some(Heads::SCALAR), None, device)?;
-    let template = match template {
-        Some(t) => PromptTemplate::new(t)?,
-        None => model::checkpoint::resolve_template(None, Some(dir))?,
-    };
-    let mut seqs = Vec::with_capacity(inputs.len());
-    for (p, r) in inputs {
-        let mut s = tok.encode(&template.render(p))?;
-        s.extend(tok.encode(r)?);
-        s.push(tok.eos_id);
-        seqs.push(s);
+    let raw = options.raw;
+    let scorer = Scorer::load(dir, options, device)?;
+    if !raw && let Some(d) = scorer.unnormalized().first() {
+        bail!(
+            "{}: no reward normalisation stored (rlhf.json); pass --raw for the head's raw output",
+            d.display()
+        );
     }
+    let items: Vec<Item> = inputs
+        .iter()
+        .map(|(p, r)| Item {
+            prompt: p,
+            response: r,
+            answer: None,
+        })
+        .collect();
     let start = Instant::now();
-    let mut rewards = crate::score_sequences(&model, &seqs, batch_size, tok.pad_id)?;
+    let scores = scorer.score(&items)?;
     let seconds = start.elapsed().as_secs_f64();
-    if !raw {
-        let Some(norm) = &meta.reward_normalization else {
-            bail!(
-                "{}: no reward normalisation stored (rlhf.json); pass --raw for the head's raw output",
-                dir.display()
-            );
-        };
-        for r in rewards.iter_mut() {
-            *r = norm.apply(*r);
-        }
-    }
-    Ok(Scored { rewards, seconds })
+    Ok(Scored {
+        scores,
+        seconds,
+        members: scorer.members(),
+    })
 }
 
-/// Writes one `{"reward": r}` line per reward.
-pub fn write_lines(out: &mut impl Write, rewards: &[f32]) -> Result<()> {
-    for r in rewards {
-        writeln!(out, "{}", serde_json::json!({ "reward": r }))?;
+/// Writes one `{"reward": r}` line per response; for an ensemble also each member's reward and
+/// their standard deviation (`{"reward", "members", "std"}`).
+pub fn write_lines(out: &mut impl Write, scores: &Scores) -> Result<()> {
+    let std = scores.member_std();
+    for (i, r) in scores.rewards.iter().enumerate() {
+        let line = if scores.members.len() > 1 {
+            let m: Vec<f32> = scores.members.iter().map(|m| m[i]).collect();
+            serde_json::json!({ "reward": r, "members": m, "std": std[i] })
+        } else {
+            serde_json::json!({ "reward": r })
+        };
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }

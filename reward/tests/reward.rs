@@ -156,6 +156,7 @@ fn common(f: &Fixture, out: &str) -> Vec<String> {
         format!("data.path={}", f.data.display()),
         format!("out={}", f.dir.join(out).display()),
         "data.demonstrations=\"\"".into(),
+        "ensemble.members=1".into(),
     ]
 }
 
@@ -172,10 +173,13 @@ fn a_learnable_preference_is_learned_and_transformers_scores_the_same() {
     ]));
     // No demonstrations file: normalise on the training responses.
     let cfg = f.dir.join("rm.toml");
-    let line = "demonstrations = \"datasets/demo/task/demonstrations.jsonl\"\n";
     let text = std::fs::read_to_string(root().join("configs/reward.toml")).unwrap();
-    assert!(text.contains(line), "configs/reward.toml lacks {line:?}");
-    let text = text.replace(line, "");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.trim_start().starts_with("demonstrations")),
+        "configs/reward.toml must leave data.demonstrations off"
+    );
     std::fs::write(&cfg, text).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_reward"));
     cmd.current_dir(root()).arg("--config").arg(&cfg);
@@ -280,10 +284,17 @@ fn a_learnable_preference_is_learned_and_transformers_scores_the_same() {
     let rows: Vec<Vec<u32>> = ["apple pear apple", "fig kiwi", "date date apple lime plum"]
         .iter()
         .map(|r| {
-            reward::data::sequence(&tok, &template, "List some fruit.", r, 64)
-                .unwrap()
-                .unwrap()
-                .0
+            reward::data::fit(
+                &tok,
+                &template,
+                "List some fruit.",
+                r,
+                64,
+                reward::data::Long::Drop,
+            )
+            .unwrap()
+            .unwrap()
+            .tokens
         })
         .collect();
     let batch = model::TokenBatch::right_padded(&rows, tok.pad_id);
@@ -636,6 +647,7 @@ fn majority_pairs_and_the_listwise_loss_train() {
                 "data.path=datasets/demo/task/rankings.csv".into(),
                 format!("out={}", out.display()),
                 "data.demonstrations=\"\"".into(),
+                "ensemble.members=1".into(),
                 "train.max_steps=5".into(),
                 extra.into(),
             ],
@@ -658,4 +670,119 @@ fn majority_pairs_and_the_listwise_loss_train() {
             assert!(s["train_loss"].as_f64().unwrap().is_finite());
         }
     }
+}
+
+/// `ensemble.members = 2`: two whole runs (seeds 0 and 1, bootstrap resamples) under member-i/,
+/// final/ with the manifest, `reward score` giving mean − std of the members per line; a rerun of
+/// the same command keeps the finished members; an over-long response is cut and counted.
+#[test]
+fn an_ensemble_trains_members_scores_as_one_and_keeps_finished_members() {
+    let f = fixture(120);
+    let mut s: Vec<String> = common(&f, "ens")
+        .into_iter()
+        .filter(|x| !x.starts_with("ensemble."))
+        .collect();
+    s.extend(sets(&[
+        "ensemble.members=2",
+        "ensemble.monitor=false",
+        "train.max_steps=6",
+        "train.eval_every=0",
+        "train.save_every=0",
+    ]));
+    let (ok, stdout, err) = reward(&s, &[]);
+    assert!(ok, "{err}\n{stdout}");
+    let out = f.dir.join("ens");
+    let sum = summary(&out);
+    let e = &sum["ensemble"];
+    assert_eq!(e["members"].as_array().unwrap().len(), 2);
+    assert_eq!(e["members"][0]["seed"], 0);
+    assert_eq!(e["members"][1]["seed"], 1);
+    assert!(e["monitor"].is_null());
+    for i in 0..2 {
+        let m = out.join(format!("member-{i}"));
+        let cfg = std::fs::read_to_string(m.join("config.toml")).unwrap();
+        assert!(cfg.contains(&format!("member = {i}")), "{cfg}");
+        // Members share the ensemble's split.
+        assert!(cfg.contains("split_seed = 0"), "{cfg}");
+        assert!(m.join("final/model.safetensors").is_file());
+    }
+    // Different seeds and resamples: different weights.
+    assert_ne!(
+        weights(&out.join("final/member-0")),
+        weights(&out.join("final/member-1"))
+    );
+
+    // Scoring: the aggregate of the members' normalised rewards, with an over-long response.
+    let input = f.dir.join("ens_inputs.jsonl");
+    let long = "apple ".repeat(6000);
+    std::fs::write(
+        &input,
+        format!(
+            "{}\n{}\n{}\n",
+            json!({"prompt": "Say something.", "response": " apple apple apple"}),
+            json!({"prompt": "Say something.", "response": " pear"}),
+            json!({"prompt": "Say something.", "response": long}),
+        ),
+    )
+    .unwrap();
+    let score = |agg: &str| -> (Vec<Value>, String) {
+        let o = Command::new(env!("CARGO_BIN_EXE_reward"))
+            .arg("score")
+            .arg(out.join("final"))
+            .arg("--input")
+            .arg(&input)
+            .args(["--aggregate", agg])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (lines, stderr) = score("mean-minus-std");
+    assert_eq!(lines.len(), 3);
+    assert!(stderr.contains("with 2 model(s)"), "{stderr}");
+    // The long response is cut to the context by each of the two members, and said.
+    assert!(stderr.contains("2 responses cut at the end"), "{stderr}");
+    let (min_lines, _) = score("min");
+    for (l, lm) in lines.iter().zip(&min_lines) {
+        let m: Vec<f64> = l["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(m.len(), 2);
+        let mean = (m[0] + m[1]) / 2.0;
+        let std = ((m[0] - mean).powi(2) + (m[1] - mean).powi(2)) / 2.0;
+        let std = std.sqrt();
+        assert!((l["std"].as_f64().unwrap() - std).abs() < 1e-5, "{l}");
+        assert!(
+            (l["reward"].as_f64().unwrap() - (mean - std)).abs() < 1e-5,
+            "{l}"
+        );
+        assert!(
+            (lm["reward"].as_f64().unwrap() - m[0].min(m[1])).abs() < 1e-5,
+            "{lm}"
+        );
+    }
+
+    // The same command again: both members are kept, final/ rebuilt identically.
+    let before = weights(&out.join("final/member-1"));
+    let (ok, stdout, err) = reward(&s, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        stdout.matches("finished earlier; kept").count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(weights(&out.join("final/member-1")), before);
+    // --resume is refused with what to do instead.
+    let (ok, _, err) = reward(&s, &["--resume", out.join("member-0").to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("rerun the same command"), "{err}");
 }

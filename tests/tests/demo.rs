@@ -66,13 +66,40 @@ fn demo_script_runs_the_whole_pipeline() {
         )
         .unwrap();
         assert!(summary.is_object(), "{stage}");
-        for line in std::fs::read_to_string(out.join(stage).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-        {
-            serde_json::from_str::<serde_json::Value>(line).unwrap();
+        // The shipped reward config trains an ensemble: members and the monitor each a run of
+        // their own, final/ their manifest and models.
+        let runs = if stage == "reward" {
+            let manifest: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("reward/final/ensemble.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                manifest["members"].as_array().unwrap().len(),
+                3,
+                "{manifest}"
+            );
+            assert_eq!(manifest["monitor"], "monitor", "{manifest}");
+            vec![
+                "reward/member-0",
+                "reward/member-1",
+                "reward/member-2",
+                "reward/monitor",
+            ]
+        } else {
+            vec![stage]
+        };
+        for run in runs {
+            for line in std::fs::read_to_string(out.join(run).join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+            {
+                serde_json::from_str::<serde_json::Value>(line).unwrap();
+            }
+            assert!(
+                out.join(run).join("final/model.safetensors").exists(),
+                "{run}"
+            );
         }
-        assert!(out.join(stage).join("final/model.safetensors").exists());
     }
     let eval = out.join("eval");
     let metrics: serde_json::Value =

@@ -136,6 +136,8 @@ fn sft_then_sample_then_label_then_import_then_reward() {
             "--out",
             &t("rm"),
             "--set",
+            "ensemble.members=1",
+            "--set",
             &format!("model.base={}", t("sft/final")),
             "--set",
             &format!("data.path={}", t("labels")),
@@ -158,7 +160,8 @@ fn sft_then_sample_then_label_then_import_then_reward() {
         meta["reward_normalization"]["reference"]
             .as_str()
             .unwrap()
-            .starts_with("sft demonstrations")
+            .starts_with("training responses"),
+        "data.demonstrations is off by default: {meta}"
     );
     // Both labelers put the first sampled response first: it should score above the others.
     let summary: serde_json::Value =

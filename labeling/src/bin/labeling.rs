@@ -3,7 +3,8 @@
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use labeling::import::CsvFormat;
-use labeling::simulate::{SimulateParams, simulate_to_dir};
+use labeling::simulate::SimulateParams;
+use labeling::suite::{FamilyArgs, simulate_family_to_dir};
 use labeling::{Aggregate, ExportOptions, ImportOptions, export_sheet, import_to_dir};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 #[command(
     name = "labeling",
     version,
-    about = "Import labelers' rankings; export sheets to rank; simulate the demo task"
+    about = "Import labelers' rankings; export sheets to rank; simulate the demo task and a suite of others"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,12 +55,16 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Generate the demo task deterministically: demonstrations.jsonl, prompts.jsonl,
-    /// eval_prompts.jsonl (with gold answers), rankings.csv from simulated labelers, and task.json.
+    /// Generate a task deterministically (the demo, or --family words, choice, zh, json):
+    /// demonstrations.jsonl, prompts.jsonl, eval_prompts.jsonl (with gold answers), rankings.csv
+    /// from simulated labelers, task.json, and with --heldout-candidates N (150 by default for
+    /// the families besides the demo) heldout_candidates.jsonl.
     Simulate {
         /// Output folder (replaced atomically).
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        family: FamilyArgs,
         #[command(flatten)]
         params: SimulateParams,
     },
@@ -132,10 +137,15 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Simulate { out, params } => {
-            let info = simulate_to_dir(&params, &out)?;
+        Command::Simulate {
+            out,
+            family,
+            params,
+        } => {
+            let params = family.resolve(params);
+            let info = simulate_family_to_dir(family.family, &params, &out)?;
             for (file, n) in &info.files {
-                println!("{file:<22} {n} lines");
+                println!("{file:<26} {n} lines");
             }
             let l = &info.labels;
             let opt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.4}"));
@@ -147,9 +157,12 @@ fn run(cli: Cli) -> Result<()> {
                 opt(l.pairwise_agreement),
                 opt(l.fleiss_kappa)
             );
+            let files: Vec<&str> = info.files.keys().map(String::as_str).collect();
             println!(
-                "wrote {}/{{demonstrations.jsonl, prompts.jsonl, eval_prompts.jsonl, rankings.csv, task.json}}",
-                out.display()
+                "gold rule: {}\nwrote {}/{{{}, task.json}}",
+                info.gold_rule,
+                out.display(),
+                files.join(", ")
             );
             Ok(())
         }

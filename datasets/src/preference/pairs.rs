@@ -1,10 +1,10 @@
 //! What several labelers' rankings say together: majority aggregation of their pairwise judgements
 //! into [`Comparison`]s, and agreement statistics between labelers: pairwise agreement, Fleiss' κ
 //! (raters per item may vary) and Kendall's W. Each labeler's own pairs come from the one pair
-//! expansion of the `datasets` crate ([`RankedGroup::pairs`], [`datasets::expand_pairs`]), which
+//! expansion of the `datasets` crate ([`RankedGroup::pairs`], [`crate::expand_pairs`]), which
 //! the votes here are built on too.
 
-use datasets::{Comparison, RankedGroup};
+use crate::{Comparison, RankedGroup};
 use std::collections::{BTreeMap, HashMap};
 
 /// A labeler's verdict on the unordered pair (a, b), a < b by id.
@@ -206,7 +206,7 @@ pub fn kendall_w(raters: &[Vec<f64>]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datasets::expand_pairs;
+    use crate::expand_pairs;
 
     fn j(pid: &str, lab: &str, ids: &[&str], ranks: &[u32]) -> RankedGroup {
         RankedGroup {

@@ -2,8 +2,8 @@
 //! of the `datasets` crate; each with its response ids and the line where it starts), with every
 //! rule checked and every error (up to [`MAX_ERRORS`]) named by file, line, column and value.
 
-use datasets::RankedGroup;
-use datasets::read::{csv_rows, utf8_text};
+use crate::RankedGroup;
+use crate::read::{csv_rows, utf8_text};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
