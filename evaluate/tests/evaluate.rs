@@ -229,6 +229,7 @@ fn tiny_pipeline_then_evaluate() {
             "train.iterations=3".into(),
             "rollout.batch_size=8".into(),
             "monitor.window=2".into(),
+            "monitor.gold=\"final_answer\"".into(),
         ],
     );
     // ppo scored every rollout with the ensemble and the held-out monitor, and kept best/.
@@ -246,6 +247,12 @@ fn tiny_pipeline_then_evaluate() {
         // aside, which both share).
         assert!(num(&l["score_mean"], "score_mean") <= num(&l["proxy_mean"], "proxy") + 1e-6);
         assert!(l["overoptimization_warning"].is_boolean());
+        // monitor.gold: the share of the 8 responses the rule scores 1, logged only.
+        let g = num(&l["gold_mean"], "gold_mean");
+        assert!(
+            (0.0..=1.0).contains(&g) && (g * 8.0 - (g * 8.0).round()).abs() < 1e-9,
+            "{g}"
+        );
     }
     assert!(tmp.path().join("ppo/best/model.safetensors").is_file());
     let ps: Value = serde_json::from_str(

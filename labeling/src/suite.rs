@@ -49,7 +49,7 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
-    /// The project's demo task ([`crate::simulate`]).
+    /// The project's demo task (`datasets/demo/task/` is seed 0).
     Demo,
     /// String tasks answered by the bare answer; gold `normalized_match`.
     Words,

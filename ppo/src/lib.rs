@@ -75,6 +75,11 @@ pub struct MonitorSection {
     /// last one).
     #[serde(default = "d_window")]
     pub window: usize,
+    /// For studying a run, never for training it: a gold rule (as `reward.rule` takes it) whose
+    /// mean over each iteration's responses is logged as `gold_mean`. Nothing optimises it and
+    /// `best/` does not look at it; with it, metrics.jsonl shows when the gold peaked.
+    #[serde(default)]
+    pub gold: Option<String>,
 }
 
 impl Default for MonitorSection {
@@ -83,6 +88,7 @@ impl Default for MonitorSection {
             enabled: true,
             reward_model: None,
             window: d_window(),
+            gold: None,
         }
     }
 }
@@ -626,13 +632,24 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         policy_meta,
     } = load_models(cfg, resume, &base_device)?;
     let context = policy.config().max_position_embeddings;
+    let gold = cfg
+        .monitor
+        .gold
+        .as_ref()
+        .map(|rule| {
+            datasets::gold::parse_rule(rule)
+                .and_then(|r| r.compile())
+                .map(Scorer::Rule)
+                .map_err(|e| anyhow::anyhow!("monitor.gold = {rule:?}: {e}"))
+        })
+        .transpose()?;
     let prompts = rollout::read_prompts(
         &cfg.data.prompts,
         &cfg.data.columns,
         &tok,
         &template,
         context.saturating_sub(cfg.rollout.max_new_tokens),
-        scorer.needs_answer(),
+        scorer.needs_answer() || gold.as_ref().is_some_and(|g| g.needs_answer()),
     )?;
     let ptx = rollout::read_ptx(ppo, &tok, &template, context)?;
     let meta = ModelMeta {
@@ -799,6 +816,16 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         };
         let scores = finish(scored.rewards.clone());
         let heldout_scores = heldout_scored.map(|h| finish(h.rewards));
+        let gold_mean = match &gold {
+            Some(g) => Some(
+                mean_std(
+                    &g.score(&rollout::items(&batch_prompts, &roll.texts))?
+                        .rewards,
+                )
+                .0,
+            ),
+            None => None,
+        };
 
         // 4. Per-token rewards: −β·KL on every response token plus the score on the last one.
         let t0 = Instant::now();
@@ -972,7 +999,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             && let (Some(p), Some(h)) = (v.proxy, v.heldout)
         {
             println!(
-                "warning: over-optimisation at iteration {}: over the last {} iterations the optimised score rose by {:+.3} (s.e. {:.3}) while the {} changed by {:+.3} (s.e. {:.3}); best/ keeps the checkpoint with the best held-out signal",
+                "warning: over-optimisation at iteration {}: over the last {} iterations the optimised score rose by {:+.3} (s.e. {:.3}) while the {} changed by {:+.3} (s.e. {:.3}); best/ is no longer replaced (it keeps the best held-out signal saved before the first warning)",
                 it + 1,
                 cfg.monitor.window,
                 p.change,
@@ -1010,6 +1037,9 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         }
         if scored.cut_responses > 0 {
             put("cut_responses", json!(scored.cut_responses));
+        }
+        if let Some(g) = gold_mean {
+            put("gold_mean", json!(g));
         }
         if let Some((signal, verdict)) = &watch {
             put("heldout_score_mean", json!(signal));
@@ -1058,7 +1088,10 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         }
         if run.save_due() {
             let (pf, cf) = (policy.valid(), critic.valid());
-            if keep_best && run.improved(monitor.smoothed_heldout()) {
+            // After a warning the held-out model is suspect too (a policy far from the SFT model
+            // can fool both: seen on the suite with β = 0), so best/ stays as it was.
+            if keep_best && monitor.warnings.is_empty() && run.improved(monitor.smoothed_heldout())
+            {
                 run.save_best(&pf, Some(&tok), &meta)?;
             }
             run.save(

@@ -93,17 +93,7 @@ fn member_config(cfg: &RewardConfig, i: usize, monitor: bool) -> RewardConfig {
 
 /// The newest `checkpoint-*` folder of `out`.
 fn newest_checkpoint(out: &Path) -> Option<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(out)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
-        })
-        .collect();
-    v.sort();
-    v.pop()
+    trainer::state::checkpoints(out).ok()?.pop()
 }
 
 /// Trains one member unless an earlier run of the same config finished it; continues from its

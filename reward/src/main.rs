@@ -19,6 +19,8 @@ enum Command {
     Agreement {
         /// A reward-model or ensemble folder.
         dir: PathBuf,
+        /// Candidates, JSONL: {"prompt_id", "prompt", "response", "gold"[, "kind"]} (`labeling
+        /// simulate` writes heldout_candidates.jsonl so).
         #[arg(long)]
         candidates: PathBuf,
         #[arg(long, default_value_t = 32)]

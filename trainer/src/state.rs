@@ -139,8 +139,8 @@ pub fn check_resume(dir: &Path, state: &TrainerState, seed: u64, fingerprint: &s
     Ok(())
 }
 
-/// Removes all but the newest `keep` `checkpoint-*` folders in `out`.
-pub fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
+/// The `checkpoint-*` folders of `out`, oldest first (their steps are zero-padded).
+pub fn checkpoints(out: &Path) -> Result<Vec<PathBuf>> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(out)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -150,6 +150,12 @@ pub fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
         })
         .collect();
     dirs.sort();
+    Ok(dirs)
+}
+
+/// Removes all but the newest `keep` `checkpoint-*` folders in `out`.
+pub fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
+    let dirs = checkpoints(out)?;
     let n = dirs.len().saturating_sub(keep.max(1));
     for d in &dirs[..n] {
         std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
