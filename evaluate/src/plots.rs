@@ -265,6 +265,27 @@ pub fn charts(runs: &[RunLog]) -> (Vec<Chart>, Vec<String>) {
         ));
     }
     push(score_vs_kl);
+    // With `monitor.gold` the run logged a gold rule's mean: Gao et al.'s gold curve itself.
+    let gold: Vec<_> = ppo.iter().filter(|r| r.has("gold_mean")).collect();
+    if !gold.is_empty() {
+        push(Chart {
+            file: "ppo_gold_vs_kl.png".into(),
+            title: "PPO: gold (monitor.gold) against KL (one point per iteration)".into(),
+            x_label: "KL from the reference (nats / response)".into(),
+            integer_x: false,
+            y_label: "gold_mean".into(),
+            series: gold
+                .iter()
+                .map(|r| {
+                    line(
+                        r.name.clone(),
+                        r.pairs("kl_per_response", "gold_mean"),
+                        Mark::Points,
+                    )
+                })
+                .collect(),
+        });
+    }
     (out, notes)
 }
 

@@ -393,6 +393,7 @@ fn tiny_pipeline_then_evaluate() {
         "## Samples",
         "### 5.",
         "![ppo_score_vs_kl.png](ppo_score_vs_kl.png)",
+        "![ppo_gold_vs_kl.png](ppo_gold_vs_kl.png)",
     ] {
         assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
     }
@@ -405,12 +406,14 @@ fn tiny_pipeline_then_evaluate() {
         "ppo_kl.png",
         "ppo_response_length.png",
         "ppo_score_vs_kl.png",
+        // The run logged monitor.gold.
+        "ppo_gold_vs_kl.png",
     ] {
         let bytes = std::fs::read(dir.join(f)).unwrap_or_else(|_| panic!("{f} missing"));
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{f}");
         assert!(bytes.len() > 3000, "{f}: {} bytes", bytes.len());
     }
-    assert_eq!(m["plots"].as_array().unwrap().len(), 6, "{}", m["plots"]);
+    assert_eq!(m["plots"].as_array().unwrap().len(), 7, "{}", m["plots"]);
     // No temporary folder is left beside the output.
     let left: Vec<String> = std::fs::read_dir(tmp.path())
         .unwrap()
