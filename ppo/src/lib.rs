@@ -75,6 +75,10 @@ pub struct MonitorSection {
     /// last one).
     #[serde(default = "d_window")]
     pub window: usize,
+    /// `best/` only from checkpoints whose KL from the SFT model (nats per response, averaged over
+    /// the last `window` iterations) is at most this; 0 = no limit.
+    #[serde(default = "d_max_kl")]
+    pub max_kl: f64,
     /// For studying a run, never for training it: a gold rule (as `reward.rule` takes it) whose
     /// mean over each iteration's responses is logged as `gold_mean`. Nothing optimises it and
     /// `best/` does not look at it; with it, metrics.jsonl shows when the gold peaked.
@@ -88,6 +92,7 @@ impl Default for MonitorSection {
             enabled: true,
             reward_model: None,
             window: d_window(),
+            max_kl: d_max_kl(),
             gold: None,
         }
     }
@@ -95,6 +100,10 @@ impl Default for MonitorSection {
 
 fn d_window() -> usize {
     10
+}
+
+fn d_max_kl() -> f64 {
+    6.0
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -414,6 +423,7 @@ impl trainer::StageConfig for PpoConfig {
             1e3,
         );
         c.at_least("monitor.window", self.monitor.window, 2);
+        c.within("monitor.max_kl", self.monitor.max_kl, 0.0, 1e9);
         if self.model.reward_model.is_none() && self.reward.rule.is_none() {
             c.that(
                 "model.reward_model",
@@ -994,6 +1004,21 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             _ => None,
         };
         let watch = signal.map(|h| (h, monitor.record(it, score_mean, h)));
+        let was_within = monitor.kl.is_empty() || monitor.smoothed_kl() <= cfg.monitor.max_kl;
+        monitor.record_kl(kl_mean);
+        if watch.is_some()
+            && cfg.monitor.max_kl > 0.0
+            && was_within
+            && monitor.smoothed_kl() > cfg.monitor.max_kl
+        {
+            println!(
+                "monitor: at iteration {} the KL from the SFT model (mean of the last {} iterations) is {:.2} nats per response, past monitor.max_kl = {}: best/ is not replaced while it stays there",
+                it + 1,
+                cfg.monitor.window.min(monitor.kl.len()),
+                monitor.smoothed_kl(),
+                cfg.monitor.max_kl
+            );
+        }
         if let Some((_, v)) = &watch
             && v.warning
             && let (Some(p), Some(h)) = (v.proxy, v.heldout)
@@ -1088,9 +1113,11 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         }
         if run.save_due() {
             let (pf, cf) = (policy.valid(), critic.valid());
-            // After a warning the held-out model is suspect too (a policy far from the SFT model
-            // can fool both: seen on the suite with β = 0), so best/ stays as it was.
-            if keep_best && monitor.warnings.is_empty() && run.improved(monitor.smoothed_heldout())
+            // After a warning, or past monitor.max_kl, the held-out model is suspect too (a policy
+            // far from the SFT model can fool both: seen on the suite with β = 0), so best/ stays.
+            if keep_best
+                && monitor.trusts(cfg.monitor.max_kl)
+                && run.improved(monitor.smoothed_heldout())
             {
                 run.save_best(&pf, Some(&tok), &meta)?;
             }

@@ -5,7 +5,11 @@
 //! else an ensemble's lower bound (members' mean − std). A warning is raised when, over the last
 //! `window` iterations against the `window` before them, the proxy rose and the held-out signal
 //! fell, each by more than twice its standard error (Welch). `best/` is the checkpoint whose
-//! held-out signal, averaged over the last `window` iterations, is the highest.
+//! held-out signal, averaged over the last `window` iterations, is the highest among those the
+//! monitor still trusts ([`Monitor::trusts`]): none after the first warning, and none whose KL
+//! from the SFT model (averaged alike) is past `monitor.max_kl` — a policy far from the SFT model
+//! can fool the held-out model as well as the proxy (seen on the task suite with β = 0: the gold
+//! peaked at 1–8 nats per response and fell to 0 beyond, while the held-out score climbed again).
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +22,9 @@ pub struct Monitor {
     pub heldout: Vec<f64>,
     /// Iterations at which a warning was raised.
     pub warnings: Vec<usize>,
+    /// The KL from the reference per response, per iteration.
+    #[serde(default)]
+    pub kl: Vec<f64>,
 }
 
 /// A trend over two consecutive windows: the later mean minus the earlier, and its standard error.
@@ -96,15 +103,60 @@ impl Monitor {
 
     /// The held-out signal averaged over the last `window` iterations (fewer at the start).
     pub fn smoothed_heldout(&self) -> f64 {
-        let w = self.window.max(1).min(self.heldout.len().max(1));
-        let tail = &self.heldout[self.heldout.len().saturating_sub(w)..];
-        tail.iter().sum::<f64>() / tail.len().max(1) as f64
+        tail_mean(&self.heldout, self.window)
     }
+
+    /// Records an iteration's KL from the reference (mean per response).
+    pub fn record_kl(&mut self, kl: f64) {
+        self.kl.push(kl);
+    }
+
+    /// The KL averaged over the last `window` iterations.
+    pub fn smoothed_kl(&self) -> f64 {
+        tail_mean(&self.kl, self.window)
+    }
+
+    /// Whether the held-out signal may still pick `best/`: no warning yet, and the smoothed KL
+    /// within `max_kl` (0: no limit).
+    pub fn trusts(&self, max_kl: f64) -> bool {
+        self.warnings.is_empty() && (max_kl <= 0.0 || self.smoothed_kl() <= max_kl)
+    }
+}
+
+/// The mean of the last `w` values (of all, when fewer; 0 when none).
+fn tail_mean(v: &[f64], w: usize) -> f64 {
+    let w = w.max(1).min(v.len().max(1));
+    let tail = &v[v.len().saturating_sub(w)..];
+    tail.iter().sum::<f64>() / tail.len().max(1) as f64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn best_is_trusted_only_before_a_warning_and_within_the_kl_budget() {
+        let mut m = Monitor::new(3);
+        for kl in [1.0, 2.0, 3.0] {
+            m.record_kl(kl);
+        }
+        assert_eq!(m.smoothed_kl(), 2.0);
+        assert!(m.trusts(6.0));
+        // The last three average 7 > 6: not trusted, and trusted again once back within.
+        for kl in [6.0, 7.0, 8.0] {
+            m.record_kl(kl);
+        }
+        assert_eq!(m.smoothed_kl(), 7.0);
+        assert!(!m.trusts(6.0));
+        assert!(m.trusts(0.0), "0 is no limit");
+        for kl in [5.0, 5.0, 5.0] {
+            m.record_kl(kl);
+        }
+        assert!(m.trusts(6.0));
+        // A warning ends the trust for good.
+        m.warnings.push(9);
+        assert!(!m.trusts(6.0) && !m.trusts(0.0));
+    }
 
     #[test]
     fn warns_only_when_the_proxy_rises_and_the_heldout_signal_falls() {
