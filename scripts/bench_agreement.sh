@@ -13,8 +13,8 @@
 # One JSON line per measurement in $OUT_DIR/agreement.jsonl, and a table at the end.
 #
 # Environment: FAMILIES (default "words choice zh json demo"), SEED (0), RM_STEPS (default
-# "150 300 600"), TRL_EPOCHS (4), TRL_LR (1e-3, the lr of configs/reward.toml; a comma list
-# tries several), OUT_DIR (runs/bench-agreement), SKIP_BUILD=1, PYTHON (a python with torch
+# "150 300 600"), TRL_EPOCHS (4), TRL_LR ("3e-4,1e-3": 3e-4 was TRL's best on words, 1e-3 is ours;
+# a comma list tries each), OUT_DIR (runs/bench-agreement), SKIP_BUILD=1, PYTHON (a python with torch
 # 2.9.0 + transformers; default .venv/bin/python if it exists, else a new .venv-bench), TRL_SPEC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,7 +79,7 @@ for f in ${FAMILIES:-words choice zh json demo}; do
     ours "$f" "reward (ensemble of 3, mean - std)" "$steps" "$o/ensemble-$steps/final" mean-minus-std
   done
   "$py" scripts/bench_rm_agreement.py trl --task "$o/task" --sft "$o/sft/final" --work "$o/trl" \
-    --epochs "${TRL_EPOCHS:-4}" --lr "${TRL_LR:-1e-3}" --seed "$seed" | tee -a "$res"
+    --epochs "${TRL_EPOCHS:-4}" --lr "${TRL_LR:-3e-4,1e-3}" --seed "$seed" | tee -a "$res"
 done
 echo
 "$py" scripts/bench_rm_agreement.py table "$res"
