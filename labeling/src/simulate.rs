@@ -381,14 +381,78 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
         5,
         "(correct, verbose, nearly right, wrong format, wrong)",
     )?;
-    let mut g = Generator {
+    let g = Generator {
         rng: StdRng::seed_from_u64(params.seed),
         keys: HashSet::new(),
         prompts: HashSet::new(),
     };
+    run_pipeline(g, params, TaskSpec::demo())
+}
+
+/// A task generator, the demo's or a task family's: what [`run_pipeline`] asks of it. The
+/// pipeline's draws go in the order evaluation prompts, (held-out candidates,) PPO prompts,
+/// comparisons, demonstrations (, held-out candidates); the two consts keep each generator's own
+/// order of draws, so that a seed gives the files it always gave.
+pub(crate) trait TaskGenerator {
+    type Kind: ProblemKind;
+    type Problem;
+    /// Held-out candidates right after the evaluation prompts (the families: drawn before the
+    /// small problem sets run out), or else last (the demo: so that the other files do not
+    /// depend on them).
+    const HELDOUT_FIRST: bool;
+    /// Each demonstration's careless-or-not draw right after its task (the families), or else
+    /// after all of the demonstrations' tasks (the demo).
+    const SLOPPY_INTERLEAVED: bool;
+
+    fn rng(&mut self) -> &mut StdRng;
+    /// A new problem (never used before in any file), worded.
+    fn task(&mut self) -> Result<(Task<Self::Kind>, Self::Problem)>;
+    /// A comparison's K candidates, in the sheet's order.
+    fn candidates(
+        &mut self,
+        task: &Task<Self::Kind>,
+        problem: &Self::Problem,
+        k: usize,
+    ) -> Vec<Candidate>;
+    /// A held-out prompt's candidates ([`heldout_kinds`]), in the file's order.
+    fn heldout_candidates(
+        &mut self,
+        task: &Task<Self::Kind>,
+        problem: &Self::Problem,
+    ) -> Vec<Candidate>;
+    /// A careless demonstrator's response: the right answer in a wrong form.
+    fn sloppy_response(&mut self, task: &Task<Self::Kind>, problem: &Self::Problem) -> String;
+}
+
+/// Generates a task in memory with `g`: the files' prompts, the held-out candidates, the
+/// comparisons with every labeler's ranks, and the demonstrations, in `g`'s order of draws.
+pub(crate) fn run_pipeline<G: TaskGenerator>(
+    mut g: G,
+    params: &SimulateParams,
+    spec: TaskSpec,
+) -> Result<Simulated<G::Kind>> {
+    let rule = gold_rule(&spec.gold_rule)?;
+    let heldout_prompts = |g: &mut G| -> Result<Vec<HeldoutPrompt<G::Kind>>> {
+        let mut heldout = Vec::with_capacity(params.heldout_candidates);
+        for i in 0..params.heldout_candidates {
+            let (task, problem) = g.task()?;
+            let candidates = g.heldout_candidates(&task, &problem);
+            heldout.push(HeldoutPrompt::scored(
+                format!("h{}", i + 1),
+                task,
+                candidates,
+                &rule,
+            )?);
+        }
+        Ok(heldout)
+    };
     // Evaluation first, so that its prompts depend on the seed and their count only.
-    let eval_prompts = g.tasks(params.eval_prompts)?;
-    let prompts = g.tasks(params.train_prompts)?;
+    let eval_prompts = tasks(&mut g, params.eval_prompts)?;
+    let mut heldout = Vec::new();
+    if G::HELDOUT_FIRST {
+        heldout = heldout_prompts(&mut g)?;
+    }
+    let prompts = tasks(&mut g, params.train_prompts)?;
     let labeler_noise = labeler_noise(params);
     let mut comparisons = Vec::with_capacity(params.comparison_prompts);
     for i in 0..params.comparison_prompts {
@@ -398,7 +462,7 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
             .iter()
             .map(|(id, noise)| LabelerRanking {
                 labeler_id: id.clone(),
-                ranks: rank(&mut g.rng, &candidates, *noise),
+                ranks: rank(g.rng(), &candidates, *noise),
             })
             .collect();
         comparisons.push(SimulatedComparison {
@@ -408,36 +472,31 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
             rankings,
         });
     }
-    let mut demonstrations = g.tasks(params.demonstrations)?;
-    for t in &mut demonstrations {
-        if g.rng.random_bool(params.sloppy) {
-            t.response = wrong_format(&t.answer, t.chinese, &mut g.rng);
-            t.sloppy = true;
+    let demonstration = |g: &mut G, mut task: Task<G::Kind>, problem: &G::Problem| {
+        if g.rng().random_bool(params.sloppy) {
+            task.response = g.sloppy_response(&task, problem);
+            task.sloppy = true;
         }
-    }
-    // Last, so that the other files do not depend on it.
-    let spec = TaskSpec::demo();
-    let rule = gold_rule(&spec.gold_rule)?;
-    let mut heldout = Vec::with_capacity(params.heldout_candidates);
-    for i in 0..params.heldout_candidates {
-        let (task, problem) = g.task()?;
-        let near = problem.nearly_right(&mut g.rng);
-        let kinds = heldout_kinds(&mut g.rng);
-        let candidates = kinds
-            .into_iter()
-            .enumerate()
-            .map(|(j, kind)| Candidate {
-                id: format!("r{}", j + 1),
-                kind,
-                response: candidate_response(&mut g.rng, kind, &task, &problem, &near),
+        task
+    };
+    let demonstrations = if G::SLOPPY_INTERLEAVED {
+        (0..params.demonstrations)
+            .map(|_| {
+                let (task, problem) = g.task()?;
+                Ok(demonstration(&mut g, task, &problem))
             })
-            .collect();
-        heldout.push(HeldoutPrompt::scored(
-            format!("h{}", i + 1),
-            task,
-            candidates,
-            &rule,
-        )?);
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        let drawn = (0..params.demonstrations)
+            .map(|_| g.task())
+            .collect::<Result<Vec<_>>>()?;
+        drawn
+            .into_iter()
+            .map(|(task, problem)| demonstration(&mut g, task, &problem))
+            .collect()
+    };
+    if !G::HELDOUT_FIRST {
+        heldout = heldout_prompts(&mut g)?;
     }
     Ok(Simulated {
         params: params.clone(),
@@ -449,6 +508,11 @@ pub fn generate(params: &SimulateParams) -> Result<Simulated> {
         labeler_noise,
         heldout,
     })
+}
+
+/// `n` new tasks.
+fn tasks<G: TaskGenerator>(g: &mut G, n: usize) -> Result<Vec<Task<G::Kind>>> {
+    (0..n).map(|_| g.task().map(|t| t.0)).collect()
 }
 
 /// The checks every family's parameters pass; `max_k` and `kinds` say how many candidate kinds
@@ -1240,8 +1304,18 @@ impl Generator {
             TaskKind::Spell => Problem::Spell(WORDS.choose(&mut self.rng).expect("words")),
         }
     }
+}
 
-    /// A new problem (never used before in any file), worded.
+impl TaskGenerator for Generator {
+    type Kind = TaskKind;
+    type Problem = Problem;
+    const HELDOUT_FIRST: bool = false;
+    const SLOPPY_INTERLEAVED: bool = false;
+
+    fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+
     fn task(&mut self) -> Result<(Task, Problem)> {
         let total: u32 = TaskKind::ALL.iter().map(|k| k.weight()).sum();
         for _ in 0..100_000 {
@@ -1282,10 +1356,6 @@ impl Generator {
         )
     }
 
-    fn tasks(&mut self, n: usize) -> Result<Vec<Task>> {
-        (0..n).map(|_| self.task().map(|t| t.0)).collect()
-    }
-
     /// K candidates: the correct one and K − 1 of the others, in a shuffled order.
     fn candidates(&mut self, task: &Task, problem: &Problem, k: usize) -> Vec<Candidate> {
         let mut others = vec![
@@ -1300,17 +1370,38 @@ impl Generator {
         kinds.extend(others);
         kinds.shuffle(&mut self.rng);
         let near = problem.nearly_right(&mut self.rng);
-        let rng = &mut self.rng;
-        kinds
-            .into_iter()
-            .enumerate()
-            .map(|(i, kind)| Candidate {
-                id: format!("r{}", i + 1),
-                kind,
-                response: candidate_response(rng, kind, task, problem, &near),
-            })
-            .collect()
+        numbered(kinds, |kind| {
+            candidate_response(&mut self.rng, kind, task, problem, &near)
+        })
     }
+
+    fn heldout_candidates(&mut self, task: &Task, problem: &Problem) -> Vec<Candidate> {
+        let near = problem.nearly_right(&mut self.rng);
+        let kinds = heldout_kinds(&mut self.rng);
+        numbered(kinds, |kind| {
+            candidate_response(&mut self.rng, kind, task, problem, &near)
+        })
+    }
+
+    fn sloppy_response(&mut self, task: &Task, _problem: &Problem) -> String {
+        wrong_format(&task.answer, task.chinese, &mut self.rng)
+    }
+}
+
+/// Candidates of the given kinds, ids `r1`… in that order, each response drawn in turn.
+pub(crate) fn numbered(
+    kinds: Vec<CandidateKind>,
+    mut response: impl FnMut(CandidateKind) -> String,
+) -> Vec<Candidate> {
+    kinds
+        .into_iter()
+        .enumerate()
+        .map(|(i, kind)| Candidate {
+            id: format!("r{}", i + 1),
+            kind,
+            response: response(kind),
+        })
+        .collect()
 }
 
 /// The response of a candidate of `kind` to the task, `near` its nearly right answer.

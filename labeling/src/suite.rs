@@ -33,9 +33,9 @@
 //! the demonstrations and the labelers still teach it.
 
 use crate::simulate::{
-    self, Candidate, CandidateKind, DEGENERATE_SHARE, HeldoutPrompt, LabelerRanking, PHRASE_WORDS,
-    ProblemKind, SimulateParams, Simulated, SimulatedComparison, Task, TaskInfo, TaskSpec, WORDS,
-    degenerate, heldout_kinds, labeler_noise, rank, spelled,
+    self, Candidate, CandidateKind, DEGENERATE_SHARE, PHRASE_WORDS, ProblemKind, SimulateParams,
+    Simulated, Task, TaskGenerator, TaskInfo, TaskSpec, WORDS, degenerate, heldout_kinds, numbered,
+    spelled,
 };
 use anyhow::{Result, bail};
 use rand::rngs::StdRng;
@@ -300,65 +300,13 @@ pub fn generate(family: Family, params: &SimulateParams) -> Result<Simulated<Sui
         chinese_fraction: family.chinese_fraction(),
         preference: family.preference(),
     };
-    let rule = simulate::gold_rule(&spec.gold_rule)?;
-    let mut g = Generator {
+    let g = Generator {
         family,
         rng: StdRng::seed_from_u64(params.seed),
         keys: HashSet::new(),
         prompts: HashSet::new(),
     };
-    let eval_prompts = g.tasks(params.eval_prompts)?;
-    let mut heldout = Vec::with_capacity(params.heldout_candidates);
-    for i in 0..params.heldout_candidates {
-        let (task, problem) = g.task()?;
-        let kinds = heldout_kinds(&mut g.rng);
-        let candidates = g.responses(kinds, &task, &problem);
-        heldout.push(HeldoutPrompt::scored(
-            format!("h{}", i + 1),
-            task,
-            candidates,
-            &rule,
-        )?);
-    }
-    let prompts = g.tasks(params.train_prompts)?;
-    let labeler_noise = labeler_noise(params);
-    let mut comparisons = Vec::with_capacity(params.comparison_prompts);
-    for i in 0..params.comparison_prompts {
-        let (task, problem) = g.task()?;
-        let candidates = g.candidates(&task, &problem, params.k);
-        let rankings = labeler_noise
-            .iter()
-            .map(|(id, noise)| LabelerRanking {
-                labeler_id: id.clone(),
-                ranks: rank(&mut g.rng, &candidates, *noise),
-            })
-            .collect();
-        comparisons.push(SimulatedComparison {
-            prompt_id: format!("p{}", i + 1),
-            task,
-            candidates,
-            rankings,
-        });
-    }
-    let mut demonstrations = Vec::with_capacity(params.demonstrations);
-    for _ in 0..params.demonstrations {
-        let (mut task, problem) = g.task()?;
-        if g.rng.random_bool(params.sloppy) {
-            task.response = problem.wrong_format(family, task.chinese, &mut g.rng);
-            task.sloppy = true;
-        }
-        demonstrations.push(task);
-    }
-    Ok(Simulated {
-        params: params.clone(),
-        spec,
-        demonstrations,
-        prompts,
-        eval_prompts,
-        comparisons,
-        labeler_noise,
-        heldout,
-    })
+    simulate::run_pipeline(g, params, spec)
 }
 
 /// A problem before it is worded.
@@ -934,7 +882,41 @@ impl Generator {
         }
     }
 
-    /// A new problem (never used before in any file), worded.
+    /// Candidates of the given kinds, ids `r1`… in that order.
+    fn responses(
+        &mut self,
+        kinds: Vec<CandidateKind>,
+        task: &Task<SuiteKind>,
+        problem: &Problem,
+    ) -> Vec<Candidate> {
+        let near = problem.nearly_right(&mut self.rng);
+        let (family, zh, rng) = (self.family, task.chinese, &mut self.rng);
+        numbered(kinds, |kind| match kind {
+            CandidateKind::Correct => task.response.clone(),
+            CandidateKind::Verbose => problem.verbose(family, zh, rng),
+            CandidateKind::NearlyRight => problem.response(family, zh, &near),
+            CandidateKind::WrongFormat => problem.wrong_format(family, zh, rng),
+            CandidateKind::Wrong => {
+                let wrong = problem.wrong(rng, &[&task.answer, &near]);
+                problem.response(family, zh, &wrong)
+            }
+            CandidateKind::Empty | CandidateKind::Repeated | CandidateKind::Refusal => {
+                degenerate(kind, &task.prompt, zh, rng)
+            }
+        })
+    }
+}
+
+impl TaskGenerator for Generator {
+    type Kind = SuiteKind;
+    type Problem = Problem;
+    const HELDOUT_FIRST: bool = true;
+    const SLOPPY_INTERLEAVED: bool = true;
+
+    fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+
     fn task(&mut self) -> Result<(Task<SuiteKind>, Problem)> {
         let kinds = self.family.kinds();
         let total: u32 = kinds.iter().map(|k| k.1).sum();
@@ -978,10 +960,6 @@ impl Generator {
         )
     }
 
-    fn tasks(&mut self, n: usize) -> Result<Vec<Task<SuiteKind>>> {
-        (0..n).map(|_| self.task().map(|t| t.0)).collect()
-    }
-
     /// K candidates: the correct one, each degenerate kind with probability
     /// [`DEGENERATE_SHARE`] (as many as fit), and the family's other kinds, in a shuffled order.
     fn candidates(
@@ -1006,38 +984,12 @@ impl Generator {
         self.responses(kinds, task, problem)
     }
 
-    /// Candidates of the given kinds, ids `r1`… in that order.
-    fn responses(
-        &mut self,
-        kinds: Vec<CandidateKind>,
-        task: &Task<SuiteKind>,
-        problem: &Problem,
-    ) -> Vec<Candidate> {
-        let near = problem.nearly_right(&mut self.rng);
-        let (family, zh, rng) = (self.family, task.chinese, &mut self.rng);
-        kinds
-            .into_iter()
-            .enumerate()
-            .map(|(i, kind)| {
-                let response = match kind {
-                    CandidateKind::Correct => task.response.clone(),
-                    CandidateKind::Verbose => problem.verbose(family, zh, rng),
-                    CandidateKind::NearlyRight => problem.response(family, zh, &near),
-                    CandidateKind::WrongFormat => problem.wrong_format(family, zh, rng),
-                    CandidateKind::Wrong => {
-                        let wrong = problem.wrong(rng, &[&task.answer, &near]);
-                        problem.response(family, zh, &wrong)
-                    }
-                    CandidateKind::Empty | CandidateKind::Repeated | CandidateKind::Refusal => {
-                        degenerate(kind, &task.prompt, zh, rng)
-                    }
-                };
-                Candidate {
-                    id: format!("r{}", i + 1),
-                    kind,
-                    response,
-                }
-            })
-            .collect()
+    fn heldout_candidates(&mut self, task: &Task<SuiteKind>, problem: &Problem) -> Vec<Candidate> {
+        let kinds = heldout_kinds(&mut self.rng);
+        self.responses(kinds, task, problem)
+    }
+
+    fn sloppy_response(&mut self, task: &Task<SuiteKind>, problem: &Problem) -> String {
+        problem.wrong_format(self.family, task.chinese, &mut self.rng)
     }
 }

@@ -10,6 +10,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+use common::{field, jsonl};
+
 const FILES: [&str; 5] = [
     "demonstrations.jsonl",
     "prompts.jsonl",
@@ -17,19 +20,6 @@ const FILES: [&str; 5] = [
     "rankings.csv",
     "task.json",
 ];
-
-fn jsonl(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn field<'a>(v: &'a serde_json::Value, k: &str) -> &'a str {
-    v[k].as_str()
-        .unwrap_or_else(|| panic!("no string `{k}` in {v}"))
-}
 
 /// prompt → gold answer, from the generator's own records.
 fn answers(sim: &Simulated) -> HashMap<String, String> {

@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+use common::{field, jsonl};
+
 const FILES: [&str; 6] = [
     "demonstrations.jsonl",
     "prompts.jsonl",
@@ -19,19 +22,6 @@ const FILES: [&str; 6] = [
     "task.json",
     "heldout_candidates.jsonl",
 ];
-
-fn jsonl(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn field<'a>(v: &'a serde_json::Value, k: &str) -> &'a str {
-    v[k].as_str()
-        .unwrap_or_else(|| panic!("no string `{k}` in {v}"))
-}
 
 /// Small sizes with the family's own K, noise, sloppy share and held-out count.
 fn small(family: Family) -> SimulateParams {
