@@ -285,19 +285,9 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
     let evaluate = |lm: &Lm, encoded: &[Vec<u32>], name: &str, log: &mut dyn Write| {
         let t0 = std::time::Instant::now();
         let responses = models::sample(lm, encoded, &sampling)?;
-        let rewards: Vec<f64> = models::score(&scorer, &prompts, &responses)?
-            .rewards
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        let rewards = models::score(&scorer, &prompts, &responses)?;
         let heldout = match &heldout {
-            Some(h) => Some(
-                models::score(h, &prompts, &responses)?
-                    .rewards
-                    .into_iter()
-                    .map(f64::from)
-                    .collect::<Vec<f64>>(),
-            ),
+            Some(h) => Some(models::score(h, &prompts, &responses)?),
             None => None,
         };
         let gold = match &gold {

@@ -169,7 +169,7 @@ pub fn score(
     scorer: &reward::Scorer,
     prompts: &[EvalPrompt],
     responses: &[Response],
-) -> Result<reward::Scores> {
+) -> Result<Vec<f64>> {
     let items: Vec<reward::Item> = responses
         .iter()
         .map(|r| {
@@ -181,7 +181,12 @@ pub fn score(
             }
         })
         .collect();
-    scorer.score(&items)
+    Ok(scorer
+        .score(&items)?
+        .rewards
+        .into_iter()
+        .map(f64::from)
+        .collect())
 }
 
 /// log p(response token) under `lm` at `temperature`, for each response (its own prompt tokens in

@@ -32,6 +32,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use model::ops::{mask_tensor, to_f32_vec, token_tensor};
 use model::{CausalLm, Heads, ModelMeta, SamplingConfig, TokenBatch, Tokenizer};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use reward::scorer::mean_std;
 use reward::{Scorer, ScorerOptions};
 use rollout::{Prompt, Rollout};
 use serde::{Deserialize, Serialize};
@@ -602,14 +603,6 @@ fn float_tensor(v: &[f32], b: usize, t: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(v.to_vec(), [b, t]), device)
 }
 
-/// Mean and (population) standard deviation.
-fn mean_std(x: &[f32]) -> (f64, f64) {
-    let n = x.len().max(1) as f64;
-    let m = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let v = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n;
-    (m, v.sqrt())
-}
-
 /// The seed of iteration `it`'s sampling and minibatch order: a function of (seed, iteration),
 /// so that a resumed run draws exactly what the uninterrupted one would.
 fn iteration_seed(seed: u64, it: usize, salt: u64) -> u64 {
@@ -789,9 +782,9 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let critic_frozen = critic.valid();
         // The held-out monitor model (if any) scores the same responses after the optimised
         // reward.
+        let items = rollout::items(&batch_prompts, &roll.texts);
         let score = || {
             let t = Instant::now();
-            let items = rollout::items(&batch_prompts, &roll.texts);
             let scored = scorer.score(&items).and_then(|s| {
                 let h = heldout.as_ref().map(|m| m.score(&items)).transpose()?;
                 Ok((s, h))
@@ -809,7 +802,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         };
         let ((scores, t_score), (old_lp, (ref_lp, old_values))) =
             model::device::join(score, forwards);
-        let (scored, heldout_scored) = scores?;
+        let (scored, heldout_scored) = scores.map_err(|e| rollout::locate(e, &batch_prompts))?;
         let (old_lp, ref_lp, old_values) = (old_lp?, ref_lp?, old_values?);
         let t_forward = t0.elapsed().as_secs_f64();
         // A response without EOS gets the penalty; scores are clipped (the monitor's alike).
@@ -829,7 +822,8 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let gold_mean = match &gold {
             Some(g) => Some(
                 mean_std(
-                    &g.score(&rollout::items(&batch_prompts, &roll.texts))?
+                    &g.score(&items)
+                        .map_err(|e| rollout::locate(e, &batch_prompts))?
                         .rewards,
                 )
                 .0,

@@ -38,6 +38,18 @@ pub fn items<'a>(prompts: &[&'a Prompt], responses: &'a [String]) -> Vec<reward:
         .collect()
 }
 
+/// A rule's scoring error ([`reward::scorer::ItemError`]) named by the prompt's file and line;
+/// other errors as they are.
+pub fn locate(e: anyhow::Error, prompts: &[&Prompt]) -> anyhow::Error {
+    match e.downcast_ref::<reward::scorer::ItemError>() {
+        Some(ie) if ie.index < prompts.len() => {
+            let p = prompts[ie.index];
+            anyhow::anyhow!("{} line {}: {}", p.source, p.line, ie.message)
+        }
+        _ => e,
+    }
+}
+
 /// Reads the prompts; errors name the file, the line and the field. `max_tokens` is the longest
 /// templated prompt that leaves room for the response in the policy's context.
 pub fn read_prompts(

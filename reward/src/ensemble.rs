@@ -17,8 +17,8 @@
 
 use crate::data::{self, Read};
 use crate::eval::Validation;
-use crate::scorer::{ENSEMBLE_FILE, Manifest, RewardModel, mean_std};
-use crate::{RewardConfig, Summary, read_data, run_one, score_sequences};
+use crate::scorer::{Aggregate, ENSEMBLE_FILE, Manifest, RewardModel, mean_std};
+use crate::{RewardConfig, Summary, read_data, run_one};
 use anyhow::{Context, Result, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -287,10 +287,7 @@ fn summarize(
     let (train, dropped) = tokenize(&train_raw)?;
     let rewards_on = |m: &RewardModel, groups: &[data::Group]| -> Result<Vec<Vec<f32>>> {
         let flat: Vec<Vec<u32>> = groups.iter().flat_map(|g| g.sequences.clone()).collect();
-        let mut r = score_sequences(&m.model, &flat, cfg.train.eval_batch_size, tok.pad_id)?;
-        if let Some(n) = &m.normalization {
-            r.iter_mut().for_each(|x| *x = n.apply(*x));
-        }
+        let r = m.score_tokens(&flat, cfg.train.eval_batch_size, false)?;
         let mut at = 0;
         Ok(groups
             .iter()
@@ -349,12 +346,9 @@ fn summarize(
             })
             .collect()
     };
-    let mean = combine(&|v| mean_std(v).0 as f32);
-    let lower = combine(&|v| {
-        let (m, s) = mean_std(v);
-        (m - s) as f32
-    });
-    let min = combine(&|v| v.iter().copied().fold(f32::INFINITY, f32::min));
+    let mean = combine(&|v| Aggregate::Mean.apply(v, 0.0));
+    let lower = combine(&|v| Aggregate::MeanMinusStd.apply(v, 1.0));
+    let min = combine(&|v| Aggregate::Min.apply(v, 0.0));
     let std = combine(&|v| mean_std(v).1 as f32);
     let flat = |r: &[Vec<f32>]| -> Vec<f64> { r.iter().flatten().map(|&x| x as f64).collect() };
     let mut corr = Vec::new();

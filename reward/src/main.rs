@@ -72,49 +72,46 @@ fn main() {
         .as_deref()
         .is_some_and(|a| a == "score" || a == "agreement");
     let result = if scoring {
-        let command = ScoreCli::parse().command;
-        if let Command::Agreement {
-            dir,
-            candidates,
-            batch_size,
-            aggregate,
-            uncertainty_coef,
-            json,
-            device,
-        } = command
-        {
-            let options = reward::ScorerOptions {
+        match ScoreCli::parse().command {
+            Command::Agreement {
+                dir,
+                candidates,
+                batch_size,
                 aggregate,
                 uncertainty_coef,
-                batch_size: batch_size.max(1),
-                ..reward::ScorerOptions::default()
-            };
-            trainer::exit_on_error(model::device::hot(|| {
-                agreement(&dir, &candidates, options, json.as_deref(), &device)
-            }));
-            return;
+                json,
+                device,
+            } => {
+                let options = reward::ScorerOptions {
+                    aggregate,
+                    uncertainty_coef,
+                    batch_size: batch_size.max(1),
+                    ..reward::ScorerOptions::default()
+                };
+                model::device::hot(|| {
+                    agreement(&dir, &candidates, options, json.as_deref(), &device)
+                })
+            }
+            Command::Score {
+                dir,
+                input,
+                batch_size,
+                raw,
+                template,
+                aggregate,
+                uncertainty_coef,
+                device,
+            } => {
+                let options = reward::ScorerOptions {
+                    aggregate,
+                    uncertainty_coef,
+                    raw,
+                    template,
+                    batch_size,
+                };
+                model::device::hot(|| score(&dir, &input, options, &device))
+            }
         }
-        let Command::Score {
-            dir,
-            input,
-            batch_size,
-            raw,
-            template,
-            aggregate,
-            uncertainty_coef,
-            device,
-        } = command
-        else {
-            unreachable!("agreement returned above")
-        };
-        let options = reward::ScorerOptions {
-            aggregate,
-            uncertainty_coef,
-            raw,
-            template,
-            batch_size,
-        };
-        model::device::hot(|| score(&dir, &input, options, &device))
     } else {
         let args = trainer::StageArgs::parse(
             "reward",

@@ -153,13 +153,24 @@ impl RewardModel {
             cuts.responses += e.response_cut as usize;
             seqs.push(e.tokens);
         }
-        let mut r = crate::score_sequences(&self.model, &seqs, batch_size, self.tokenizer.pad_id)?;
+        Ok((self.score_tokens(&seqs, batch_size, raw)?, cuts))
+    }
+
+    /// Rewards of sequences already encoded with this model's tokenizer (normalised unless
+    /// `raw`).
+    pub fn score_tokens(
+        &self,
+        seqs: &[Vec<u32>],
+        batch_size: usize,
+        raw: bool,
+    ) -> Result<Vec<f32>> {
+        let mut r = crate::score_sequences(&self.model, seqs, batch_size, self.tokenizer.pad_id)?;
         if !raw && let Some(n) = &self.normalization {
             for x in r.iter_mut() {
                 *x = n.apply(*x);
             }
         }
-        Ok((r, cuts))
+        Ok(r)
     }
 }
 
@@ -211,8 +222,9 @@ impl Scores {
         self.per_response(|v| mean_std(v).1 as f32)
     }
 
+    /// `f` of each response's member rewards.
     fn per_response(&self, f: impl Fn(&[f32]) -> f32) -> Vec<f32> {
-        (0..self.rewards.len())
+        (0..self.members.first().map_or(0, Vec::len))
             .map(|i| {
                 let col: Vec<f32> = self.members.iter().map(|m| m[i]).collect();
                 f(&col)
@@ -220,6 +232,23 @@ impl Scores {
             .collect()
     }
 }
+
+/// A rule could not score the response at `index` of the batch (the prompt's reference answer is
+/// missing or not of the rule's kind); callers that know where the prompt came from say so
+/// (`ppo` names the prompts file and line).
+#[derive(Debug)]
+pub struct ItemError {
+    pub index: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for ItemError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "response {}: {}", self.index + 1, self.message)
+    }
+}
+
+impl std::error::Error for ItemError {}
 
 /// How a folder is loaded as a scorer.
 #[derive(Clone, Debug)]
@@ -312,7 +341,7 @@ impl Scorer {
                     .enumerate()
                     .map(|(i, it)| {
                         rule.score(it.response, it.answer)
-                            .map_err(|e| anyhow::anyhow!("response {}: {e}", i + 1))
+                            .map_err(|message| anyhow::Error::new(ItemError { index: i, message }))
                     })
                     .collect::<Result<Vec<f32>>>()?;
                 Ok(Scores {
@@ -331,12 +360,7 @@ impl Scorer {
                 out.rewards = if members.len() == 1 {
                     out.members[0].clone()
                 } else {
-                    (0..items.len())
-                        .map(|i| {
-                            let col: Vec<f32> = out.members.iter().map(|m| m[i]).collect();
-                            options.aggregate.apply(&col, options.uncertainty_coef)
-                        })
-                        .collect()
+                    out.per_response(|v| options.aggregate.apply(v, options.uncertainty_coef))
                 };
                 Ok(out)
             }
