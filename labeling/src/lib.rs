@@ -10,6 +10,7 @@
 /// The rankings CSV reader and the labelers' votes live in `datasets` (every stage reads them);
 /// re-exported here under their old names.
 pub use datasets::preference::{pairs, rankings as import};
+pub mod flywheel;
 pub mod simulate;
 pub mod suite;
 
@@ -31,7 +32,9 @@ pub enum Aggregate {
 }
 
 pub struct ImportOptions {
-    pub input: PathBuf,
+    /// Rankings CSVs, read in order (e.g. the first labeling and each flywheel round's); a
+    /// prompt id may appear in one file only.
+    pub inputs: Vec<PathBuf>,
     pub out: PathBuf,
     pub format: Option<CsvFormat>,
     pub aggregate: Aggregate,
@@ -114,7 +117,32 @@ pub struct Imported {
 }
 
 pub fn import(opts: &ImportOptions) -> Result<Imported> {
-    let groups = read_rankings(&opts.input, opts.format, &opts.renames)?;
+    anyhow::ensure!(!opts.inputs.is_empty(), "no rankings file given");
+    let mut groups = Vec::new();
+    let mut owner: HashMap<String, &Path> = HashMap::new();
+    for (i, input) in opts.inputs.iter().enumerate() {
+        anyhow::ensure!(
+            !opts.inputs[..i].contains(input),
+            "{}: given twice",
+            input.display()
+        );
+        let read = read_rankings(input, opts.format, &opts.renames)?;
+        for g in &read {
+            match owner.get(g.prompt_id.as_str()) {
+                Some(&other) if other != input.as_path() => anyhow::bail!(
+                    "{} line {}: prompt_id {:?} is also in {}; give each file its own prompt ids (`export-sheet --id-prefix`)",
+                    input.display(),
+                    g.line,
+                    g.prompt_id,
+                    other.display()
+                ),
+                _ => {
+                    owner.insert(g.prompt_id.clone(), input.as_path());
+                }
+            }
+        }
+        groups.extend(read);
+    }
     let (all_pairs, ties) = expand_pairs(&groups, opts.keep_ties);
     let (out_pairs, maj) = match opts.aggregate {
         Aggregate::None => (all_pairs, None),
@@ -275,65 +303,121 @@ pub fn pairs_frame(pairs: &[Comparison]) -> Result<DataFrame> {
 
 /// Options of `labeling export-sheet`.
 pub struct ExportOptions {
-    pub policy: PathBuf,
+    /// The policies to sample from: response k of a prompt comes from policy k mod P (the
+    /// current policy beside the SFT model, say, as InstructGPT compared several models' samples).
+    pub policies: Vec<PathBuf>,
+    /// Prompt ids are this prefix and the prompt's number (1, 2, ...): one prefix per sheet
+    /// keeps the ids of several rounds apart.
+    pub id_prefix: String,
     pub prompts: datasets::Source,
     pub k: usize,
+    /// Leave out a response whose text another response of the prompt already has (a labeler
+    /// can only tie them), and a prompt left with fewer than two.
+    pub distinct: bool,
     pub out: PathBuf,
     pub sampling: model::generate::SamplingArgs,
     pub device: String,
 }
 
-/// Samples K responses per prompt from the policy and writes a long-format CSV with empty
-/// `labeler_id` and `rank` columns for labelers to fill. Returns the number of rows written.
-pub fn export_sheet(opts: &ExportOptions) -> Result<usize> {
+/// What `export_sheet` wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exported {
+    pub rows: usize,
+    pub prompts: usize,
+    /// Responses left out as duplicates (`distinct`).
+    pub duplicates: usize,
+    /// Prompts left out with fewer than two distinct responses (`distinct`).
+    pub prompts_dropped: usize,
+}
+
+/// Samples K responses per prompt from the policies and writes a long-format CSV with empty
+/// `labeler_id` and `rank` columns for labelers to fill. Each policy's prompts are rendered with
+/// its own stored template (its rlhf.json) unless `--template` is given.
+pub fn export_sheet(opts: &ExportOptions) -> Result<Exported> {
     anyhow::ensure!(
         opts.k >= 2,
         "--k must be at least 2 (a ranking compares K ≥ 2 responses)"
     );
+    anyhow::ensure!(!opts.policies.is_empty(), "give at least one --policy");
+    anyhow::ensure!(
+        opts.policies.len() <= opts.k,
+        "{} policies but --k {}: each policy needs a response per prompt",
+        opts.policies.len(),
+        opts.k
+    );
     let device = model::parse_device(&opts.device)?;
-    let loaded = model::load(&opts.policy, &device)?;
-    let tok = loaded.tokenizer.with_context(|| {
-        format!(
-            "{}: no tokenizer.json in the policy folder",
-            opts.policy.display()
-        )
-    })?;
-    let template = opts.sampling.template()?;
     let prompts = datasets::load_prompts(&opts.prompts)?;
     anyhow::ensure!(
         !prompts.is_empty(),
         "{}: no prompts",
         opts.prompts.path.display()
     );
+    let texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
+    // responses[i][k]: prompt i's response k.
+    let mut responses: Vec<Vec<String>> = vec![vec![String::new(); opts.k]; prompts.len()];
+    for (j, policy) in opts.policies.iter().enumerate() {
+        let loaded = model::load(policy, &device)?;
+        let tok = loaded.tokenizer.with_context(|| {
+            format!(
+                "{}: no tokenizer.json in the policy folder",
+                policy.display()
+            )
+        })?;
+        let template = opts.sampling.template(policy)?;
+        let encoded = datasets::tokenize::encode_prompts(&tok, &template, &texts)?;
+        let mine: Vec<usize> = (0..opts.k)
+            .filter(|k| k % opts.policies.len() == j)
+            .collect();
+        for (i, ids) in encoded.into_iter().enumerate() {
+            let batch = vec![ids; mine.len()];
+            // Each (prompt, policy) gets its own seed, so a sheet's rows do not depend on the
+            // prompts before; one policy alone samples as before.
+            let mut sampling = opts.sampling.config(tok.eos_id, tok.pad_id);
+            sampling.seed = opts
+                .sampling
+                .seed
+                .wrapping_add(i as u64)
+                .wrapping_add((j as u64) << 32);
+            let g = model::generate(&loaded.model, &batch, &sampling)?;
+            for (&k, resp) in mine.iter().zip(g.responses().iter()) {
+                let ids: Vec<u32> = resp.iter().copied().filter(|&t| t != tok.eos_id).collect();
+                responses[i][k] = tok.decode(&ids)?;
+            }
+        }
+    }
     let tmp = opts.out.with_extension("csv.tmp");
     let mut w =
         csv::Writer::from_path(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     w.write_record(import::LONG_HEADER)?;
-    let mut rows = 0;
-    let texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
-    let encoded = datasets::tokenize::encode_prompts(&tok, &template, &texts)?;
-    for (i, (p, ids)) in prompts.iter().zip(encoded).enumerate() {
-        let batch = vec![ids; opts.k];
-        // Each prompt gets its own seed, so a sheet's rows do not depend on the prompts before.
-        let mut sampling = opts.sampling.config(tok.eos_id, tok.pad_id);
-        sampling.seed = opts.sampling.seed.wrapping_add(i as u64);
-        let g = model::generate(&loaded.model, &batch, &sampling)?;
-        for (k, resp) in g.responses().iter().enumerate() {
-            let ids: Vec<u32> = resp.iter().copied().filter(|&t| t != tok.eos_id).collect();
-            let text = tok.decode(&ids)?;
+    let mut done = Exported::default();
+    for (i, (p, rs)) in prompts.iter().zip(&responses).enumerate() {
+        let mut keep: Vec<usize> = Vec::new();
+        for (k, r) in rs.iter().enumerate() {
+            if opts.distinct && keep.iter().any(|&q| rs[q].trim() == r.trim()) {
+                done.duplicates += 1;
+            } else {
+                keep.push(k);
+            }
+        }
+        if keep.len() < 2 {
+            done.prompts_dropped += 1;
+            continue;
+        }
+        for k in keep {
             w.write_record([
-                format!("p{}", i + 1),
+                format!("{}{}", opts.id_prefix, i + 1),
                 p.prompt.clone(),
                 format!("r{}", k + 1),
-                text,
+                rs[k].clone(),
                 String::new(),
                 String::new(),
             ])?;
-            rows += 1;
+            done.rows += 1;
         }
+        done.prompts += 1;
     }
     w.flush()?;
     drop(w);
     std::fs::rename(&tmp, &opts.out).with_context(|| format!("writing {}", opts.out.display()))?;
-    Ok(rows)
+    Ok(done)
 }

@@ -1448,22 +1448,27 @@ pub(crate) fn verbose(response: &str, zh: bool, rng: &mut StdRng) -> String {
 /// random), each adjacent pair swapped with probability `noise`, then equal ranks for neighbours
 /// of the same tier half the time and for neighbours one tier apart with probability `noise / 2`.
 pub(crate) fn rank(rng: &mut StdRng, candidates: &[Candidate], noise: f64) -> Vec<u32> {
-    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    let tiers: Vec<u32> = candidates.iter().map(|c| c.kind.tier()).collect();
+    rank_tiers(rng, &tiers, noise)
+}
+
+/// One labeler's ranks (1 = best, equal = tie) of responses with these preference tiers (0 =
+/// best): by tier in a random order within a tier, each adjacent pair swapped with probability
+/// `noise`; neighbours of one tier tied half the time, of adjacent tiers at `noise / 2`.
+pub(crate) fn rank_tiers(rng: &mut StdRng, tiers: &[u32], noise: f64) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..tiers.len()).collect();
     order.shuffle(rng);
-    order.sort_by_key(|&i| candidates[i].kind.tier());
+    order.sort_by_key(|&i| tiers[i]);
     for i in 0..order.len() - 1 {
         if rng.random_bool(noise) {
             order.swap(i, i + 1);
         }
     }
-    let mut ranks = vec![0u32; candidates.len()];
+    let mut ranks = vec![0u32; tiers.len()];
     let mut r = 1;
     ranks[order[0]] = 1;
     for w in 1..order.len() {
-        let (prev, cur) = (
-            candidates[order[w - 1]].kind.tier(),
-            candidates[order[w]].kind.tier(),
-        );
+        let (prev, cur) = (tiers[order[w - 1]], tiers[order[w]]);
         let p_tie = match prev.abs_diff(cur) {
             0 => 0.5,
             1 => noise / 2.0,

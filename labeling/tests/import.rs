@@ -9,7 +9,7 @@ use std::process::Command;
 
 fn opts(input: &Path, out: &Path) -> ImportOptions {
     ImportOptions {
-        input: input.to_path_buf(),
+        inputs: vec![input.to_path_buf()],
         out: out.to_path_buf(),
         format: None,
         aggregate: Aggregate::None,
@@ -531,4 +531,58 @@ fn load_comparisons_reads_the_tie_column_that_import_keep_ties_writes() {
         ),
         "{e}"
     );
+}
+
+#[test]
+fn several_files_import_together_and_a_shared_prompt_id_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("round-0.csv");
+    let b = dir.path().join("round-1.csv");
+    std::fs::write(
+        &a,
+        "prompt_id,prompt,response_id,response,labeler_id,rank\n\
+         p1,Q,a,x,l1,1\np1,Q,b,y,l1,2\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &b,
+        "prompt_id,prompt,response_id,response,labeler_id,rank\n\
+         r1-1,Q,r1,x2,l1,2\nr1-1,Q,r2,y2,l1,1\nr1-1,Q,r3,z2,l1,3\n",
+    )
+    .unwrap();
+    let out = dir.path().join("labels");
+    let stats = import_to_dir(&ImportOptions {
+        inputs: vec![a.clone(), b.clone()],
+        ..opts(&a, &out)
+    })
+    .unwrap();
+    assert_eq!((stats.prompts, stats.groups, stats.pairs), (2, 2, 1 + 3));
+    assert_eq!(stats.groups_by_k.get("2"), Some(&1));
+    assert_eq!(stats.groups_by_k.get("3"), Some(&1));
+    // The same prompt id in two files: named, and nothing written.
+    let out2 = dir.path().join("labels2");
+    let e = import_to_dir(&ImportOptions {
+        inputs: vec![a.clone(), a.clone()],
+        ..opts(&a, &out2)
+    });
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("round-0.csv") && e.contains("twice"), "{e}");
+    assert!(!out2.exists());
+    std::fs::write(
+        &b,
+        "prompt_id,prompt,response_id,response,labeler_id,rank\n\
+         p1,Q,r1,x2,l1,2\np1,Q,r2,y2,l1,1\n",
+    )
+    .unwrap();
+    let e = import_to_dir(&ImportOptions {
+        inputs: vec![a.clone(), b.clone()],
+        ..opts(&a, &out2)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("round-1.csv line 2") && e.contains("\"p1\"") && e.contains("round-0.csv"),
+        "{e}"
+    );
+    assert!(!out2.exists());
 }

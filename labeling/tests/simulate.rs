@@ -140,7 +140,7 @@ fn the_default_task_imports_and_the_gold_scorer_agrees_with_it() {
 
     // The rankings import, with K = 4, 3 labelers, ties, and imperfect agreement.
     let imported = import(&ImportOptions {
-        input: out.join("rankings.csv"),
+        inputs: vec![out.join("rankings.csv")],
         out: dir.path().join("labels"),
         format: None,
         aggregate: Aggregate::None,

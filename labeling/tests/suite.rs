@@ -178,7 +178,7 @@ fn every_family_writes_its_files_and_its_gold_rule_agrees_with_them() {
         // The rankings import with K per group as configured, and labelers who mostly rank the
         // correct candidate first but do not always agree.
         let imported = import(&ImportOptions {
-            input: out.join("rankings.csv"),
+            inputs: vec![out.join("rankings.csv")],
             out: dir.path().join("labels"),
             format: None,
             aggregate: Aggregate::None,

@@ -307,9 +307,10 @@ mod tests {
 #[derive(clap::Args, Clone, Debug)]
 pub struct SamplingArgs {
     /// Prompt template with one `{prompt}`, e.g. "Human: {prompt}\n\nAssistant:" (`\n` and `\t`
-    /// are read as newline and tab).
-    #[arg(long, default_value = "{prompt}")]
-    pub template: String,
+    /// are read as newline and tab); default: the template stored in the model folder's
+    /// rlhf.json, else "Human: {prompt}\n\nAssistant:".
+    #[arg(long)]
+    pub template: Option<String>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 means greedy.
@@ -326,9 +327,15 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The prompt template, with shell-typed `\n` / `\t` turned into newline / tab.
-    pub fn template(&self) -> crate::Result<crate::PromptTemplate> {
-        crate::PromptTemplate::new(&self.template.replace("\\n", "\n").replace("\\t", "\t"))
+    /// The prompt template: `--template` (shell-typed `\n` / `\t` turned into newline / tab),
+    /// else the one stored with the model folder `dir` (see
+    /// [`crate::checkpoint::resolve_template`]).
+    pub fn template(&self, dir: &std::path::Path) -> crate::Result<crate::PromptTemplate> {
+        let given = self
+            .template
+            .as_ref()
+            .map(|t| t.replace("\\n", "\n").replace("\\t", "\t"));
+        crate::checkpoint::resolve_template(given.as_deref(), Some(dir))
     }
 
     /// The sampling config for a tokenizer's EOS and padding ids.

@@ -112,6 +112,10 @@ fn d_max_kl() -> f64 {
 pub struct ModelSection {
     /// The SFT policy (an HF causal-LM folder).
     pub policy: PathBuf,
+    /// The KL reference (frozen); default: `policy`. A policy that continues from an earlier
+    /// PPO run (the data flywheel's next round) keeps the SFT model as its reference.
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
     /// The reward model (an HF *ForSequenceClassification folder); empty with a rule reward.
     #[serde(default)]
     pub reward_model: Option<PathBuf>,
@@ -482,9 +486,24 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
             .with_context(|| format!("model.policy = {}", policy_dir.display()))
     };
     let (policy, tokenizer, policy_meta) = load_policy(&train)?;
-    let (reference, _, _) =
-        model::checkpoint::load_with_tokenizer(&cfg.model.policy, Some(Heads::LM), None, &frozen)
-            .with_context(|| format!("model.policy = {}", cfg.model.policy.display()))?;
+    let (reference, reference_tok, _) = match &cfg.model.reference {
+        Some(r) => model::checkpoint::load_with_tokenizer(r, Some(Heads::LM), None, &frozen)
+            .with_context(|| format!("model.reference = {}", r.display()))?,
+        None => model::checkpoint::load_with_tokenizer(
+            &cfg.model.policy,
+            Some(Heads::LM),
+            None,
+            &frozen,
+        )
+        .with_context(|| format!("model.policy = {}", cfg.model.policy.display()))?,
+    };
+    if !tokenizer.same_ids(&reference_tok) {
+        bail!(
+            "model.reference's tokenizer differs from the policy's ({} vs {} tokens); the KL is per token, so the reference must be the model the policy was trained from",
+            reference_tok.vocab_size(),
+            tokenizer.vocab_size()
+        );
+    }
     let scorer = match (&cfg.reward.rule, &cfg.model.reward_model) {
         (Some(rule), _) => Scorer::Rule(
             datasets::gold::parse_rule(rule)

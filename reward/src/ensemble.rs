@@ -11,6 +11,10 @@
 //! same command keeps the members that finished and continues an interrupted one from its newest
 //! checkpoint.
 //!
+//! With `model.base` an ensemble folder (a previous round's `final/`: the data flywheel), member
+//! i continues from the base's member i and the monitor from the base's monitor, each on the
+//! data given now (old and new groups together).
+//!
 //! Full models rather than heads on a shared trunk: members that share a trunk disagree little
 //! (their features are the same), and disagreement is what the monitor and the uncertainty
 //! penalty read. The cost is N trainings and N scoring forwards in `ppo`.
@@ -91,6 +95,39 @@ fn member_config(cfg: &RewardConfig, i: usize, monitor: bool) -> RewardConfig {
     m
 }
 
+/// With `model.base` an ensemble folder, each member's base becomes the base's member of the same
+/// index (the monitor's its monitor). Counts must match: a member continues one model.
+fn continue_from_ensemble(cfg: &RewardConfig, configs: &mut [(RewardConfig, bool)]) -> Result<()> {
+    let base = &cfg.model.base;
+    let Some(m) =
+        Manifest::read(base).with_context(|| format!("model.base = {}", base.display()))?
+    else {
+        return Ok(());
+    };
+    if m.members.len() != cfg.ensemble.members {
+        bail!(
+            "model.base = {} is an ensemble of {} members and ensemble.members = {}: each member continues its own model, so set ensemble.members = {}",
+            base.display(),
+            m.members.len(),
+            cfg.ensemble.members,
+            m.members.len()
+        );
+    }
+    for (c, is_monitor) in configs.iter_mut() {
+        c.model.base = if *is_monitor {
+            base.join(m.monitor.as_deref().with_context(|| {
+                format!(
+                    "model.base = {} has no monitor model to continue; set ensemble.monitor = false",
+                    base.display()
+                )
+            })?)
+        } else {
+            base.join(&m.members[c.ensemble.member.unwrap_or(0)])
+        };
+    }
+    Ok(())
+}
+
 /// The newest `checkpoint-*` folder of `out`.
 fn newest_checkpoint(out: &Path) -> Option<PathBuf> {
     trainer::state::checkpoints(out).ok()?.pop()
@@ -159,6 +196,12 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         .collect();
     if cfg.ensemble.monitor {
         configs.push((member_config(cfg, n, true), true));
+    }
+    if let Err(e) = continue_from_ensemble(cfg, &mut configs) {
+        if !existed && only_config(&cfg.out) {
+            let _ = std::fs::remove_dir_all(&cfg.out);
+        }
+        return Err(e);
     }
     let mut kept = Vec::new();
     for (i, (m, _)) in configs.iter().enumerate() {

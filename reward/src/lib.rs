@@ -574,6 +574,14 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
     if e.member.is_none() && !e.is_monitor && e.members > 1 {
         return ensemble::run(cfg, config_used, resume);
     }
+    if let Some(m) = scorer::Manifest::read(&cfg.model.base)? {
+        bail!(
+            "model.base = {} is an ensemble of {} members: set ensemble.members = {} to continue each of them, or set model.base to one member's folder",
+            cfg.model.base.display(),
+            m.members.len(),
+            m.members.len()
+        );
+    }
     run_one(cfg, config_used, resume)
 }
 

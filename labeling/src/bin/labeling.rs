@@ -1,4 +1,5 @@
-//! `labeling import`, `labeling export-sheet` and `labeling simulate`.
+//! `labeling import`, `labeling export-sheet`, `labeling simulate` and `labeling
+//! simulate-labelers`.
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -22,9 +23,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Read rankings from CSV; write rankings.parquet, pairs.parquet and stats.json into --out.
+    /// Read rankings from CSV (one file, or several: e.g. the first labeling and each flywheel
+    /// round's); write rankings.parquet, pairs.parquet and stats.json into --out.
     Import {
-        file: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         /// long or wide; detected from the header (`rank` or `ranking` column) when absent.
@@ -39,10 +42,12 @@ enum Command {
         #[arg(long = "col", value_name = "NAME=HEADER")]
         cols: Vec<String>,
     },
-    /// Sample K responses per prompt from a policy and write a long CSV with an empty rank column.
+    /// Sample K responses per prompt from a policy (or several: response k from policy k mod P)
+    /// and write a long CSV with empty labeler_id and rank columns.
     ExportSheet {
-        #[arg(long)]
-        policy: PathBuf,
+        /// A policy folder; repeat to compare several (e.g. the current policy and the SFT model).
+        #[arg(long = "policy", required = true)]
+        policies: Vec<PathBuf>,
         /// Prompts file (.jsonl, .csv, .parquet) with a `prompt` column.
         #[arg(long)]
         prompts: PathBuf,
@@ -50,6 +55,14 @@ enum Command {
         k: usize,
         #[arg(long)]
         out: PathBuf,
+        /// Prompt ids are PREFIX1, PREFIX2, ...: give each round's sheet its own prefix so that
+        /// `labeling import` can read several rounds together.
+        #[arg(long, default_value = "p")]
+        id_prefix: String,
+        /// Leave out responses whose text another response of the prompt already has, and
+        /// prompts left with fewer than two (rows a labeler could only tie).
+        #[arg(long)]
+        distinct: bool,
         #[command(flatten)]
         sampling: model::generate::SamplingArgs,
         #[arg(long, default_value = "cpu")]
@@ -67,6 +80,30 @@ enum Command {
         family: FamilyArgs,
         #[command(flatten)]
         params: SimulateParams,
+    },
+    /// Rank a sheet (`export-sheet`'s CSV) as simulated labelers would, by a gold rule with
+    /// noise and ties: the data flywheel's labelers for tests, the demo and studies. Writes the
+    /// ranked long CSV for `labeling import` and prints what the labeling cost.
+    SimulateLabelers {
+        #[arg(long)]
+        sheet: PathBuf,
+        /// The gold rule, e.g. final_answer, normalized_match, numeric:0.01, choice, json_answer
+        /// (a task's task.json names its own).
+        #[arg(long)]
+        gold: String,
+        /// Prompts with their `answer` (e.g. the task's prompts.jsonl), matched by prompt text.
+        #[arg(long)]
+        answers: Option<PathBuf>,
+        #[arg(long, default_value_t = labeling::flywheel::LabelerOptions::default().labelers)]
+        labelers: usize,
+        /// The mean labeler's probability of swapping adjacent responses (0.5x to 1.5x of it
+        /// from the first labeler to the last).
+        #[arg(long, default_value_t = labeling::flywheel::LabelerOptions::default().noise)]
+        noise: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -86,7 +123,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Import {
-            file,
+            files,
             out,
             format,
             aggregate,
@@ -101,7 +138,7 @@ fn run(cli: Cli) -> Result<()> {
                 renames.insert(name.trim().to_string(), header.trim().to_string());
             }
             let stats = import_to_dir(&ImportOptions {
-                input: file,
+                inputs: files,
                 out: out.clone(),
                 format,
                 aggregate,
@@ -116,23 +153,37 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::ExportSheet {
-            policy,
+            policies,
             prompts,
             k,
             out,
+            id_prefix,
+            distinct,
             sampling,
             device,
         } => {
-            let rows = export_sheet(&ExportOptions {
-                policy,
+            let e = export_sheet(&ExportOptions {
+                policies,
+                id_prefix,
                 prompts: datasets::Source::new(prompts),
                 k,
+                distinct,
                 out: out.clone(),
                 sampling,
                 device,
             })?;
+            let left = if distinct {
+                format!(
+                    " ({} duplicate responses and {} prompts with fewer than two distinct ones left out)",
+                    e.duplicates, e.prompts_dropped
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "wrote {rows} rows to {}; fill labeler_id and rank (1 = best), then run `labeling import`",
+                "wrote {} rows of {} prompts to {}{left}; fill labeler_id and rank (1 = best), then run `labeling import`",
+                e.rows,
+                e.prompts,
                 out.display()
             );
             Ok(())
@@ -164,6 +215,40 @@ fn run(cli: Cli) -> Result<()> {
                 out.display(),
                 files.join(", ")
             );
+            Ok(())
+        }
+        Command::SimulateLabelers {
+            sheet,
+            gold,
+            answers,
+            labelers,
+            noise,
+            seed,
+            out,
+        } => {
+            let c = labeling::flywheel::simulate_labelers(&labeling::flywheel::LabelerOptions {
+                sheet,
+                gold,
+                answers,
+                labelers,
+                noise,
+                seed,
+                out: out.clone(),
+            })?;
+            println!(
+                "labeling cost: {} prompts, {} responses, {} labelers, {} rows ranked",
+                c.prompts, c.responses, c.labelers, c.rows_ranked
+            );
+            println!(
+                "gold mean of the sheet's responses {:.3}; right {}, partly right {}, wrong {}, degenerate {}; {} groups of one tier",
+                c.gold_mean,
+                c.by_tier[0],
+                c.by_tier[1],
+                c.by_tier[2],
+                c.by_tier[3],
+                c.single_tier_groups
+            );
+            println!("wrote {}", out.display());
             Ok(())
         }
     }

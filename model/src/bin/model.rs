@@ -1,8 +1,7 @@
 //! `model`: inspect checkpoints, sample from them, score texts, and benchmark against PyTorch.
 
 use anyhow::{Context, Result, bail};
-use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
 use model::{
     CausalLm, PromptTemplate, TokenBatch, Tokenizer, backend_name, generate,
@@ -32,11 +31,6 @@ enum Command {
     Info { dir: PathBuf },
     /// Sample a completion of one prompt (`--prompt`), or of every line of a JSONL file
     /// (`--input`).
-    #[command(mut_arg("template", |a| a.hide_default_value(true).help(
-        "Prompt template with one `{prompt}`, e.g. \"Human: {prompt}\\n\\nAssistant:\" (`\\n` and \
-         `\\t` are read as newline and tab); default: the template stored in the model folder's \
-         rlhf.json, else \"Human: {prompt}\\n\\nAssistant:\""
-    )))]
     #[command(group(clap::ArgGroup::new("prompts").required(true).args(["prompt", "input"])))]
     Generate {
         dir: PathBuf,
@@ -115,19 +109,14 @@ static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    // `--template` left out means "the model folder's", which clap's default cannot say.
-    let template_given = matches
-        .subcommand_matches("generate")
-        .is_some_and(|m| m.value_source("template") == Some(ValueSource::CommandLine));
-    if let Err(e) = model::device::in_pool(|| run(cli, template_given)) {
+    let cli = Cli::parse();
+    if let Err(e) = model::device::in_pool(|| run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli, template_given: bool) -> Result<()> {
+fn run(cli: Cli) -> Result<()> {
     let device = parse_device(&cli.device)?;
     match cli.command {
         Command::Info { dir } => info(&dir, &device),
@@ -144,11 +133,7 @@ fn run(cli: Cli, template_given: bool) -> Result<()> {
             let tok = loaded.tokenizer.with_context(|| {
                 format!("{}: no tokenizer.json in the model folder", dir.display())
             })?;
-            let template = if template_given {
-                sampling.template()?
-            } else {
-                model::checkpoint::resolve_template(None, Some(&dir))?
-            };
+            let template = sampling.template(&dir)?;
             if let Some(input) = input {
                 let lines = read_prompt_lines(&input, &tok, &template)?;
                 return generate_file(
