@@ -10,7 +10,8 @@
 #   labeling simulate-labelers ranks it by the task's gold rule with noise and ties (the stages
 #     never see the rule); the labeling cost is printed
 #   labeling import of the first rankings and every round's sheet together
-#   reward continues each member of round r-1's ensemble on old + new groups
+#   reward continues each member of round r-1's ensemble on old + new groups (RM_FROM=sft
+#     trains each round's reward model from the SFT model instead)
 #   ppo continues from round r-1's policy against the new reward model, KL to the SFT model
 #   evaluate against the SFT model, gold by the task's rule
 # and, as the control that tells new labels from more PPO, ppo continues as long on round 1's
@@ -21,7 +22,7 @@
 # One JSON line per (task, round) in $OUT_DIR/flywheel.jsonl and a table at the end.
 #
 # Environment: FAMILIES (default "words json demo"), SEED (0), ROUNDS (3), SHEET_PROMPTS (150),
-# EXTRA_RM / EXTRA_PPO add `--set` overrides to every reward / ppo run (e.g. a weak KL penalty
+# RM_FROM (previous, or sft), EXTRA_RM / EXTRA_PPO add `--set` overrides to every reward / ppo run (e.g. a weak KL penalty
 # and a single reward model, to study a round 1 that over-optimises), K (4), SHEET_FROM
 # (policy+sft, or policy), DISTINCT (1), OUT_DIR (runs/flywheel), EVAL_PROMPTS (300), CONTROL (1), BIN_DIR (target/release: a
 # copy keeps a long study apart from rebuilds), SKIP_BUILD=1 uses the
@@ -135,8 +136,10 @@ for family in $families; do
     round_rows=$(( $(wc -l <"$o/ranked-$p.csv") - 1 ))
     run $bin/labeling import "${sheets[@]}" --out "$o/labels-$r"
     prompts=$(jq -r '.prompts' "$o/labels-$r/stats.json")
+    rm_base="$o/rm-$p/final"
+    [ "${RM_FROM:-previous}" = sft ] && rm_base="$o/sft/final"
     run $bin/reward --config configs/reward.toml --out "$o/rm-$r" --seed "$seed" \
-      --set model.base="$o/rm-$p/final" --set data.path="$o/labels-$r" "${xr[@]}"
+      --set model.base="$rm_base" --set data.path="$o/labels-$r" "${xr[@]}"
     run $bin/ppo --config configs/ppo.toml --out "$o/ppo-$r" --seed "$((seed + r))" \
       --set model.policy="$o/ppo-$p/final" --set model.reference="$o/sft/final" \
       --set model.reward_model="$o/rm-$r/final" --set data.prompts="$o/task/prompts.jsonl" \
