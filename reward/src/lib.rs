@@ -17,6 +17,7 @@ pub mod eval;
 pub mod loss;
 pub mod score;
 pub mod scorer;
+pub mod serve;
 
 pub use scorer::{Aggregate, Item, Scorer, ScorerOptions, Scores};
 

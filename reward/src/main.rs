@@ -1,10 +1,11 @@
 //! `reward --config configs/reward.toml [--set key=value ...] [--out DIR] [--resume DIR] [--device D] [--seed N]`
 //! `reward score DIR --input FILE.jsonl [--batch-size N] [--raw]`
+//! `reward serve DIR [--host H] [--port P] [--batch-size N] ...` (HTTP; see `reward::serve`)
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-/// Scoring: `reward score ...`.
+/// Scoring: `reward score ...`, `reward agreement ...`, `reward serve ...`.
 #[derive(Parser)]
 #[command(name = "reward")]
 struct ScoreCli {
@@ -59,6 +60,9 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Serve the reward model over HTTP: OpenRLHF's `POST /get_reward`, `POST /score` (as
+    /// `reward score`) and `GET /health`, until SIGINT or SIGTERM.
+    Serve(reward::serve::ServeArgs),
 }
 
 /// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
@@ -70,7 +74,7 @@ fn main() {
     let sub = std::env::args().nth(1);
     let scoring = sub
         .as_deref()
-        .is_some_and(|a| a == "score" || a == "agreement");
+        .is_some_and(|a| a == "score" || a == "agreement" || a == "serve");
     let result = if scoring {
         match ScoreCli::parse().command {
             Command::Agreement {
@@ -111,6 +115,9 @@ fn main() {
                 };
                 model::device::hot(|| score(&dir, &input, options, &device))
             }
+            // Not inside `hot`: an idle server must not keep the compute threads polling (the
+            // scoring thread runs each batch in `hot`).
+            Command::Serve(args) => reward::serve::run(&args).map(|s| println!("{s}")),
         }
     } else {
         let args = trainer::StageArgs::parse(
@@ -128,10 +135,18 @@ fn main() {
                     v.pairwise.accuracy, v.pairwise.low, v.pairwise.high, v.pairwise.total
                 )
             });
+            // An ensemble has no one training loss: its members' are in their summaries.
+            let loss = if s.ensemble.is_some() {
+                format!(
+                    " per member, {} members",
+                    s.ensemble.as_ref().map_or(0, |e| e.members.len())
+                )
+            } else {
+                format!(", train loss {:.4}", s.train_loss)
+            };
             println!(
-                "done: {} steps, train loss {:.4}{v}; model in {}",
+                "done: {} steps{loss}{v}; model in {}",
                 s.steps,
-                s.train_loss,
                 s.final_dir.display()
             );
         })
