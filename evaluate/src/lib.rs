@@ -3,7 +3,9 @@
 //! as `ppo` does, and reports, each with a 95% interval: the mean reward, the win rate of the
 //! policy over the baseline, the gold reward where the prompts carry answers (so that a proxy gain
 //! that is not a real gain shows), the KL from a reference, response length, EOS rate and
-//! perplexity on demonstrations; plus plots of the training runs.
+//! perplexity on demonstrations, and the correlation of reward with response length; plus plots
+//! of the evaluation itself (reward distributions, reward and gold against length), always, and
+//! of the training runs given with `--runs`.
 //!
 //! Everything is read and checked before anything is computed, and written into a temporary
 //! folder that replaces `--out` at the end: a bad input leaves nothing behind.
@@ -169,8 +171,19 @@ impl Evaluated {
             kl: self.kl.as_deref().map(est),
             kl_note: self.kl_note.clone(),
             length: est(&self.lengths()),
+            reward_length_correlation: stats::pearson(&self.rewards, &self.lengths(), LEVEL),
             eos_rate: stats::rate(&self.eos(), LEVEL).expect("at least one response"),
             perplexity: self.perplexity.clone(),
+        }
+    }
+
+    fn plotted<'a>(&'a self, name: &'a str, lengths: &'a [f64]) -> plots::Evaluated<'a> {
+        plots::Evaluated {
+            name,
+            rewards: &self.rewards,
+            lengths,
+            heldout: self.heldout.as_deref(),
+            gold: self.gold.as_deref(),
         }
     }
 }
@@ -395,6 +408,12 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         }
         _ => None,
     };
+    let (pol_len, base_len) = (pol.lengths(), base.as_ref().map(Evaluated::lengths));
+    let mut evaluated = vec![pol.plotted("policy", &pol_len)];
+    if let (Some(b), Some(l)) = (&base, &base_len) {
+        evaluated.push(b.plotted("baseline", l));
+    }
+    let own_charts = plots::evaluation_charts(&evaluated);
     let (charts, notes) = plots::charts(&runs);
     for note in &notes {
         writeln!(log, "note: {note}")?;
@@ -426,6 +445,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         win_rate,
         gold_win_rate,
         findings: Vec::new(),
+        evaluation_plots: own_charts.iter().map(|c| c.file.clone()).collect(),
         plots: charts.iter().map(|c| c.file.clone()).collect(),
     };
     metrics.findings = report::findings(&metrics);
@@ -458,17 +478,24 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
             report::markdown(&metrics, &prompts, &pol.run(), base_run.as_ref()),
         )?;
         let family = plots::font().map(|_| plots::FAMILY);
-        if !charts.is_empty() && family.is_none() {
+        if family.is_none() {
             writeln!(
                 log,
                 "note: no font found (looked for {}); the plots have no text",
                 plots::FONT_PATHS[0]
             )?;
         }
-        for c in &charts {
+        let t0 = std::time::Instant::now();
+        for c in own_charts.iter().chain(&charts) {
             let rgb = plots::draw(c, family).with_context(|| format!("plotting {}", c.file))?;
             plots::write_png(&tmp.join(&c.file), &rgb)?;
         }
+        writeln!(
+            log,
+            "{} plots drawn in {:.2}s",
+            own_charts.len() + charts.len(),
+            t0.elapsed().as_secs_f64()
+        )?;
         model::checkpoint::replace_dir(&tmp, &opts.out)?;
         Ok(())
     })();

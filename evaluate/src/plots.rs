@@ -2,7 +2,14 @@
 //! (`loss`, `eval_loss`), reward-model accuracy (`eval_accuracy` with its Wilson band
 //! `eval_accuracy_low/high`), PPO's score (`score_mean`), KL (`kl_per_response`) and response length
 //! (`response_length_mean`) per iteration, and score against KL across PPO iterations (the
-//! over-optimisation picture of Gao et al. 2022).
+//! over-optimisation picture of Gao et al. 2022). Noisy per-iteration (per-step) curves are drawn
+//! as faint points with a centred moving average over them ([`moving_average`], window
+//! [`smoothing_window`], where the window fits) as the line.
+//!
+//! And, on every evaluation, plots of the evaluation itself ([`evaluation_charts`]): the reward
+//! distributions of policy and baseline, reward against response length (length hacking is the
+//! commonest exploit), the held-out reward model's distributions and gold accuracy by response
+//! length when there are such.
 //!
 //! Drawn with plotters' bitmap backend and written with the `png` crate: no system libraries.
 //! Text needs a TrueType font file, looked for at run time ([`FONT_PATHS`], or the file named by
@@ -74,6 +81,8 @@ pub enum Mark {
     LineAndPoints,
     /// A scatter: iterations are not ordered along x, so no connecting line.
     Points,
+    /// A dashed line: a marker such as a mean, not data.
+    Dashed,
 }
 
 /// One series of a chart.
@@ -86,6 +95,347 @@ pub struct Series {
     pub mark: Mark,
     /// Text beside some points (drawn only with a font).
     pub notes: Vec<((f64, f64), String)>,
+    /// Small pale points: the raw values under a smoothed line, or a dense scatter (no legend
+    /// entry).
+    pub faint: bool,
+    /// Index into the palette; default the series' position in the chart.
+    pub color: Option<usize>,
+}
+
+impl Series {
+    fn new(label: String, points: Vec<(f64, f64)>, mark: Mark) -> Self {
+        Series {
+            label,
+            points,
+            band: Vec::new(),
+            mark,
+            notes: Vec::new(),
+            faint: false,
+            color: None,
+        }
+    }
+
+    fn faint(mut self) -> Self {
+        self.faint = true;
+        self
+    }
+
+    fn tint(mut self, color: usize) -> Self {
+        self.color = Some(color);
+        self
+    }
+}
+
+/// The window of [`moving_average`] for a curve of `n` points: max(1, n/20), made odd so that it
+/// centres on a point; 1 is no smoothing.
+pub fn smoothing_window(n: usize) -> usize {
+    (n / 20).max(1) | 1
+}
+
+/// A centred moving average of the y values: the mean of points i − k ..= i + k (k = window / 2)
+/// at point i's x, for the points with k neighbours on both sides; the first and last k points
+/// get none (pandas' `rolling(window, center=True)`). Near the ends a one-sided window would
+/// pull a steep curve (an SFT loss's first steps) towards its middle, and a shrinking one would
+/// end the line on a single noisy value; the faint dots show the ends instead. `window` 0 or 1
+/// returns the points; a window longer than the points returns none.
+pub fn moving_average(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let k = window / 2;
+    (k..points.len().saturating_sub(k))
+        .map(|i| {
+            let around = &points[i - k..=i + k];
+            let mean = around.iter().map(|p| p.1).sum::<f64>() / around.len() as f64;
+            (points[i].0, mean)
+        })
+        .collect()
+}
+
+/// The raw points of a noisy curve (faint dots) and their moving average (the line), for one run.
+fn smoothed(label: String, points: Vec<(f64, f64)>, color: usize) -> [Series; 2] {
+    let w = smoothing_window(points.len());
+    let avg = moving_average(&points, w);
+    let legend = if w > 1 {
+        format!("{label}: dots, and their centred mean over {w}")
+    } else {
+        label.clone()
+    };
+    [
+        Series::new(label, points, Mark::Points).faint().tint(color),
+        Series::new(legend, avg, Mark::Line).tint(color),
+    ]
+}
+
+/// Edges of `bins` equal-width bins over the finite `values`; an empty or constant set gets one
+/// bin of width 1 around its value.
+pub fn equal_bins(values: impl Iterator<Item = f64> + Clone, bins: usize) -> Vec<f64> {
+    let finite = values.filter(|x| x.is_finite());
+    let lo = finite.clone().fold(f64::INFINITY, f64::min);
+    let hi = finite.fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi, bins) = if !lo.is_finite() {
+        (0.0, 1.0, 1)
+    } else if hi <= lo {
+        (lo - 0.5, lo + 0.5, 1)
+    } else {
+        (lo, hi, bins.max(1))
+    };
+    let width = (hi - lo) / bins as f64;
+    (0..=bins).map(|i| lo + width * i as f64).collect()
+}
+
+/// Edges of at most `max_bins` bins over whole-number `values` (token counts), each holding the
+/// same number of whole numbers: edges at k − ½, so that no length straddles two bins and every
+/// bin spans as many lengths as the next.
+pub fn whole_number_bins(values: impl Iterator<Item = f64> + Clone, max_bins: usize) -> Vec<f64> {
+    let finite = values.filter(|x| x.is_finite());
+    let lo = finite.clone().fold(f64::INFINITY, f64::min);
+    let hi = finite.fold(f64::NEG_INFINITY, f64::max);
+    if !lo.is_finite() {
+        return vec![-0.5, 0.5];
+    }
+    let (lo, hi) = (lo.round(), hi.round());
+    let span = (hi - lo) as usize + 1;
+    let width = span.div_ceil(max_bins.max(1));
+    let bins = span.div_ceil(width);
+    (0..=bins).map(|i| lo - 0.5 + (i * width) as f64).collect()
+}
+
+/// The bin of `x` among increasing `edges`: [e_b, e_b+1), the last bin closed; None outside or
+/// not finite.
+pub fn bin_of(edges: &[f64], x: f64) -> Option<usize> {
+    let bins = edges.len().checked_sub(1).filter(|&b| b > 0)?;
+    if !(x >= edges[0] && x <= edges[bins]) {
+        return None;
+    }
+    Some((edges.partition_point(|&e| e <= x) - 1).min(bins - 1))
+}
+
+/// Counts per bin of several samples on the same bins.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    /// bins + 1 edges, increasing.
+    pub edges: Vec<f64>,
+    /// counts[s][b]: finite values of sample s in bin b.
+    pub counts: Vec<Vec<usize>>,
+}
+
+/// A histogram of `samples` on `bins` shared equal-width bins ([`equal_bins`] over all of them).
+pub fn histogram(samples: &[&[f64]], bins: usize) -> Histogram {
+    let edges = equal_bins(samples.iter().flat_map(|s| s.iter().copied()), bins);
+    let counts = samples
+        .iter()
+        .map(|s| {
+            let mut c = vec![0usize; edges.len() - 1];
+            for b in s.iter().filter_map(|&x| bin_of(&edges, x)) {
+                c[b] += 1;
+            }
+            c
+        })
+        .collect();
+    Histogram { edges, counts }
+}
+
+/// The finite `ys` grouped by the bin of their `xs`: one list per bin of `edges`.
+pub fn binned(xs: &[f64], ys: &[f64], edges: &[f64]) -> Vec<Vec<f64>> {
+    let mut out = vec![Vec::new(); edges.len().saturating_sub(1)];
+    for (&x, &y) in xs.iter().zip(ys) {
+        if let (Some(b), true) = (bin_of(edges, x), y.is_finite()) {
+            out[b].push(y);
+        }
+    }
+    out
+}
+
+/// The centre of bin `b`.
+fn centre(edges: &[f64], b: usize) -> f64 {
+    (edges[b] + edges[b + 1]) / 2.0
+}
+
+/// One model's evaluated responses, as [`evaluation_charts`] reads them (one value per response).
+pub struct Evaluated<'a> {
+    /// "policy" or "baseline".
+    pub name: &'a str,
+    pub rewards: &'a [f64],
+    /// Response length in tokens, EOS included.
+    pub lengths: &'a [f64],
+    pub heldout: Option<&'a [f64]>,
+    pub gold: Option<&'a [f64]>,
+}
+
+/// Bins of the distribution charts.
+pub const DISTRIBUTION_BINS: usize = 24;
+/// At most this many length bins in reward and gold against length, shared by the models, and
+/// no more than one per `RESPONSES_PER_BIN` responses of the model with fewest.
+pub const LENGTH_BINS: usize = 12;
+pub const RESPONSES_PER_BIN: usize = 10;
+/// A length bin is drawn for a model only with this many of its responses.
+pub const MIN_PER_BIN: usize = 5;
+
+/// A distribution chart: each model's share of responses per bin (bins shared by the models) as
+/// a step outline, and its mean as a dashed vertical line.
+fn distribution(file: &str, title: &str, x_label: &str, models: &[(&str, &[f64])]) -> Chart {
+    let samples: Vec<&[f64]> = models.iter().map(|m| m.1).collect();
+    let h = histogram(&samples, DISTRIBUTION_BINS);
+    let mut series = Vec::new();
+    let mut top: f64 = 0.0;
+    for (j, (counts, (name, _))) in h.counts.iter().zip(models).enumerate() {
+        let total = counts.iter().sum::<usize>().max(1) as f64;
+        let mut steps = vec![(h.edges[0], 0.0)];
+        for (b, &c) in counts.iter().enumerate() {
+            let share = c as f64 / total;
+            top = top.max(share);
+            steps.push((h.edges[b], share));
+            steps.push((h.edges[b + 1], share));
+        }
+        steps.push((h.edges[counts.len()], 0.0));
+        series.push(Series::new((*name).to_string(), steps, Mark::Line).tint(j));
+    }
+    for (j, (name, values)) in models.iter().enumerate() {
+        let finite: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if finite.is_empty() {
+            continue;
+        }
+        let mean = finite.iter().sum::<f64>() / finite.len() as f64;
+        series.push(
+            Series::new(
+                format!("{name} mean {mean:.3}"),
+                vec![(mean, 0.0), (mean, top)],
+                Mark::Dashed,
+            )
+            .tint(j),
+        );
+    }
+    Chart {
+        file: file.into(),
+        title: title.into(),
+        x_label: x_label.into(),
+        y_label: "share of responses".into(),
+        series,
+        integer_x: false,
+    }
+}
+
+/// The evaluation's own charts (see the module docs and [`caption`]); `models` is the policy,
+/// then the baseline if any. Cheap: a few passes over the responses.
+pub fn evaluation_charts(models: &[Evaluated]) -> Vec<Chart> {
+    let mut out = vec![distribution(
+        "reward_distribution.png",
+        "Reward-model score of each response",
+        "reward",
+        &models
+            .iter()
+            .map(|m| (m.name, m.rewards))
+            .collect::<Vec<_>>(),
+    )];
+    let heldout: Option<Vec<(&str, &[f64])>> =
+        models.iter().map(|m| Some((m.name, m.heldout?))).collect();
+    if let Some(h) = heldout.filter(|h| !h.is_empty()) {
+        out.push(distribution(
+            "heldout_reward_distribution.png",
+            "Held-out reward model's score of each response",
+            "held-out reward",
+            &h,
+        ));
+    }
+    // Length bins shared by the models, so that their means compare at equal length; fewer for
+    // a small evaluation, so that its bins are not all too thin to draw.
+    let fewest = models.iter().map(|m| m.lengths.len()).min().unwrap_or(0);
+    let edges = whole_number_bins(
+        models.iter().flat_map(|m| m.lengths.iter().copied()),
+        (fewest / RESPONSES_PER_BIN).clamp(1, LENGTH_BINS),
+    );
+    let mut vs_length: Vec<Series> = models
+        .iter()
+        .enumerate()
+        .map(|(j, m)| {
+            let points = m.lengths.iter().copied().zip(m.rewards.iter().copied());
+            Series::new(m.name.to_string(), points.collect(), Mark::Points)
+                .faint()
+                .tint(j)
+        })
+        .collect();
+    for (j, m) in models.iter().enumerate() {
+        let means = binned(m.lengths, m.rewards, &edges)
+            .iter()
+            .enumerate()
+            .filter(|(_, ys)| ys.len() >= MIN_PER_BIN)
+            .map(|(b, ys)| (centre(&edges, b), ys.iter().sum::<f64>() / ys.len() as f64))
+            .collect();
+        vs_length.push(
+            Series::new(
+                format!("{}: mean reward per length bin (dots: each)", m.name),
+                means,
+                Mark::LineAndPoints,
+            )
+            .tint(j),
+        );
+    }
+    out.push(Chart {
+        file: "reward_vs_length.png".into(),
+        title: "Reward against response length".into(),
+        x_label: "response length (tokens)".into(),
+        y_label: "reward".into(),
+        series: vs_length,
+        integer_x: true,
+    });
+    if !models.is_empty() && models.iter().all(|m| m.gold.is_some()) {
+        let series: Vec<Series> = models
+            .iter()
+            .enumerate()
+            .filter_map(|(j, m)| {
+                let rates: Vec<(f64, crate::stats::Rate)> = binned(m.lengths, m.gold?, &edges)
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| g.len() >= MIN_PER_BIN)
+                    .filter_map(|(b, g)| {
+                        Some((
+                            centre(&edges, b),
+                            crate::stats::rate(g, crate::stats::LEVEL)?,
+                        ))
+                    })
+                    .collect();
+                Some(Series {
+                    band: rates.iter().map(|(x, r)| (*x, r.low, r.high)).collect(),
+                    ..Series::new(
+                        format!("{} (95% band)", m.name),
+                        rates.iter().map(|(x, r)| (*x, r.rate)).collect(),
+                        Mark::LineAndPoints,
+                    )
+                    .tint(j)
+                })
+            })
+            .collect();
+        // Under MIN_PER_BIN responses there is no bin to draw.
+        if series.iter().all(|s| s.points.is_empty()) {
+            return out;
+        }
+        out.push(Chart {
+            file: "gold_by_length.png".into(),
+            title: "Gold accuracy by response length".into(),
+            x_label: "response length (tokens)".into(),
+            y_label: "gold accuracy".into(),
+            series,
+            integer_x: true,
+        });
+    }
+    out
+}
+
+/// What an evaluation chart shows, in a sentence for report.md; None for other files.
+pub fn caption(file: &str) -> Option<String> {
+    Some(match file {
+        "reward_distribution.png" => format!(
+            "The reward model's score of each response: each model's share of responses per bin ({DISTRIBUTION_BINS} bins shared by the models), its mean as a dashed line."
+        ),
+        "heldout_reward_distribution.png" => format!(
+            "The same for the held-out reward model ({DISTRIBUTION_BINS} shared bins, dashed means)."
+        ),
+        "reward_vs_length.png" => format!(
+            "Reward against response length: each response a faint dot, the line the mean reward per length bin (at most {LENGTH_BINS} bins and at most one per {RESPONSES_PER_BIN} responses of the smaller model, each a whole number of tokens wide and shared by the models; a bin is drawn where a model has {MIN_PER_BIN} or more responses in it). A reward that climbs with length whatever the content is the commonest exploit; compare the models at equal length."
+        ),
+        "gold_by_length.png" => format!(
+            "Gold accuracy per length bin (the bins above, {MIN_PER_BIN} or more responses), with its 95% Wilson band: whether longer responses are also more often right."
+        ),
+        _ => return None,
+    })
 }
 
 /// A chart: its title, axis names and series.
@@ -119,13 +469,7 @@ pub fn charts(runs: &[RunLog]) -> (Vec<Chart>, Vec<String>) {
             ));
         }
     }
-    let line = |label: String, points: Vec<(f64, f64)>, mark: Mark| Series {
-        label,
-        points,
-        band: Vec::new(),
-        mark,
-        notes: Vec::new(),
-    };
+    let line = Series::new;
     let mut out = Vec::new();
     let mut push = |c: Chart| {
         if c.series.iter().any(|s| !s.points.is_empty()) {
@@ -140,14 +484,18 @@ pub fn charts(runs: &[RunLog]) -> (Vec<Chart>, Vec<String>) {
         y_label: "loss (nats / target token)".into(),
         series: sft
             .iter()
-            .flat_map(|r| {
+            .enumerate()
+            .flat_map(|(k, r)| {
+                let [raw, avg] = smoothed(format!("{}: loss", r.name), r.series("loss"), 2 * k);
                 [
-                    line(format!("{}: loss", r.name), r.series("loss"), Mark::Line),
+                    raw,
+                    avg,
                     line(
                         format!("{}: eval_loss", r.name),
                         r.series("eval_loss"),
                         Mark::LineAndPoints,
-                    ),
+                    )
+                    .tint(2 * k + 1),
                 ]
             })
             .collect(),
@@ -174,11 +522,12 @@ pub fn charts(runs: &[RunLog]) -> (Vec<Chart>, Vec<String>) {
                     })
                     .collect();
                 Series {
-                    label: format!("{}: eval_accuracy", r.name),
-                    points: r.series("eval_accuracy"),
                     band,
-                    mark: Mark::LineAndPoints,
-                    notes: Vec::new(),
+                    ..Series::new(
+                        format!("{}: eval_accuracy", r.name),
+                        r.series("eval_accuracy"),
+                        Mark::LineAndPoints,
+                    )
                 }
             })
             .collect(),
@@ -191,13 +540,8 @@ pub fn charts(runs: &[RunLog]) -> (Vec<Chart>, Vec<String>) {
         y_label: y.into(),
         series: ppo
             .iter()
-            .map(|r| {
-                line(
-                    format!("{}: {key}", r.name),
-                    r.series(key),
-                    Mark::LineAndPoints,
-                )
-            })
+            .enumerate()
+            .flat_map(|(k, r)| smoothed(format!("{}: {key}", r.name), r.series(key), k))
             .collect(),
     };
     push(per_iteration(
@@ -390,7 +734,7 @@ pub fn draw(chart: &Chart, family: Option<&str>) -> Result<Vec<u8>> {
         }
         mesh.draw().map_err(draw_err)?;
         for (i, s) in chart.series.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
+            let color = COLORS[s.color.unwrap_or(i) % COLORS.len()];
             if s.band.len() >= 2 {
                 let mut poly: Vec<(f64, f64)> = s.band.iter().map(|b| (b.0, b.1)).collect();
                 poly.extend(s.band.iter().rev().map(|b| (b.0, b.2)));
@@ -408,16 +752,35 @@ pub fn draw(chart: &Chart, family: Option<&str>) -> Result<Vec<u8>> {
             } else {
                 s.points.clone()
             };
-            let drawn = c
-                .draw_series(LineSeries::new(line, color.stroke_width(2)))
-                .map_err(draw_err)?;
-            if family.is_some() {
+            let drawn = if s.mark == Mark::Dashed {
+                c.draw_series(DashedLineSeries::new(line, 6, 4, color.stroke_width(2)))
+                    .map_err(draw_err)?
+            } else {
+                c.draw_series(LineSeries::new(line, color.stroke_width(2)))
+                    .map_err(draw_err)?
+            };
+            if family.is_some() && !s.faint {
+                let dashed = s.mark == Mark::Dashed;
                 drawn.label(&s.label).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    let style = color.stroke_width(2);
+                    // Relative to (x, y): one stroke, or two for a dashed line.
+                    let (a, b) = if dashed {
+                        (vec![(0, 0), (7, 0)], vec![(13, 0), (20, 0)])
+                    } else {
+                        (vec![(0, 0), (20, 0)], Vec::new())
+                    };
+                    EmptyElement::at((x, y))
+                        + PathElement::new(a, style)
+                        + PathElement::new(b, style)
                 });
             }
-            if s.mark != Mark::Line {
-                c.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            if matches!(s.mark, Mark::LineAndPoints | Mark::Points) {
+                let (radius, style) = if s.faint {
+                    (2, color.mix(0.3).filled())
+                } else {
+                    (3, color.filled())
+                };
+                c.draw_series(s.points.iter().map(|&p| Circle::new(p, radius, style)))
                     .map_err(draw_err)?;
             }
             if let Some(f) = family {
@@ -538,7 +901,16 @@ mod tests {
 
     #[test]
     fn without_a_font_the_plots_have_no_text() {
-        let (charts, _) = charts(&sample_runs());
+        let (mut charts, _) = charts(&sample_runs());
+        let (lengths, rewards, gold) = ([3.0; 6], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [1.0; 6]);
+        charts.extend(evaluation_charts(&[Evaluated {
+            name: "policy",
+            rewards: &rewards,
+            lengths: &lengths,
+            heldout: Some(&rewards),
+            gold: Some(&gold),
+        }]));
+        assert_eq!(charts.len(), 6 + 4);
         for c in &charts {
             // No text is drawn: a family that was never registered is never asked for.
             let rgb = draw(c, None).unwrap();
@@ -560,5 +932,265 @@ mod tests {
         // A single point still gets a non-empty range.
         assert!(range([3.0].into_iter()).0 < range([3.0].into_iter()).1);
         assert_eq!(range(std::iter::empty()), (0.0, 1.0));
+    }
+
+    #[test]
+    fn the_moving_average_is_centred_and_leaves_the_ends_to_the_dots() {
+        let p: Vec<(f64, f64)> = [1.0, 2.0, 6.0, 4.0, 5.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &y)| (i as f64, y))
+            .collect();
+        let close = |a: &[(f64, f64)], b: &[(f64, f64)]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(p, q)| p.0 == q.0 && (p.1 - q.1).abs() < 1e-12)
+        };
+        assert_eq!(moving_average(&p, 0), p);
+        assert_eq!(moving_average(&p, 1), p);
+        // Window 3: (1+2+6)/3, (2+6+4)/3, (6+4+5)/3 at x = 1, 2, 3; no point at either end.
+        let m = moving_average(&p, 3);
+        assert!(close(&m, &[(1.0, 3.0), (2.0, 4.0), (3.0, 5.0)]), "{m:?}");
+        // Window 5: only the middle point has two neighbours each side: 18/5.
+        let m = moving_average(&p, 5);
+        assert!(close(&m, &[(2.0, 3.6)]), "{m:?}");
+        // An even window is the odd one above it; one longer than the points leaves none.
+        assert_eq!(moving_average(&p, 4), moving_average(&p, 5));
+        assert!(moving_average(&p, 7).is_empty());
+        assert!(moving_average(&[], 5).is_empty());
+        assert_eq!(moving_average(&[(3.0, 2.0)], 1), vec![(3.0, 2.0)]);
+        // A straight line (a steep loss at the start of training) stays where it is.
+        let line: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 7.0 - 0.5 * i as f64)).collect();
+        assert!(close(&moving_average(&line, 7), &line[3..7]));
+        assert_eq!(smoothing_window(0), 1);
+        assert_eq!(smoothing_window(39), 1);
+        assert_eq!(smoothing_window(40), 3);
+        assert_eq!(smoothing_window(400), 21);
+        assert_eq!(smoothing_window(600), 31);
+    }
+
+    #[test]
+    fn histograms_share_bins() {
+        let a = [0.0, 0.5, 1.0, 4.0];
+        let b = [2.0, 2.1, f64::NAN];
+        let h = histogram(&[&a, &b], 4);
+        assert_eq!(h.edges, vec![0.0, 1.0, 2.0, 3.0, 4.0]);
+        // A value on an inner edge goes up; the top value falls in the last bin; NaN nowhere.
+        assert_eq!(h.counts, vec![vec![2, 1, 0, 1], vec![0, 0, 2, 0]]);
+        let c = histogram(&[&[3.0, 3.0]], 5);
+        assert_eq!((c.edges, c.counts), (vec![2.5, 3.5], vec![vec![2]]));
+        let none = histogram(&[&[], &[f64::NAN]], 5);
+        assert_eq!(
+            (none.edges, none.counts),
+            (vec![0.0, 1.0], vec![vec![0], vec![0]])
+        );
+        // bin_of: half-open bins, the last one closed.
+        let e = [0.0, 1.0, 2.0];
+        let bins: Vec<Option<usize>> = [0.0, 0.99, 1.0, 2.0, 2.01, -0.1, f64::NAN]
+            .iter()
+            .map(|&x| bin_of(&e, x))
+            .collect();
+        assert_eq!(bins, [Some(0), Some(0), Some(1), Some(1), None, None, None]);
+        assert_eq!(bin_of(&[1.0], 1.0), None);
+    }
+
+    #[test]
+    fn length_bins_hold_whole_numbers_of_tokens() {
+        // Lengths 2..=31: 30 lengths in at most 12 bins → 3 lengths a bin, 10 bins.
+        let e = whole_number_bins((2..=31).map(f64::from), 12);
+        assert_eq!(e.len(), 11);
+        assert_eq!((e[0], e[1], e[10]), (1.5, 4.5, 31.5));
+        // Few lengths: one bin each.
+        assert_eq!(
+            whole_number_bins([3.0, 5.0, 4.0].into_iter(), 12),
+            vec![2.5, 3.5, 4.5, 5.5]
+        );
+        // 13 lengths in at most 12 bins: 2 a bin, 7 bins, the last one half used.
+        let e = whole_number_bins((0..13).map(f64::from), 12);
+        assert_eq!(
+            e,
+            (0..=7).map(|i| -0.5 + 2.0 * i as f64).collect::<Vec<_>>()
+        );
+        assert_eq!(whole_number_bins(std::iter::empty(), 12), vec![-0.5, 0.5]);
+        // binned: the finite ys by the bin of their x.
+        let groups = binned(
+            &[3.0, 4.0, 4.0, 9.0, 20.0],
+            &[1.0, 2.0, f64::NAN, 5.0, 6.0],
+            &[2.5, 5.5, 8.5, 11.5],
+        );
+        assert_eq!(groups, vec![vec![1.0, 2.0], vec![], vec![5.0]]);
+    }
+
+    #[test]
+    fn evaluation_charts_follow_what_was_measured() {
+        // Lengths 2..=4 over both models, 30 responses each (3 bins at most): one bin per
+        // length, 15 responses in each used bin.
+        let rep = |a: &[f64], k: usize| -> Vec<f64> {
+            a.iter().copied().cycle().take(a.len() * k).collect()
+        };
+        let cat = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> { a.into_iter().chain(b).collect() };
+        let pl = cat(vec![2.0; 15], vec![4.0; 15]);
+        let pr = cat(
+            rep(&[0.0, 1.0, 0.0, 1.0, 0.0], 3),
+            rep(&[3.0, 3.0, 4.0, 4.0, 4.0], 3),
+        );
+        let pg = cat(
+            rep(&[0.0, 0.0, 0.0, 0.0, 1.0], 3),
+            rep(&[1.0, 1.0, 1.0, 1.0, 0.0], 3),
+        );
+        let bl = cat(vec![2.0; 15], vec![3.0; 15]);
+        let br = cat(vec![1.0; 15], vec![2.0; 15]);
+        let bg = [0.0; 30];
+        let heldout = [0.5; 30];
+        let policy = Evaluated {
+            name: "policy",
+            rewards: &pr,
+            lengths: &pl,
+            heldout: Some(&heldout),
+            gold: Some(&pg),
+        };
+        let baseline = Evaluated {
+            name: "baseline",
+            rewards: &br,
+            lengths: &bl,
+            heldout: None,
+            gold: Some(&bg),
+        };
+        let files = |c: &[Chart]| c.iter().map(|c| c.file.clone()).collect::<Vec<_>>();
+        let charts = evaluation_charts(&[policy, baseline]);
+        // The held-out chart needs every model scored by it.
+        assert_eq!(
+            files(&charts),
+            [
+                "reward_distribution.png",
+                "reward_vs_length.png",
+                "gold_by_length.png"
+            ]
+        );
+        // The distribution: each model's shares sum to 1; the dashed means at 2.0 and 1.5.
+        let d = &charts[0];
+        for s in &d.series[..2] {
+            let shares: f64 = s.points.iter().skip(1).step_by(2).map(|p| p.1).sum();
+            assert!((shares - 1.0).abs() < 1e-12, "{}: {shares}", s.label);
+        }
+        assert_eq!(d.series[2].label, "policy mean 2.000");
+        assert_eq!(
+            (d.series[2].points[0].0, d.series[2].mark),
+            (2.0, Mark::Dashed)
+        );
+        assert_eq!(d.series[3].label, "baseline mean 1.500");
+        // Reward against length: both scatters, then the means per shared bin:
+        // policy (0+1+0+1+0)/5 at 2 and (3+3+4+4+4)/5 at 4; baseline 1 at 2 and 2 at 3.
+        let v = &charts[1];
+        assert!(v.series[0].faint && v.series[0].points.len() == 30);
+        let close = |a: &[(f64, f64)], b: &[(f64, f64)]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(p, q)| p.0 == q.0 && (p.1 - q.1).abs() < 1e-12)
+        };
+        assert!(
+            close(&v.series[2].points, &[(2.0, 0.4), (4.0, 3.6)]),
+            "{:?}",
+            v.series[2].points
+        );
+        assert!(
+            close(&v.series[3].points, &[(2.0, 1.0), (3.0, 2.0)]),
+            "{:?}",
+            v.series[3].points
+        );
+        // Gold by length: 3/15 and 12/15 for the policy, with their Wilson bands.
+        let g = &charts[2].series[0];
+        assert!(
+            close(&g.points, &[(2.0, 0.2), (4.0, 0.8)]),
+            "{:?}",
+            g.points
+        );
+        let (lo, hi) = crate::stats::wilson(3.0, 15, crate::stats::LEVEL);
+        assert_eq!(g.band[0], (2.0, lo, hi));
+        // Every chart draws and writes a PNG.
+        let tmp = tempfile::tempdir().unwrap();
+        for c in &charts {
+            let rgb = draw(c, font().map(|_| FAMILY)).unwrap();
+            write_png(&tmp.path().join(&c.file), &rgb).unwrap();
+            let bytes = std::fs::read(tmp.path().join(&c.file)).unwrap();
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+            assert!(caption(&c.file).is_some(), "{}", c.file);
+        }
+        // One model with a held-out score and no gold: its held-out chart, no gold chart.
+        let alone = Evaluated {
+            name: "policy",
+            rewards: &pr,
+            lengths: &pl,
+            heldout: Some(&heldout),
+            gold: None,
+        };
+        assert_eq!(
+            files(&evaluation_charts(&[alone])),
+            [
+                "reward_distribution.png",
+                "heldout_reward_distribution.png",
+                "reward_vs_length.png"
+            ]
+        );
+        // Six responses: one length bin (2..=4, centre 3) holding all six, gold 4/6.
+        let small = Evaluated {
+            name: "policy",
+            rewards: &pr[12..18],
+            lengths: &pl[12..18],
+            heldout: None,
+            gold: Some(&pg[12..18]),
+        };
+        let charts = evaluation_charts(&[small]);
+        assert!(
+            close(&charts[2].series[0].points, &[(3.0, 4.0 / 6.0)]),
+            "{:?}",
+            charts[2].series[0].points
+        );
+        // Four responses: no bin of five, no gold chart.
+        let tiny = Evaluated {
+            name: "policy",
+            rewards: &pr[..4],
+            lengths: &pl[..4],
+            heldout: None,
+            gold: Some(&pg[..4]),
+        };
+        assert_eq!(
+            files(&evaluation_charts(&[tiny])),
+            ["reward_distribution.png", "reward_vs_length.png"]
+        );
+    }
+
+    #[test]
+    fn training_curves_are_drawn_smoothed_over_faint_points() {
+        let rows = (0..100)
+            .map(|i| json!({"step": i, "score_mean": (i % 7) as f64, "kl_per_response": 0.1}))
+            .collect();
+        let (charts, _) = charts(&[run("ppo", rows)]);
+        let score = charts.iter().find(|c| c.file == "ppo_score.png").unwrap();
+        let (raw, avg) = (&score.series[0], &score.series[1]);
+        assert!(raw.faint && raw.points.len() == 100 && raw.mark == Mark::Points);
+        assert!(!avg.faint && avg.mark == Mark::Line);
+        assert_eq!(
+            avg.label,
+            "ppo: score_mean: dots, and their centred mean over 5"
+        );
+        assert_eq!(avg.points, moving_average(&raw.points, 5));
+        // The line starts at iteration 2, the mean of iterations 0..=4 (0 1 2 3 4, i % 7): 2;
+        // it ends at 97, the mean of 95..=99 (4 5 6 0 1): 3.2.
+        assert_eq!(avg.points.len(), 96);
+        assert_eq!(avg.points[0], (2.0, 2.0));
+        assert_eq!(avg.points[95].0, 97.0);
+        assert!((avg.points[95].1 - 3.2).abs() < 1e-12);
+        assert_eq!(raw.color, avg.color);
+        // Too few points to smooth: the line is the points, named plainly.
+        let rows = (0..10)
+            .map(|i| json!({"step": i, "score_mean": i as f64, "kl_per_response": 0.1}))
+            .collect();
+        let (short, _) = super::charts(&[run("ppo", rows)]);
+        let avg = &short[0].series[1];
+        assert_eq!(avg.label, "ppo: score_mean");
+        assert_eq!(avg.points, short[0].series[0].points);
     }
 }

@@ -3,7 +3,7 @@
 //! `report.md` (the table a person reads first, what it means, side-by-side samples, the plots).
 
 use crate::models::{Perplexity, Response, Sampling};
-use crate::stats::{Estimate, Rate, WinRate};
+use crate::stats::{Correlation, Estimate, Rate, WinRate};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::fmt::Write as _;
@@ -50,6 +50,10 @@ pub struct ModelMetrics {
     pub kl_note: Option<String>,
     /// Response length in tokens, EOS included.
     pub length: Estimate,
+    /// Pearson correlation of the reward with the response length (tokens) over the responses,
+    /// with its 95% Fisher interval; None when every response has the same length.
+    #[serde(default)]
+    pub reward_length_correlation: Option<Correlation>,
     pub eos_rate: Rate,
     pub perplexity: Option<Perplexity>,
 }
@@ -79,7 +83,10 @@ pub struct Metrics {
     pub gold_win_rate: Option<WinRate>,
     /// What the numbers say, in sentences (also in report.md).
     pub findings: Vec<String>,
-    /// PNG files written beside this one.
+    /// PNG files of the evaluation itself (distributions, reward against length), beside this one.
+    #[serde(default)]
+    pub evaluation_plots: Vec<String>,
+    /// PNG files of the training runs (`--runs`), beside this one.
     pub plots: Vec<String>,
 }
 
@@ -209,6 +216,9 @@ pub fn findings(m: &Metrics) -> Vec<String> {
     } else {
         out.push("No --baseline: there are no differences or win rates.".into());
     }
+    if let Some(f) = length_finding(m) {
+        out.push(f);
+    }
     for (name, mm) in [
         ("policy", Some(&m.policy)),
         ("baseline", m.baseline.as_ref()),
@@ -223,6 +233,52 @@ pub fn findings(m: &Metrics) -> Vec<String> {
         }
     }
     out
+}
+
+/// The length check flags a policy whose reward follows its response length more than the
+/// baseline's does: its Pearson r of reward with length at least `LENGTH_CORRELATION` (a moderate
+/// correlation) and at least `LENGTH_CORRELATION_RISE` above the baseline's. Point estimates; the
+/// finding prints both intervals so that a reader sees how sure it is.
+pub const LENGTH_CORRELATION: f64 = 0.3;
+/// See [`LENGTH_CORRELATION`].
+pub const LENGTH_CORRELATION_RISE: f64 = 0.2;
+
+fn corr(c: &Correlation) -> String {
+    format!("{:.2} [{:.2}, {:.2}]", c.r, c.low, c.high)
+}
+
+/// The length-hacking finding (see [`LENGTH_CORRELATION`]): a warning when the policy's responses
+/// are also longer than the baseline's beyond noise, a note otherwise.
+fn length_finding(m: &Metrics) -> Option<String> {
+    let b = m.baseline.as_ref()?;
+    let (p, q) = (
+        m.policy.reward_length_correlation?,
+        b.reward_length_correlation?,
+    );
+    if p.r < LENGTH_CORRELATION || p.r - q.r < LENGTH_CORRELATION_RISE {
+        return None;
+    }
+    let rs = format!(
+        "Pearson r of reward with length {} against the baseline's {}; flagged at r ≥ {LENGTH_CORRELATION} and {LENGTH_CORRELATION_RISE} above the baseline's",
+        corr(&p),
+        corr(&q)
+    );
+    let gold = if m.policy.gold.is_some() {
+        " and gold_by_length.png"
+    } else {
+        ""
+    };
+    Some(match m.difference.as_ref().map(|d| &d.length) {
+        Some(l) if l.low > 0.0 => format!(
+            "**Warning: the policy's responses are longer ({} tokens, 95% [{}, {}]) and its reward follows length more than the baseline's ({rs}).** The reward model may be paying for length, the commonest exploit. A correlation is not proof: compare the rewards at equal length in reward_vs_length.png{gold}.",
+            sgn(l.mean, 1),
+            sgn(l.low, 1),
+            sgn(l.high, 1),
+        ),
+        _ => format!(
+            "The policy's reward follows response length more than the baseline's ({rs}), though its responses are not longer beyond noise; see reward_vs_length.png{gold}."
+        ),
+    })
 }
 
 /// One line of samples.jsonl.
@@ -473,8 +529,40 @@ pub fn markdown(
         );
         let _ = writeln!(o);
     }
+    if !m.evaluation_plots.is_empty() {
+        let _ = writeln!(o, "## Distributions");
+        let _ = writeln!(o);
+        let r = |mm: &ModelMetrics| {
+            mm.reward_length_correlation
+                .as_ref()
+                .map_or("n/a (one length)".into(), corr)
+        };
+        let _ = write!(
+            o,
+            "Pearson r of reward with response length (95% Fisher interval): policy {}",
+            r(&m.policy)
+        );
+        if let Some(b) = &m.baseline {
+            let _ = write!(o, ", baseline {}", r(b));
+        }
+        let _ = writeln!(o, ".");
+        let _ = writeln!(o);
+        for p in &m.evaluation_plots {
+            let _ = writeln!(o, "![{p}]({p})");
+            let _ = writeln!(o);
+            if let Some(c) = crate::plots::caption(p) {
+                let _ = writeln!(o, "{c}");
+                let _ = writeln!(o);
+            }
+        }
+    }
     if !m.plots.is_empty() {
         let _ = writeln!(o, "## Training runs");
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "Per-step and per-iteration curves (SFT loss; PPO score, KL, response length) are drawn as faint dots, one per logged value, under their centred moving average as the line: the mean of the w points around each (w = max(1, n/20) made odd, named in each legend), drawn where the window fits, so the line stops (w − 1)/2 points short of each end."
+        );
         let _ = writeln!(o);
         for p in &m.plots {
             let _ = writeln!(o, "![{p}]({p})");
@@ -508,6 +596,15 @@ mod tests {
         }
     }
 
+    fn c(r: f64) -> Correlation {
+        Correlation {
+            r,
+            low: r - 0.1,
+            high: r + 0.1,
+            n: 100,
+        }
+    }
+
     fn model() -> ModelMetrics {
         ModelMetrics {
             dir: "m".into(),
@@ -519,6 +616,7 @@ mod tests {
             kl: None,
             kl_note: None,
             length: e(10.0, 1.0),
+            reward_length_correlation: Some(c(0.1)),
             eos_rate: r(0.95),
             perplexity: None,
         }
@@ -560,8 +658,97 @@ mod tests {
             win_rate: None,
             gold_win_rate: None,
             findings: Vec::new(),
+            evaluation_plots: Vec::new(),
             plots: Vec::new(),
         }
+    }
+
+    #[test]
+    fn longer_responses_whose_reward_follows_length_are_flagged() {
+        let mut m = metrics(e(0.5, 0.1), Some(e(0.1, 0.05)));
+        let length_findings = |m: &Metrics| -> Vec<String> {
+            findings(m)
+                .into_iter()
+                .filter(|f| f.contains("follows response length") || f.contains("follows length"))
+                .collect()
+        };
+        // Longer, and the policy's r 0.6 against the baseline's 0.1: a warning naming both
+        // correlations, their intervals and the thresholds.
+        m.difference.as_mut().unwrap().length = e(4.0, 1.0);
+        m.policy.reward_length_correlation = Some(c(0.6));
+        let f = length_findings(&m);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with(
+                "**Warning: the policy's responses are longer (+4.0 tokens, 95% [+3.0, +5.0])"
+            ),
+            "{}",
+            f[0]
+        );
+        assert!(
+            f[0].contains("0.60 [0.50, 0.70] against the baseline's 0.10 [0.00, 0.20]"),
+            "{}",
+            f[0]
+        );
+        assert!(
+            f[0].contains("flagged at r ≥ 0.3 and 0.2 above"),
+            "{}",
+            f[0]
+        );
+        assert!(f[0].contains("gold_by_length.png"), "{}", f[0]);
+        // Exactly at both thresholds (0.3, and 0.2 above 0.1): still flagged.
+        let mut edge = m.clone();
+        edge.policy.reward_length_correlation = Some(c(0.3));
+        edge.baseline.as_mut().unwrap().reward_length_correlation = Some(c(0.1 - 1e-9));
+        assert_eq!(length_findings(&edge).len(), 1);
+        // Not longer beyond noise: a note, not a warning.
+        let mut same_length = m.clone();
+        same_length.difference.as_mut().unwrap().length = e(0.5, 1.0);
+        let f = length_findings(&same_length);
+        assert!(
+            f.len() == 1 && !f[0].contains("Warning") && f[0].contains("not longer beyond noise"),
+            "{f:?}"
+        );
+        // Following length as the baseline did, or weakly, or no correlation (one length): none.
+        let mut like_baseline = m.clone();
+        like_baseline
+            .baseline
+            .as_mut()
+            .unwrap()
+            .reward_length_correlation = Some(c(0.5));
+        assert!(length_findings(&like_baseline).is_empty());
+        let mut weak = m.clone();
+        weak.policy.reward_length_correlation = Some(c(0.25));
+        assert!(length_findings(&weak).is_empty());
+        let mut one_length = m.clone();
+        one_length
+            .baseline
+            .as_mut()
+            .unwrap()
+            .reward_length_correlation = None;
+        assert!(length_findings(&one_length).is_empty());
+    }
+
+    #[test]
+    fn the_report_links_the_evaluation_plots_with_captions() {
+        let mut m = metrics(e(0.4, 0.1), None);
+        m.policy.reward_length_correlation = Some(c(0.45));
+        m.baseline.as_mut().unwrap().reward_length_correlation = None;
+        m.evaluation_plots = vec![
+            "reward_distribution.png".into(),
+            "reward_vs_length.png".into(),
+        ];
+        let md = markdown(&m, &[], &empty_run(), Some(&empty_run()));
+        assert!(md.contains("## Distributions"), "{md}");
+        assert!(
+            md.contains("policy 0.45 [0.35, 0.55], baseline n/a (one length)."),
+            "{md}"
+        );
+        for p in &m.evaluation_plots {
+            let link = format!("![{p}]({p})\n\n{}", crate::plots::caption(p).unwrap());
+            assert!(md.contains(&link), "{md}");
+        }
+        assert!(!md.contains("## Training runs"), "{md}");
     }
 
     #[test]

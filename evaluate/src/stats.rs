@@ -1,6 +1,6 @@
 //! The statistics of an evaluation, each with a 95% interval: means (Student's t interval,
-//! mean ± t·sd/√n), rates (Wilson score interval), paired differences, and win rates with ties
-//! counted as half a win.
+//! mean ± t·sd/√n), rates (Wilson score interval), paired differences, win rates with ties
+//! counted as half a win, and Pearson correlations (Fisher z interval).
 
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
@@ -135,6 +135,48 @@ pub fn win_rate(outcomes: &[Ordering], level: f64) -> Option<WinRate> {
     })
 }
 
+/// A Pearson correlation with its Fisher z interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Correlation {
+    pub r: f64,
+    pub low: f64,
+    pub high: f64,
+    pub n: usize,
+}
+
+/// The Pearson correlation of `x` and `y` (paired, the same length) with its `level` interval
+/// tanh(atanh r ± z/√(n − 3)) (Fisher 1921; what scipy's `pearsonr(...).confidence_interval()`
+/// gives); the interval is [−1, 1] below 4 pairs. None below 2 pairs or when either side is
+/// constant (e.g. every response cut at the same length): there is no correlation to report.
+pub fn pearson(x: &[f64], y: &[f64], level: f64) -> Option<Correlation> {
+    assert_eq!(x.len(), y.len(), "paired values");
+    let n = x.len();
+    if n < 2 {
+        return None;
+    }
+    let (mx, my) = (
+        x.iter().sum::<f64>() / n as f64,
+        y.iter().sum::<f64>() / n as f64,
+    );
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx).powi(2);
+        syy += (b - my).powi(2);
+    }
+    if !(sxx > 0.0 && syy > 0.0) {
+        return None;
+    }
+    let r = (sxy / (sxx * syy).sqrt()).clamp(-1.0, 1.0);
+    let (low, high) = if n > 3 {
+        let (centre, half) = (r.atanh(), z(level) / ((n - 3) as f64).sqrt());
+        ((centre - half).tanh(), (centre + half).tanh())
+    } else {
+        (-1.0, 1.0)
+    };
+    Some(Correlation { r, low, high, n })
+}
+
 /// Compares two scores, calling them tied when they differ by at most `tol` (rewards of the same
 /// text scored in different batches differ by float noise).
 pub fn compare(a: f64, b: f64, tol: f64) -> Ordering {
@@ -230,6 +272,41 @@ mod tests {
         assert_eq!(compare(1.0, 1.0 + 1e-7, 1e-6), Equal);
         assert_eq!(compare(1.1, 1.0, 1e-6), Greater);
         assert_eq!(compare(0.9, 1.0, 1e-6), Less);
+    }
+
+    #[test]
+    fn pearson_matches_hand_computed_values() {
+        // x = 1..=5, y = 2 1 4 3 5: deviations (−2 −1 0 1 2) and (−1 −2 1 0 2), Σdxdy = 8,
+        // Σdx² = Σdy² = 10, r = 0.8. Fisher, n = 5:
+        // math.tanh(math.atanh(0.8) ∓ 1.959964 / math.sqrt(2)) = −0.279640, 0.986196.
+        let c = pearson(
+            &[1.0, 2.0, 3.0, 4.0, 5.0],
+            &[2.0, 1.0, 4.0, 3.0, 5.0],
+            LEVEL,
+        )
+        .unwrap();
+        assert_eq!(c.n, 5);
+        assert!(close(c.r, 0.8, 1e-12), "{c:?}");
+        assert!(
+            close(c.low, -0.279640, 1e-6) && close(c.high, 0.986196, 1e-6),
+            "{c:?}"
+        );
+        // A perfect negative line; exact ±1 keeps a degenerate interval.
+        let c = pearson(&[1.0, 2.0, 3.0, 4.0], &[8.0, 6.0, 4.0, 2.0], LEVEL).unwrap();
+        assert!(close(c.r, -1.0, 1e-12), "{c:?}");
+        assert!(
+            close(c.low, -1.0, 1e-12) && close(c.high, -1.0, 1e-12),
+            "{c:?}"
+        );
+        // Three pairs: r = 0.5 ((−1 0 1)·(0 −1 1) = 1 over √2·√2), no interval yet.
+        let c = pearson(&[1.0, 2.0, 3.0], &[1.0, 0.0, 2.0], LEVEL).unwrap();
+        assert!(
+            close(c.r, 0.5, 1e-12) && (c.low, c.high) == (-1.0, 1.0),
+            "{c:?}"
+        );
+        // Constant lengths, or one pair: none.
+        assert!(pearson(&[12.0; 4], &[1.0, 2.0, 3.0, 4.0], LEVEL).is_none());
+        assert!(pearson(&[1.0], &[2.0], LEVEL).is_none());
     }
 
     #[test]

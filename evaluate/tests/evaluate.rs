@@ -394,6 +394,9 @@ fn tiny_pipeline_then_evaluate() {
         "### 5.",
         "![ppo_score_vs_kl.png](ppo_score_vs_kl.png)",
         "![ppo_gold_vs_kl.png](ppo_gold_vs_kl.png)",
+        "## Distributions",
+        "![reward_distribution.png](reward_distribution.png)",
+        "![reward_vs_length.png](reward_vs_length.png)",
     ] {
         assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
     }
@@ -408,12 +411,36 @@ fn tiny_pipeline_then_evaluate() {
         "ppo_score_vs_kl.png",
         // The run logged monitor.gold.
         "ppo_gold_vs_kl.png",
+        // The evaluation's own.
+        "reward_distribution.png",
+        "heldout_reward_distribution.png",
+        "reward_vs_length.png",
+        "gold_by_length.png",
     ] {
         let bytes = std::fs::read(dir.join(f)).unwrap_or_else(|_| panic!("{f} missing"));
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{f}");
         assert!(bytes.len() > 3000, "{f}: {} bytes", bytes.len());
     }
     assert_eq!(m["plots"].as_array().unwrap().len(), 7, "{}", m["plots"]);
+    assert_eq!(
+        m["evaluation_plots"],
+        json!([
+            "reward_distribution.png",
+            "heldout_reward_distribution.png",
+            "reward_vs_length.png",
+            "gold_by_length.png"
+        ])
+    );
+    for who in ["policy", "baseline"] {
+        let c = &m[who]["reward_length_correlation"];
+        let (r, lo, hi) = (num(&c["r"], who), num(&c["low"], who), num(&c["high"], who));
+        assert!(-1.0 <= lo && lo <= r && r <= hi && hi <= 1.0, "{who}: {c}");
+        assert_eq!(c["n"], 24);
+    }
+    assert!(
+        md.contains("Pearson r of reward with response length (95% Fisher interval): policy "),
+        "{md}"
+    );
     // No temporary folder is left beside the output.
     let left: Vec<String> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -462,6 +489,30 @@ fn tiny_pipeline_then_evaluate() {
     assert_eq!(m["win_rate"]["rate"], 0.5);
     assert_eq!(m["difference"]["reward"]["mean"], 0.0);
     assert!(m["plots"].as_array().unwrap().is_empty());
+    // Without --runs the evaluation's own plots are still written, listed and linked (the
+    // prompts have answers: gold by default; the ensemble has its held-out monitor).
+    let own = [
+        "reward_distribution.png",
+        "heldout_reward_distribution.png",
+        "reward_vs_length.png",
+        "gold_by_length.png",
+    ];
+    assert_eq!(m["evaluation_plots"], json!(own));
+    let md = std::fs::read_to_string(Path::new(&same).join("report.md")).unwrap();
+    assert!(
+        md.contains("## Distributions") && !md.contains("## Training runs"),
+        "{md}"
+    );
+    for f in own {
+        let bytes =
+            std::fs::read(Path::new(&same).join(f)).unwrap_or_else(|_| panic!("{f} missing"));
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{f}");
+        assert!(bytes.len() > 3000, "{f}: {} bytes", bytes.len());
+        assert!(
+            md.contains(&format!("![{f}]({f})")),
+            "report.md lacks {f}:\n{md}"
+        );
+    }
 
     bad_inputs(tmp.path(), &pol, &sft, &rm);
     // An ensemble folder given as a policy is named for what it is.
