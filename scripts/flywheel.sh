@@ -51,6 +51,12 @@ evaluate() { # policy reward-model out
     --prompts "$o/task/eval_prompts.jsonl" --max-prompts "${EVAL_PROMPTS:-300}" --temperature 1 \
     --samples-per-prompt 2 --max-new-tokens 48 --gold "$gold" --out "$3"
 }
+# PPO of round r continuing from a policy, KL to the SFT model.
+ppo_continue() { # out policy reward-model
+  run $bin/ppo --config configs/ppo.toml --out "$1" --seed "$((seed + r))" \
+    --set model.policy="$2" --set model.reference="$o/sft/final" \
+    --set model.reward_model="$3" --set data.prompts="$o/task/prompts.jsonl" "${xp[@]}"
+}
 # An evaluation's samples (policy's and baseline's) as candidates with gold and a kind.
 candidates() {
   jq -c '. as $l | ("\($l.line)") as $id | ["policy", "baseline"][] as $m
@@ -140,19 +146,13 @@ for family in $families; do
     [ "${RM_FROM:-previous}" = sft ] && rm_base="$o/sft/final"
     run $bin/reward --config configs/reward.toml --out "$o/rm-$r" --seed "$seed" \
       --set model.base="$rm_base" --set data.path="$o/labels-$r" "${xr[@]}"
-    run $bin/ppo --config configs/ppo.toml --out "$o/ppo-$r" --seed "$((seed + r))" \
-      --set model.policy="$o/ppo-$p/final" --set model.reference="$o/sft/final" \
-      --set model.reward_model="$o/rm-$r/final" --set data.prompts="$o/task/prompts.jsonl" \
-      "${xp[@]}"
+    ppo_continue "$o/ppo-$r" "$o/ppo-$p/final" "$o/rm-$r/final"
     evaluate "$o/ppo-$r/final" "$o/rm-$r/final" "$o/eval-$r"
     ctl=""
     if [ "${CONTROL:-1}" = 1 ]; then
       ctl_from="$o/ppo-$p-control/final"
       [ "$p" = 1 ] && ctl_from="$o/ppo-1/final"
-      run $bin/ppo --config configs/ppo.toml --out "$o/ppo-$r-control" --seed "$((seed + r))" \
-        --set model.policy="$ctl_from" --set model.reference="$o/sft/final" \
-        --set model.reward_model="$o/rm-1/final" --set data.prompts="$o/task/prompts.jsonl" \
-        "${xp[@]}"
+      ppo_continue "$o/ppo-$r-control" "$ctl_from" "$o/rm-1/final"
       evaluate "$o/ppo-$r-control/final" "$o/rm-1/final" "$o/eval-$r-control"
       ctl="$o/eval-$r-control"
     fi

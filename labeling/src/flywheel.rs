@@ -23,19 +23,29 @@ use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-/// Options of `labeling simulate-labelers`.
-#[derive(Clone, Debug)]
+/// Options of `labeling simulate-labelers` (its flags).
+#[derive(Clone, Debug, clap::Args)]
 pub struct LabelerOptions {
     /// The sheet (`export-sheet`'s long CSV; `labeler_id` and `rank` empty).
+    #[arg(long)]
     pub sheet: PathBuf,
-    /// The gold rule (`datasets::parse_rule` syntax, e.g. `final_answer`, `normalized_match`).
+    /// The gold rule, e.g. final_answer, normalized_match, numeric:0.01, choice, json_answer
+    /// (a task's task.json names its own).
+    #[arg(long)]
     pub gold: String,
-    /// Prompts with their answers (`prompt`, `answer`), matched to the sheet by prompt text.
+    /// Prompts with their `answer` (e.g. the task's prompts.jsonl), matched by prompt text.
+    #[arg(long)]
     pub answers: Option<PathBuf>,
+    #[arg(long, default_value_t = SimulateParams::default().labelers)]
     pub labelers: usize,
+    /// The mean labeler's probability of swapping adjacent responses (0.5x to 1.5x of it from
+    /// the first labeler to the last).
+    #[arg(long, default_value_t = SimulateParams::default().noise)]
     pub noise: f64,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The ranked sheet (long CSV, written atomically).
+    #[arg(long)]
     pub out: PathBuf,
 }
 

@@ -63,14 +63,7 @@ pub fn score(
             d.display()
         );
     }
-    let items: Vec<Item> = inputs
-        .iter()
-        .map(|(p, r)| Item {
-            prompt: p,
-            response: r,
-            answer: None,
-        })
-        .collect();
+    let items = Item::pairs(inputs);
     let start = Instant::now();
     let scores = scorer.score(&items)?;
     let seconds = start.elapsed().as_secs_f64();

@@ -135,14 +135,21 @@ impl RewardModel {
         self.model.config().max_position_embeddings.max(2)
     }
 
-    /// Rewards of `items` (normalised unless `raw`), in order, and what was cut.
-    fn score(&self, items: &[Item], batch_size: usize, raw: bool) -> Result<(Vec<f32>, Cuts)> {
+    /// Rewards of `items` (normalised unless `raw`), in order, and what was cut; prompts
+    /// rendered with `template`, else this model's own.
+    fn score(
+        &self,
+        items: &[Item],
+        template: Option<&PromptTemplate>,
+        batch_size: usize,
+        raw: bool,
+    ) -> Result<(Vec<f32>, Cuts)> {
         let mut cuts = Cuts::default();
         let mut seqs = Vec::with_capacity(items.len());
         for it in items {
             let e = fit(
                 &self.tokenizer,
-                &self.template,
+                template.unwrap_or(&self.template),
                 it.prompt,
                 it.response,
                 self.max_len(),
@@ -182,6 +189,20 @@ pub struct Item<'a> {
     pub response: &'a str,
     /// The prompt's reference answer (rules that check answers need it).
     pub answer: Option<&'a str>,
+}
+
+impl<'a> Item<'a> {
+    /// Items of (prompt, response) pairs, without reference answers.
+    pub fn pairs(pairs: &'a [(String, String)]) -> Vec<Self> {
+        pairs
+            .iter()
+            .map(|(p, r)| Item {
+                prompt: p,
+                response: r,
+                answer: None,
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -334,6 +355,13 @@ impl Scorer {
 
     /// Scores `items`, in order.
     pub fn score(&self, items: &[Item]) -> Result<Scores> {
+        self.score_with(items, None)
+    }
+
+    /// Scores `items`, in order, their prompts rendered with `template` by every model instead
+    /// of each model's own (`reward serve`: a client that rendered its prompts sends them as
+    /// they are, `{prompt}`).
+    pub fn score_with(&self, items: &[Item], template: Option<&PromptTemplate>) -> Result<Scores> {
         match self {
             Scorer::Rule(rule) => {
                 let rewards = items
@@ -352,7 +380,7 @@ impl Scorer {
             Scorer::Models { members, options } => {
                 let mut out = Scores::default();
                 for m in members {
-                    let (r, cuts) = m.score(items, options.batch_size, options.raw)?;
+                    let (r, cuts) = m.score(items, template, options.batch_size, options.raw)?;
                     out.cut_prompts += cuts.prompts;
                     out.cut_responses += cuts.responses;
                     out.members.push(r);

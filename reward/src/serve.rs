@@ -147,37 +147,25 @@ struct Job {
     reply: mpsc::Sender<Result<Scores, String>>,
 }
 
-/// The scorer with both sets of templates; owned by the scoring thread.
+/// The scorer and `/get_reward`'s template (None: each model's stored one); owned by the
+/// scoring thread.
 struct Engine {
     scorer: Scorer,
-    stored: Vec<PromptTemplate>,
-    query: Vec<PromptTemplate>,
+    query: Option<PromptTemplate>,
     batch_size: usize,
 }
 
 impl Engine {
     /// Scores `items` with the templates of `encoding`; an error or a panic becomes a message.
-    fn score(&mut self, encoding: Encoding, items: &[(String, String)]) -> Result<Scores, String> {
-        let templates = match encoding {
-            Encoding::Query => &self.query,
-            Encoding::Stored => &self.stored,
+    fn score(&self, encoding: Encoding, items: &[(String, String)]) -> Result<Scores, String> {
+        let template = match encoding {
+            Encoding::Query => self.query.as_ref(),
+            Encoding::Stored => None,
         };
-        if let Scorer::Models { members, .. } = &mut self.scorer {
-            for (m, t) in members.iter_mut().zip(templates) {
-                m.template = t.clone();
-            }
-        }
-        let items: Vec<Item> = items
-            .iter()
-            .map(|(p, r)| Item {
-                prompt: p,
-                response: r,
-                answer: None,
-            })
-            .collect();
+        let items = Item::pairs(items);
         let scorer = &self.scorer;
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model::device::hot(|| scorer.score(&items))
+            model::device::hot(|| scorer.score_with(&items, template))
         })) {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => Err(format!("scoring failed: {e:#}")),
@@ -194,7 +182,7 @@ impl Engine {
 
     /// Scores `jobs` (one encoding) together and answers each; if that fails, each on its own,
     /// so that one bad request fails alone.
-    fn answer(&mut self, encoding: Encoding, jobs: Vec<Job>) {
+    fn answer(&self, encoding: Encoding, jobs: Vec<Job>) {
         let items: Vec<(String, String)> =
             jobs.iter().flat_map(|j| j.items.iter().cloned()).collect();
         match self.score(encoding, &items) {
@@ -239,7 +227,7 @@ impl Engine {
 
     /// The scoring loop: takes what is pending, up to `batch_size` responses without splitting a
     /// request, scores it by encoding, answers; ends when every sender is gone.
-    fn run(mut self, jobs: mpsc::Receiver<Job>) {
+    fn run(self, jobs: mpsc::Receiver<Job>) {
         let mut carried: Option<Job> = None;
         loop {
             let first = match carried.take() {
@@ -1064,25 +1052,20 @@ pub fn run(args: &ServeArgs) -> Result<Summary> {
             d.display()
         );
     }
-    let stored: Vec<PromptTemplate> = match &scorer {
-        Scorer::Models { members, .. } => members.iter().map(|m| m.template.clone()).collect(),
-        Scorer::Rule(_) => Vec::new(),
-    };
     let query = match args.template.as_deref() {
-        None => vec![PromptTemplate::identity(); stored.len()],
-        Some("stored") => stored.clone(),
-        Some(t) => {
-            vec![PromptTemplate::new(t).with_context(|| format!("--template {t:?}"))?; stored.len()]
-        }
+        None => Some(PromptTemplate::identity()),
+        Some("stored") => None,
+        Some(t) => Some(PromptTemplate::new(t).with_context(|| format!("--template {t:?}"))?),
     };
+    let stored = scorer.template();
     let members = scorer.members();
     let specials = Specials::of(&scorer);
     let health = json!({
         "status": "ok",
         "members": members,
         "dir": args.dir.display().to_string(),
-        "get_reward_template": query.first().map(PromptTemplate::as_str),
-        "score_template": stored.first().map(PromptTemplate::as_str),
+        "get_reward_template": query.as_ref().or(stored).map(PromptTemplate::as_str),
+        "score_template": stored.map(PromptTemplate::as_str),
         "aggregate": args.aggregate,
         "uncertainty_coef": args.uncertainty_coef,
         "raw": args.raw,
@@ -1093,7 +1076,6 @@ pub fn run(args: &ServeArgs) -> Result<Summary> {
     });
     let engine = Engine {
         scorer,
-        stored,
         query,
         batch_size: args.batch_size,
     };

@@ -98,8 +98,8 @@ fn tiny_ensemble(dir: &Path) -> (PathBuf, Vec<(String, String)>) {
     (rm, pairs)
 }
 
-/// `reward score`'s lines for `pairs`.
-fn reward_score(dir: &Path, rm: &Path, pairs: &[(String, String)]) -> Vec<Value> {
+/// `reward score`'s lines for `pairs` (with `extra` flags).
+fn reward_score(dir: &Path, rm: &Path, pairs: &[(String, String)], extra: &[&str]) -> Vec<Value> {
     let input = dir.join("pairs.jsonl");
     let text: String = pairs
         .iter()
@@ -112,6 +112,7 @@ fn reward_score(dir: &Path, rm: &Path, pairs: &[(String, String)]) -> Vec<Value>
         .arg("--input")
         .arg(&input)
         .args(["--batch-size", BATCH])
+        .args(extra)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -298,7 +299,7 @@ fn openrlhf_and_score_requests_equal_reward_score_bad_requests_fail_alone_and_si
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (rm, pairs) = tiny_ensemble(dir);
-    let expected = reward_score(dir, &rm, &pairs);
+    let expected = reward_score(dir, &rm, &pairs, &[]);
     let want: Vec<f64> = expected
         .iter()
         .map(|l| l["reward"].as_f64().unwrap())
@@ -355,32 +356,10 @@ fn openrlhf_and_score_requests_equal_reward_score_bad_requests_fail_alone_and_si
             )
         })
         .collect();
-    let bare_want: Vec<f64> = {
-        let input = dir.join("bare.jsonl");
-        let text: String = bare
-            .iter()
-            .map(|(p, r)| format!("{}\n", json!({"prompt": p, "response": r})))
-            .collect();
-        std::fs::write(&input, text).unwrap();
-        let o = Command::new(env!("CARGO_BIN_EXE_reward"))
-            .arg("score")
-            .arg(&rm)
-            .arg("--input")
-            .arg(&input)
-            .args(["--template", "{prompt}", "--batch-size", BATCH])
-            .output()
-            .unwrap();
-        assert!(o.status.success());
-        String::from_utf8(o.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["reward"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
-    };
+    let bare_want: Vec<f64> = reward_score(dir, &rm, &bare, &["--template", "{prompt}"])
+        .iter()
+        .map(|v| v["reward"].as_f64().unwrap())
+        .collect();
     let queries: Vec<String> = bare.iter().map(|(_, r)| format!("{PAD}{r}{EOS}")).collect();
     let (status, r) = server.post("/get_reward", &json!({ "query": queries }));
     assert_eq!(status, 200, "{r}");
@@ -599,7 +578,7 @@ fn a_single_model_scores_with_its_stored_template_and_stops_on_sigint() {
     let dir = tmp.path();
     let (rm, pairs) = tiny_ensemble(dir);
     let member = rm.join("member-1");
-    let want: Vec<f64> = reward_score(dir, &member, &pairs)
+    let want: Vec<f64> = reward_score(dir, &member, &pairs, &[])
         .iter()
         .map(|l| l["reward"].as_f64().unwrap())
         .collect();

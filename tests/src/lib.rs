@@ -1,6 +1,6 @@
 //! End-to-end tests of the pipeline live in `tests/`; this library holds the little the stages'
-//! own end-to-end tests share: the workspace root, the path of a built binary, and killing a
-//! training run with SIGKILL mid-way, as the exact-resume tests of `reward` and `ppo` do.
+//! own end-to-end tests share: the workspace root, the path of a built binary, running one, and
+//! killing a training run with SIGKILL mid-way, as the exact-resume tests of `reward` and `ppo` do.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,6 +25,27 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Runs workspace binary `name` with `args` from the workspace root.
+pub fn output(name: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin(name))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs workspace binary `name` with `args` from the workspace root, asserts it succeeded
+/// (showing its stderr otherwise) and returns its stdout.
+pub fn run(name: &str, args: &[&str]) -> String {
+    let out = output(name, args);
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Starts `cmd`, kills it with SIGKILL as soon as `marker` exists (or lets it end, at most five

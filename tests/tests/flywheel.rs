@@ -4,26 +4,7 @@
 //! continues on old + new groups → ppo continues from its policy with the SFT model as the KL
 //! reference.
 
-use e2e::{bin, root};
-use std::process::{Command, Output};
-
-fn output(name: &str, args: &[&str]) -> Output {
-    Command::new(bin(name))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn run(name: &str, args: &[&str]) -> String {
-    let out = output(name, args);
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use e2e::{output, root, run};
 
 fn first_metrics(path: &std::path::Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap();

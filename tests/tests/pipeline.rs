@@ -2,22 +2,7 @@
 //! sft on the demo task's demonstrations → sample from the result → export a labeling sheet from
 //! the SFT policy → two labelers fill it → import the rankings → a reward model on them → score.
 
-use e2e::{bin, root};
-use std::process::Command;
-
-fn run(name: &str, args: &[&str]) -> String {
-    let out = Command::new(bin(name))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use e2e::{root, run};
 
 #[test]
 fn sft_then_sample_then_label_then_import_then_reward() {

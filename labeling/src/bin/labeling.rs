@@ -84,27 +84,7 @@ enum Command {
     /// Rank a sheet (`export-sheet`'s CSV) as simulated labelers would, by a gold rule with
     /// noise and ties: the data flywheel's labelers for tests, the demo and studies. Writes the
     /// ranked long CSV for `labeling import` and prints what the labeling cost.
-    SimulateLabelers {
-        #[arg(long)]
-        sheet: PathBuf,
-        /// The gold rule, e.g. final_answer, normalized_match, numeric:0.01, choice, json_answer
-        /// (a task's task.json names its own).
-        #[arg(long)]
-        gold: String,
-        /// Prompts with their `answer` (e.g. the task's prompts.jsonl), matched by prompt text.
-        #[arg(long)]
-        answers: Option<PathBuf>,
-        #[arg(long, default_value_t = labeling::flywheel::LabelerOptions::default().labelers)]
-        labelers: usize,
-        /// The mean labeler's probability of swapping adjacent responses (0.5x to 1.5x of it
-        /// from the first labeler to the last).
-        #[arg(long, default_value_t = labeling::flywheel::LabelerOptions::default().noise)]
-        noise: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long)]
-        out: PathBuf,
-    },
+    SimulateLabelers(labeling::flywheel::LabelerOptions),
 }
 
 /// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
@@ -217,24 +197,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::SimulateLabelers {
-            sheet,
-            gold,
-            answers,
-            labelers,
-            noise,
-            seed,
-            out,
-        } => {
-            let c = labeling::flywheel::simulate_labelers(&labeling::flywheel::LabelerOptions {
-                sheet,
-                gold,
-                answers,
-                labelers,
-                noise,
-                seed,
-                out: out.clone(),
-            })?;
+        Command::SimulateLabelers(opts) => {
+            let c = labeling::flywheel::simulate_labelers(&opts)?;
             println!(
                 "labeling cost: {} prompts, {} responses, {} labelers, {} rows ranked",
                 c.prompts, c.responses, c.labelers, c.rows_ranked
@@ -248,7 +212,7 @@ fn run(cli: Cli) -> Result<()> {
                 c.by_tier[3],
                 c.single_tier_groups
             );
-            println!("wrote {}", out.display());
+            println!("wrote {}", opts.out.display());
             Ok(())
         }
     }
