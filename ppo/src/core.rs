@@ -17,17 +17,28 @@
 //! `[B, T]` tensors and a float mask (see [`model::ops::mask_tensor`]). Values at masked positions
 //! of the inputs are ignored (they must be finite); outputs are 0 there.
 //!
+//! # Advantage estimators
+//!
+//! [`Estimator::Gae`] is PPO's: a critic's values and [`gae`]. The critic-free ones compare each
+//! response's return (the sum of its per-token rewards: the score, minus β·KL when the KL is in
+//! the reward) with other responses, as `verl/trainer/ppo/core_algos.py` computes them:
+//! [`group_advantages`] for GRPO, Dr. GRPO and RLOO (a group is the responses to one prompt),
+//! [`reinforce_pp_advantages`] for REINFORCE++.
+//!
 //! # Aggregation
 //!
-//! Every tensor loss is a *token-mean*: the sum over all masked-in tokens of the minibatch divided
-//! by the number of those tokens ([`model::ops::masked_mean`]), as OpenRLHF and verl's
-//! `"token-mean"` mode. Historically TRL averaged the per-sequence means instead, which weighs the
-//! tokens of short responses more.
+//! A tensor loss is a per-token loss reduced by [`aggregate`] under a [`LossAgg`] (verl's
+//! `loss_agg_mode`). The default is the *token-mean*: the sum over all masked-in tokens of the
+//! minibatch divided by the number of those tokens ([`model::ops::masked_mean`]), as OpenRLHF and
+//! verl. Historically TRL averaged the per-sequence means instead (`seq-mean-token-mean`), which
+//! weighs the tokens of short responses more; Dr. GRPO sums each response's tokens and divides by
+//! a constant (`seq-mean-token-sum-norm`), so that no length is favoured.
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 use model::ops::masked_mean;
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 // ------------------------------------------------------------------------------------------------
 // Host side
@@ -77,6 +88,137 @@ pub fn kl_per_token(
             }
         })
         .collect()
+}
+
+/// How advantages are estimated (`advantage.estimator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// GAE(γ, λ) over a critic's values, whitened over the batch (PPO; InstructGPT).
+    #[default]
+    Gae,
+    /// GRPO (Shao et al. 2024): `(R − mean_group) / (std_group + 1e-6)`, the std with Bessel's
+    /// correction, the same for every token of the response.
+    Grpo,
+    /// Dr. GRPO (Liu et al. 2025): `R − mean_group`, no std division (pair it with
+    /// `ppo.loss_agg = "seq-mean-token-sum-norm"` for no length normalisation either).
+    DrGrpo,
+    /// RLOO (Ahmadian et al. 2024): `R − mean of the group's other returns`
+    /// (`= (R − mean_group) · n/(n−1)`).
+    Rloo,
+    /// REINFORCE++ (Hu 2025): per-token discounted returns of the per-token rewards, whitened
+    /// over the batch.
+    ReinforcePp,
+}
+
+impl Estimator {
+    /// Whether a critic is loaded, trained and checkpointed.
+    pub fn needs_critic(self) -> bool {
+        self == Estimator::Gae
+    }
+
+    /// Whether the baseline is the other samples of the same prompt (n ≥ 2 needed).
+    pub fn needs_group(self) -> bool {
+        matches!(self, Estimator::Grpo | Estimator::DrGrpo | Estimator::Rloo)
+    }
+}
+
+impl fmt::Display for Estimator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Estimator::Gae => "gae",
+            Estimator::Grpo => "grpo",
+            Estimator::DrGrpo => "dr_grpo",
+            Estimator::Rloo => "rloo",
+            Estimator::ReinforcePp => "reinforce_pp",
+        })
+    }
+}
+
+/// Each row's sum over its columns: a response's return from its per-token rewards (0 at the
+/// padding). x: [B, T] → [B].
+pub fn row_sums(x: &[f32], b: usize, t: usize) -> Vec<f32> {
+    assert_eq!(x.len(), b * t, "x is not [b, t]");
+    (0..b)
+        .map(|i| x[i * t..(i + 1) * t].iter().map(|&v| v as f64).sum::<f64>() as f32)
+        .collect()
+}
+
+/// A per-response value on every real token of its row. per_row: [B], mask: [B, T] → [B, T].
+pub fn broadcast_rows(per_row: &[f32], mask: &[bool], b: usize, t: usize) -> Vec<f32> {
+    assert_eq!(per_row.len(), b, "per_row is not [b]");
+    assert_eq!(mask.len(), b * t, "mask is not [b, t]");
+    (0..b * t)
+        .map(|k| if mask[k] { per_row[k / t] } else { 0.0 })
+        .collect()
+}
+
+/// The group-baseline advantages of GRPO, Dr. GRPO and RLOO, one per response, from the
+/// responses' returns; a group is `group` consecutive responses (the samples of one prompt).
+/// Also returns how many groups had all returns equal (their advantages are all 0: no gradient;
+/// DAPO's "dynamic sampling" counts them too). returns: [G · group] → ([G · group], uniform groups).
+pub fn group_advantages(returns: &[f32], group: usize, est: Estimator) -> (Vec<f32>, usize) {
+    assert!(group >= 1, "group size 0");
+    assert!(
+        returns.len().is_multiple_of(group),
+        "{} returns are not whole groups of {group}",
+        returns.len()
+    );
+    let mut adv = Vec::with_capacity(returns.len());
+    let mut uniform = 0;
+    for g in returns.chunks(group) {
+        let n = g.len() as f64;
+        let mean = g.iter().map(|&v| v as f64).sum::<f64>() / n;
+        if g.iter().all(|&v| v == g[0]) {
+            uniform += 1;
+        }
+        let std = if g.len() > 1 {
+            (g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            1.0
+        };
+        for &r in g {
+            let d = r as f64 - mean;
+            adv.push(match est {
+                Estimator::Grpo => d / (std + 1e-6),
+                Estimator::DrGrpo => d,
+                Estimator::Rloo if g.len() > 1 => d * n / (n - 1.0),
+                Estimator::Rloo => 0.0,
+                Estimator::Gae | Estimator::ReinforcePp => {
+                    panic!("group_advantages of {est}: not a group estimator")
+                }
+            } as f32);
+        }
+    }
+    (adv, uniform)
+}
+
+/// REINFORCE++'s advantages: per token the discounted return of the per-token rewards,
+/// `G_t = r_t + γ·G_{t+1}` (0 after the row's last real token), whitened over the batch's
+/// masked-in tokens ([`whiten`] with the mean removed). rewards, mask: [B, T] → [B, T].
+pub fn reinforce_pp_advantages(
+    rewards: &[f32],
+    mask: &[bool],
+    b: usize,
+    t: usize,
+    gamma: f64,
+) -> Vec<f32> {
+    assert_eq!(rewards.len(), b * t, "rewards is not [b, t]");
+    assert_eq!(mask.len(), b * t, "mask is not [b, t]");
+    let mut ret = vec![0.0f32; b * t];
+    for i in 0..b {
+        let mut running = 0.0f64;
+        for j in (0..t).rev() {
+            let k = i * t + j;
+            if !mask[k] {
+                running = 0.0;
+                continue;
+            }
+            running = rewards[k] as f64 + gamma * running;
+            ret[k] = running as f32;
+        }
+    }
+    whiten(&ret, mask, true)
 }
 
 /// The last masked-in column of each row, or `None` for an empty row. mask: [B, T] → [B]
@@ -293,6 +435,39 @@ impl KlController {
 // Tensors
 // ------------------------------------------------------------------------------------------------
 
+/// How a per-token loss becomes one number (verl's `loss_agg_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossAgg {
+    /// Sum over all real tokens of the minibatch / their number (OpenRLHF, verl).
+    #[default]
+    TokenMean,
+    /// Each response's token sum, averaged over the responses.
+    SeqMeanTokenSum,
+    /// Each response's token mean, averaged over the responses (the original TRL).
+    SeqMeanTokenMean,
+    /// Each response's token sum divided by a constant (the longest possible response,
+    /// `rollout.max_new_tokens`), averaged over the responses (Dr. GRPO).
+    SeqMeanTokenSumNorm,
+}
+
+/// `per_token` reduced under `agg` over the masked-in tokens; `max_len` is the constant of
+/// `SeqMeanTokenSumNorm`. per_token, mask (float 0/1): [B, T] → [1].
+pub fn aggregate(per_token: Tensor<2>, mask: Tensor<2>, agg: LossAgg, max_len: usize) -> Tensor<1> {
+    if agg == LossAgg::TokenMean {
+        return masked_mean(per_token, mask);
+    }
+    let [b, _] = per_token.dims();
+    let sums = (per_token * mask.clone()).sum_dim(1).reshape([b]);
+    let per_seq = match agg {
+        LossAgg::SeqMeanTokenSum => sums,
+        LossAgg::SeqMeanTokenMean => sums / mask.sum_dim(1).reshape([b]).clamp_min(1.0),
+        LossAgg::SeqMeanTokenSumNorm => sums.div_scalar(max_len.max(1) as f64),
+        LossAgg::TokenMean => unreachable!(),
+    };
+    per_seq.mean()
+}
+
 /// The clipped surrogate loss and its diagnostics.
 #[derive(Debug, Clone)]
 pub struct PolicyLoss {
@@ -309,26 +484,29 @@ pub struct PolicyLoss {
 }
 
 /// PPO's clipped surrogate objective as a loss (Schulman et al. 2017):
-/// `ratio = exp(log p − log p_old)`, per token `max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))`,
-/// token-mean over the masked-in tokens. The gradient flows into `logprobs` only (and is 0 for the
-/// tokens where the clipped term is active); `old_logprobs` and `advantages` are constants.
+/// `ratio = exp(log p − log p_old)`, per token `max(−A·ratio, −A·clip(ratio, 1−ε_low, 1+ε_high))`
+/// (ε_low = ε_high = ε in PPO; DAPO raises ε_high), reduced by [`aggregate`] under `agg`. The
+/// gradient flows into `logprobs` only (and is 0 for the tokens where the clipped term is active);
+/// `old_logprobs` and `advantages` are constants. The diagnostics are token-means.
 /// logprobs, old_logprobs, advantages, mask (float 0/1): [B, T] → loss [1].
 pub fn policy_loss(
     logprobs: Tensor<2>,
     old_logprobs: Tensor<2>,
     advantages: Tensor<2>,
     mask: Tensor<2>,
-    clip_eps: f64,
+    (clip_low, clip_high): (f64, f64),
+    agg: LossAgg,
+    max_len: usize,
 ) -> PolicyLoss {
     // Zeroing the padding before `exp` keeps garbage there from overflowing into NaN gradients.
     let log_ratio = (logprobs - old_logprobs.detach()) * mask.clone();
     let ratio = log_ratio.clone().exp();
     let neg_adv = advantages.detach().neg();
     let unclipped = neg_adv.clone() * ratio.clone();
-    let clipped = neg_adv * ratio.clone().clamp(1.0 - clip_eps, 1.0 + clip_eps);
+    let clipped = neg_adv * ratio.clone().clamp(1.0 - clip_low, 1.0 + clip_high);
     // On ties `max_pair` keeps `unclipped`, whose gradient is the unclipped one.
     let per_token = unclipped.clone().max_pair(clipped.clone());
-    let loss = masked_mean(per_token, mask.clone());
+    let loss = aggregate(per_token, mask.clone(), agg, max_len);
 
     let mask = mask.detach();
     let scalar = |x: Tensor<2>| masked_mean(x.detach(), mask.clone()).into_scalar::<f32>();
@@ -394,14 +572,16 @@ pub fn entropy_from_logits(logits: Tensor<3>) -> Tensor<2> {
 }
 
 /// The KL to the reference policy as a loss term instead of a reward penalty (GRPO, verl's
-/// `use_kl_loss`): the token-mean of the per-token estimate, k1 `log p − log p_ref` or (usual)
-/// k3 `exp(log p_ref − log p) − (log p_ref − log p) − 1`. Differentiable w.r.t. `logprobs`.
-/// logprobs, ref_logprobs, mask (float 0/1): [B, T] → [1].
+/// `use_kl_loss`): the per-token estimate, k1 `log p − log p_ref` or (usual) k3
+/// `exp(log p_ref − log p) − (log p_ref − log p) − 1`, reduced by [`aggregate`] under `agg`.
+/// Differentiable w.r.t. `logprobs`. logprobs, ref_logprobs, mask (float 0/1): [B, T] → [1].
 pub fn kl_loss(
     logprobs: Tensor<2>,
     ref_logprobs: Tensor<2>,
     mask: Tensor<2>,
     est: KlEstimator,
+    agg: LossAgg,
+    max_len: usize,
 ) -> Tensor<1> {
     // log(p_ref / p), zeroed on the padding.
     let d = (ref_logprobs.detach() - logprobs) * mask.clone();
@@ -409,5 +589,5 @@ pub fn kl_loss(
         KlEstimator::K1 => d.neg(),
         KlEstimator::K3 => d.clone().exp() - d.add_scalar(1.0),
     };
-    masked_mean(per_token, mask)
+    aggregate(per_token, mask, agg, max_len)
 }

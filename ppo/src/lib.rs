@@ -1,444 +1,52 @@
 //! Stage 3 of InstructGPT (Ouyang et al. 2022, §3.5): the SFT policy optimised with PPO against a
-//! reward model, with a per-token KL penalty to the SFT (reference) policy. The details follow
-//! "The N+ implementation details of RLHF with PPO" (Huang et al. 2024), cleanrl's `ppo.py`,
-//! OpenRLHF and verl; the loss math is in [`core`].
+//! reward model, with a per-token KL penalty to the SFT (reference) policy; or with the
+//! critic-free estimators of 2024–25 (GRPO, Dr. GRPO, RLOO, REINFORCE++) on the same loop. The
+//! details follow "The N+ implementation details of RLHF with PPO" (Huang et al. 2024), cleanrl's
+//! `ppo.py`, OpenRLHF and verl; the math is in [`core`], the update steps in [`step`].
 //!
 //! [`run`] reads top to bottom in the order of one iteration:
-//! 1. rollout: a batch of prompts (template from the policy's folder), left padded, sampled on
-//!    the model crate's KV-cache batch path; each response ends at its first EOS;
+//! 1. rollout: a batch of prompts (template from the policy's folder), each repeated
+//!    `samples_per_prompt` times, left padded, sampled on the model crate's KV-cache batch path;
+//!    each response ends at its first EOS;
 //! 2. score: the reward model (normalised as stored with it, optionally clipped) or a rule
 //!    reward; a response without EOS gets `missing_eos_penalty` instead;
 //! 3. forward passes over the whole rollout, without autodiff: the policy's log-probabilities
 //!    (the "old" ones of the ratio, recomputed by a forward pass as TRL and OpenRLHF do, under the
 //!    same temperature-scaled distribution the loss uses), the reference policy's, the critic's
-//!    values;
+//!    values (with a critic);
 //! 4. per-token rewards −β·KL_t plus the score on the last token (β fixed or adaptive), or the KL
 //!    as a loss term instead;
-//! 5. GAE (γ, λ) and advantage whitening;
-//! 6. PPO epochs over shuffled minibatches: clipped policy loss, clipped value loss, entropy
-//!    bonus, optional PPO-ptx; token-mean aggregation; global-norm clipping; an epoch stops early
-//!    when the approximate KL passes a limit;
-//! 7. update β, log, write samples, checkpoint.
+//! 5. advantages: GAE (γ, λ) and whitening, or a critic-free estimator;
+//! 6. epochs over shuffled minibatches: [`step::policy_step`] (clipped policy loss, entropy
+//!    bonus, KL loss, PPO-ptx) beside [`step::critic_step`] (clipped value loss); global-norm
+//!    clipping; an epoch stops early when the approximate KL passes a limit;
+//! 7. update β, log an [`step::IterationRecord`], write samples, checkpoint.
 
+pub mod config;
 pub mod core;
 pub mod monitor;
 pub mod rollout;
+pub mod step;
 
-use crate::core::{KlController, KlEstimator};
+pub use config::*;
+
+use crate::core::{Estimator, KlController};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData};
-use model::ops::{mask_tensor, to_f32_vec, token_tensor};
+use burn::optim::ModuleOptimizer;
+use burn::tensor::{Device, Tensor};
+use model::ops::{to_f32_vec, token_tensor};
 use model::{CausalLm, Heads, ModelMeta, SamplingConfig, TokenBatch, Tokenizer};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use reward::scorer::mean_std;
 use reward::{Scorer, ScorerOptions};
 use rollout::{Prompt, Rollout};
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use trainer::schedule::{Decay, Schedule};
+use step::{Batch, Critic, IterationRecord, StepContext, UpdateStats};
 use trainer::state::{SavedModel, load_optimizer};
-use trainer::{Best, Cadence, Check, EpochOrder, Fingerprint, Run};
-
-trainer::stage_config! {
-    /// The `ppo` config (configs/ppo.toml documents every key).
-    pub struct PpoConfig {
-        pub model: ModelSection,
-        pub data: DataSection,
-        #[serde(default)]
-        pub reward: RewardSection,
-        pub rollout: RolloutSection,
-        #[serde(default)]
-        pub kl: KlSection,
-        #[serde(default)]
-        pub ppo: PpoSection,
-        pub train: TrainSection,
-        #[serde(default)]
-        pub monitor: MonitorSection,
-    }
-}
-
-/// The over-optimisation monitor (see [`monitor`]).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MonitorSection {
-    /// Track the held-out signal, warn, and keep `best/`.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// A reward model trained on prompts the optimised one never saw; default: the `monitor/`
-    /// stored with an ensemble (`reward` with `ensemble.monitor = true`).
-    #[serde(default)]
-    pub reward_model: Option<PathBuf>,
-    /// Iterations per trend window (the warning compares the last two windows; `best/` uses the
-    /// last one).
-    #[serde(default = "d_window")]
-    pub window: usize,
-    /// `best/` only from checkpoints whose KL from the SFT model (nats per response, averaged over
-    /// the last `window` iterations) is at most this; 0 = no limit.
-    #[serde(default = "d_max_kl")]
-    pub max_kl: f64,
-    /// For studying a run, never for training it: a gold rule (as `reward.rule` takes it) whose
-    /// mean over each iteration's responses is logged as `gold_mean`. Nothing optimises it and
-    /// `best/` does not look at it; with it, metrics.jsonl shows when the gold peaked.
-    #[serde(default)]
-    pub gold: Option<String>,
-}
-
-impl Default for MonitorSection {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            reward_model: None,
-            window: d_window(),
-            max_kl: d_max_kl(),
-            gold: None,
-        }
-    }
-}
-
-fn d_window() -> usize {
-    10
-}
-
-fn d_max_kl() -> f64 {
-    6.0
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    /// The SFT policy (an HF causal-LM folder).
-    pub policy: PathBuf,
-    /// The KL reference (frozen); default: `policy`. A policy that continues from an earlier
-    /// PPO run (the data flywheel's next round) keeps the SFT model as its reference.
-    #[serde(default)]
-    pub reference: Option<PathBuf>,
-    /// The reward model (an HF *ForSequenceClassification folder); empty with a rule reward.
-    #[serde(default)]
-    pub reward_model: Option<PathBuf>,
-    /// The critic's start: "reward_model" (default: its scalar head becomes the value head),
-    /// "policy" (the policy's trunk with a fresh head), or a reward-model folder.
-    #[serde(default)]
-    pub critic: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataSection {
-    /// Prompts: .jsonl / .csv / .parquet with `prompt` (and `answer` for the exact-answer rule).
-    pub prompts: PathBuf,
-    /// Our field → the file's column, e.g. { prompt = "question" }.
-    #[serde(default)]
-    pub columns: std::collections::HashMap<String, String>,
-    /// How a prompt is shown; default: the template stored with the policy.
-    #[serde(default)]
-    pub template: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RewardSection {
-    /// A rule reward instead of the reward model: "exact_answer" (against the prompts' `answer`;
-    /// GSM8K: the number after ####), "final_answer" (the same, stated after a marker only) or
-    /// "regex:<pattern>".
-    #[serde(default)]
-    pub rule: Option<String>,
-    /// Score of a response that ended without EOS (hit max_new_tokens); −1 is usual.
-    #[serde(default = "d_missing_eos")]
-    pub missing_eos_penalty: f64,
-    /// false: score responses without EOS as they are.
-    #[serde(default = "yes")]
-    pub penalize_missing_eos: bool,
-    /// Clip scores to ±this; 0 disables (10 is usual).
-    #[serde(default = "d_clip_score")]
-    pub clip_score: f64,
-    /// Whiten the per-token rewards over the batch (off in most recipes).
-    #[serde(default)]
-    pub whiten_rewards: bool,
-    /// An ensemble's reward: "mean", "mean_minus_std" (mean − uncertainty_coef · std over the
-    /// members) or "min".
-    #[serde(default)]
-    pub ensemble: reward::Aggregate,
-    /// λ of "mean_minus_std".
-    #[serde(default = "d_uncertainty")]
-    pub uncertainty_coef: f64,
-}
-
-impl Default for RewardSection {
-    fn default() -> Self {
-        Self {
-            rule: None,
-            missing_eos_penalty: d_missing_eos(),
-            penalize_missing_eos: true,
-            clip_score: d_clip_score(),
-            whiten_rewards: false,
-            ensemble: reward::Aggregate::default(),
-            uncertainty_coef: d_uncertainty(),
-        }
-    }
-}
-
-fn d_uncertainty() -> f64 {
-    1.0
-}
-
-fn d_missing_eos() -> f64 {
-    -1.0
-}
-fn d_clip_score() -> f64 {
-    10.0
-}
-fn yes() -> bool {
-    true
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RolloutSection {
-    /// Prompts (episodes) per iteration.
-    pub batch_size: usize,
-    /// Longest response in tokens.
-    pub max_new_tokens: usize,
-    /// Sampling temperature (also applied to the log-probabilities of the loss); 1.0 usual.
-    #[serde(default = "d_one_f")]
-    pub temperature: f64,
-    /// 0 disables.
-    #[serde(default)]
-    pub top_k: usize,
-    /// 1.0 disables.
-    #[serde(default = "d_one_f")]
-    pub top_p: f64,
-}
-
-fn d_one_f() -> f64 {
-    1.0
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KlSection {
-    /// β: the initial (adaptive) or fixed KL coefficient; 0.05 in TRL's defaults.
-    #[serde(default = "d_kl_coef")]
-    pub coef: f64,
-    /// Adapt β to reach `target` (Ziegler et al. 2019).
-    #[serde(default)]
-    pub adaptive: bool,
-    /// Target KL per response for the adaptive controller; 6 in Ziegler et al.
-    #[serde(default = "d_kl_target")]
-    pub target: f64,
-    /// Horizon (episodes) of the adaptive controller; 10000 in Ziegler et al.
-    #[serde(default = "d_kl_horizon")]
-    pub horizon: f64,
-    /// k1 (log p − log p_ref, usual in the reward) or k3.
-    #[serde(default)]
-    pub estimator: KlEstimator,
-    /// true: −β·KL in the per-token rewards (InstructGPT); false: β·KL as a loss term (GRPO, verl).
-    #[serde(default = "yes")]
-    pub in_reward: bool,
-}
-
-impl Default for KlSection {
-    fn default() -> Self {
-        Self {
-            coef: d_kl_coef(),
-            adaptive: false,
-            target: d_kl_target(),
-            horizon: d_kl_horizon(),
-            estimator: KlEstimator::K1,
-            in_reward: true,
-        }
-    }
-}
-
-fn d_kl_coef() -> f64 {
-    0.05
-}
-fn d_kl_target() -> f64 {
-    6.0
-}
-fn d_kl_horizon() -> f64 {
-    10000.0
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PpoSection {
-    /// Passes over each rollout; 4 usual.
-    #[serde(default = "d_epochs")]
-    pub epochs: usize,
-    /// Episodes per minibatch.
-    #[serde(default = "d_minibatch")]
-    pub minibatch_size: usize,
-    /// ε of the clipped policy loss; 0.2.
-    #[serde(default = "d_clip")]
-    pub clip_eps: f64,
-    /// Clip range of the value loss; 0.2.
-    #[serde(default = "d_clip")]
-    pub value_clip: f64,
-    /// Weight of the value loss; 0.1 as TRL.
-    #[serde(default = "d_vf")]
-    pub vf_coef: f64,
-    /// Entropy bonus; 0 usual.
-    #[serde(default)]
-    pub entropy_coef: f64,
-    /// Discount; 1 in RLHF.
-    #[serde(default = "d_one_f")]
-    pub gamma: f64,
-    /// GAE λ; 0.95.
-    #[serde(default = "d_lam")]
-    pub lam: f64,
-    /// Whiten advantages over the batch; true usual.
-    #[serde(default = "yes")]
-    pub whiten_advantages: bool,
-    /// Stop an iteration's epochs when the minibatch approximate KL passes this; 0 disables.
-    #[serde(default)]
-    pub max_approx_kl: f64,
-    /// PPO-ptx: γ_ptx × the LM loss on demonstrations added to the policy loss; 0 disables.
-    #[serde(default)]
-    pub ptx_coef: f64,
-    /// Demonstrations (`prompt`, `response`) for PPO-ptx.
-    #[serde(default)]
-    pub ptx_data: Option<PathBuf>,
-}
-
-impl Default for PpoSection {
-    fn default() -> Self {
-        Self {
-            epochs: d_epochs(),
-            minibatch_size: d_minibatch(),
-            clip_eps: d_clip(),
-            value_clip: d_clip(),
-            vf_coef: d_vf(),
-            entropy_coef: 0.0,
-            gamma: 1.0,
-            lam: d_lam(),
-            whiten_advantages: true,
-            max_approx_kl: 0.0,
-            ptx_coef: 0.0,
-            ptx_data: None,
-        }
-    }
-}
-
-fn d_epochs() -> usize {
-    4
-}
-fn d_minibatch() -> usize {
-    8
-}
-fn d_clip() -> f64 {
-    0.2
-}
-fn d_vf() -> f64 {
-    0.1
-}
-fn d_lam() -> f64 {
-    0.95
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainSection {
-    /// PPO iterations (rollout + update).
-    pub iterations: usize,
-    /// Policy learning rate (1e-6 to 1e-5 for real models).
-    pub lr: f64,
-    /// Critic learning rate; default: the policy's.
-    #[serde(default)]
-    pub critic_lr: Option<f64>,
-    #[serde(default)]
-    pub warmup_steps: usize,
-    /// constant (usual for PPO), linear or cosine over the iterations.
-    #[serde(default = "d_decay")]
-    pub decay: Decay,
-    #[serde(default = "d_one_f")]
-    pub min_lr_ratio: f64,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default = "trainer::optim::d_beta1")]
-    pub beta1: f64,
-    #[serde(default = "trainer::optim::d_beta2")]
-    pub beta2: f64,
-    #[serde(default = "trainer::optim::d_eps")]
-    pub eps: f64,
-    /// Global gradient-norm clip per model; 1.0 usual; 0 disables.
-    #[serde(default = "d_one_f")]
-    pub max_grad_norm: f64,
-    /// Write a metrics line every N iterations.
-    #[serde(default = "trainer::optim::d_one")]
-    pub log_every: usize,
-    /// Write `samples_per_log` samples to samples.jsonl every N iterations (0: never).
-    #[serde(default = "trainer::optim::d_one")]
-    pub sample_every: usize,
-    #[serde(default = "d_samples")]
-    pub samples_per_log: usize,
-    /// Checkpoint every N iterations (0: only at the end).
-    #[serde(default)]
-    pub save_every: usize,
-    #[serde(default = "trainer::optim::d_keep")]
-    pub keep_last: usize,
-}
-
-fn d_decay() -> Decay {
-    Decay::Constant
-}
-fn d_samples() -> usize {
-    4
-}
-
-impl trainer::StageConfig for PpoConfig {
-    fn check(&self, c: &mut Check) {
-        c.at_least_one("rollout.batch_size", self.rollout.batch_size);
-        c.at_least_one("rollout.max_new_tokens", self.rollout.max_new_tokens);
-        c.within("rollout.temperature", self.rollout.temperature, 0.0, 100.0);
-        c.that(
-            "rollout.top_p",
-            self.rollout.top_p,
-            self.rollout.top_p > 0.0 && self.rollout.top_p <= 1.0,
-            "in (0, 1]",
-        );
-        c.within("kl.coef", self.kl.coef, 0.0, 1e3);
-        c.positive("kl.target", self.kl.target);
-        c.positive("kl.horizon", self.kl.horizon);
-        c.at_least_one("ppo.epochs", self.ppo.epochs);
-        c.at_least_one("ppo.minibatch_size", self.ppo.minibatch_size);
-        c.within("ppo.clip_eps", self.ppo.clip_eps, 1e-6, 10.0);
-        c.within("ppo.value_clip", self.ppo.value_clip, 1e-6, 1e6);
-        c.within("ppo.vf_coef", self.ppo.vf_coef, 0.0, 1e3);
-        c.within("ppo.entropy_coef", self.ppo.entropy_coef, 0.0, 10.0);
-        c.within("ppo.gamma", self.ppo.gamma, 0.0, 1.0);
-        c.within("ppo.lam", self.ppo.lam, 0.0, 1.0);
-        c.within("ppo.max_approx_kl", self.ppo.max_approx_kl, 0.0, 1e3);
-        c.within("ppo.ptx_coef", self.ppo.ptx_coef, 0.0, 1e3);
-        c.at_least_one("train.iterations", self.train.iterations);
-        c.positive("train.lr", self.train.lr);
-        if let Some(lr) = self.train.critic_lr {
-            c.positive("train.critic_lr", lr);
-        }
-        c.within("train.min_lr_ratio", self.train.min_lr_ratio, 0.0, 1.0);
-        c.within("train.max_grad_norm", self.train.max_grad_norm, 0.0, 1e6);
-        c.within("reward.clip_score", self.reward.clip_score, 0.0, 1e9);
-        c.within(
-            "reward.uncertainty_coef",
-            self.reward.uncertainty_coef,
-            0.0,
-            1e3,
-        );
-        c.at_least("monitor.window", self.monitor.window, 2);
-        c.within("monitor.max_kl", self.monitor.max_kl, 0.0, 1e9);
-        if self.model.reward_model.is_none() && self.reward.rule.is_none() {
-            c.that(
-                "model.reward_model",
-                "(unset)",
-                false,
-                "a reward-model folder, or set reward.rule",
-            );
-        }
-    }
-}
+use trainer::{Best, Cadence, EpochOrder, Fingerprint, Run};
 
 /// What a run ends with (`summary.json`).
 #[derive(Clone, Debug, Serialize)]
@@ -464,11 +72,11 @@ fn kl_controller(k: &KlSection) -> KlController {
     }
 }
 
-/// The models of a run: the trained policy and critic (on the autodiff device), the frozen
-/// reference policy and the scorer (without autodiff).
+/// The models of a run: the trained policy and critic (on the autodiff device; no critic with a
+/// critic-free estimator), the frozen reference policy and the scorer (without autodiff).
 struct Models {
     policy: CausalLm,
-    critic: CausalLm,
+    critic: Option<CausalLm>,
     reference: CausalLm,
     tokenizer: Tokenizer,
     scorer: Scorer,
@@ -541,50 +149,69 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
         ),
         None => None,
     };
-    let critic_choice = cfg.model.critic.as_deref().unwrap_or("reward_model");
-    let (critic, critic_tok) = if let Some(dir) = resume {
-        let d = dir.join("critic");
-        let (m, t, _) =
-            model::checkpoint::load_with_tokenizer(&d, Some(Heads::SCALAR), None, &train)?;
-        (m, t)
-    } else if critic_choice == "policy" {
-        let (m, t, _) = model::checkpoint::load_with_tokenizer(
-            &cfg.model.policy,
-            Some(Heads::NONE),
-            None,
-            &train,
-        )?;
-        (m.with_scalar_head(cfg.seed), t)
+    let critic = if cfg.advantage.estimator.needs_critic() {
+        let critic = load_critic(cfg, resume, &train)?;
+        if !tokenizer.same_ids(&critic.1) {
+            bail!(
+                "the critic's tokenizer differs from the policy's ({} vs {} tokens); the critic reads the policy's tokens, so start it from a reward model trained on the policy (or set model.critic = \"policy\")",
+                critic.1.vocab_size(),
+                tokenizer.vocab_size()
+            );
+        }
+        Some(critic.0.with_dropout(0.0))
     } else {
-        let dir: PathBuf = if critic_choice == "reward_model" {
-            // An ensemble's critic starts from its first member.
-            reward::scorer::first_model_dir(&cfg.model.reward_model.clone().context(
-                "model.critic = \"reward_model\" needs model.reward_model; with a rule reward set model.critic = \"policy\"",
-            )?)?
-        } else {
-            PathBuf::from(critic_choice)
-        };
-        let (m, t, _) =
-            model::checkpoint::load_with_tokenizer(&dir, Some(Heads::SCALAR), None, &train)
-                .with_context(|| format!("the critic ({})", dir.display()))?;
-        (m, t)
+        None
     };
-    if !tokenizer.same_ids(&critic_tok) {
-        bail!(
-            "the critic's tokenizer differs from the policy's ({} vs {} tokens); the critic reads the policy's tokens, so start it from a reward model trained on the policy (or set model.critic = \"policy\")",
-            critic_tok.vocab_size(),
-            tokenizer.vocab_size()
-        );
-    }
     Ok(Models {
         policy: policy.with_dropout(0.0),
-        critic: critic.with_dropout(0.0),
+        critic,
         reference: reference.with_dropout(0.0),
         tokenizer,
         scorer,
         monitor,
         policy_meta,
     })
+}
+
+/// The critic with its tokenizer: from the checkpoint resumed, else as `model.critic` says.
+fn load_critic(
+    cfg: &PpoConfig,
+    resume: Option<&Path>,
+    train: &Device,
+) -> Result<(CausalLm, Tokenizer)> {
+    if let Some(dir) = resume {
+        let d = dir.join("critic");
+        if !d.exists() {
+            bail!(
+                "{}: the checkpoint has no critic/ (it was written with a critic-free advantage.estimator); resume with the estimator it was trained with",
+                dir.display()
+            );
+        }
+        let (m, t, _) =
+            model::checkpoint::load_with_tokenizer(&d, Some(Heads::SCALAR), None, train)?;
+        return Ok((m, t));
+    }
+    let choice = cfg.model.critic.as_deref().unwrap_or("reward_model");
+    if choice == "policy" {
+        let (m, t, _) = model::checkpoint::load_with_tokenizer(
+            &cfg.model.policy,
+            Some(Heads::NONE),
+            None,
+            train,
+        )?;
+        return Ok((m.with_scalar_head(cfg.seed), t));
+    }
+    let dir: PathBuf = if choice == "reward_model" {
+        // An ensemble's critic starts from its first member.
+        reward::scorer::first_model_dir(&cfg.model.reward_model.clone().context(
+            "model.critic = \"reward_model\" needs model.reward_model; with a rule reward set model.critic = \"policy\"",
+        )?)?
+    } else {
+        PathBuf::from(choice)
+    };
+    let (m, t, _) = model::checkpoint::load_with_tokenizer(&dir, Some(Heads::SCALAR), None, train)
+        .with_context(|| format!("the critic ({})", dir.display()))?;
+    Ok((m, t))
 }
 
 /// Log-probabilities of each response token under `model` (temperature-scaled) and, with a
@@ -618,10 +245,6 @@ fn values_of(
     Ok(critic.scalar(h)?)
 }
 
-fn float_tensor(v: &[f32], b: usize, t: usize, device: &Device) -> Tensor<2> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [b, t]), device)
-}
-
 /// The seed of iteration `it`'s sampling and minibatch order: a function of (seed, iteration),
 /// so that a resumed run draws exactly what the uninterrupted one would.
 fn iteration_seed(seed: u64, it: usize, salt: u64) -> u64 {
@@ -646,7 +269,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     )?;
     let Models {
         mut policy,
-        mut critic,
+        critic,
         reference,
         tokenizer: tok,
         scorer,
@@ -679,24 +302,15 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         prompt_template: Some(template.as_str().to_string()),
         reward_normalization: None,
     };
-    let critic_meta = ModelMeta {
-        stage: Some("ppo-critic".into()),
-        ..policy_meta.clone()
-    };
 
     // Derived values, computed once.
-    let b = cfg.rollout.batch_size;
+    let prompts_per_iteration = cfg.rollout.batch_size;
+    let group = cfg.rollout.samples_per_prompt;
+    let b = prompts_per_iteration * group;
     let temperature = if cfg.rollout.temperature > 0.0 {
         cfg.rollout.temperature
     } else {
         1.0
-    };
-    let schedule = Schedule {
-        lr: t.lr,
-        warmup_steps: t.warmup_steps,
-        total_steps: t.iterations,
-        decay: t.decay,
-        min_lr_ratio: t.min_lr_ratio,
     };
     let critic_lr_scale = t.critic_lr.map_or(1.0, |c| c / t.lr);
     let mut fingerprint = Fingerprint::default();
@@ -705,7 +319,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     }
     let mut run = Run::start(
         cfg.setup(config_used, resume),
-        schedule,
+        t.schedule(),
         Cadence {
             log_every: t.log_every,
             eval_every: 0,
@@ -715,13 +329,24 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         Best::highest("heldout_score_mean"),
         fingerprint.hex(),
     )?;
-    let adamw = || trainer::optim::adamw(t.beta1, t.beta2, t.eps, t.weight_decay);
-    let (mut policy_optim, mut critic_optim): (ModuleOptimizer, ModuleOptimizer) = match resume {
-        Some(dir) => (
-            load_optimizer(dir, "policy", adamw())?,
-            load_optimizer(dir, "critic", adamw())?,
-        ),
-        None => (adamw(), adamw()),
+    let adamw = || t.adamw().build();
+    let optimizer = |name: &str| -> Result<ModuleOptimizer> {
+        match resume {
+            Some(dir) => load_optimizer(dir, name, adamw()),
+            None => Ok(adamw()),
+        }
+    };
+    let mut policy_optim = optimizer("policy")?;
+    let mut critic = match critic {
+        Some(model) => Some(Critic {
+            model,
+            optim: optimizer("critic")?,
+            meta: ModelMeta {
+                stage: Some("ppo-critic".into()),
+                ..policy_meta.clone()
+            },
+        }),
+        None => None,
     };
     let mut kl_ctl = match resume {
         Some(_) => serde_json::from_value(run.state.stage["kl_controller"].clone())
@@ -735,13 +360,8 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             run.state.step
         );
     }
-    let mut monitor = match resume {
-        Some(_) => match run.state.stage.get("monitor") {
-            Some(v) => {
-                serde_json::from_value(v.clone()).context("the checkpoint's monitor state")?
-            }
-            None => monitor::Monitor::new(cfg.monitor.window),
-        },
+    let mut monitor = match resume.and(run.state.stage.get("monitor")) {
+        Some(v) => serde_json::from_value(v.clone()).context("the checkpoint's monitor state")?,
         None => monitor::Monitor::new(cfg.monitor.window),
     };
     // best/ by the held-out model's signal (not by the ensemble's disagreement, which is lowest
@@ -766,11 +386,11 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let it = run.state.step;
         let started = Instant::now();
 
-        // 1. Rollout: sample responses on the KV-cache batch path.
+        // 1. Rollout: sample `group` responses per prompt on the KV-cache batch path.
         let batch_prompts: Vec<&Prompt> = order
-            .take(run.state.examples_seen, b)
+            .take(run.state.examples_seen, prompts_per_iteration)
             .into_iter()
-            .map(|i| &prompts[i])
+            .flat_map(|i| std::iter::repeat_n(&prompts[i], group))
             .collect();
         let sampling = SamplingConfig {
             max_new_tokens: cfg.rollout.max_new_tokens,
@@ -787,10 +407,9 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let roll = Rollout::new(&prompt_tokens, &generation, &tok)?;
         let t_generate = started.elapsed().as_secs_f64();
 
-        // 2–3. Score each response (a response without EOS gets the penalty), and the forward
-        // passes over the whole rollout without autodiff: old log-probs, reference log-probs,
-        // values. All four are independent of each other: they run side by side
-        // (`model::device::join`), each returning its values on the host.
+        // 2–3. Score each response, and the forward passes over the whole rollout without
+        // autodiff: old log-probs, reference log-probs, values. All four are independent of each
+        // other: they run side by side (`model::device::join`), each returning host values.
         let t0 = Instant::now();
         let (n, p) = (roll.n, roll.p);
         let resp_tokens = token_tensor(&roll.response_tokens, b, n, &base_device);
@@ -798,7 +417,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             let (lp, _) = response_logprobs(m, &roll.batch, resp_tokens.clone(), p, temperature)?;
             Ok(to_f32_vec(lp))
         };
-        let critic_frozen = critic.valid();
+        let critic_frozen = critic.as_ref().map(|c| c.model.valid());
         // The held-out monitor model (if any) scores the same responses after the optimised
         // reward.
         let items = rollout::items(&batch_prompts, &roll.texts);
@@ -810,8 +429,11 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             });
             (scored, t.elapsed().as_secs_f64())
         };
-        let values = || -> Result<Vec<f32>> {
-            Ok(to_f32_vec(values_of(&critic_frozen, &roll.batch, p, n)?))
+        let values = || -> Result<Option<Vec<f32>>> {
+            critic_frozen
+                .as_ref()
+                .map(|c| Ok(to_f32_vec(values_of(c, &roll.batch, p, n)?)))
+                .transpose()
         };
         let forwards = || {
             model::device::join(
@@ -819,10 +441,9 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                 || model::device::join(|| logprobs(&reference), values),
             )
         };
-        let ((scores, t_score), (old_lp, (ref_lp, old_values))) =
+        let ((scores, t_score), (old_logprobs, (reference_logprobs, old_values))) =
             model::device::join(score, forwards);
         let (scored, heldout_scored) = scores.map_err(|e| rollout::locate(e, &batch_prompts))?;
-        let (old_lp, ref_lp, old_values) = (old_lp?, ref_lp?, old_values?);
         let t_forward = t0.elapsed().as_secs_f64();
         // A response without EOS gets the penalty; scores are clipped (the monitor's alike).
         let finish = |mut v: Vec<f32>| {
@@ -836,7 +457,6 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             }
             v
         };
-        let scores = finish(scored.rewards.clone());
         let heldout_scores = heldout_scored.map(|h| finish(h.rewards));
         let gold_mean = match &gold {
             Some(g) => Some(
@@ -851,150 +471,77 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         };
 
         // 4. Per-token rewards: −β·KL on every response token plus the score on the last one.
+        // 5. Advantages.
         let t0 = Instant::now();
         let mask = &roll.response_mask;
-        let kl = core::kl_per_token(&old_lp, &ref_lp, mask, cfg.kl.estimator);
         let beta = kl_ctl.value();
-        let reward_kl_coef = if cfg.kl.in_reward { beta } else { 0.0 };
-        let mut rewards = core::per_token_rewards(&kl, &scores, mask, b, n, reward_kl_coef);
-        if cfg.reward.whiten_rewards {
-            rewards = core::whiten(&rewards, mask, false);
-        }
-        // 5. GAE and advantage whitening.
-        let (advantages, returns) =
-            core::gae(&rewards, &old_values, mask, b, n, ppo.gamma, ppo.lam);
-        let advantages = if ppo.whiten_advantages {
-            core::whiten(&advantages, mask, true)
-        } else {
-            advantages
-        };
+        let batch = advantages(
+            cfg,
+            Batch {
+                kl: Vec::new(),
+                scores: finish(scored.rewards.clone()),
+                old_logprobs: old_logprobs?,
+                reference_logprobs: reference_logprobs?,
+                values: old_values?,
+                rewards: Vec::new(),
+                advantages: Vec::new(),
+                returns: None,
+                uniform_groups: None,
+            },
+            mask,
+            b,
+            n,
+            beta,
+        );
 
-        // 6. PPO epochs over shuffled minibatches.
+        // 6. Epochs over shuffled minibatches: the policy's and the critic's steps.
         let lr = run.schedule.at(it);
-        let mut stats = rollout::UpdateStats::default();
+        let mut stats = UpdateStats::default();
         let mut rng = StdRng::seed_from_u64(iteration_seed(cfg.seed, it, 2));
+        let cx = StepContext {
+            cfg,
+            run: &run,
+            ptx: ptx.as_ref(),
+            device: &device,
+            pad_id: tok.pad_id,
+            temperature,
+            iteration: it,
+            lr,
+            critic_lr_scale,
+            beta,
+        };
         'epochs: for _epoch in 0..ppo.epochs {
             let mut rows: Vec<usize> = (0..b).collect();
             rows.shuffle(&mut rng);
-            for mb in rows.chunks(ppo.minibatch_size) {
-                let m = mb.len();
+            for rows in rows.chunks(ppo.minibatch_size) {
                 // The minibatch without the columns that are padding in all its rows.
-                let mbx = roll.minibatch(mb);
-                let (mb_batch, mp, n) = (&mbx.batch, mbx.prompt_len, mbx.n);
-                let pick = |v: &[f32]| mbx.pick(v);
-                let mb_resp = token_tensor(&mbx.pick(&roll.response_tokens), m, n, &device);
-                let minibatch_index = stats.minibatches;
-                // The policy's and the critic's updates read the same minibatch and nothing of
+                let mb = roll.minibatch(rows);
+                let index = stats.minibatches;
+                let mut policy_step = |policy| {
+                    step::policy_step(&cx, policy, &mut policy_optim, &roll, &mb, &batch, index)
+                };
+                // The policy's and the critic's steps read the same minibatch and nothing of
                 // each other: they run side by side (`model::device::join`; each still splits
                 // its own operations across the pool), in separate autodiff graphs. Every
                 // operation's result is the same whichever thread computes it.
-                let policy_update = || -> Result<_> {
-                    let mb_mask = mask_tensor(&mbx.pick(mask), m, n, &device);
-                    // Policy: clipped surrogate (+ entropy bonus, KL loss, PPO-ptx).
-                    let (new_lp, logits) =
-                        response_logprobs(&policy, mb_batch, mb_resp, mp, temperature)?;
-                    let pl = core::policy_loss(
-                        new_lp.clone(),
-                        float_tensor(&pick(&old_lp), m, n, &device),
-                        float_tensor(&pick(&advantages), m, n, &device),
-                        mb_mask.clone(),
-                        ppo.clip_eps,
-                    );
-                    // The entropy joins the graph only when it is part of the loss.
-                    let logits = if ppo.entropy_coef > 0.0 {
-                        logits
-                    } else {
-                        logits.detach()
-                    };
-                    let entropy_t =
-                        model::ops::masked_mean(core::entropy_from_logits(logits), mb_mask.clone());
-                    let entropy = entropy_t.clone().into_scalar::<f32>();
-                    let mut policy_total = pl.loss;
-                    if ppo.entropy_coef > 0.0 {
-                        policy_total = policy_total - entropy_t.mul_scalar(ppo.entropy_coef);
-                    }
-                    if !cfg.kl.in_reward {
-                        let kl_term = core::kl_loss(
-                            new_lp,
-                            float_tensor(&pick(&ref_lp), m, n, &device),
-                            mb_mask,
-                            cfg.kl.estimator,
+                let (p, c) = match critic.take() {
+                    Some(cr) => {
+                        let (p, c) = model::device::join(
+                            || policy_step(policy),
+                            || step::critic_step(&cx, cr, &roll, &mb, &batch),
                         );
-                        policy_total = policy_total + kl_term.mul_scalar(beta);
+                        (p?, Some(c?))
                     }
-                    let mut ptx_loss = 0.0;
-                    if ppo.ptx_coef > 0.0
-                        && let Some(ptx) = &ptx
-                    {
-                        let lm = ptx.loss(&policy, it, minibatch_index, m, tok.pad_id, &device)?;
-                        ptx_loss = lm.clone().into_scalar::<f32>() as f64;
-                        policy_total = policy_total + lm.mul_scalar(ppo.ptx_coef);
-                    }
-                    let policy_loss_value = policy_total.clone().into_scalar::<f32>() as f64;
-                    run.check_finite("policy loss", policy_loss_value)?;
-                    let grads = GradientsParams::from_grads(policy_total.backward(), &policy);
-                    let (next, norm) = trainer::optim::optimizer_step(
-                        &mut policy_optim,
-                        policy,
-                        grads,
-                        lr,
-                        t.max_grad_norm,
-                        it + 1,
-                        run.last_good(),
-                    )?;
-                    let fractions = (pl.clip_fraction, pl.approx_kl);
-                    Ok((next, norm, policy_loss_value, entropy, fractions, ptx_loss))
+                    None => (policy_step(policy)?, None),
                 };
-                let critic_update = || -> Result<_> {
-                    let mb_mask = mask_tensor(&mbx.pick(mask), m, n, &device);
-                    // Critic: clipped value loss.
-                    let values = values_of(&critic, mb_batch, mp, n)?;
-                    let vl = core::value_loss(
-                        values,
-                        float_tensor(&pick(&old_values), m, n, &device),
-                        float_tensor(&pick(&returns), m, n, &device),
-                        mb_mask,
-                        ppo.value_clip,
-                    );
-                    let value_total = vl.loss.mul_scalar(ppo.vf_coef);
-                    let value_loss_value =
-                        value_total.clone().into_scalar::<f32>() as f64 / ppo.vf_coef.max(1e-12);
-                    run.check_finite("value loss", value_loss_value)?;
-                    let grads = GradientsParams::from_grads(value_total.backward(), &critic);
-                    let (next, norm) = trainer::optim::optimizer_step(
-                        &mut critic_optim,
-                        critic,
-                        grads,
-                        lr * critic_lr_scale,
-                        t.max_grad_norm,
-                        it + 1,
-                        run.last_good(),
-                    )?;
-                    Ok((next, norm, value_loss_value, vl.clip_fraction))
-                };
-                let (p, c) = model::device::join(policy_update, critic_update);
-                let (
-                    next_policy,
-                    policy_norm,
-                    policy_loss_value,
-                    entropy,
-                    (clip_fraction, approx_kl),
-                    ptx_loss,
-                ) = p?;
-                let (next_critic, critic_norm, value_loss_value, value_clip_fraction) = c?;
+                let (next_policy, policy_stats) = p;
                 policy = next_policy;
-                critic = next_critic;
-                stats.ptx_loss += ptx_loss;
-                stats.add(
-                    policy_loss_value,
-                    value_loss_value,
-                    entropy as f64,
-                    clip_fraction as f64,
-                    value_clip_fraction as f64,
-                    approx_kl as f64,
-                    (policy_norm as f64, critic_norm as f64),
-                );
-                if ppo.max_approx_kl > 0.0 && approx_kl as f64 > ppo.max_approx_kl {
+                let critic_stats = c.map(|(next, s)| {
+                    critic = Some(next);
+                    s
+                });
+                stats.add(&policy_stats, critic_stats.as_ref());
+                if ppo.max_approx_kl > 0.0 && policy_stats.approx_kl as f64 > ppo.max_approx_kl {
                     stats.early_stopped = true;
                     break 'epochs;
                 }
@@ -1004,11 +551,11 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
 
         // 7. Update β from this rollout's KL per response, log, write samples, checkpoint.
         let kl_per_response: Vec<f32> = (0..b)
-            .map(|r| kl[r * n..(r + 1) * n].iter().sum::<f32>())
+            .map(|r| batch.kl[r * n..(r + 1) * n].iter().sum::<f32>())
             .collect();
         let (kl_mean, _) = mean_std(&kl_per_response);
         kl_ctl.update(kl_mean, b);
-        let (score_mean, score_std) = mean_std(&scores);
+        let (score_mean, score_std) = mean_std(&batch.scores);
         // The monitor: the held-out model's mean score, else (an ensemble) minus the members'
         // disagreement, against the optimised score's mean.
         let signal = match (&heldout_scores, scored.members.len()) {
@@ -1059,73 +606,53 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let lengths: Vec<f32> = roll.lengths.iter().map(|&l| l as f32).collect();
         let (len_mean, len_std) = mean_std(&lengths);
         let eos_rate = roll.has_eos.iter().filter(|&&e| e).count() as f64 / b as f64;
-        run.end_step(b, b);
-        let mut f = Map::new();
-        let mut put = |k: &str, v: Value| {
-            f.insert(k.into(), v);
+        run.end_step(b, prompts_per_iteration);
+        let ensemble = scored.members.len() > 1;
+        let mut record = IterationRecord {
+            score_mean,
+            score_std,
+            proxy_mean: ensemble.then(|| mean_std(&finish(scored.member_mean())).0),
+            ensemble_std: ensemble.then(|| mean_std(&scored.member_std()).0),
+            cut_responses: (scored.cut_responses > 0).then_some(scored.cut_responses),
+            gold_mean,
+            heldout_score_mean: watch.as_ref().map(|w| w.0),
+            overoptimization_warning: watch.as_ref().map(|w| w.1.warning),
+            kl_per_response: kl_mean,
+            kl_coef: beta,
+            explained_variance: batch
+                .values
+                .as_ref()
+                .zip(batch.returns.as_ref())
+                .map(|(v, r)| core::explained_variance(v, r, mask)),
+            uniform_groups: batch.uniform_groups,
+            response_length_mean: len_mean,
+            response_length_std: len_std,
+            eos_rate,
+            lr,
+            time_generate_s: t_generate,
+            time_score_s: t_score,
+            time_forward_s: t_forward,
+            time_train_s: t_train,
+            ..IterationRecord::default()
         };
-        put("score_mean", json!(score_mean));
-        put("score_std", json!(score_std));
-        if scored.members.len() > 1 {
-            put(
-                "proxy_mean",
-                json!(mean_std(&finish(scored.member_mean())).0),
-            );
-            put("ensemble_std", json!(mean_std(&scored.member_std()).0));
-        }
-        if scored.cut_responses > 0 {
-            put("cut_responses", json!(scored.cut_responses));
-        }
-        if let Some(g) = gold_mean {
-            put("gold_mean", json!(g));
-        }
-        if let Some((signal, verdict)) = &watch {
-            put("heldout_score_mean", json!(signal));
-            put("overoptimization_warning", json!(verdict.warning));
-        }
-        put("kl_per_response", json!(kl_mean));
-        put("kl_coef", json!(beta));
-        put("entropy", json!(stats.mean(stats.entropy)));
-        put("policy_loss", json!(stats.mean(stats.policy_loss)));
-        put("value_loss", json!(stats.mean(stats.value_loss)));
-        put("clip_fraction", json!(stats.mean(stats.clip_fraction)));
-        put(
-            "value_clip_fraction",
-            json!(stats.mean(stats.value_clip_fraction)),
-        );
-        put("approx_kl", json!(stats.mean(stats.approx_kl)));
-        if ptx.is_some() {
-            put("ptx_loss", json!(stats.mean(stats.ptx_loss)));
-        }
-        put("policy_grad_norm", json!(stats.mean(stats.grad_norms.0)));
-        put("critic_grad_norm", json!(stats.mean(stats.grad_norms.1)));
-        put("minibatches", json!(stats.minibatches));
-        put("early_stopped", json!(stats.early_stopped));
-        put(
-            "explained_variance",
-            json!(core::explained_variance(&old_values, &returns, mask)),
-        );
-        put("response_length_mean", json!(len_mean));
-        put("response_length_std", json!(len_std));
-        put("eos_rate", json!(eos_rate));
-        put("lr", json!(lr));
-        put("time_generate_s", json!(t_generate));
-        put("time_score_s", json!(t_score));
-        put("time_forward_s", json!(t_forward));
-        put("time_train_s", json!(t_train));
-        run.log_step(f, false, "episodes_per_s")?;
+        stats.record(&mut record, critic.is_some(), ptx.is_some());
+        let fields = match serde_json::to_value(&record)? {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        run.log_step(fields, false, "episodes_per_s")?;
         let done = it + 1;
         if t.sample_every > 0 && done.is_multiple_of(t.sample_every) {
             samples.write(
                 done,
                 &batch_prompts,
                 &roll.texts,
-                &scores,
+                &batch.scores,
                 t.samples_per_log,
             )?;
         }
         if run.save_due() {
-            let (pf, cf) = (policy.valid(), critic.valid());
+            let pf = policy.valid();
             // After a warning, or past monitor.max_kl, the held-out model is suspect too (a policy
             // far from the SFT model can fool both: seen on the suite with β = 0), so best/ stays.
             if keep_best
@@ -1134,23 +661,27 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             {
                 run.save_best(&pf, Some(&tok), &meta)?;
             }
+            let cf = critic.as_ref().map(|c| c.model.valid());
+            let mut models = vec![SavedModel {
+                name: "policy",
+                model: &pf,
+                tokenizer: Some(&tok),
+                meta: &meta,
+            }];
+            let mut optimizers = vec![("policy", &policy_optim)];
+            if let (Some(c), Some(cf)) = (&critic, &cf) {
+                models.push(SavedModel {
+                    name: "critic",
+                    model: cf,
+                    tokenizer: Some(&tok),
+                    meta: &c.meta,
+                });
+                optimizers.push(("critic", &c.optim));
+            }
             run.save(
-                &[
-                    SavedModel {
-                        name: "policy",
-                        model: &pf,
-                        tokenizer: Some(&tok),
-                        meta: &meta,
-                    },
-                    SavedModel {
-                        name: "critic",
-                        model: &cf,
-                        tokenizer: Some(&tok),
-                        meta: &critic_meta,
-                    },
-                ],
-                &[("policy", &policy_optim), ("critic", &critic_optim)],
-                json!({ "kl_controller": kl_ctl, "monitor": monitor }),
+                &models,
+                &optimizers,
+                serde_json::json!({ "kl_controller": kl_ctl, "monitor": monitor }),
             )?;
         }
     }
@@ -1178,4 +709,53 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     }
     run.finish(&summary)?;
     Ok(summary)
+}
+
+/// Steps 4–5 on the host: the per-token KL and rewards (−β·KL in the reward, or none there when
+/// the KL is a loss term; optionally whitened), then the advantages of `cfg.advantage.estimator`
+/// (GAE's with its returns, or a critic-free estimator's). Fills `batch`'s `kl`, `rewards`,
+/// `advantages`, `returns` and `uniform_groups`. mask: [b, n].
+fn advantages(
+    cfg: &PpoConfig,
+    mut batch: Batch,
+    mask: &[bool],
+    b: usize,
+    n: usize,
+    beta: f64,
+) -> Batch {
+    let ppo = &cfg.ppo;
+    batch.kl = core::kl_per_token(
+        &batch.old_logprobs,
+        &batch.reference_logprobs,
+        mask,
+        cfg.kl.estimator,
+    );
+    let reward_kl_coef = if cfg.kl.in_reward { beta } else { 0.0 };
+    batch.rewards = core::per_token_rewards(&batch.kl, &batch.scores, mask, b, n, reward_kl_coef);
+    if cfg.reward.whiten_rewards {
+        batch.rewards = core::whiten(&batch.rewards, mask, false);
+    }
+    match cfg.advantage.estimator {
+        Estimator::Gae => {
+            let values = batch.values.as_ref().expect("GAE has a critic");
+            let (adv, ret) = core::gae(&batch.rewards, values, mask, b, n, ppo.gamma, ppo.lam);
+            batch.advantages = if ppo.whiten_advantages {
+                core::whiten(&adv, mask, true)
+            } else {
+                adv
+            };
+            batch.returns = Some(ret);
+        }
+        Estimator::ReinforcePp => {
+            batch.advantages = core::reinforce_pp_advantages(&batch.rewards, mask, b, n, ppo.gamma);
+        }
+        est => {
+            let returns = core::row_sums(&batch.rewards, b, n);
+            let (adv, uniform) =
+                core::group_advantages(&returns, cfg.rollout.samples_per_prompt, est);
+            batch.advantages = core::broadcast_rows(&adv, mask, b, n);
+            batch.uniform_groups = Some(uniform);
+        }
+    }
+    batch
 }

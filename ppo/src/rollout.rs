@@ -1,6 +1,6 @@
 //! The data of PPO's loop: the prompts (with optional answers for rule rewards), a rollout (the
-//! prompt rows and the sampled responses as one padded batch), the PPO-ptx demonstrations, the
-//! per-iteration update statistics and `samples.jsonl`.
+//! prompt rows and the sampled responses as one padded batch), the PPO-ptx demonstrations and
+//! `samples.jsonl`.
 
 use crate::PpoSection;
 use anyhow::{Result, bail};
@@ -305,51 +305,6 @@ impl Ptx {
             model::ops::token_tensor(&targets, 1, n, device),
         );
         Ok(lp.mean().neg())
-    }
-}
-
-/// Sums of the minibatch statistics of one iteration.
-#[derive(Default)]
-pub struct UpdateStats {
-    pub minibatches: usize,
-    pub policy_loss: f64,
-    pub value_loss: f64,
-    pub entropy: f64,
-    pub clip_fraction: f64,
-    pub value_clip_fraction: f64,
-    pub approx_kl: f64,
-    pub grad_norms: (f64, f64),
-    /// Sum of the PPO-ptx LM loss (mean NLL per demonstration token) over the minibatches.
-    pub ptx_loss: f64,
-    pub early_stopped: bool,
-}
-
-impl UpdateStats {
-    #[allow(clippy::too_many_arguments)]
-    pub fn add(
-        &mut self,
-        policy_loss: f64,
-        value_loss: f64,
-        entropy: f64,
-        clip_fraction: f64,
-        value_clip_fraction: f64,
-        approx_kl: f64,
-        grad_norms: (f64, f64),
-    ) {
-        self.minibatches += 1;
-        self.policy_loss += policy_loss;
-        self.value_loss += value_loss;
-        self.entropy += entropy;
-        self.clip_fraction += clip_fraction;
-        self.value_clip_fraction += value_clip_fraction;
-        self.approx_kl += approx_kl;
-        self.grad_norms.0 += grad_norms.0;
-        self.grad_norms.1 += grad_norms.1;
-    }
-
-    /// A sum's mean over the minibatches.
-    pub fn mean(&self, sum: f64) -> f64 {
-        sum / self.minibatches.max(1) as f64
     }
 }
 

@@ -386,7 +386,9 @@ fn policy_loss_matches_pytorch() {
         t2(&PL_OLD, &device),
         t2(&PL_ADV, &device),
         mask_tensor(&MASK, B, T, &device),
-        0.2,
+        (0.2, 0.2),
+        LossAgg::TokenMean,
+        T,
     );
     assert_scalar(scalar(out.loss), 0.1051062389, "policy loss");
     assert_scalar(out.clip_fraction as f64, 1.0 / 3.0, "clip fraction");
@@ -403,7 +405,9 @@ fn policy_loss_gradient_matches_pytorch() {
         t2(&PL_OLD, &device),
         t2(&PL_ADV, &device),
         mask_tensor(&MASK, B, T, &device),
-        0.2,
+        (0.2, 0.2),
+        LossAgg::TokenMean,
+        T,
     );
     assert_scalar(scalar(out.loss.clone()), 0.1051062389, "policy loss");
     let grads = out.loss.backward();
@@ -461,14 +465,18 @@ fn value_loss_matches_pytorch() {
 fn kl_loss_matches_pytorch() {
     let device = cpu();
     let mask = mask_tensor(&MASK, B, T, &device);
-    let k1 = kl_loss(
-        t2(&LOGP, &device),
-        t2(&REF, &device),
-        mask.clone(),
-        KlEstimator::K1,
-    );
-    assert_scalar(scalar(k1), -0.0333333333, "kl loss k1");
-    let k3 = kl_loss(t2(&LOGP, &device), t2(&REF, &device), mask, KlEstimator::K3);
+    let kl = |est| {
+        kl_loss(
+            t2(&LOGP, &device),
+            t2(&REF, &device),
+            mask.clone(),
+            est,
+            LossAgg::TokenMean,
+            T,
+        )
+    };
+    assert_scalar(scalar(kl(KlEstimator::K1)), -0.0333333333, "kl loss k1");
+    let k3 = kl(KlEstimator::K3);
     assert_scalar(scalar(k3), 0.0784669645, "kl loss k3");
 }
 
@@ -497,5 +505,200 @@ fn entropy_matches_pytorch_and_is_stable() {
         &to_f32_vec(h),
         &[1.01440278, 1.38629436, 0.90595926, 0.67819288],
         "entropy",
+    );
+}
+
+/// verl's outcome estimators (`compute_grpo_outcome_advantage`,
+/// `compute_rloo_outcome_advantage`), three groups of three returns:
+/// ```python
+/// R = torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, 2.0, -1.0, 0.25, 3.0], dtype=f64)
+/// g = R.view(3, 3)
+/// mean, std = g.mean(-1, keepdim=True), g.std(-1, keepdim=True)  # std: Bessel-corrected
+/// ((g - mean) / (std + 1e-6)).flatten()   # grpo
+/// (g - mean).flatten()                    # dr_grpo
+/// n = 3
+/// (g * n / (n - 1) - mean * n / (n - 1)).flatten()   # rloo (verl)
+/// torch.stack([g[:, i] - (g.sum(-1) - g[:, i]) / (n - 1) for i in range(n)], -1)  # the same
+/// ```
+#[test]
+fn group_advantages_match_pytorch() {
+    let r = [1.0, 0.0, 0.5, 2.0, 2.0, 2.0, -1.0, 0.25, 3.0];
+    let (grpo, uniform) = group_advantages(&r, 3, Estimator::Grpo);
+    assert_close(
+        &grpo,
+        &[
+            0.999998000004,
+            -0.999998000004,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            -0.8551856925838929,
+            -0.2443387693096837,
+            1.0995244618935767,
+        ],
+        "grpo",
+    );
+    assert_eq!(uniform, 1, "the middle group scored 2 three times");
+    let (dr, _) = group_advantages(&r, 3, Estimator::DrGrpo);
+    assert_close(
+        &dr,
+        &[0.5, -0.5, 0.0, 0.0, 0.0, 0.0, -1.75, -0.5, 2.25],
+        "dr_grpo",
+    );
+    let (rloo, _) = group_advantages(&r, 3, Estimator::Rloo);
+    assert_close(
+        &rloo,
+        &[0.75, -0.75, 0.0, 0.0, 0.0, 0.0, -2.625, -0.75, 3.375],
+        "rloo",
+    );
+    // Each group's advantages sum to 0 (all three are baselines from the same group).
+    for a in [&grpo, &dr, &rloo] {
+        for g in a.chunks(3) {
+            assert!(g.iter().sum::<f32>().abs() < 1e-5, "{g:?}");
+        }
+    }
+    let row = row_sums(&[0.1, -0.2, 0.3, 1.0, 0.5, 0.5, 0.0, 0.0], B, T);
+    assert_close(&row, &[1.2, 1.0], "row sums");
+    assert_close(
+        &broadcast_rows(&[0.5, -2.0], &MASK, B, T),
+        &[0.5, 0.5, 0.5, 0.5, -2.0, -2.0, 0.0, 0.0],
+        "broadcast",
+    );
+}
+
+/// verl's `compute_reinforce_plus_plus_outcome_advantage` (discounted returns, `masked_whiten`):
+/// ```python
+/// r = torch.tensor([[0.1, -0.2, 0.05, 1.5], [-0.3, 0.7, 9.0, -9.0]], dtype=f64)
+/// ret = torch.zeros_like(r); run = torch.zeros(2, dtype=f64)
+/// for t in reversed(range(4)):
+///     run = r[:, t] + gamma * run
+///     ret[:, t] = run
+///     run = run * m[:, t]
+/// mu = (ret * m).sum() / m.sum()
+/// var = (((ret - mu) ** 2) * m).sum() / m.sum() * m.sum() / (m.sum() - 1)
+/// (ret - mu) * torch.rsqrt(var + 1e-8) * m
+/// # gamma 1.0: [0.60112970, 0.39502809, 0.80723131, 0.70418051, -1.56293722, -0.94463239, 0, 0]
+/// # gamma 0.9: [0.10677482, 0.12050302, 0.89843388, 1.12723707, -1.54976031, -0.70318848, 0, 0]
+/// ```
+#[test]
+fn reinforce_pp_advantages_match_pytorch() {
+    let r = [0.1, -0.2, 0.05, 1.5, -0.3, 0.7, 9.0, -9.0];
+    assert_close(
+        &reinforce_pp_advantages(&r, &MASK, B, T, 1.0),
+        &[
+            0.6011297004837791,
+            0.39502808888934043,
+            0.8072313120782174,
+            0.704180506280998,
+            -1.5629372212578259,
+            -0.9446323864745102,
+            0.0,
+            0.0,
+        ],
+        "reinforce++ γ = 1",
+    );
+    assert_close(
+        &reinforce_pp_advantages(&r, &MASK, B, T, 0.9),
+        &[
+            0.10677482417098864,
+            0.1205030158501157,
+            0.8984338776673152,
+            1.1272370723194325,
+            -1.549760305110343,
+            -0.7031884848975083,
+            0.0,
+            0.0,
+        ],
+        "reinforce++ γ = 0.9",
+    );
+}
+
+/// verl's `agg_loss` modes (Dr. GRPO's constant: the longest response, here 6):
+/// ```python
+/// x = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.5, 3.0, 100.0, -100.0]], dtype=f64)
+/// (x * m).sum() / m.sum()          # token-mean              1.0416666667
+/// s = (x * m).sum(-1)
+/// s.mean()                         # seq-mean-token-sum      3.125
+/// (s / m.sum(-1)).mean()           # seq-mean-token-mean     1.34375
+/// (s / 6).mean()                   # seq-mean-token-sum-norm 0.5208333333
+/// ```
+#[test]
+fn loss_aggregations_match_pytorch() {
+    let device = cpu();
+    let x = [0.5, -1.0, 2.0, 0.25, 1.5, 3.0, 100.0, -100.0];
+    let agg = |a| {
+        scalar(aggregate(
+            t2(&x, &device),
+            mask_tensor(&MASK, B, T, &device),
+            a,
+            6,
+        ))
+    };
+    assert_scalar(agg(LossAgg::TokenMean), 1.0416666667, "token-mean");
+    assert_scalar(agg(LossAgg::SeqMeanTokenSum), 3.125, "seq-mean-token-sum");
+    assert_scalar(
+        agg(LossAgg::SeqMeanTokenMean),
+        1.34375,
+        "seq-mean-token-mean",
+    );
+    assert_scalar(
+        agg(LossAgg::SeqMeanTokenSumNorm),
+        0.5208333333,
+        "seq-mean-token-sum-norm",
+    );
+    for (a, name) in [
+        (LossAgg::TokenMean, "\"token-mean\""),
+        (LossAgg::SeqMeanTokenSumNorm, "\"seq-mean-token-sum-norm\""),
+    ] {
+        assert_eq!(serde_json::to_string(&a).unwrap(), name);
+    }
+    assert_eq!(
+        serde_json::from_str::<Estimator>("\"reinforce_pp\"").unwrap(),
+        Estimator::ReinforcePp
+    );
+}
+
+/// DAPO's clip-higher (ε_low 0.2, ε_high 0.7) with the per-sequence mean of token means:
+/// ```python
+/// lo, hi = 0.2, 0.7
+/// lr = (logp - old) * m; ratio = torch.exp(lr)       # logp, old, A: the policy-loss inputs
+/// l1, l2 = -A * ratio, -A * torch.clamp(ratio, 1 - lo, 1 + hi)
+/// loss = ((torch.max(l1, l2) * m).sum(-1) / m.sum(-1)).mean()
+/// loss.backward()
+/// loss.item()                                      # 0.0301759655
+/// ((l2 > l1).to(f64) * m).sum() / m.sum()          # 0.1666666667: (0,0) is no longer clipped
+/// logp.grad  # [-0.20609016, -0.06703200, 0.06907318, 0.21935206, 0, -0.10512711, 0, 0]
+/// ```
+#[test]
+fn asymmetric_clip_and_sequence_mean_match_pytorch() {
+    let device = cpu().autodiff();
+    let logp = t2(&PL_LOGP, &device).require_grad();
+    let out = policy_loss(
+        logp.clone(),
+        t2(&PL_OLD, &device),
+        t2(&PL_ADV, &device),
+        mask_tensor(&MASK, B, T, &device),
+        (0.2, 0.7),
+        LossAgg::SeqMeanTokenMean,
+        T,
+    );
+    assert_scalar(scalar(out.loss.clone()), 0.030175965532146118, "loss");
+    assert_scalar(out.clip_fraction as f64, 1.0 / 6.0, "clip fraction");
+    let grads = out.loss.backward();
+    let g = to_f32_vec(logp.grad(&grads).unwrap());
+    assert_close(
+        &g,
+        &[
+            -0.20609015883751602,
+            -0.06703200460356394,
+            0.06907318237972797,
+            0.21935205623110052,
+            0.0,
+            -0.1051271096376024,
+            0.0,
+            0.0,
+        ],
+        "d loss / d logprobs",
     );
 }

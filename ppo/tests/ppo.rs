@@ -494,5 +494,137 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
     );
     assert!(!ok_);
     assert!(err.contains("critic's tokenizer differs"), "{err}");
+    // A group estimator with one sample per prompt.
+    let (ok_, _, err) = ppo(&base(&["advantage.estimator=\"grpo\"".into()]), &[]);
+    assert!(!ok_);
+    assert!(
+        err.contains("`rollout.samples_per_prompt` = 1 is out of range") && err.contains("grpo"),
+        "{err}"
+    );
+    // An unknown estimator and an unknown aggregation, named by key.
+    let (ok_, _, err) = ppo(&base(&["advantage.estimator=\"ppo2\"".into()]), &[]);
+    assert!(!ok_);
+    assert!(err.contains("advantage.estimator"), "{err}");
+    let (ok_, _, err) = ppo(&base(&["ppo.loss_agg=\"mean\"".into()]), &[]);
+    assert!(!ok_);
+    assert!(err.contains("ppo.loss_agg"), "{err}");
+    let (ok_, _, err) = ppo(&base(&["ppo.clip_eps_high=-0.1".into()]), &[]);
+    assert!(!ok_);
+    assert!(
+        err.contains("`ppo.clip_eps_high` = -0.1 is out of range"),
+        "{err}"
+    );
     assert!(!out.exists(), "bad input left {}", out.display());
+}
+
+/// The rule reward of `rule_run` with a critic-free estimator: 4 prompts × 4 samples.
+fn critic_free_run(out: &Path, estimator: &str, iterations: usize, extra: &[&str]) -> Vec<String> {
+    let group = if estimator == "reinforce_pp" { 1 } else { 4 };
+    let batch = 16 / group;
+    let mut sets = rule_run(
+        out,
+        iterations,
+        &[
+            format!("advantage.estimator=\"{estimator}\""),
+            format!("rollout.batch_size={batch}"),
+            format!("rollout.samples_per_prompt={group}"),
+        ],
+    );
+    sets.extend(extra.iter().map(|x| x.to_string()));
+    sets
+}
+
+/// GRPO, Dr. GRPO, RLOO and REINFORCE++ raise the rule reward the SFT policy earns sometimes, as
+/// PPO does, with no critic loaded, trained or saved; the group estimators count the groups
+/// whose samples all scored the same.
+#[test]
+fn critic_free_estimators_raise_the_rule_reward_without_a_critic() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (estimator, extra) in [
+        ("grpo", &["kl.in_reward=false", "kl.estimator=\"k3\""][..]),
+        ("dr_grpo", &["ppo.loss_agg=\"seq-mean-token-sum-norm\""][..]),
+        ("rloo", &["ppo.clip_eps_high=0.28"][..]),
+        ("reinforce_pp", &[][..]),
+    ] {
+        let out = tmp.path().join(estimator);
+        let mut sets = critic_free_run(&out, estimator, 40, extra);
+        sets.push("train.save_every=20".into());
+        let (ok, stdout, err) = ppo(&sets, &[]);
+        assert!(ok, "{estimator}: {err}");
+        let m = metrics(&out);
+        let (first, last) = (mean(&m[..10], "score_mean"), mean(&m[30..], "score_mean"));
+        println!("{estimator}: score {first:.3} (iterations 1-10) → {last:.3} (31-40)\n{stdout}");
+        assert!(last > first + 0.15, "{estimator}: score {first} → {last}");
+        for l in &m {
+            for k in ["value_loss", "critic_grad_norm", "explained_variance"] {
+                assert!(l.get(k).is_none(), "{estimator}: {k} in {l}");
+            }
+            let uniform = l.get("uniform_groups").and_then(Value::as_u64);
+            if estimator == "reinforce_pp" {
+                assert!(uniform.is_none(), "{l}");
+            } else {
+                assert!(uniform.is_some_and(|u| u <= 4), "{estimator}: {l}");
+            }
+        }
+        for c in ["checkpoint-000020", "checkpoint-000040"] {
+            assert!(out.join(c).join("model.safetensors").exists());
+            assert!(
+                !out.join(c).join("critic").exists(),
+                "{estimator}: a critic in {c}"
+            );
+        }
+        // A critic-free checkpoint does not resume into PPO with a critic.
+        if estimator == "grpo" {
+            let again = tmp.path().join("again");
+            let (ok, _, err) = ppo(
+                &rule_run(&again, 41, &[]),
+                &["--resume", out.join("checkpoint-000040").to_str().unwrap()],
+            );
+            assert!(!ok);
+            assert!(err.contains("no critic/"), "{err}");
+        }
+    }
+}
+
+/// Exact resume holds for a critic-free estimator too: kill -9 after the first checkpoint,
+/// resume, and the policy and metrics equal the uninterrupted run's bit for bit.
+#[test]
+fn killed_and_resumed_grpo_run_ends_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = ["train.save_every=3", "train.keep_last=10"];
+    let full = tmp.path().join("full");
+    let (ok, _, err) = ppo(&critic_free_run(&full, "grpo", 9, &extra), &[]);
+    assert!(ok, "{err}");
+    let killed = tmp.path().join("killed");
+    let mut args = s(&["--config", "configs/ppo.toml"]);
+    for x in critic_free_run(&killed, "grpo", 9, &extra) {
+        args.push("--set".into());
+        args.push(x);
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppo"));
+    cmd.current_dir(root()).args(&args);
+    let newest = e2e::kill_once_written(&mut cmd, &killed.join("checkpoint-000003"), &killed);
+    let (ok, stdout, err) = ppo(
+        &critic_free_run(&killed, "grpo", 9, &extra),
+        &["--resume", newest.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert!(stdout.contains("resumed from"), "{stdout}");
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    assert_eq!(
+        read(full.join("final/model.safetensors")),
+        read(killed.join("final/model.safetensors")),
+        "policy bit-identical after kill -9 and resume from {}",
+        newest.display()
+    );
+    let strip = |m: Vec<Value>| -> Vec<Value> {
+        m.into_iter()
+            .map(|mut l| {
+                let o = l.as_object_mut().unwrap();
+                o.retain(|k, _| !k.starts_with("time_") && k != "episodes_per_s");
+                l
+            })
+            .collect()
+    };
+    assert_eq!(strip(metrics(&full)), strip(metrics(&killed)));
 }

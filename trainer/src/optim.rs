@@ -176,26 +176,7 @@ impl TrainSection {
         );
         c.positive("train.lr", self.lr);
         c.within("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0);
-        c.within("train.weight_decay", self.weight_decay, 0.0, 1.0);
-        c.that(
-            "train.beta1",
-            self.beta1,
-            (0.0..1.0).contains(&self.beta1),
-            "in [0, 1)",
-        );
-        c.that(
-            "train.beta2",
-            self.beta2,
-            (0.0..1.0).contains(&self.beta2),
-            "in [0, 1)",
-        );
-        c.positive("train.eps", self.eps);
-        c.that(
-            "train.max_grad_norm",
-            self.max_grad_norm,
-            self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
-            "≥ 0 (0 disables clipping)",
-        );
+        self.adamw_keys().check("train", c);
         c.at_least_one("train.eval_batch_size", self.eval_batch_size);
     }
 
@@ -212,7 +193,18 @@ impl TrainSection {
 
     /// AdamW with these betas, eps and weight decay (clipping is done by [`optimizer_step`]).
     pub fn adamw(&self) -> ModuleOptimizer {
-        adamw(self.beta1, self.beta2, self.eps, self.weight_decay)
+        self.adamw_keys().build()
+    }
+
+    /// The optimizer keys as the shared [`AdamW`].
+    pub fn adamw_keys(&self) -> AdamW {
+        AdamW {
+            weight_decay: self.weight_decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            max_grad_norm: self.max_grad_norm,
+        }
     }
 
     /// Examples (or groups) per optimizer step.
@@ -227,6 +219,56 @@ impl TrainSection {
         } else {
             self.epochs * examples.div_ceil(self.batch_size * self.grad_accum)
         }
+    }
+}
+
+/// The optimizer keys every gradient-trained stage has in its `[train]`, with the shared
+/// defaults (weight decay 0, β 0.9 / 0.999, ε 1e-8, global-norm clip 1.0), their range checks and
+/// the optimizer they build.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub max_grad_norm: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        Self {
+            weight_decay: 0.0,
+            beta1: d_beta1(),
+            beta2: d_beta2(),
+            eps: d_eps(),
+            max_grad_norm: d_clip(),
+        }
+    }
+}
+
+impl AdamW {
+    /// Adds the range errors of the keys, named `section.key`, to `c`.
+    pub fn check(&self, section: &str, c: &mut Check) {
+        let k = |name: &str| format!("{section}.{name}");
+        c.within(&k("weight_decay"), self.weight_decay, 0.0, 1.0);
+        let beta = |c: &mut Check, name: &str, v: f64| {
+            c.that(&k(name), v, (0.0..1.0).contains(&v), "in [0, 1)")
+        };
+        beta(c, "beta1", self.beta1);
+        beta(c, "beta2", self.beta2);
+        c.positive(&k("eps"), self.eps);
+        c.that(
+            &k("max_grad_norm"),
+            self.max_grad_norm,
+            self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
+            "≥ 0 (0 disables clipping)",
+        );
+    }
+
+    /// The optimizer (clipping is done by [`optimizer_step`] with `max_grad_norm`).
+    pub fn build(&self) -> ModuleOptimizer {
+        adamw(self.beta1, self.beta2, self.eps, self.weight_decay)
     }
 }
 
