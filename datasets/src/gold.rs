@@ -10,14 +10,16 @@
 //! - [`Rule::ExactAnswer`]: the response's final answer ([`extract_answer`]: after the last `####`,
 //!   "answer is", "答案是" or "答案：", else the last number) equals the prompt's reference answer
 //!   ([`gold_answer`] of the prompts file's `answer` field), both [`normalize`]d, numbers compared
-//!   numerically ("1,234" = "1234", "8.0" = "8").
+//!   numerically ("1,234" = "1234", "8.0" = "8"); or the whole response, [`normalize`]d, equals
+//!   the answer (" Stone stone stone." for "stone stone stone", which has no number to find).
 //! - [`Rule::FinalAnswer`]: the same, but the answer must be stated after a marker
 //!   ([`extract_final_answer`]); a bare number, however right, scores 0. For tasks whose
 //!   instructions fix the answer's form (the demo task: "The answer is X.").
 //! - [`Rule::NormalizedMatch`]: the whole response is the answer, both [`normalize_text`]ed
 //!   (trimmed, lowercased, whitespace runs collapsed, trailing `.`, `。`, `!`, `！` dropped):
-//!   " Stone stone stone." scores 1 for "stone stone stone" (which `exact_answer` scores 0, having
-//!   no number to find), " Sure! stone stone stone" scores 0; " 石头。" scores 1 for "石头".
+//!   " Stone stone stone." scores 1 for "stone stone stone", " Sure! stone stone stone" scores 0;
+//!   " 石头。" scores 1 for "石头". Unlike `exact_answer` it never looks for a stated answer inside
+//!   a longer response, and it compares numbers as text ("8.0" is not "8").
 //! - [`Rule::ContainsAnswer`]: the normalised answer occurs in the normalised response, not inside
 //!   a longer ASCII word or number ("the cat sat" contains "cat", "concatenate" does not, "112"
 //!   does not contain "12"); next to Chinese characters a plain substring ("我觉得是北京。"
@@ -188,7 +190,7 @@ fn remove_thousands_commas(s: &str) -> String {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Rule {
     /// The response's final answer ([`extract_answer`]) equals the prompt's reference answer
-    /// ([`gold_answer`] of its `answer` field), both [`normalize`]d.
+    /// ([`gold_answer`] of its `answer` field), both [`normalize`]d; or the whole response does.
     ExactAnswer,
     /// As `ExactAnswer`, but only an answer stated after a marker counts
     /// ([`extract_final_answer`]; no last-number fallback).
@@ -303,6 +305,7 @@ impl CompiledRule {
                     extract_answer(response)
                 };
                 stated.is_some_and(|a| normalize(&a) == gold)
+                    || (*rule == Rule::ExactAnswer && normalize(response) == gold)
             }
             Rule::NormalizedMatch => normalize_text(response) == normalize_text(&reference()?),
             Rule::ContainsAnswer => {

@@ -248,9 +248,17 @@ fn score(rule: &str, response: &str, answer: &str) -> f32 {
 #[test]
 fn normalized_match_compares_the_whole_response() {
     let m = |r: &str, a: &str| score("normalized_match", r, a);
-    // A string answer with no number: exact_answer cannot see it, normalized_match can.
+    // A string answer with no number: both see it (exact_answer by its whole-response match).
     assert_eq!(m(" stone stone stone", "stone stone stone"), 1.0);
-    assert_eq!(exact(" stone stone stone", "stone stone stone"), 0.0);
+    assert_eq!(exact(" stone stone stone", "stone stone stone"), 1.0);
+    assert_eq!(exact(" Stone stone stone.", "stone stone stone"), 1.0);
+    assert_eq!(exact(" 石头。", "石头"), 1.0);
+    // ... but final_answer needs a marker, and chatter defeats the whole-response match.
+    assert_eq!(
+        score("final_answer", " stone stone stone", "stone stone stone"),
+        0.0
+    );
+    assert_eq!(exact(" Sure: stone stone stone", "stone stone stone"), 0.0);
     assert_eq!(m("  Stone   STONE stone. ", "stone stone stone"), 1.0);
     assert_eq!(m(" ENOTS!", "enots"), 1.0);
     assert_eq!(m(" c-a-t", "c-a-t"), 1.0);

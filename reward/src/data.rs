@@ -262,6 +262,8 @@ pub struct Group {
     pub response_ids: Vec<String>,
     /// template(prompt) ++ response ++ EOS, per response.
     pub sequences: Vec<Vec<u32>>,
+    /// The prompt's tokens at the start of each sequence (after any cut).
+    pub prompt_lens: Vec<usize>,
     pub ranks: Vec<u32>,
     /// The data's margin of a comparison (K = 2); None otherwise.
     pub data_margin: Option<f64>,
@@ -301,6 +303,8 @@ pub enum Long {
 pub struct Encoded {
     /// template(prompt) ++ response ++ EOS.
     pub tokens: Vec<u32>,
+    /// The prompt's tokens at the start of `tokens`.
+    pub prompt_len: usize,
     /// The prompt was cut from the left.
     pub prompt_cut: bool,
     /// The response was cut at its end.
@@ -337,6 +341,7 @@ pub fn fit(
     tokens.extend(r);
     Ok(Some(Encoded {
         tokens,
+        prompt_len: keep,
         prompt_cut,
         response_cut,
     }))
@@ -355,6 +360,7 @@ pub fn tokenize(
     for (i, (g, margin)) in groups.iter().enumerate() {
         let mut ids = Vec::new();
         let mut seqs = Vec::new();
+        let mut prompt_lens = Vec::new();
         let mut ranks = Vec::new();
         let mut truncated = false;
         for ((id, resp), &rank) in g.response_ids.iter().zip(&g.responses).zip(&g.ranks) {
@@ -363,6 +369,7 @@ pub fn tokenize(
                     truncated |= e.prompt_cut;
                     ids.push(id.clone());
                     seqs.push(e.tokens);
+                    prompt_lens.push(e.prompt_len);
                     ranks.push(rank);
                 }
                 None => dropped.long_responses += 1,
@@ -387,6 +394,7 @@ pub fn tokenize(
             },
             response_ids: ids,
             sequences: seqs,
+            prompt_lens,
             ranks,
             data_margin: *margin,
         });

@@ -314,7 +314,8 @@ fn summarize(
 ) -> Result<Summary> {
     let device = model::parse_device(&cfg.device)?;
     let manifest = Manifest::read(final_dir)?.context("the ensemble manifest just written")?;
-    let (train_raw, valid_raw) = read_data(&member_config(cfg, 0, false))?;
+    let first_member = member_config(cfg, 0, false);
+    let (train_raw, valid_raw) = read_data(&first_member.data, first_member.seed)?;
     let first = RewardModel::load(&final_dir.join(&manifest.members[0]), None, &device)?;
     let tok = &first.tokenizer;
     let tokenize = |raw: &[Read]| {

@@ -207,6 +207,7 @@ mod tests {
             origin: "line 1".into(),
             response_ids: (1..=ranks.len()).map(|i| i.to_string()).collect(),
             sequences: vec![vec![1]; ranks.len()],
+            prompt_lens: vec![1; ranks.len()],
             ranks,
             data_margin: None,
         }

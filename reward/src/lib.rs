@@ -473,16 +473,11 @@ fn load_model(
     Ok((m.with_dropout(0.0), tok))
 }
 
-/// Reads the data, merges labelers by majority when asked, and splits by prompt.
-#[allow(clippy::type_complexity)]
-fn read_data(
-    cfg: &RewardConfig,
-) -> Result<(
-    Vec<(RankedGroup, Option<f64>)>,
-    Vec<(RankedGroup, Option<f64>)>,
-)> {
-    let mut groups = data::read_groups(&cfg.data)?;
-    if cfg.data.aggregate == data::Aggregate::Majority {
+/// Reads the preference data, merges labelers by majority when asked, keeps the first
+/// `max_groups`, and splits by prompt (with `data.split_seed`, else `seed`). Also `dpo`'s reader.
+pub fn read_data(d: &DataSection, seed: u64) -> Result<(Vec<data::Read>, Vec<data::Read>)> {
+    let mut groups = data::read_groups(d)?;
+    if d.aggregate == data::Aggregate::Majority {
         let plain: Vec<RankedGroup> = groups.into_iter().map(|(g, _)| g).collect();
         let (pairs, tied, split) = datasets::preference::pairs::majority(&plain);
         println!(
@@ -499,17 +494,17 @@ fn read_data(
             })
             .collect();
     }
-    if cfg.data.max_groups > 0 {
-        groups.truncate(cfg.data.max_groups);
+    if d.max_groups > 0 {
+        groups.truncate(d.max_groups);
     }
     if groups.is_empty() {
-        bail!("{}: no preference groups found", cfg.data.path.display());
+        bail!("{}: no preference groups found", d.path.display());
     }
     data::split(
         groups,
-        &cfg.data.path,
-        cfg.data.validation_fraction,
-        cfg.data.split_seed.unwrap_or(cfg.seed),
+        &d.path,
+        d.validation_fraction,
+        d.split_seed.unwrap_or(seed),
     )
 }
 
@@ -603,7 +598,7 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         prompt_template: Some(template.as_str().to_string()),
         reward_normalization: None,
     };
-    let (mut train_raw, mut valid_raw) = read_data(cfg)?;
+    let (mut train_raw, mut valid_raw) = read_data(&cfg.data, cfg.seed)?;
     if cfg.ensemble.is_monitor {
         // The monitor trains on the prompts no member trains on, and is checked on the others.
         std::mem::swap(&mut train_raw, &mut valid_raw);
@@ -767,6 +762,7 @@ mod tests {
             sequences: (0..ranks.len())
                 .map(|i| vec![i as u32 + 2; i + 1])
                 .collect(),
+            prompt_lens: vec![1; ranks.len()],
             ranks,
             data_margin: Some(0.5),
         }

@@ -44,7 +44,7 @@ pub struct ListTerm {
 }
 
 /// 1 / (number of groups · terms in the term's group), so that each group weighs the same.
-fn group_weights(groups: &[usize]) -> Vec<f32> {
+pub fn group_weights(groups: &[usize]) -> Vec<f32> {
     let n_groups = groups.iter().copied().max().map_or(0, |g| g + 1);
     let mut count = vec![0usize; n_groups];
     for &g in groups {

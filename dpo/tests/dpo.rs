@@ -1,0 +1,227 @@
+//! The `dpo` binary end to end on the demo task: a tiny SFT policy trained first, then DPO on
+//! the demo's labeler rankings (a rankings CSV, K-way groups) with each loss; exact resume after
+//! kill -9 (the reference's log-probabilities read back, not recomputed); bad input.
+
+use e2e::{bin, root};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn run(args: &[String]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dpo"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One SFT policy on the demo task, shared by the tests (a tiny model, 400 steps).
+fn sft_policy() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("sft");
+        let o = out.to_str().unwrap();
+        e2e::run(
+            "sft",
+            &[
+                "--config",
+                "configs/sft.toml",
+                "--out",
+                o,
+                "--set",
+                "data.path=datasets/demo/task/demonstrations.jsonl",
+                "--set",
+                "train.max_steps=400",
+                "--set",
+                "train.eval_every=0",
+                "--set",
+                "train.save_every=0",
+            ],
+        );
+        assert!(bin("sft").exists());
+        (tmp, out.join("final"))
+    })
+    .1
+}
+
+/// `dpo` on the demo rankings with `sets` after the shared ones.
+fn args(out: &Path, sets: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["--config".into(), "configs/dpo.toml".into()];
+    let shared = [
+        format!("model.policy={}", sft_policy().display()),
+        "data.path=datasets/demo/task/rankings.csv".into(),
+        format!("out={}", out.display()),
+        "train.max_steps=60".into(),
+        "train.eval_every=20".into(),
+        "train.save_every=20".into(),
+        "train.log_every=1".into(),
+    ];
+    for s in shared
+        .iter()
+        .map(String::as_str)
+        .chain(sets.iter().copied())
+    {
+        v.push("--set".into());
+        v.push(s.to_string());
+    }
+    v
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Each loss raises the implicit rewards' agreement with held-out rankings above chance, beyond
+/// its Wilson interval; the policy is an HF causal-LM folder with the template beside it.
+#[test]
+fn every_loss_learns_the_held_out_rankings() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (kind, extra) in [
+        ("sigmoid", &[][..]),
+        ("sigmoid", &["loss.label_smoothing=0.1"][..]),
+        ("ipo", &[][..]),
+        ("listwise", &[][..]),
+    ] {
+        let out = tmp.path().join(format!("{kind}-{}", extra.len()));
+        let k = format!("loss.kind=\"{kind}\"");
+        let mut sets = vec![k.as_str()];
+        sets.extend(extra);
+        let (ok, stdout, err) = run(&args(&out, &sets));
+        assert!(ok, "{kind}: {err}");
+        let m = metrics(&out);
+        // Step 0: the policy is the reference, every implicit reward 0.
+        assert_eq!(m[0]["step"], 0);
+        assert_eq!(m[0]["eval_mean_margin"].as_f64(), Some(0.0));
+        let last = m
+            .iter()
+            .rev()
+            .find(|l| l.get("eval_accuracy").is_some())
+            .unwrap();
+        let low = last["eval_accuracy_low"].as_f64().unwrap();
+        println!(
+            "{kind} {extra:?}: validation accuracy {} [low {low:.3}]\n{stdout}",
+            last["eval_accuracy"]
+        );
+        assert!(low > 0.5, "{kind} {extra:?}: {last}");
+        let train: Vec<&Value> = m.iter().filter(|l| l.get("loss").is_some()).collect();
+        assert_eq!(train.len(), 60);
+        for l in &train {
+            for key in [
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/margins",
+                "rewards/accuracies",
+                "logps/chosen",
+                "logps/rejected",
+                "grad_norm",
+            ] {
+                assert!(l[key].as_f64().is_some_and(f64::is_finite), "{key} in {l}");
+            }
+            let (c, r, margin) = (
+                l["rewards/chosen"].as_f64().unwrap(),
+                l["rewards/rejected"].as_f64().unwrap(),
+                l["rewards/margins"].as_f64().unwrap(),
+            );
+            assert!((c - r - margin).abs() < 1e-6, "{l}");
+        }
+        // The first step's implicit rewards are 0 (policy = reference): its loss is log 2 for
+        // the sigmoid loss.
+        if kind == "sigmoid" && extra.is_empty() {
+            let first = train[0]["loss"].as_f64().unwrap();
+            assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "{first}");
+        }
+        let meta: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("final/rlhf.json")).unwrap())
+                .unwrap();
+        assert_eq!(meta["stage"], "dpo");
+        assert!(out.join("final/model.safetensors").exists());
+        assert!(out.join("reference_logprobs.json").exists());
+    }
+}
+
+#[test]
+fn killed_and_resumed_run_ends_bit_identical_without_recomputing_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    let (ok, _, err) = run(&args(&full, &["loss.kind=\"listwise\""]));
+    assert!(ok, "{err}");
+    let killed = tmp.path().join("killed");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dpo"));
+    cmd.current_dir(root())
+        .args(args(&killed, &["loss.kind=\"listwise\""]));
+    let newest = e2e::kill_once_written(&mut cmd, &killed.join("checkpoint-000020"), &killed);
+    let mut resume = args(&killed, &["loss.kind=\"listwise\""]);
+    resume.extend(["--resume".into(), newest.display().to_string()]);
+    let (ok, stdout, err) = run(&resume);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("reference log-probabilities read from"),
+        "{stdout}"
+    );
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    assert_eq!(
+        read(full.join("final/model.safetensors")),
+        read(killed.join("final/model.safetensors")),
+        "policy bit-identical after kill -9 and resume from {}",
+        newest.display()
+    );
+    let strip = |m: Vec<Value>| -> Vec<Value> {
+        m.into_iter()
+            .map(|mut l| {
+                l.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| k != "responses_per_s");
+                l
+            })
+            .collect()
+    };
+    assert_eq!(strip(metrics(&full)), strip(metrics(&killed)));
+}
+
+#[test]
+fn bad_input_is_one_clear_error_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("never");
+    for (sets, want) in [
+        (&["data.ties=\"keep\""][..], "`data.ties`"),
+        (
+            &["loss.kind=\"ipo\"", "loss.label_smoothing=0.2"][..],
+            "`loss.label_smoothing`",
+        ),
+        (
+            &["loss.label_smoothing=0.5"][..],
+            "`loss.label_smoothing` = 0.5 is out of range",
+        ),
+        (&["loss.beta=0"][..], "`loss.beta` = 0 is out of range"),
+        (&["loss.kind=\"dpo\""][..], "loss.kind"),
+        (
+            &["data.demonstrations=\"datasets/demo/task/demonstrations.jsonl\""][..],
+            "`data.demonstrations`",
+        ),
+        (
+            &["data.path=datasets/demo/task/nothing.csv"][..],
+            "nothing.csv",
+        ),
+        (
+            &["model.policy=/nonexistent/policy"][..],
+            "/nonexistent/policy",
+        ),
+        (&["data.max_length=3"][..], "data.max_length"),
+    ] {
+        let (ok, _, err) = run(&args(&out, sets));
+        assert!(!ok, "{sets:?} succeeded");
+        assert!(err.contains(want), "{sets:?}: {err}");
+        assert!(!out.exists(), "{sets:?} left {}", out.display());
+    }
+}
