@@ -74,13 +74,7 @@ fn args(out: &Path, sets: &[&str]) -> Vec<String> {
     v
 }
 
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use e2e::metrics;
 
 /// Each loss raises the implicit rewards' agreement with held-out rankings above chance, beyond
 /// its Wilson interval; the policy is an HF causal-LM folder with the template beside it.
@@ -169,24 +163,12 @@ fn killed_and_resumed_run_ends_bit_identical_without_recomputing_the_reference()
         stdout.contains("reference log-probabilities read from"),
         "{stdout}"
     );
-    let read = |p: PathBuf| std::fs::read(p).unwrap();
-    assert_eq!(
-        read(full.join("final/model.safetensors")),
-        read(killed.join("final/model.safetensors")),
-        "policy bit-identical after kill -9 and resume from {}",
-        newest.display()
+    e2e::assert_same_runs(
+        &full,
+        &killed,
+        &["final/model.safetensors"],
+        &format!("kill -9 and resume from {}", newest.display()),
     );
-    let strip = |m: Vec<Value>| -> Vec<Value> {
-        m.into_iter()
-            .map(|mut l| {
-                l.as_object_mut()
-                    .unwrap()
-                    .retain(|k, _| k != "responses_per_s");
-                l
-            })
-            .collect()
-    };
-    assert_eq!(strip(metrics(&full)), strip(metrics(&killed)));
 }
 
 #[test]

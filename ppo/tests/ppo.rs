@@ -69,13 +69,7 @@ fn ppo(sets: &[String], extra: &[&str]) -> (bool, String, String) {
     run(Path::new(env!("CARGO_BIN_EXE_ppo")), &args)
 }
 
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use e2e::metrics;
 
 fn mean(m: &[Value], key: &str) -> f64 {
     m.iter().map(|l| l[key].as_f64().unwrap()).sum::<f64>() / m.len() as f64
@@ -267,28 +261,15 @@ fn killed_and_resumed_run_ends_bit_identical() {
     );
     assert!(ok, "{err}");
     assert!(stdout.contains("resumed from"), "{stdout}");
-    let read = |p: PathBuf| std::fs::read(p).unwrap();
-    assert_eq!(
-        read(full.join("final/model.safetensors")),
-        read(killed.join("final/model.safetensors")),
-        "policy bit-identical after kill -9 and resume from {}",
-        newest.display()
+    e2e::assert_same_runs(
+        &full,
+        &killed,
+        &[
+            "final/model.safetensors",
+            "checkpoint-000012/critic/model.safetensors",
+        ],
+        &format!("kill -9 and resume from {}", newest.display()),
     );
-    assert_eq!(
-        read(full.join("checkpoint-000012/critic/model.safetensors")),
-        read(killed.join("checkpoint-000012/critic/model.safetensors")),
-        "critic bit-identical"
-    );
-    let strip = |m: Vec<Value>| -> Vec<Value> {
-        m.into_iter()
-            .map(|mut l| {
-                let o = l.as_object_mut().unwrap();
-                o.retain(|k, _| !k.starts_with("time_") && k != "episodes_per_s");
-                l
-            })
-            .collect()
-    };
-    assert_eq!(strip(metrics(&full)), strip(metrics(&killed)));
 }
 
 /// sft → labeling import → reward → ppo, through the binaries, with the reward model as scorer
@@ -586,45 +567,36 @@ fn critic_free_estimators_raise_the_rule_reward_without_a_critic() {
     }
 }
 
-/// Exact resume holds for a critic-free estimator too: kill -9 after the first checkpoint,
+/// Exact resume holds for every critic-free estimator too: kill -9 after the first checkpoint,
 /// resume, and the policy and metrics equal the uninterrupted run's bit for bit.
 #[test]
-fn killed_and_resumed_grpo_run_ends_bit_identical() {
+fn killed_and_resumed_critic_free_runs_end_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let extra = ["train.save_every=3", "train.keep_last=10"];
-    let full = tmp.path().join("full");
-    let (ok, _, err) = ppo(&critic_free_run(&full, "grpo", 9, &extra), &[]);
-    assert!(ok, "{err}");
-    let killed = tmp.path().join("killed");
-    let mut args = s(&["--config", "configs/ppo.toml"]);
-    for x in critic_free_run(&killed, "grpo", 9, &extra) {
-        args.push("--set".into());
-        args.push(x);
+    for estimator in ["grpo", "dr_grpo", "rloo", "reinforce_pp"] {
+        let full = tmp.path().join(format!("{estimator}-full"));
+        let (ok, _, err) = ppo(&critic_free_run(&full, estimator, 9, &extra), &[]);
+        assert!(ok, "{estimator}: {err}");
+        let killed = tmp.path().join(format!("{estimator}-killed"));
+        let mut args = s(&["--config", "configs/ppo.toml"]);
+        for x in critic_free_run(&killed, estimator, 9, &extra) {
+            args.push("--set".into());
+            args.push(x);
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppo"));
+        cmd.current_dir(root()).args(&args);
+        let newest = e2e::kill_once_written(&mut cmd, &killed.join("checkpoint-000003"), &killed);
+        let (ok, stdout, err) = ppo(
+            &critic_free_run(&killed, estimator, 9, &extra),
+            &["--resume", newest.to_str().unwrap()],
+        );
+        assert!(ok, "{estimator}: {err}");
+        assert!(stdout.contains("resumed from"), "{stdout}");
+        e2e::assert_same_runs(
+            &full,
+            &killed,
+            &["final/model.safetensors"],
+            &format!("{estimator}: kill -9 and resume from {}", newest.display()),
+        );
     }
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppo"));
-    cmd.current_dir(root()).args(&args);
-    let newest = e2e::kill_once_written(&mut cmd, &killed.join("checkpoint-000003"), &killed);
-    let (ok, stdout, err) = ppo(
-        &critic_free_run(&killed, "grpo", 9, &extra),
-        &["--resume", newest.to_str().unwrap()],
-    );
-    assert!(ok, "{err}");
-    assert!(stdout.contains("resumed from"), "{stdout}");
-    let read = |p: PathBuf| std::fs::read(p).unwrap();
-    assert_eq!(
-        read(full.join("final/model.safetensors")),
-        read(killed.join("final/model.safetensors")),
-        "policy bit-identical after kill -9 and resume from {}",
-        newest.display()
-    );
-    let strip = |m: Vec<Value>| -> Vec<Value> {
-        m.into_iter()
-            .map(|mut l| {
-                let o = l.as_object_mut().unwrap();
-                o.retain(|k, _| !k.starts_with("time_") && k != "episodes_per_s");
-                l
-            })
-            .collect()
-    };
-    assert_eq!(strip(metrics(&full)), strip(metrics(&killed)));
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the pipeline live in `tests/`; this library holds the little the stages'
 //! own end-to-end tests share: the workspace root, the path of a built binary, running one, and
-//! killing a training run with SIGKILL mid-way, as the exact-resume tests of `reward` and `ppo` do.
+//! killing a training run with SIGKILL mid-way, as the exact-resume tests of `reward` and `ppo` do,
+//! and comparing two runs' metrics and weights.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -74,4 +75,43 @@ pub fn kill_once_written(cmd: &mut Command, marker: &Path, out: &Path) -> PathBu
         })
         .max()
         .expect("a checkpoint was written before the kill")
+}
+
+/// The lines of `out/metrics.jsonl`.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_else(|e| panic!("{}/metrics.jsonl: {e}", out.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The metrics lines without what depends on the machine's speed (`time_*`, `*_per_s`).
+pub fn metrics_without_timing(out: &Path) -> Vec<serde_json::Value> {
+    metrics(out)
+        .into_iter()
+        .map(|mut l| {
+            if let Some(o) = l.as_object_mut() {
+                o.retain(|k, _| !k.starts_with("time_") && !k.ends_with("_per_s"));
+            }
+            l
+        })
+        .collect()
+}
+
+/// Asserts that runs `a` and `b` (output folders) wrote the same metrics (timings aside) and
+/// byte-identical `files` (paths relative to each folder); `why` says what should have made
+/// them equal.
+pub fn assert_same_runs(a: &Path, b: &Path, files: &[&str], why: &str) {
+    for f in files {
+        let read = |d: &Path| {
+            std::fs::read(d.join(f)).unwrap_or_else(|e| panic!("{}/{f}: {e}", d.display()))
+        };
+        assert!(read(a) == read(b), "{f} differs ({why})");
+    }
+    assert_eq!(
+        metrics_without_timing(a),
+        metrics_without_timing(b),
+        "metrics differ ({why})"
+    );
 }
