@@ -8,14 +8,16 @@ Subcommands (the driver calls them in this order):
         Writes the data both sides train on: texts.txt (for `model init`'s BPE), sft.jsonl (the
         demonstrations without exact duplicates), groups.jsonl (ranked groups of K = 4 responses
         with four distinct ranks, from rankings.csv), pairs.jsonl (each group flattened to its
-        C(4,2) = 6 (prompt, chosen, rejected) pairs, prompt already templated) and prompts.jsonl
-        (the PPO prompts, templated).
+        C(4,2) = 6 (prompt, chosen, rejected) pairs, prompt already templated), comparisons.jsonl
+        (the same pairs with the raw prompt, for our `dpo` on flat comparisons) and prompts.jsonl
+        (the RL prompts, templated).
 
     bench_trl.py run --preset P --work WORK --init DIR --policy DIR --reward-model DIR [...]
-        SFTTrainer, RewardTrainer and RLOOTrainer on that data, from the same model folders as our
-        stages; prints one JSON line per measurement.
+        SFTTrainer, RewardTrainer, RLOOTrainer, GRPOTrainer and DPOTrainer on that data, from the
+        same model folders as our stages; prints one JSON line per measurement.
 
-    bench_trl.py ours --preset P --stage sft|reward|ppo --metrics RUN/metrics.jsonl [...]
+    bench_trl.py ours --preset P --stage S --metrics RUN/metrics.jsonl [...]
+        (S: sft, reward, rloo, grpo, dpo, dpo_pairs)
         Reads our stage's metrics.jsonl and prints its JSON line in the same form.
 
     bench_trl.py table RESULTS.jsonl
@@ -110,8 +112,14 @@ def prepare(a):
                               "rejected": g["responses"][worse]})
     write_jsonl(os.path.join(a.out, "groups.jsonl"), out_groups)
     write_jsonl(os.path.join(a.out, "pairs.jsonl"), pairs)
+    # The same pairs, in the same order, with the raw prompt: flat comparisons for our `dpo`
+    # (which applies the template itself), i.e. exactly the rows TRL's DPOTrainer trains on.
+    raw = [g["prompt"] for g in out_groups for _ in range(PAIRS_PER_GROUP)]
+    write_jsonl(os.path.join(a.out, "comparisons.jsonl"),
+                [{"prompt": r, "chosen": p["chosen"], "rejected": p["rejected"]}
+                 for r, p in zip(raw, pairs, strict=True)])
 
-    # PPO / RLOO prompts, templated as our `ppo` templates them (the SFT policy's template).
+    # RLOO / GRPO prompts, templated as our `ppo` templates them (the SFT policy's template).
     prompts = [{"prompt": tpl.replace("{prompt}", p["prompt"])}
                for p in read_jsonl(os.path.join(a.task, "prompts.jsonl"))]
     write_jsonl(os.path.join(a.out, "prompts.jsonl"), prompts)
@@ -130,6 +138,7 @@ def quiet():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # DPOTrainer's reference precompute bar
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -327,11 +336,12 @@ def run_reward(a, tok):
           **env_fields()})
 
 
-def run_rloo(a, tok):
+def run_rl(a, tok, kind):
+    """RLOOTrainer (kind "rloo") or GRPOTrainer ("grpo") on the RL prompts, our SFT policy and our
+    reward model; the episode shape and optimizer steps of our `ppo` run (see bench_stages.sh)."""
     import torch
     import transformers as tf
     from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
 
     prompts = read_jsonl(os.path.join(a.work, "prompts.jsonl"))
     policy = tf.AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32)
@@ -340,26 +350,46 @@ def run_rloo(a, tok):
     rm_tok = load_tokenizer(a.reward_model)
     tok.padding_side = "left"
     clock = StepClock()
-    # One generation round: generation_batch_size = per_device_train_batch_size (8) ×
-    # steps_per_generation (2) = 16 completions (8 prompts × num_generations 2), trained on in
-    # minibatches of 8 for num_iterations = 4 passes: 8 optimizer steps per round, as our PPO
-    # iteration (16 episodes, 4 epochs × 2 minibatches of 8).
-    steps_per_round = a.ppo_steps_per_generation * a.ppo_epochs
-    rounds = a.ppo_warmup + a.ppo_iters
-    args = RLOOConfig(**common_args(os.path.join(a.out, "rloo"), steps_per_round * rounds,
-                                    a.ppo_minibatch, a.ppo_lr, a.seed),
-                      lr_scheduler_type="constant", warmup_steps=0,
-                      steps_per_generation=a.ppo_steps_per_generation,
-                      num_generations=a.ppo_num_generations, num_iterations=a.ppo_epochs,
-                      max_completion_length=a.ppo_max_new_tokens, temperature=1.0, top_p=1.0,
-                      top_k=0, beta=a.ppo_beta, epsilon=0.2, disable_dropout=True,
-                      log_completions=False)
+    # One generation round: generation_batch_size = per_device_train_batch_size (the minibatch,
+    # 8) × steps_per_generation (2) = 16 completions (4 prompts × num_generations 4), trained on
+    # in minibatches of 8 for num_iterations = 4 passes: 8 optimizer steps per round, as our
+    # iteration (4 prompts × 4 samples, 4 epochs × 2 minibatches of 8).
+    episodes = a.rl_prompts * a.rl_samples
+    steps_per_generation = episodes // a.rl_minibatch
+    assert steps_per_generation * a.rl_minibatch == episodes, (episodes, a.rl_minibatch)
+    steps_per_round = steps_per_generation * a.rl_epochs
+    rounds = a.rl_warmup + a.rl_iters
+    common = dict(**common_args(os.path.join(a.out, kind), steps_per_round * rounds,
+                                a.rl_minibatch, a.rl_lr, a.seed),
+                  lr_scheduler_type="constant", warmup_steps=0,
+                  steps_per_generation=steps_per_generation, num_generations=a.rl_samples,
+                  num_iterations=a.rl_epochs, max_completion_length=a.rl_max_new_tokens,
+                  temperature=1.0, top_p=1.0, top_k=0, epsilon=0.2, disable_dropout=True,
+                  log_completions=False)
+    if kind == "rloo":
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+
+        # KL as RLOO does it: beta × the sequence's summed k1 KL subtracted from its reward;
+        # leave-one-out baseline, advantages not normalised (its default).
+        args = Config(**common, beta=a.rloo_beta, normalize_advantages=False)
+        extra = {"beta": a.rloo_beta, "normalize_advantages": False,
+                 "ratio": "per sequence (RLOO's)"}
+    else:
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+
+        # beta 0 (GRPO's default): no reference model is loaded or run. loss_type "bnpo": the
+        # per-token losses summed over the minibatch / its real tokens, i.e. our token-mean (TRL's
+        # default "dapo" divides by the generation batch's mean tokens per minibatch instead: the
+        # same work). scale_rewards "group" (its default): (R - group mean) / (group std + 1e-4).
+        args = Config(**common, beta=a.grpo_beta, loss_type="bnpo", scale_rewards="group")
+        extra = {"beta": a.grpo_beta, "loss_type": args.loss_type,
+                 "scale_rewards": str(args.scale_rewards)}
     episodes_per_round = args.generation_batch_size
-    assert episodes_per_round == a.ppo_episodes, (episodes_per_round, a.ppo_episodes)
+    assert episodes_per_round == episodes, (episodes_per_round, episodes)
 
     lengths = []  # mean completion length (EOS included, as ours counts) per generation round
 
-    class Counting(RLOOTrainer):
+    class Counting(Trainer):
         def _generate(self, prompts):
             out = super()._generate(prompts)
             lengths.append(sum(len(c) for c in out[1]) / max(1, len(out[1])))
@@ -376,18 +406,54 @@ def run_rloo(a, tok):
                        callbacks=[clock.callback])
     drop_printer(trainer)
     trainer.train()
-    first = a.ppo_warmup * steps_per_round + 1
+    first = a.rl_warmup * steps_per_round + 1
     total, only, units = clock.window(first, rounds * steps_per_round)
-    lengths = lengths[a.ppo_warmup:]  # the measured rounds
-    emit({"preset": a.preset, "stage": "ppo", "impl": "trl", "trainer": "RLOOTrainer",
+    lengths = lengths[a.rl_warmup:]  # the measured rounds
+    emit({"preset": a.preset, "stage": kind, "impl": "trl", "trainer": Trainer.__name__,
           "unit": "episodes", "per_s": round(units / total, 3),
-          "per_s_step_only": round(units / only, 3), "warmup_iterations": a.ppo_warmup,
-          "measured_iterations": a.ppo_iters, "seconds": round(total, 3), "units": units,
+          "per_s_step_only": round(units / only, 3), "warmup_iterations": a.rl_warmup,
+          "measured_iterations": a.rl_iters, "seconds": round(total, 3), "units": units,
           "episodes_per_iteration": episodes_per_round,
-          "prompts_x_generations": f"{episodes_per_round // a.ppo_num_generations}x{a.ppo_num_generations}",
+          "prompts_x_generations": f"{a.rl_prompts}x{a.rl_samples}",
           "optimizer_steps_per_iteration": steps_per_round,
-          "max_new_tokens": a.ppo_max_new_tokens, "beta": a.ppo_beta,
+          "max_new_tokens": a.rl_max_new_tokens, **extra,
+          "reference_model": trainer.ref_model is not None,
           "response_length_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
+          "attn": policy.config._attn_implementation, **env_fields()})
+
+
+def run_dpo(a, tok):
+    import torch
+    import transformers as tf
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = read_jsonl(os.path.join(a.work, "pairs.jsonl"))
+    policy = tf.AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32)
+    clock = StepClock()
+    steps = a.dpo_warmup + a.dpo_steps
+    batch = PAIRS_PER_GROUP * a.dpo_groups  # the same comparisons per optimizer step as ours
+    # precompute_ref_log_probs: the reference's log-probabilities of every pair computed once, in
+    # the trainer's constructor (before the timed steps), with the policy itself before training
+    # (no ref_model passed: the SFT folder is the reference), as our `dpo` computes them once
+    # before its first step. TRL's default (False) would run the reference forward in every step.
+    args = DPOConfig(**common_args(os.path.join(a.out, "dpo"), steps, batch, a.dpo_lr, a.seed),
+                     lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+                     warmup_steps=5, max_length=a.dpo_max_length, loss_type=["sigmoid"],
+                     beta=a.dpo_beta, label_smoothing=0.0, precompute_ref_log_probs=True,
+                     disable_dropout=True, dataset_num_proc=None)
+    trainer = train_counting(DPOTrainer, clock,
+                             lambda inputs: inputs["input_ids"].shape[0] // 2,  # chosen + rejected
+                             model=policy, args=args, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tok)
+    total, only, units = clock.window(a.dpo_warmup + 1, steps)
+    emit({"preset": a.preset, "stage": "dpo", "impl": "trl", "trainer": "DPOTrainer",
+          "unit": "comparisons", "per_s": round(units / total, 2),
+          "per_s_step_only": round(units / only, 2), "warmup_steps": a.dpo_warmup,
+          "measured_steps": a.dpo_steps, "seconds": round(total, 3), "units": units,
+          "pairs_per_step": batch, "rows_per_step": 2 * batch, "max_length": a.dpo_max_length,
+          "beta": a.dpo_beta, "loss_type": "sigmoid", "precompute_ref_log_probs": True,
+          "train_pairs": len(trainer.train_dataset),
           "attn": policy.config._attn_implementation, **env_fields()})
 
 
@@ -402,8 +468,11 @@ def run(a):
         run_sft(a, tok)
     if "reward" in stages:
         run_reward(a, load_tokenizer(a.init))
-    if "ppo" in stages:
-        run_rloo(a, load_tokenizer(a.policy))
+    for kind in ("rloo", "grpo"):
+        if kind in stages:
+            run_rl(a, load_tokenizer(a.policy), kind)
+    if "dpo" in stages:
+        run_dpo(a, load_tokenizer(a.policy))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,11 +489,17 @@ def ours(a):
         rec.update(unit="tokens", per_s=round(last["tokens_per_s"], 1), warmup_steps=a.warmup,
                    measured_steps=a.steps)
     else:
-        key, unit, per_step = {
-            # Every group has K = 4 responses (one forward row each) and 6 comparisons.
-            "reward": ("responses_per_s", "comparisons", a.per_step),
-            "ppo": ("episodes_per_s", "episodes", a.per_step),
+        key, unit = {
+            "reward": ("responses_per_s", "comparisons"),
+            "dpo": ("responses_per_s", "comparisons"),
+            "dpo_pairs": ("responses_per_s", "comparisons"),
+            "rloo": ("episodes_per_s", "episodes"),
+            "grpo": ("episodes_per_s", "episodes"),
         }[a.stage]
+        per_step = a.per_step
+        rl = unit == "episodes"
+        if not rl and not a.pairs_per_step:  # K = 4 groups: 6 comparisons per 4 rows
+            a.pairs_per_step = per_step * PAIRS_PER_GROUP // K
         by_step = {l["step"]: l[key] for l in lines if key in l}
         steps = range(a.warmup + 1, a.warmup + a.steps + 1)
         missing = [s for s in steps if s not in by_step]
@@ -433,20 +508,26 @@ def ours(a):
         # units / Σ(units / rate_i), the harmonic mean of the per-step rates.
         seconds = sum(per_step / by_step[s] for s in steps)
         units = per_step * len(steps)
-        scale = PAIRS_PER_GROUP / K if a.stage == "reward" else 1.0
-        rec.update(unit=unit, per_s=round(scale * units / seconds, 3 if a.stage == "ppo" else 2),
+        # Reward / DPO count forward rows (responses): a K = 4 group has 4 rows and 6 comparisons,
+        # a flat comparison 2 rows and 1 comparison (--pairs-per-step / --per-step).
+        scale = 1.0 if rl else a.pairs_per_step / per_step
+        rec.update(unit=unit, per_s=round(scale * units / seconds, 3 if rl else 2),
                    seconds=round(seconds, 3), units=round(scale * units))
-        if a.stage == "reward":
+        if not rl:
             rec.update(warmup_steps=a.warmup, measured_steps=a.steps,
-                       responses_per_s=round(units / seconds, 2), rows_per_step=per_step)
+                       responses_per_s=round(units / seconds, 2), rows_per_step=per_step,
+                       pairs_per_step=a.pairs_per_step)
         else:
-            rec.update(warmup_iterations=a.warmup, measured_iterations=a.steps)
+            rec.update(warmup_iterations=a.warmup, measured_iterations=a.steps,
+                       episodes_per_iteration=per_step)
+            window = [l for l in lines if a.warmup < l["step"] <= a.warmup + a.steps]
             keys = ("time_generate_s", "time_score_s", "time_forward_s", "time_train_s")
             for k in keys:
-                rec[k] = round(sum(l.get(k, 0.0) for l in lines if a.warmup < l["step"] <= a.warmup + a.steps), 3)
+                rec[k] = round(sum(l.get(k, 0.0) for l in window), 3)
             rec["response_length_mean"] = round(
-                sum(l["response_length_mean"] for l in lines if a.warmup < l["step"]) /
-                max(1, sum(1 for l in lines if a.warmup < l["step"])), 2)
+                sum(l["response_length_mean"] for l in window) / max(1, len(window)), 2)
+            # Critic-free: no value loss may appear (a critic would mean a different workload).
+            rec["critic"] = any("value_loss" in l for l in window)
     emit(rec)
 
 
@@ -454,8 +535,12 @@ def ours(a):
 # table
 
 
-TARGETS = {"sft": 1.5, "reward": 2.0, "ppo": 2.0}
-VERSUS = {"sft": "sft vs SFTTrainer", "reward": "reward vs RewardTrainer", "ppo": "ppo vs RLOOTrainer"}
+TARGETS = {"sft": 1.5, "reward": 2.0, "rloo": 2.0, "grpo": 2.0, "dpo": 2.0, "dpo_pairs": 2.0}
+VERSUS = {"sft": "sft vs SFTTrainer", "reward": "reward vs RewardTrainer",
+          "rloo": "rloo vs RLOOTrainer", "grpo": "grpo vs GRPOTrainer",
+          "dpo": "dpo vs DPOTrainer", "dpo_pairs": "dpo(pairs) vs DPOTrainer"}
+# The TRL measurement a stage of ours is compared with (dpo_pairs: our dpo on TRL's flat pairs).
+TRL_STAGE = {"dpo_pairs": "dpo"}
 
 
 def table(a):
@@ -467,20 +552,21 @@ def table(a):
         by.setdefault((r["preset"], r["stage"], r["impl"]), []).append(r["per_s"])
     presets = list(dict.fromkeys(r["preset"] for r in recs))
     rounds = max((len(v) for v in by.values()), default=1)
-    head = f"{'preset':<7} {'stage':<24} {'unit/s':<14} {'ours':>10} {'TRL':>10} {'ours/TRL':>9} {'target':>7}  met"
+    width = max(len(v) for v in VERSUS.values())
+    head = f"{'preset':<7} {'stage':<{width}} {'unit/s':<14} {'ours':>10} {'TRL':>10} {'ours/TRL':>9} {'target':>7}  met"
     if rounds > 1:
         head += f"   range over {rounds} rounds: ours / TRL"
     print(head)
     print("-" * len(head))
     units = {(r["preset"], r["stage"]): r["unit"] for r in recs}
     for p in presets:
-        for s in ("sft", "reward", "ppo"):
-            o, t = by.get((p, s, "ours")), by.get((p, s, "trl"))
+        for s in TARGETS:
+            o, t = by.get((p, s, "ours")), by.get((p, TRL_STAGE.get(s, s), "trl"))
             if not o or not t:
                 continue
             ratio = max(o) / max(t)
             met = "yes" if ratio >= TARGETS[s] else "no"
-            line = (f"{p:<7} {VERSUS[s]:<24} {units[(p, s)] + '/s':<14} {max(o):>10.2f} {max(t):>10.2f} "
+            line = (f"{p:<7} {VERSUS[s]:<{width}} {units[(p, s)] + '/s':<14} {max(o):>10.2f} {max(t):>10.2f} "
                     f"{ratio:>8.2f}x {'>=' + str(TARGETS[s]) + 'x':>7}  {met}")
             if rounds > 1:
                 line += f"   {min(o):.2f}-{max(o):.2f} / {min(t):.2f}-{max(t):.2f}"
@@ -504,9 +590,9 @@ def main():
     q.add_argument("--work", required=True, help="the prepare folder")
     q.add_argument("--out", required=True, help="TRL's output_dir parent (nothing is saved there)")
     q.add_argument("--init", required=True, help="the `model init` folder (SFT and reward start)")
-    q.add_argument("--policy", help="the PPO/RLOO policy folder (our SFT output)")
+    q.add_argument("--policy", help="the RLOO/GRPO/DPO policy folder (our SFT output)")
     q.add_argument("--reward-model", help="our reward stage's output folder")
-    q.add_argument("--stages", default="sft,reward,ppo")
+    q.add_argument("--stages", default="sft,reward,rloo,grpo,dpo")
     q.add_argument("--matmul", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: fp32 weights, matrix products on bf16 operands (oneDNN)")
     q.add_argument("--template", default="Human: {prompt}\n\nAssistant:")
@@ -521,23 +607,32 @@ def main():
     q.add_argument("--rm-groups", type=int, default=8)
     q.add_argument("--rm-max-length", type=int, default=128)
     q.add_argument("--rm-lr", type=float, default=1e-3)
-    q.add_argument("--ppo-warmup", type=int, required=True)
-    q.add_argument("--ppo-iters", type=int, required=True)
-    q.add_argument("--ppo-episodes", type=int, default=16)
-    q.add_argument("--ppo-num-generations", type=int, default=2)
-    q.add_argument("--ppo-minibatch", type=int, default=8)
-    q.add_argument("--ppo-epochs", type=int, default=4)
-    q.add_argument("--ppo-max-new-tokens", type=int, default=24)
-    q.add_argument("--ppo-beta", type=float, default=0.3)
-    q.add_argument("--ppo-lr", type=float, default=3e-5)
+    q.add_argument("--rl-warmup", type=int, required=True, help="RLOO/GRPO warm-up generation rounds")
+    q.add_argument("--rl-iters", type=int, required=True, help="RLOO/GRPO measured generation rounds")
+    q.add_argument("--rl-prompts", type=int, default=4, help="prompts per generation round")
+    q.add_argument("--rl-samples", type=int, default=4, help="num_generations (completions per prompt)")
+    q.add_argument("--rl-minibatch", type=int, default=8, help="per_device_train_batch_size")
+    q.add_argument("--rl-epochs", type=int, default=4, help="num_iterations (passes per round)")
+    q.add_argument("--rl-max-new-tokens", type=int, default=24)
+    q.add_argument("--rl-lr", type=float, default=3e-5)
+    q.add_argument("--rloo-beta", type=float, default=0.3)
+    q.add_argument("--grpo-beta", type=float, default=0.0)
+    q.add_argument("--dpo-warmup", type=int, required=True)
+    q.add_argument("--dpo-steps", type=int, required=True)
+    q.add_argument("--dpo-groups", type=int, default=8, help="our groups per step; TRL gets 6x pairs")
+    q.add_argument("--dpo-max-length", type=int, default=128)
+    q.add_argument("--dpo-beta", type=float, default=0.1)
+    q.add_argument("--dpo-lr", type=float, default=1e-4)
 
     q = sub.add_parser("ours")
     q.add_argument("--preset", required=True)
-    q.add_argument("--stage", choices=["sft", "reward", "ppo"], required=True)
+    q.add_argument("--stage", choices=list(TARGETS), required=True)
     q.add_argument("--metrics", required=True)
     q.add_argument("--warmup", type=int, required=True)
     q.add_argument("--steps", type=int, required=True)
-    q.add_argument("--per-step", type=int, default=0, help="units every step (reward: rows, ppo: episodes)")
+    q.add_argument("--per-step", type=int, default=0,
+                   help="units every step (reward/dpo: forward rows, rloo/grpo: episodes)")
+    q.add_argument("--pairs-per-step", type=int, default=0, help="reward/dpo: comparisons every step (default: per-step x 6/4, K = 4 groups)")
 
     q = sub.add_parser("table")
     q.add_argument("results")
@@ -547,8 +642,6 @@ def main():
         if a.matmul == "bf16":
             import torch
             torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        a.ppo_steps_per_generation = a.ppo_episodes // a.ppo_minibatch
-        assert a.ppo_steps_per_generation * a.ppo_minibatch == a.ppo_episodes
     {"prepare": prepare, "run": run, "ours": ours, "table": table}[a.cmd](a)
 
 

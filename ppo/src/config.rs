@@ -346,6 +346,15 @@ impl Default for MonitorSection {
     }
 }
 
+impl PpoConfig {
+    /// Whether anything reads the KL from the reference: the penalty (β > 0 or adaptive) or the
+    /// monitor (its KL limit, and `kl_per_response` in the metrics). Otherwise (GRPO's usual β = 0
+    /// with the monitor off) the reference is neither loaded nor run.
+    pub fn measures_kl(&self) -> bool {
+        self.kl.coef > 0.0 || self.kl.adaptive || self.monitor.enabled
+    }
+}
+
 impl trainer::StageConfig for PpoConfig {
     fn check(&self, c: &mut Check) {
         let (r, p) = (&self.rollout, &self.ppo);

@@ -77,7 +77,8 @@ fn kl_controller(k: &KlSection) -> KlController {
 struct Models {
     policy: CausalLm,
     critic: Option<CausalLm>,
-    reference: CausalLm,
+    /// None when nothing reads the KL ([`PpoConfig::measures_kl`]).
+    reference: Option<CausalLm>,
     tokenizer: Tokenizer,
     scorer: Scorer,
     /// The held-out reward model of the monitor, if any.
@@ -94,24 +95,27 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
             .with_context(|| format!("model.policy = {}", policy_dir.display()))
     };
     let (policy, tokenizer, policy_meta) = load_policy(&train)?;
-    let (reference, reference_tok, _) = match &cfg.model.reference {
-        Some(r) => model::checkpoint::load_with_tokenizer(r, Some(Heads::LM), None, &frozen)
-            .with_context(|| format!("model.reference = {}", r.display()))?,
-        None => model::checkpoint::load_with_tokenizer(
-            &cfg.model.policy,
-            Some(Heads::LM),
-            None,
-            &frozen,
-        )
-        .with_context(|| format!("model.policy = {}", cfg.model.policy.display()))?,
+    let reference = if cfg.measures_kl() {
+        let dir = cfg.model.reference.as_ref().unwrap_or(&cfg.model.policy);
+        let key = if cfg.model.reference.is_some() {
+            "model.reference"
+        } else {
+            "model.policy"
+        };
+        let (reference, reference_tok, _) =
+            model::checkpoint::load_with_tokenizer(dir, Some(Heads::LM), None, &frozen)
+                .with_context(|| format!("{key} = {}", dir.display()))?;
+        if !tokenizer.same_ids(&reference_tok) {
+            bail!(
+                "model.reference's tokenizer differs from the policy's ({} vs {} tokens); the KL is per token, so the reference must be the model the policy was trained from",
+                reference_tok.vocab_size(),
+                tokenizer.vocab_size()
+            );
+        }
+        Some(reference.with_dropout(0.0))
+    } else {
+        None
     };
-    if !tokenizer.same_ids(&reference_tok) {
-        bail!(
-            "model.reference's tokenizer differs from the policy's ({} vs {} tokens); the KL is per token, so the reference must be the model the policy was trained from",
-            reference_tok.vocab_size(),
-            tokenizer.vocab_size()
-        );
-    }
     let scorer = match (&cfg.reward.rule, &cfg.model.reward_model) {
         (Some(rule), _) => Scorer::Rule(
             datasets::gold::parse_rule(rule)
@@ -165,7 +169,7 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
     Ok(Models {
         policy: policy.with_dropout(0.0),
         critic,
-        reference: reference.with_dropout(0.0),
+        reference,
         tokenizer,
         scorer,
         monitor,
@@ -438,7 +442,12 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let forwards = || {
             model::device::join(
                 || logprobs(&policy_frozen),
-                || model::device::join(|| logprobs(&reference), values),
+                || {
+                    model::device::join(
+                        || reference.as_ref().map(|r| logprobs(r)).transpose(),
+                        values,
+                    )
+                },
             )
         };
         let ((scores, t_score), (old_logprobs, (reference_logprobs, old_values))) =
@@ -554,6 +563,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             .map(|r| batch.kl[r * n..(r + 1) * n].iter().sum::<f32>())
             .collect();
         let (kl_mean, _) = mean_std(&kl_per_response);
+        let measured_kl = batch.reference_logprobs.is_some();
         kl_ctl.update(kl_mean, b);
         let (score_mean, score_std) = mean_std(&batch.scores);
         // The monitor: the held-out model's mean score, else (an ensemble) minus the members'
@@ -565,7 +575,9 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         };
         let watch = signal.map(|h| (h, monitor.record(it, score_mean, h)));
         let was_within = monitor.kl.is_empty() || monitor.smoothed_kl() <= cfg.monitor.max_kl;
-        monitor.record_kl(kl_mean);
+        if measured_kl {
+            monitor.record_kl(kl_mean);
+        }
         if watch.is_some()
             && cfg.monitor.max_kl > 0.0
             && was_within
@@ -602,7 +614,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             first_score = score_mean;
         }
         last_score = score_mean;
-        last_kl = kl_mean;
+        last_kl = if measured_kl { kl_mean } else { f64::NAN };
         let lengths: Vec<f32> = roll.lengths.iter().map(|&l| l as f32).collect();
         let (len_mean, len_std) = mean_std(&lengths);
         let eos_rate = roll.has_eos.iter().filter(|&&e| e).count() as f64 / b as f64;
@@ -617,7 +629,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             gold_mean,
             heldout_score_mean: watch.as_ref().map(|w| w.0),
             overoptimization_warning: watch.as_ref().map(|w| w.1.warning),
-            kl_per_response: kl_mean,
+            kl_per_response: measured_kl.then_some(kl_mean),
             kl_coef: beta,
             explained_variance: batch
                 .values
@@ -711,7 +723,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     Ok(summary)
 }
 
-/// Steps 4–5 on the host: the per-token KL and rewards (−β·KL in the reward, or none there when
+/// Steps 4–5 on the host: the per-token KL (0 without a reference) and rewards (−β·KL in the reward, or none there when
 /// the KL is a loss term; optionally whitened), then the advantages of `cfg.advantage.estimator`
 /// (GAE's with its returns, or a critic-free estimator's). Fills `batch`'s `kl`, `rewards`,
 /// `advantages`, `returns` and `uniform_groups`. mask: [b, n].
@@ -724,12 +736,10 @@ fn advantages(
     beta: f64,
 ) -> Batch {
     let ppo = &cfg.ppo;
-    batch.kl = core::kl_per_token(
-        &batch.old_logprobs,
-        &batch.reference_logprobs,
-        mask,
-        cfg.kl.estimator,
-    );
+    batch.kl = match &batch.reference_logprobs {
+        Some(r) => core::kl_per_token(&batch.old_logprobs, r, mask, cfg.kl.estimator),
+        None => vec![0.0; mask.len()],
+    };
     let reward_kl_coef = if cfg.kl.in_reward { beta } else { 0.0 };
     batch.rewards = core::per_token_rewards(&batch.kl, &batch.scores, mask, b, n, reward_kl_coef);
     if cfg.reward.whiten_rewards {

@@ -14,12 +14,16 @@ fn main() {
         args.load::<ppo::PpoConfig>()
             .and_then(|(cfg, used)| ppo::run(&cfg, &used, args.resume.as_deref()))
     }));
+    let kl = if s.last_kl.is_nan() {
+        "not measured (β = 0, no monitor)".to_string()
+    } else {
+        format!("{:.4}", s.last_kl)
+    };
     println!(
-        "done: {} iterations, score {:.4} → {:.4}, KL {:.4}; policy in {}",
+        "done: {} iterations, score {:.4} → {:.4}, KL {kl}; policy in {}",
         s.iterations,
         s.first_score_mean,
         s.last_score_mean,
-        s.last_kl,
         s.final_dir.display()
     );
 }

@@ -19,7 +19,8 @@ use trainer::Run;
 pub struct Batch {
     /// The policy's log-probabilities of the sampled tokens when they were sampled.
     pub old_logprobs: Vec<f32>,
-    pub reference_logprobs: Vec<f32>,
+    /// None when nothing reads the KL (β = 0, not adaptive, no monitor): no reference forward.
+    pub reference_logprobs: Option<Vec<f32>>,
     /// The critic's values before each token (none without a critic).
     pub values: Option<Vec<f32>>,
     /// The per-token KL estimate to the reference.
@@ -126,10 +127,13 @@ pub fn policy_step(
         let bonus = core::aggregate(per_token_entropy, mask.clone(), agg, max_len);
         total = total - bonus.mul_scalar(ppo.entropy_coef);
     }
-    if !cfg.kl.in_reward {
+    if !cfg.kl.in_reward
+        && x.beta > 0.0
+        && let Some(reference) = &batch.reference_logprobs
+    {
         let kl = core::kl_loss(
             logprobs,
-            float_tensor(&mb.pick(&batch.reference_logprobs), m, n, device),
+            float_tensor(&mb.pick(reference), m, n, device),
             mask,
             cfg.kl.estimator,
             agg,
@@ -277,7 +281,9 @@ pub struct IterationRecord {
     pub heldout_score_mean: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub overoptimization_warning: Option<bool>,
-    pub kl_per_response: f64,
+    /// The KL from the reference per response (absent when it is not measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl_per_response: Option<f64>,
     pub kl_coef: f64,
     pub entropy: f64,
     pub policy_loss: f64,

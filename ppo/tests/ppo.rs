@@ -567,6 +567,27 @@ fn critic_free_estimators_raise_the_rule_reward_without_a_critic() {
     }
 }
 
+/// GRPO's usual β = 0 with the monitor off: nothing reads the KL, so the reference is neither
+/// loaded nor run, and no KL is logged (rather than a made-up 0).
+#[test]
+fn the_reference_is_skipped_when_nothing_reads_the_kl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nokl");
+    let sets = critic_free_run(
+        &out,
+        "grpo",
+        3,
+        &["kl.coef=0", "kl.adaptive=false", "monitor.enabled=false"],
+    );
+    let (ok, stdout, err) = ppo(&sets, &[]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("KL not measured"), "{stdout}");
+    for l in metrics(&out) {
+        assert!(l.get("kl_per_response").is_none(), "{l}");
+        assert_eq!(l["kl_coef"].as_f64(), Some(0.0));
+    }
+}
+
 /// Exact resume holds for every critic-free estimator too: kill -9 after the first checkpoint,
 /// resume, and the policy and metrics equal the uninterrupted run's bit for bit.
 #[test]
