@@ -207,3 +207,113 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
         assert!(!out.exists(), "{sets:?} left {}", out.display());
     }
 }
+
+/// The sources `reward` reads, through the same readers: a `labeling import` folder (its K-way
+/// groups, and its pairs), and the real public data in ../shared/data (OpenAssistant ranked
+/// groups listwise, HH-RLHF pairs) from a tiny model with a BPE trained on a slice of them; the
+/// held-out accuracy and its interval are printed, whatever they are.
+#[test]
+fn every_preference_source_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let labels = tmp.path().join("labels");
+    e2e::run(
+        "labeling",
+        &[
+            "import",
+            "datasets/demo/task/rankings.csv",
+            "--out",
+            labels.to_str().unwrap(),
+        ],
+    );
+    let mut sources = vec![
+        ("import-groups", labels.clone(), "import", "sigmoid", "true"),
+        ("import-pairs", labels.clone(), "import", "sigmoid", "false"),
+    ];
+    let shared = root().join("../shared/data/preference");
+    let (oasst, hh) = (
+        shared.join("oasst_en_100_tree.jsonl"),
+        shared.join("hh-rlhf_harmless-base_test.jsonl.gz"),
+    );
+    let real = oasst.exists() && hh.exists();
+    if real {
+        sources.push(("oasst", oasst.clone(), "oasst", "listwise", "true"));
+        sources.push(("hh", hh, "hh_rlhf", "sigmoid", "true"));
+    } else {
+        eprintln!("skipped the real data: ../shared/data is absent");
+    }
+    for (name, path, kind, loss, groups) in sources {
+        let policy = if name.starts_with("import") {
+            sft_policy().to_path_buf()
+        } else {
+            let texts = tmp.path().join("texts.txt");
+            let mut t = std::fs::read_to_string(&oasst).unwrap();
+            t.truncate(t.floor_char_boundary(300_000));
+            std::fs::write(&texts, t).unwrap();
+            let dir = tmp.path().join("base");
+            if !dir.exists() {
+                e2e::run(
+                    "model",
+                    &[
+                        "init",
+                        "--preset",
+                        "tiny",
+                        "--vocab-size",
+                        "512",
+                        "--texts",
+                        texts.to_str().unwrap(),
+                        "--out",
+                        dir.to_str().unwrap(),
+                    ],
+                );
+            }
+            dir
+        };
+        let out = tmp.path().join(name);
+        let sets = [
+            format!("model.policy={}", policy.display()),
+            format!("data.path={}", path.display()),
+            format!("data.kind=\"{kind}\""),
+            format!("data.use_groups={groups}"),
+            format!("loss.kind=\"{loss}\""),
+            format!("out={}", out.display()),
+            "data.max_length=256".into(),
+            "data.max_groups=400".into(),
+            "train.max_steps=20".into(),
+            "train.eval_every=0".into(),
+            "train.save_every=0".into(),
+        ];
+        let mut a: Vec<String> = vec!["--config".into(), "configs/dpo.toml".into()];
+        for s in &sets {
+            a.push("--set".into());
+            a.push(s.clone());
+        }
+        let (ok, stdout, err) = run(&a);
+        assert!(ok, "{name}: {err}");
+        let summary: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                .unwrap();
+        let v = &summary["validation"]["pairwise"];
+        let (acc, lo, hi) = (
+            v["accuracy"].as_f64().unwrap(),
+            v["low"].as_f64().unwrap(),
+            v["high"].as_f64().unwrap(),
+        );
+        println!(
+            "{name}: validation accuracy {acc:.3} [{lo:.3}, {hi:.3}] on {} pairs\n{stdout}",
+            v["total"]
+        );
+        assert!(v["total"].as_u64().unwrap() > 10, "{name}: {v}");
+        assert!(lo <= acc && acc <= hi && acc.is_finite());
+        if name == "import-pairs" {
+            assert_eq!(
+                summary["validation"]["by_k"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .collect::<Vec<_>>(),
+                ["2"],
+                "pairs are K = 2 groups"
+            );
+        }
+    }
+}
