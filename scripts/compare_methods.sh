@@ -6,7 +6,10 @@
 #   ppo (gae, a critic), grpo, rloo, reinforce_pp (critic-free; the KL in the reward as ppo's),
 #   dpo (sigmoid) and dpo listwise (Plackett-Luce on the K-way groups; the shipped dpo.toml),
 #   best-of-N of the SFT policy (evaluate --best-of-n N: the reward model picks 1 of N samples),
-#   FeedME (reward best-of-n on the PPO prompts, then sft from the SFT policy on the chosen ones).
+#   FeedME (reward best-of-n on the PPO prompts, then sft from the SFT policy on the chosen ones:
+#   2 epochs at lr 3e-4, a tenth of sft.toml's from-scratch rate).
+# best-of-N's KL is the analytic bound log N - (N-1)/N, its gold difference a plain difference of
+# rates (no paired interval: its samples are not the SFT row's).
 # Each policy is evaluated against the SFT policy on held-out prompts with the family's gold rule
 # (which no stage sees): gold rate with its 95% interval, the difference from SFT, KL from SFT.
 # One JSON line per (family, method) in $OUT_DIR/methods.jsonl, a table at the end.
@@ -86,7 +89,8 @@ for family in $families; do
           --reward-model "$o/rm/final" --prompts "$o/task/prompts.jsonl" --n "$n" \
           --seed "$seed" --max-new-tokens 24 --out "$o/feedme-demos/demos.jsonl"
         once "$o/feedme" $bin/sft --config configs/sft.toml --out "$o/feedme" --seed "$seed" \
-          --set model.base="$o/sft/final" --set data.path="$o/feedme-demos/demos.jsonl" ;;
+          --set model.base="$o/sft/final" --set data.path="$o/feedme-demos/demos.jsonl" \
+          --set train.max_steps=0 --set train.epochs=2 --set train.lr=3e-4 ;;
       *) echo "unknown method $m"; exit 1 ;;
     esac
     if [ "$m" = best_of_n ]; then
@@ -102,8 +106,10 @@ for family in $families; do
        {family: $family, method: $method, gold_rule: $gold, seconds: $secs,
         sft_gold: $e[0].baseline.gold.rate,
         gold: (row.gold.rate), gold_low: (row.gold.low), gold_high: (row.gold.high),
-        diff: (if $method == "best_of_n" then row.gold_difference else $e[0].difference.gold end),
-        kl: (if $method == "best_of_n" then row.kl_estimate else $e[0].policy.kl.mean end),
+        diff: (if $method == "best_of_n"
+               then {mean: (row.gold.rate - $e[0].baseline.gold.rate), low: null, high: null}
+               else $e[0].difference.gold end),
+        kl: (if $method == "best_of_n" then row.kl_analytic else $e[0].policy.kl.mean end),
         reward: (row.reward.mean)}' >>"$root/methods.jsonl"
   done
 done

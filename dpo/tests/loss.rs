@@ -165,7 +165,7 @@ fn listwise_plackett_luce_dpo_matches_pytorch() {
         rows: vec![vec![1]; 5],
         pairs: vec![plan().pairs[3]],
         lists: vec![plan().lists[2].clone()],
-        groups: vec![3..5],
+        groups: std::iter::once(3..5).collect(),
     };
     let (l, s) = (
         scalar(batch_loss(

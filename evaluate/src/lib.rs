@@ -5,7 +5,9 @@
 //! that is not a real gain shows), the KL from a reference, response length, EOS rate and
 //! perplexity on demonstrations, and the correlation of reward with response length; plus plots
 //! of the evaluation itself (reward distributions, reward and gold against length), always, and
-//! of the training runs given with `--runs`.
+//! of the training runs given with `--runs`. With `--best-of-n N`, also the baseline's best-of-N
+//! (the best of N samples by the reward model, `reward::best_of_n`): the reward that the proxy
+//! buys without training, at the analytic KL log N − (N−1)/N, beside what the policy bought.
 //!
 //! Everything is read and checked before anything is computed, and written into a temporary
 //! folder that replaces `--out` at the end: a bad input leaves nothing behind.
@@ -18,7 +20,7 @@ pub mod stats;
 
 use anyhow::{Context, Result, bail};
 use models::{Lm, Response};
-use report::{Differences, Metrics, ModelMetrics, ModelRun, Settings};
+use report::{BestOfNMetrics, Candidates, Differences, Metrics, ModelMetrics, ModelRun, Settings};
 use stats::LEVEL;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,7 +30,8 @@ use std::path::{Path, PathBuf};
 #[command(
     name = "evaluate",
     version,
-    about = "Compare aligned checkpoints: reward, win rate, gold reward, KL and perplexity with 95% intervals; a report and plots"
+    about = "Compare aligned checkpoints: reward, win rate, gold reward, KL and perplexity with 95% intervals; a report and plots",
+    allow_negative_numbers = true
 )]
 pub struct Options {
     /// The policy to evaluate (a causal-LM folder, e.g. ppo's final/).
@@ -56,6 +59,12 @@ pub struct Options {
     /// Responses sampled per prompt and model.
     #[arg(long, default_value_t = 1)]
     pub samples_per_prompt: usize,
+    /// Also report the baseline's best-of-N: for each prompt and sample, N responses of the
+    /// baseline, the one the reward model scores highest kept (a finished one over one cut at
+    /// --max-new-tokens), with its KL log N − (N−1)/N from the baseline (analytic, an upper
+    /// bound). Needs --baseline.
+    #[arg(long, value_name = "N")]
+    pub best_of_n: Option<usize>,
     /// Demonstrations (`prompt`, `response`) to measure each model's perplexity on.
     #[arg(long)]
     pub demonstrations: Option<PathBuf>,
@@ -95,25 +104,40 @@ pub struct Options {
 }
 
 impl Options {
-    fn check(&self) -> Result<()> {
-        let mut errs = Vec::new();
-        if self.samples_per_prompt == 0 {
-            errs.push("--samples-per-prompt must be at least 1");
+    fn sampling(&self) -> models::Sampling {
+        models::Sampling {
+            samples_per_prompt: self.samples_per_prompt,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            batch_size: self.batch_size,
         }
-        if self.max_new_tokens == 0 {
-            errs.push("--max-new-tokens must be at least 1");
+    }
+
+    fn check(&self) -> Result<()> {
+        let mut errs = self.sampling().problems();
+        let mut err = |e: &str| errs.push(e.to_string());
+        if self.samples_per_prompt == 0 {
+            err("--samples-per-prompt must be at least 1");
         }
         if self.batch_size == 0 {
-            errs.push("--batch-size must be at least 1");
+            err("--batch-size must be at least 1");
         }
         if self.max_prompts == Some(0) {
-            errs.push("--max-prompts must be at least 1");
+            err("--max-prompts must be at least 1");
         }
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            errs.push("--temperature must be ≥ 0 (0 is greedy)");
+        if self.best_of_n == Some(0) {
+            err("--best-of-n must be at least 1");
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            errs.push("--top-p must be in (0, 1]");
+        if self.best_of_n.is_some_and(|n| n > 1) && self.temperature == 0.0 {
+            err(
+                "--best-of-n needs --temperature > 0 (greedy decoding samples one response N times)",
+            );
+        }
+        if self.best_of_n.is_some() && self.baseline.is_none() {
+            err("--best-of-n needs --baseline (the model whose best-of-N it reports)");
         }
         if !errs.is_empty() {
             bail!("{}", errs.join("; "));
@@ -142,6 +166,7 @@ impl Evaluated {
             rewards: &self.rewards,
             gold: self.gold.as_deref(),
             kl: self.kl.as_deref(),
+            candidates: None,
         }
     }
 
@@ -184,6 +209,64 @@ impl Evaluated {
             lengths,
             heldout: self.heldout.as_deref(),
             gold: self.gold.as_deref(),
+        }
+    }
+}
+
+/// The gold rule's score of each response; a rule that cannot score one (its prompt's answer is
+/// missing or not of the rule's kind) is an error naming the prompts file and line.
+fn gold_scores(
+    rule: &datasets::CompiledRule,
+    prompts: &[data::EvalPrompt],
+    responses: &[Response],
+    path: &Path,
+) -> Result<Vec<f64>> {
+    responses
+        .iter()
+        .map(|r| {
+            let p = &prompts[r.prompt];
+            rule.score(&r.text, p.answer.as_deref())
+                .map(f64::from)
+                .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), p.line))
+        })
+        .collect()
+}
+
+/// The baseline's best-of-N (`--best-of-n`): the chosen responses evaluated as a model's, and
+/// the candidates they were chosen from (N per response, in order).
+struct Best {
+    n: usize,
+    model: Evaluated,
+    candidate_rewards: Vec<f64>,
+    candidate_eos: Vec<bool>,
+}
+
+impl Best {
+    /// Best-of-`n` of `baseline` as [`models::best_of_n`] chose it, with the held-out and gold
+    /// scores of the chosen; the analytic KL stands in the KL's note.
+    fn new(
+        n: usize,
+        baseline: &Lm,
+        bon: models::BestOfN,
+        heldout: Option<Vec<f64>>,
+        gold: Option<Vec<f64>>,
+    ) -> Self {
+        let kl = reward::best_of_n::kl_bound(n);
+        Self {
+            n,
+            model: Evaluated {
+                lm_dir: baseline.dir.clone(),
+                template: baseline.template.as_str().to_string(),
+                responses: bon.chosen,
+                rewards: bon.rewards,
+                heldout,
+                gold,
+                kl: None,
+                kl_note: Some(format!("≤ {kl:.3} (log N − (N−1)/N)")),
+                perplexity: None,
+            },
+            candidate_rewards: bon.candidate_rewards,
+            candidate_eos: bon.candidate_eos,
         }
     }
 }
@@ -279,46 +362,29 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         }
         r => r,
     };
-    let sampling = models::Sampling {
-        samples_per_prompt: opts.samples_per_prompt,
-        max_new_tokens: opts.max_new_tokens,
-        temperature: opts.temperature,
-        top_k: opts.top_k,
-        top_p: opts.top_p,
-        seed: opts.seed,
-        batch_size: opts.batch_size,
-    };
-    let policy_prompts = policy.encode_prompts(&prompts, opts.max_new_tokens, &opts.prompts)?;
-    let baseline_prompts = match &baseline {
-        Some(b) => Some(b.encode_prompts(&prompts, opts.max_new_tokens, &opts.prompts)?),
-        None => None,
-    };
+    let sampling = opts.sampling();
+    let encode = |lm: &Lm| models::encode_prompts(lm, &prompts, opts.max_new_tokens, &opts.prompts);
+    let policy_prompts = encode(&policy)?;
+    let baseline_prompts = baseline.as_ref().map(encode).transpose()?;
 
     let n = prompts.len() * opts.samples_per_prompt;
+    // The held-out reward model's and the gold rule's scores of responses.
+    let judge = |responses: &[Response]| {
+        let heldout = match &heldout {
+            Some(h) => Some(models::score(h, &prompts, responses)?),
+            None => None,
+        };
+        let gold = match &gold {
+            Some(rule) => Some(gold_scores(rule, &prompts, responses, &opts.prompts)?),
+            None => None,
+        };
+        anyhow::Ok((heldout, gold))
+    };
     let evaluate = |lm: &Lm, encoded: &[Vec<u32>], name: &str, log: &mut dyn Write| {
         let t0 = std::time::Instant::now();
         let responses = models::sample(lm, encoded, &sampling)?;
         let rewards = models::score(&scorer, &prompts, &responses)?;
-        let heldout = match &heldout {
-            Some(h) => Some(models::score(h, &prompts, &responses)?),
-            None => None,
-        };
-        let gold = match &gold {
-            Some(rule) => Some(
-                responses
-                    .iter()
-                    .map(|r| {
-                        let p = &prompts[r.prompt];
-                        rule.score(&r.text, p.answer.as_deref())
-                            .map(f64::from)
-                            .map_err(|e| {
-                                anyhow::anyhow!("{} line {}: {e}", opts.prompts.display(), p.line)
-                            })
-                    })
-                    .collect::<Result<Vec<f64>>>()?,
-            ),
-            None => None,
-        };
+        let (heldout, gold) = judge(&responses)?;
         let is_reference = reference.is_some_and(|r| std::ptr::eq(r, lm));
         let (kl, kl_note) = match reference {
             Some(_) if is_reference => (None, Some("0 (the reference)".to_string())),
@@ -358,6 +424,26 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
     let pol = evaluate(&policy, &policy_prompts, "policy", log)?;
     let base = match (&baseline, &baseline_prompts) {
         (Some(b), Some(e)) => Some(evaluate(b, e, "baseline", log)?),
+        _ => None,
+    };
+    // The baseline's best-of-N, its candidates seeded apart from the baseline's own samples.
+    let best = match (opts.best_of_n, &baseline, &baseline_prompts) {
+        (Some(best_of), Some(b), Some(e)) => {
+            let t0 = std::time::Instant::now();
+            let candidates = models::Sampling {
+                seed: !opts.seed,
+                ..sampling.clone()
+            };
+            let bon = models::best_of_n(b, e, &candidates, best_of, &scorer, &prompts)?;
+            let (heldout, gold) = judge(&bon.chosen)?;
+            writeln!(
+                log,
+                "best-of-{best_of} of the baseline: {} responses sampled and scored in {:.1}s",
+                bon.candidate_rewards.len(),
+                t0.elapsed().as_secs_f64()
+            )?;
+            Some(Best::new(best_of, b, bon, heldout, gold))
+        }
         _ => None,
     };
 
@@ -409,9 +495,14 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         _ => None,
     };
     let (pol_len, base_len) = (pol.lengths(), base.as_ref().map(Evaluated::lengths));
+    let best_len = best.as_ref().map(|x| x.model.lengths());
+    let best_name = best.as_ref().map(|x| format!("best-of-{}", x.n));
     let mut evaluated = vec![pol.plotted("policy", &pol_len)];
     if let (Some(b), Some(l)) = (&base, &base_len) {
         evaluated.push(b.plotted("baseline", l));
+    }
+    if let (Some(x), Some(l), Some(name)) = (&best, &best_len, &best_name) {
+        evaluated.push(x.model.plotted(name, l));
     }
     let own_charts = plots::evaluation_charts(&evaluated);
     let (charts, notes) = plots::charts(&runs);
@@ -441,6 +532,13 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         settings,
         policy: pol.metrics(),
         baseline: base.as_ref().map(Evaluated::metrics),
+        best_of_n: best.as_ref().map(|x| BestOfNMetrics {
+            n: x.n,
+            kl_analytic: reward::best_of_n::kl_bound(x.n),
+            candidate_reward: stats::mean_interval(&x.candidate_rewards, LEVEL)
+                .expect("at least one candidate"),
+            model: x.model.metrics(),
+        }),
         difference,
         win_rate,
         gold_win_rate,
@@ -467,15 +565,30 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> Result<Outcome> {
         )?;
         let mut lines = String::new();
         let base_run = base.as_ref().map(Evaluated::run);
+        let best_run = best.as_ref().map(|x| ModelRun {
+            candidates: Some(Candidates {
+                n: x.n,
+                rewards: &x.candidate_rewards,
+                eos: &x.candidate_eos,
+            }),
+            ..x.model.run()
+        });
         for i in 0..n {
             let p = &prompts[pol.responses[i].prompt];
-            lines.push_str(&report::sample_line(p, i, &pol.run(), base_run.as_ref()).to_string());
+            let line = report::sample_line(p, i, &pol.run(), base_run.as_ref(), best_run.as_ref());
+            lines.push_str(&line.to_string());
             lines.push('\n');
         }
         write("samples.jsonl", lines)?;
         write(
             "report.md",
-            report::markdown(&metrics, &prompts, &pol.run(), base_run.as_ref()),
+            report::markdown(
+                &metrics,
+                &prompts,
+                &pol.run(),
+                base_run.as_ref(),
+                best_run.as_ref(),
+            ),
         )?;
         let family = plots::font().map(|_| plots::FAMILY);
         if family.is_none() {

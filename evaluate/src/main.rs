@@ -1,4 +1,4 @@
-//! `evaluate --policy DIR [--baseline DIR] --reward-model DIR --prompts FILE --out DIR [...]`:
+//! `evaluate --policy DIR [--baseline DIR [--best-of-n N]] --reward-model DIR --prompts FILE --out DIR [...]`:
 //! compares aligned checkpoints and writes metrics.json, samples.jsonl, report.md and plots.
 
 use anyhow::Context;
@@ -25,6 +25,13 @@ fn main() {
                 println!(
                     "baseline reward {:.3} [{:.3}, {:.3}]",
                     b.reward.mean, b.reward.low, b.reward.high
+                );
+            }
+            if let Some(b) = &m.best_of_n {
+                let r = &b.model.reward;
+                println!(
+                    "best-of-{} (baseline) reward {:.3} [{:.3}, {:.3}] at KL <= {:.3} nats (analytic)",
+                    b.n, r.mean, r.low, r.high, b.kl_analytic
                 );
             }
             if let Some(w) = &m.win_rate {

@@ -1,164 +1,90 @@
 //! The models of an evaluation and what is computed with them: sampling on the model crate's
 //! batched KV-cache path (each model with the template stored in its folder), scoring through
-//! `reward::Scorer` exactly as `ppo` scores a rollout, the per-response KL of a model from a reference
-//! (a forward pass of each over prompt + response), and perplexity on demonstrations.
+//! `reward::Scorer` exactly as `ppo` scores a rollout, the baseline's best-of-N (through
+//! `reward::best_of_n`, as `reward best-of-n` chooses), the per-response KL of a model from a
+//! reference (a forward pass of each over prompt + response), and perplexity on demonstrations.
 
 use crate::data::EvalPrompt;
-use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
+use anyhow::{Result, bail};
 use datasets::Demonstration;
 use datasets::tokenize::{lm_batch, sft_example};
+use model::TokenBatch;
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
-use model::{CausalLm, Heads, PromptTemplate, SamplingConfig, TokenBatch, Tokenizer};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// A causal LM (policy, baseline or reference) with its tokenizer and stored template.
-pub struct Lm {
-    pub dir: PathBuf,
-    pub model: CausalLm,
-    pub tokenizer: Tokenizer,
-    pub template: PromptTemplate,
+/// A causal LM (policy, baseline or reference) with its tokenizer and stored template; loading,
+/// prompt encoding and sampling are `reward::best_of_n`'s, shared with `reward best-of-n`.
+pub use reward::best_of_n::Policy as Lm;
+pub use reward::best_of_n::{Response, Sampling};
+
+/// template(prompt) tokenized for each prompt of the file `path` with `lm`'s template; a prompt
+/// that leaves no room for `max_new_tokens` in the model's context is an error naming its line.
+pub fn encode_prompts(
+    lm: &Lm,
+    prompts: &[EvalPrompt],
+    max_new_tokens: usize,
+    path: &Path,
+) -> Result<Vec<Vec<u32>>> {
+    lm.encode_prompts(
+        prompts.iter().map(|p| (p.text.as_str(), p.line)),
+        max_new_tokens,
+        path,
+    )
 }
 
-impl Lm {
-    /// Loads a causal-LM folder; a reward model here is an error naming the folder and `what`
-    /// (the option it was given to).
-    pub fn load(dir: &Path, what: &str, device: &Device) -> Result<Self> {
-        if reward::scorer::Manifest::read(dir)?.is_some() {
-            bail!(
-                "{what}: {} is a reward-model ensemble (ensemble.json), not a causal LM; give a policy folder",
-                dir.display()
-            );
-        }
-        let (model, tokenizer, _) =
-            model::checkpoint::load_with_tokenizer(dir, Some(Heads::LM), None, device)
-                .with_context(|| what.to_string())?;
-        let template = model::checkpoint::resolve_template(None, Some(dir))
-            .with_context(|| format!("{what} {}", dir.display()))?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            model: model.with_dropout(0.0),
-            tokenizer,
-            template,
-        })
-    }
-
-    /// template(prompt) tokenized, for each prompt; a prompt that leaves no room for
-    /// `max_new_tokens` in the model's context is an error naming its line.
-    pub fn encode_prompts(
-        &self,
-        prompts: &[EvalPrompt],
-        max_new_tokens: usize,
-        path: &Path,
-    ) -> Result<Vec<Vec<u32>>> {
-        let context = self.model.config().max_position_embeddings;
-        prompts
-            .iter()
-            .map(|p| {
-                let t = self.tokenizer.encode(&self.template.render(&p.text))?;
-                if t.len() + max_new_tokens > context {
-                    bail!(
-                        "{} line {}, field `prompt`: {} tokens with the template of {}, which leaves less than --max-new-tokens {max_new_tokens} of its {context}-token context",
-                        path.display(),
-                        p.line,
-                        t.len(),
-                        self.dir.display()
-                    );
-                }
-                Ok(t)
-            })
-            .collect()
-    }
-}
-
-/// How to sample.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct Sampling {
-    pub samples_per_prompt: usize,
-    pub max_new_tokens: usize,
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub seed: u64,
-    pub batch_size: usize,
-}
-
-impl Sampling {
-    /// The temperature log-probabilities are scaled by (as sampled; 1 for greedy, as `ppo`).
-    pub fn logprob_temperature(&self) -> f64 {
-        if self.temperature > 0.0 {
-            self.temperature as f64
-        } else {
-            1.0
-        }
-    }
-}
-
-/// One sampled response.
-#[derive(Clone, Debug)]
-pub struct Response {
-    /// Index into the prompts.
-    pub prompt: usize,
-    /// Which of the prompt's samples.
-    pub sample: usize,
-    /// template(prompt) tokens the response was sampled after.
-    pub prompt_tokens: Vec<u32>,
-    /// The sampled tokens, up to and including EOS when sampled.
-    pub tokens: Vec<u32>,
-    /// Decoded without EOS.
-    pub text: String,
-    pub eos: bool,
-}
-
-/// The seed of batch `k` of a run seeded `seed`.
-fn batch_seed(seed: u64, k: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add((k as u64).wrapping_mul(1_000_003))
-}
-
-/// Samples `samples_per_prompt` responses to each prompt (`encoded` = the templated prompt tokens),
-/// `batch_size` at a time, grouped by prompt length; responses are cut at EOS. Returned in order
-/// prompt-major: index = prompt · samples_per_prompt + sample.
+/// Samples `samples_per_prompt` responses to each prompt (`encoded` = the templated prompt
+/// tokens), prompt-major: index = prompt · samples_per_prompt + sample (see
+/// [`reward::best_of_n::sample`]).
 pub fn sample(lm: &Lm, encoded: &[Vec<u32>], s: &Sampling) -> Result<Vec<Response>> {
-    let k = s.samples_per_prompt;
-    let mut order: Vec<usize> = (0..encoded.len() * k).collect();
-    order.sort_by_key(|&i| encoded[i / k].len());
-    let tok = &lm.tokenizer;
-    let mut out: Vec<Option<Response>> = vec![None; order.len()];
-    for (b, chunk) in order.chunks(s.batch_size.max(1)).enumerate() {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i / k].clone()).collect();
-        let cfg = SamplingConfig {
-            max_new_tokens: s.max_new_tokens,
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            seed: batch_seed(s.seed, b),
-            eos_token_ids: vec![tok.eos_id],
-            pad_token_id: tok.pad_id,
-        };
-        let g = model::generate(&lm.model, &prompts, &cfg)?;
-        for ((&i, tokens), prompt_tokens) in chunk.iter().zip(g.responses()).zip(prompts) {
-            let eos = tokens.last() == Some(&tok.eos_id);
-            let body = if eos {
-                &tokens[..tokens.len() - 1]
-            } else {
-                &tokens[..]
-            };
-            out[i] = Some(Response {
-                prompt: i / k,
-                sample: i % k,
-                prompt_tokens,
-                text: tok.decode(body)?,
-                tokens,
-                eos,
-            });
-        }
-    }
-    Ok(out
-        .into_iter()
-        .map(|r| r.expect("every response sampled"))
-        .collect())
+    reward::best_of_n::sample(&lm.model, &lm.tokenizer, encoded, s)
+}
+
+/// The baseline's best-of-N: `best_of` samples per (prompt, sample) of `s`, scored through
+/// `scorer`, the best of each kept (see [`reward::best_of_n::best`]); returned as [`sample`]
+/// returns responses (prompt-major, `s.samples_per_prompt` per prompt), each with its reward,
+/// and the rewards of all the candidates; `s.seed` seeds the candidates.
+pub fn best_of_n(
+    lm: &Lm,
+    encoded: &[Vec<u32>],
+    s: &Sampling,
+    best_of: usize,
+    scorer: &reward::Scorer,
+    prompts: &[EvalPrompt],
+) -> Result<BestOfN> {
+    let wide = Sampling {
+        samples_per_prompt: s.samples_per_prompt * best_of,
+        ..s.clone()
+    };
+    let candidates = sample(lm, encoded, &wide)?;
+    let rewards = score(scorer, prompts, &candidates)?;
+    let eos: Vec<bool> = candidates.iter().map(|r| r.eos).collect();
+    let choices = reward::best_of_n::choose(&rewards, &eos, best_of);
+    let chosen = choices
+        .iter()
+        .enumerate()
+        .map(|(g, c)| Response {
+            sample: g % s.samples_per_prompt,
+            ..candidates[g * best_of + c.sample].clone()
+        })
+        .collect();
+    Ok(BestOfN {
+        chosen,
+        rewards: choices.iter().map(|c| c.score).collect(),
+        candidate_rewards: rewards,
+        candidate_eos: eos,
+    })
+}
+
+/// What [`best_of_n`] returns.
+pub struct BestOfN {
+    /// The best response of each (prompt, sample).
+    pub chosen: Vec<Response>,
+    /// Their rewards.
+    pub rewards: Vec<f64>,
+    /// Every candidate's reward and EOS, N per chosen response, in order.
+    pub candidate_rewards: Vec<f64>,
+    pub candidate_eos: Vec<bool>,
 }
 
 /// The reward of each response through the one scorer `ppo` scores rollouts with
@@ -170,23 +96,9 @@ pub fn score(
     prompts: &[EvalPrompt],
     responses: &[Response],
 ) -> Result<Vec<f64>> {
-    let items: Vec<reward::Item> = responses
-        .iter()
-        .map(|r| {
-            let p = &prompts[r.prompt];
-            reward::Item {
-                prompt: &p.text,
-                response: &r.text,
-                answer: p.answer.as_deref(),
-            }
-        })
-        .collect();
-    Ok(scorer
-        .score(&items)?
-        .rewards
-        .into_iter()
-        .map(f64::from)
-        .collect())
+    reward::best_of_n::score_responses(scorer, responses, |i| {
+        (prompts[i].text.as_str(), prompts[i].answer.as_deref())
+    })
 }
 
 /// log p(response token) under `lm` at `temperature`, for each response (its own prompt tokens in
@@ -325,7 +237,8 @@ pub fn perplexity(lm: &Lm, demos: &[Demonstration], batch_size: usize) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::{ModelConfig, parse_device};
+    use model::{CausalLm, ModelConfig, PromptTemplate, SamplingConfig, Tokenizer, parse_device};
+    use std::path::PathBuf;
 
     fn tiny(seed: u64) -> Lm {
         let texts: Vec<String> = (0..40)
@@ -367,7 +280,7 @@ mod tests {
     #[test]
     fn forward_logprobs_are_the_sampling_logprobs() {
         let lm = tiny(1);
-        let encoded = lm.encode_prompts(&prompts(), 8, Path::new("p")).unwrap();
+        let encoded = encode_prompts(&lm, &prompts(), 8, Path::new("p")).unwrap();
         let s = Sampling {
             samples_per_prompt: 2,
             max_new_tokens: 8,
@@ -424,7 +337,7 @@ mod tests {
     #[test]
     fn sampling_is_seeded_and_perplexity_is_near_uniform_for_an_untrained_model() {
         let lm = tiny(1);
-        let encoded = lm.encode_prompts(&prompts(), 6, Path::new("p")).unwrap();
+        let encoded = encode_prompts(&lm, &prompts(), 6, Path::new("p")).unwrap();
         let s = Sampling {
             samples_per_prompt: 1,
             max_new_tokens: 6,
@@ -467,8 +380,7 @@ mod tests {
             .sum();
         assert_eq!(p.tokens, targets);
         // A prompt too long for the context is an error naming its line.
-        let e = lm
-            .encode_prompts(&prompts(), 100_000, Path::new("p.jsonl"))
+        let e = encode_prompts(&lm, &prompts(), 100_000, Path::new("p.jsonl"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.jsonl line 1, field `prompt`"), "{e}");

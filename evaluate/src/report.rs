@@ -1,6 +1,7 @@
 //! What an evaluation writes: `metrics.json` (every number with its interval), `samples.jsonl`
-//! (one line per prompt × sample with both models' responses, rewards and gold scores) and
-//! `report.md` (the table a person reads first, what it means, side-by-side samples, the plots).
+//! (one line per prompt × sample with both models' responses, rewards and gold scores, and the
+//! baseline's best-of-N with its candidates' rewards) and `report.md` (the table a person reads
+//! first, what it means, side-by-side samples, the plots).
 
 use crate::models::{Perplexity, Response, Sampling};
 use crate::stats::{Correlation, Estimate, Rate, WinRate};
@@ -70,12 +71,31 @@ pub struct Differences {
     pub eos_rate: Estimate,
 }
 
+/// The baseline's best-of-N (`--best-of-n`): its metrics as any model's, with the analytic KL in
+/// place of a measured one (its `kl` is absent, its `kl_note` says why).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BestOfNMetrics {
+    /// N: samples drawn for each response kept.
+    pub n: usize,
+    /// log N − (N−1)/N nats: the KL of the best-of-N distribution from the baseline (Stiennon et
+    /// al. 2020; Gao et al. 2022), an upper bound (Beirami et al. 2024).
+    pub kl_analytic: f64,
+    /// The reward of all N candidates, mean with a 95% t interval: the baseline sampled once, on
+    /// the same prompts.
+    pub candidate_reward: Estimate,
+    #[serde(flatten)]
+    pub model: ModelMetrics,
+}
+
 /// Everything in `metrics.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Metrics {
     pub settings: Settings,
     pub policy: ModelMetrics,
     pub baseline: Option<ModelMetrics>,
+    /// The baseline's best-of-N, with `--best-of-n`.
+    #[serde(default)]
+    pub best_of_n: Option<BestOfNMetrics>,
     pub difference: Option<Differences>,
     /// Policy over baseline by reward-model score, ties half.
     pub win_rate: Option<WinRate>,
@@ -96,6 +116,16 @@ pub struct ModelRun<'a> {
     pub rewards: &'a [f64],
     pub gold: Option<&'a [f64]>,
     pub kl: Option<&'a [f64]>,
+    /// A best-of-N side's candidates: N rewards and EOS flags per response, in order.
+    pub candidates: Option<Candidates<'a>>,
+}
+
+/// The candidates a best-of-N response was chosen from.
+#[derive(Clone, Copy)]
+pub struct Candidates<'a> {
+    pub n: usize,
+    pub rewards: &'a [f64],
+    pub eos: &'a [bool],
 }
 
 fn sgn(x: f64, digits: usize) -> String {
@@ -216,6 +246,9 @@ pub fn findings(m: &Metrics) -> Vec<String> {
     } else {
         out.push("No --baseline: there are no differences or win rates.".into());
     }
+    if let Some(f) = best_of_n_finding(m) {
+        out.push(f);
+    }
     if let Some(f) = length_finding(m) {
         out.push(f);
     }
@@ -233,6 +266,31 @@ pub fn findings(m: &Metrics) -> Vec<String> {
         }
     }
     out
+}
+
+/// What the baseline's best-of-N buys without training, beside what the policy bought: the
+/// comparison at (roughly) equal KL of Gao et al. 2022.
+fn best_of_n_finding(m: &Metrics) -> Option<String> {
+    let b = m.best_of_n.as_ref()?;
+    let gold = |mm: &ModelMetrics| {
+        mm.gold
+            .as_ref()
+            .map_or(String::new(), |g| format!(", gold {}", rate(g)))
+    };
+    let policy_kl = match &m.policy.kl {
+        Some(k) => format!("at a measured KL of {} nats", est(k, 3)),
+        None => "(no KL measured)".into(),
+    };
+    Some(format!(
+        "Best-of-{} of the baseline, without training: reward {}{} at KL ≤ {:.3} nats (log N − (N−1)/N; its candidates score {}); the policy: reward {}{} {policy_kl}. RL is worth its cost where it beats best-of-N at the same KL (Gao et al. 2022).",
+        b.n,
+        est(&b.model.reward, 3),
+        gold(&b.model),
+        b.kl_analytic,
+        est(&b.candidate_reward, 3),
+        est(&m.policy.reward, 3),
+        gold(&m.policy),
+    ))
 }
 
 /// The length check flags a policy whose reward follows its response length more than the
@@ -281,33 +339,44 @@ fn length_finding(m: &Metrics) -> Option<String> {
     })
 }
 
-/// One line of samples.jsonl.
+/// One line of samples.jsonl; a best-of-N side also lists its candidates' rewards and EOS.
 pub fn sample_line(
     prompt: &crate::data::EvalPrompt,
     index: usize,
     policy: &ModelRun,
     baseline: Option<&ModelRun>,
+    best_of_n: Option<&ModelRun>,
 ) -> serde_json::Value {
     let side = |m: &ModelRun| {
         let r = &m.responses[index];
-        json!({
+        let mut v = json!({
             "response": r.text,
             "reward": m.rewards[index],
             "gold": m.gold.map(|g| g[index]),
             "eos": r.eos,
             "length": r.tokens.len(),
             "kl": m.kl.map(|k| k[index]),
-        })
+        });
+        if let Some(c) = m.candidates {
+            let at = index * c.n..(index + 1) * c.n;
+            v["candidate_rewards"] = json!(c.rewards[at.clone()]);
+            v["candidate_eos"] = json!(c.eos[at]);
+        }
+        v
     };
     let r = &policy.responses[index];
-    json!({
+    let mut line = json!({
         "prompt": prompt.text,
         "answer": prompt.answer,
         "line": prompt.line,
         "sample": r.sample,
         "policy": side(policy),
         "baseline": baseline.map(side),
-    })
+    });
+    if let Some(b) = best_of_n {
+        line["best_of_n"] = side(b);
+    }
+    line
 }
 
 /// The (prompt, sample) pairs shown side by side: up to 8, prompts spread over the file, sample 0
@@ -336,16 +405,19 @@ fn cell(s: &str) -> String {
         .replace('\n', "<br>")
 }
 
-/// The report: the metrics table, the findings, side-by-side samples, the plots.
+/// The report: the metrics table, the findings, side-by-side samples, the plots. With a best-of-N
+/// side, the table and the samples get a column for it, between the baseline and the difference.
 pub fn markdown(
     m: &Metrics,
     prompts: &[crate::data::EvalPrompt],
     policy: &ModelRun,
     baseline: Option<&ModelRun>,
+    best_of_n: Option<&ModelRun>,
 ) -> String {
     let s = &m.settings;
     let mut o = String::new();
     let b = m.baseline.as_ref();
+    let bon = m.best_of_n.as_ref();
     let _ = writeln!(o, "# Evaluation of `{}`", m.policy.dir);
     let _ = writeln!(o);
     let _ = writeln!(
@@ -380,21 +452,43 @@ pub fn markdown(
     if let Some(g) = &s.gold_rule {
         let _ = writeln!(o, "- gold reward: rule `{g}`");
     }
+    if let Some(x) = bon {
+        let _ = writeln!(
+            o,
+            "- best-of-{}: the baseline's best of {} samples by the reward model, for each prompt and sample",
+            x.n, x.n
+        );
+    }
     let _ = writeln!(o);
+    let bon_head = bon.map_or(String::new(), |x| format!(" best-of-{} (baseline) |", x.n));
     let _ = writeln!(
         o,
-        "| metric | policy | baseline | difference (policy − baseline) |"
+        "| metric | policy | baseline |{bon_head} difference (policy − baseline) |"
     );
-    let _ = writeln!(o, "|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "|---|---|---|{}---|",
+        if bon.is_some() { "---|" } else { "" }
+    );
     let dash = || "—".to_string();
     let d = m.difference.as_ref();
-    let mut row = |name: &str, p: String, bl: String, df: String| {
-        let _ = writeln!(o, "| {name} | {p} | {bl} | {df} |");
+    // `bn` is the best-of-N cell, left out without a best-of-N side.
+    let mut row = |name: &str, p: String, bl: String, bn: String, df: String| {
+        let bn = if bon.is_some() {
+            format!(" {bn} |")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(o, "| {name} | {p} | {bl} |{bn} {df} |");
+    };
+    let bon_model = |f: &dyn Fn(&ModelMetrics) -> Option<String>| {
+        bon.and_then(|x| f(&x.model)).unwrap_or_else(dash)
     };
     row(
         "reward (reward model)",
         est(&m.policy.reward, 3),
         b.map_or_else(dash, |b| est(&b.reward, 3)),
+        bon_model(&|x| Some(est(&x.reward, 3))),
         d.map_or_else(dash, |d| diff(&d.reward, 3)),
     );
     if m.policy.heldout_reward.is_some() {
@@ -406,6 +500,7 @@ pub fn markdown(
                 .map_or_else(dash, |e| est(e, 3)),
             b.and_then(|b| b.heldout_reward.as_ref())
                 .map_or_else(dash, |e| est(e, 3)),
+            bon_model(&|x| x.heldout_reward.as_ref().map(|e| est(e, 3))),
             d.and_then(|d| d.heldout_reward.as_ref())
                 .map_or_else(dash, |e| diff(e, 3)),
         );
@@ -415,26 +510,40 @@ pub fn markdown(
             &format!("gold reward ({})", s.gold_rule.as_deref().unwrap_or("gold")),
             m.policy.gold.as_ref().map_or_else(dash, rate),
             b.and_then(|b| b.gold.as_ref()).map_or_else(dash, rate),
+            bon_model(&|x| x.gold.as_ref().map(rate)),
             d.and_then(|d| d.gold.as_ref())
                 .map_or_else(dash, |g| diff(g, 3)),
         );
     }
     if let Some(w) = &m.win_rate {
-        row("win rate over baseline (reward)", win(w), dash(), dash());
+        row(
+            "win rate over baseline (reward)",
+            win(w),
+            dash(),
+            dash(),
+            dash(),
+        );
     }
     if let Some(w) = &m.gold_win_rate {
-        row("win rate over baseline (gold)", win(w), dash(), dash());
+        row(
+            "win rate over baseline (gold)",
+            win(w),
+            dash(),
+            dash(),
+            dash(),
+        );
     }
     let kl = |mm: &ModelMetrics| match (&mm.kl, &mm.kl_note) {
         (Some(k), _) => est(k, 3),
         (None, Some(n)) => n.clone(),
         (None, None) => dash(),
     };
-    if m.policy.kl.is_some() || m.policy.kl_note.is_some() {
+    if m.policy.kl.is_some() || m.policy.kl_note.is_some() || bon.is_some() {
         row(
             "KL from reference (nats / response)",
             kl(&m.policy),
             b.map_or_else(dash, kl),
+            bon_model(&|x| Some(kl(x))),
             d.and_then(|d| d.kl.as_ref())
                 .map_or_else(dash, |k| diff(k, 3)),
         );
@@ -444,12 +553,14 @@ pub fn markdown(
         "response length (tokens, EOS incl.)",
         len(&m.policy.length),
         b.map_or_else(dash, |b| len(&b.length)),
+        bon_model(&|x| Some(len(&x.length))),
         d.map_or_else(dash, |d| diff(&d.length, 1)),
     );
     row(
         "EOS rate",
         rate(&m.policy.eos_rate),
         b.map_or_else(dash, |b| rate(&b.eos_rate)),
+        bon_model(&|x| Some(rate(&x.eos_rate))),
         d.map_or_else(dash, |d| diff(&d.eos_rate, 3)),
     );
     let ppl = |p: &Perplexity| {
@@ -463,6 +574,7 @@ pub fn markdown(
             "perplexity on demonstrations",
             m.policy.perplexity.as_ref().map_or_else(dash, ppl),
             b.and_then(|b| b.perplexity.as_ref()).map_or_else(dash, ppl),
+            dash(),
             match (&m.policy.perplexity, b.and_then(|b| b.perplexity.as_ref())) {
                 (Some(p), Some(q)) => sgn(p.perplexity - q.perplexity, 2),
                 _ => dash(),
@@ -474,6 +586,13 @@ pub fn markdown(
         o,
         "Brackets are 95% intervals: Student's t for means and for the differences (paired by prompt and sample), Wilson for rates and win rates (ties count half). Rewards are the reward model's, normalised as stored with it, without PPO's missing-EOS penalty."
     );
+    if bon.is_some() {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "Best-of-N keeps the highest-reward sample among those that ended with EOS (one cut at max_new_tokens only when none did); its KL from the baseline is the analytic log N − (N−1)/N (Stiennon et al. 2020, Gao et al. 2022), an upper bound (Beirami et al. 2024), not measured."
+        );
+    }
     let _ = writeln!(o);
     for f in &m.findings {
         let _ = writeln!(o, "{f}");
@@ -482,6 +601,7 @@ pub fn markdown(
 
     let _ = writeln!(o, "## Samples");
     let _ = writeln!(o);
+    let bon_title = bon.map_or(String::new(), |x| format!("best-of-{} (baseline)", x.n));
     for (j, (i, sample)) in shown_samples(prompts.len(), s.sampling.samples_per_prompt)
         .into_iter()
         .enumerate()
@@ -513,19 +633,28 @@ pub fn markdown(
             }
             t
         };
-        let _ = writeln!(o, "| | policy | baseline |");
-        let _ = writeln!(o, "|---|---|---|");
+        let extra = |f: &dyn Fn(&ModelRun) -> String| {
+            best_of_n.map_or(String::new(), |x| format!(" {} |", f(x)))
+        };
         let _ = writeln!(
             o,
-            "| response | {} | {} |",
+            "| | policy | baseline |{}",
+            extra(&|_| bon_title.clone())
+        );
+        let _ = writeln!(o, "|---|---|---|{}", extra(&|_| "---".into()));
+        let _ = writeln!(
+            o,
+            "| response | {} | {} |{}",
             resp(policy),
-            baseline.map_or_else(dash, resp)
+            baseline.map_or_else(dash, resp),
+            extra(&resp)
         );
         let _ = writeln!(
             o,
-            "| reward | {} | {} |",
+            "| reward | {} | {} |{}",
             score(policy),
-            baseline.map_or_else(dash, score)
+            baseline.map_or_else(dash, score),
+            extra(&score)
         );
         let _ = writeln!(o);
     }
@@ -647,6 +776,7 @@ mod tests {
             },
             policy: model(),
             baseline: Some(model()),
+            best_of_n: None,
             difference: Some(Differences {
                 reward,
                 gold,
@@ -738,7 +868,7 @@ mod tests {
             "reward_distribution.png".into(),
             "reward_vs_length.png".into(),
         ];
-        let md = markdown(&m, &[], &empty_run(), Some(&empty_run()));
+        let md = markdown(&m, &[], &empty_run(), Some(&empty_run()), None);
         assert!(md.contains("## Distributions"), "{md}");
         assert!(
             md.contains("policy 0.45 [0.35, 0.55], baseline n/a (one length)."),
@@ -802,7 +932,7 @@ mod tests {
     fn the_report_shows_the_warning_and_escapes_cells() {
         let mut m = metrics(e(0.4, 0.1), Some(e(0.0, 0.05)));
         m.findings = findings(&m);
-        let md = markdown(&m, &[], &empty_run(), Some(&empty_run()));
+        let md = markdown(&m, &[], &empty_run(), Some(&empty_run()), None);
         assert!(
             md.contains("| reward (reward model) | 0.000 [-0.100, 0.100] |"),
             "{md}"
@@ -811,6 +941,99 @@ mod tests {
         assert!(md.contains("**Warning"), "{md}");
         assert_eq!(cell(" a|b\nc<d> "), "a\\|b<br>c&lt;d&gt;");
         assert_eq!(cell("  "), "*(empty)*");
+    }
+
+    #[test]
+    fn best_of_n_gets_a_column_a_finding_and_its_candidates_in_samples() {
+        let mut m = metrics(e(0.4, 0.1), Some(e(0.1, 0.05)));
+        let plain = markdown(&m, &[], &empty_run(), Some(&empty_run()), None);
+        assert!(
+            plain.contains("| metric | policy | baseline | difference (policy − baseline) |"),
+            "{plain}"
+        );
+        m.policy.kl = Some(e(2.0, 0.5));
+        m.best_of_n = Some(BestOfNMetrics {
+            n: 4,
+            kl_analytic: 4f64.ln() - 0.75,
+            candidate_reward: e(0.0, 0.1),
+            model: ModelMetrics {
+                reward: e(0.8, 0.1),
+                gold: Some(r(0.6)),
+                kl_note: Some("≤ 0.636 (log N − (N−1)/N)".into()),
+                ..model()
+            },
+        });
+        m.findings = findings(&m);
+        let f: Vec<&String> = m
+            .findings
+            .iter()
+            .filter(|f| f.contains("Best-of-4"))
+            .collect();
+        assert_eq!(f.len(), 1, "{:?}", m.findings);
+        assert!(
+            f[0].starts_with("Best-of-4 of the baseline, without training: reward 0.800 [0.700, 0.900], gold 0.600 [0.550, 0.650] at KL ≤ 0.636 nats (log N − (N−1)/N; its candidates score 0.000 [-0.100, 0.100]); the policy: reward 0.000 [-0.100, 0.100], gold 0.500 [0.450, 0.550] at a measured KL of 2.000 [1.500, 2.500] nats."),
+            "{}",
+            f[0]
+        );
+        let md = markdown(
+            &m,
+            &[],
+            &empty_run(),
+            Some(&empty_run()),
+            Some(&empty_run()),
+        );
+        for want in [
+            "| metric | policy | baseline | best-of-4 (baseline) | difference (policy − baseline) |\n|---|---|---|---|---|",
+            "| reward (reward model) | 0.000 [-0.100, 0.100] | 0.000 [-0.100, 0.100] | 0.800 [0.700, 0.900] | +0.400 [+0.300, +0.500] |",
+            "| gold reward (exact_answer) | 0.500 [0.450, 0.550] | 0.500 [0.450, 0.550] | 0.600 [0.550, 0.650] |",
+            "| KL from reference (nats / response) | 2.000 [1.500, 2.500] | — | ≤ 0.636 (log N − (N−1)/N) | — |",
+            "Best-of-N keeps the highest-reward sample among those that ended with EOS",
+        ] {
+            assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
+        }
+        // samples.jsonl: the best-of-N side with its candidates; none without one.
+        let response = |text: &str| Response {
+            prompt: 0,
+            sample: 0,
+            prompt_tokens: vec![1],
+            tokens: vec![5, 2],
+            text: text.into(),
+            eos: true,
+        };
+        let (a, b) = ([response("a")], [response("b")]);
+        let run = |responses| ModelRun {
+            responses,
+            rewards: &[0.5],
+            gold: None,
+            kl: None,
+            candidates: None,
+        };
+        let prompt = crate::data::EvalPrompt {
+            text: "p".into(),
+            answer: None,
+            line: 1,
+        };
+        let bon = ModelRun {
+            candidates: Some(Candidates {
+                n: 3,
+                rewards: &[0.1, 0.5, 0.2],
+                eos: &[true, true, false],
+            }),
+            ..run(&b)
+        };
+        let line = sample_line(&prompt, 0, &run(&a), None, Some(&bon));
+        assert_eq!(line["best_of_n"]["response"], "b");
+        assert_eq!(
+            line["best_of_n"]["candidate_rewards"],
+            json!([0.1, 0.5, 0.2])
+        );
+        assert_eq!(
+            line["best_of_n"]["candidate_eos"],
+            json!([true, true, false])
+        );
+        assert!(line["policy"].get("candidate_rewards").is_none());
+        let line = sample_line(&prompt, 0, &run(&a), None, None);
+        assert!(line.get("best_of_n").is_none(), "{line}");
     }
 
     #[test]
@@ -833,6 +1056,7 @@ mod tests {
             rewards: &[],
             gold: None,
             kl: None,
+            candidates: None,
         }
     }
 }

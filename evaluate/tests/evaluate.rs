@@ -97,6 +97,15 @@ fn evaluate(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The lines of a JSONL file.
+fn jsonl(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn num(v: &Value, what: &str) -> f64 {
     let x = v
         .as_f64()
@@ -233,11 +242,7 @@ fn tiny_pipeline_then_evaluate() {
         ],
     );
     // ppo scored every rollout with the ensemble and the held-out monitor, and kept best/.
-    let ppo_lines: Vec<Value> = std::fs::read_to_string(tmp.path().join("ppo/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let ppo_lines = jsonl(&tmp.path().join("ppo/metrics.jsonl"));
     assert_eq!(ppo_lines.len(), 3);
     for l in &ppo_lines {
         num(&l["heldout_score_mean"], "heldout_score_mean");
@@ -355,11 +360,7 @@ fn tiny_pipeline_then_evaluate() {
     assert!(!m["findings"].as_array().unwrap().is_empty());
 
     // samples.jsonl: one line per prompt × sample, both models' sides.
-    let samples: Vec<Value> = std::fs::read_to_string(dir.join("samples.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let samples = jsonl(&dir.join("samples.jsonl"));
     assert_eq!(samples.len(), 24);
     for (i, s) in samples.iter().enumerate() {
         assert_eq!(s["sample"], i % 2);
@@ -460,6 +461,8 @@ fn tiny_pipeline_then_evaluate() {
         );
     }
 
+    best_of_n(dir, &args(&t("bon")));
+
     // A model against itself: the same responses, KL 0, every comparison a tie.
     let same = t("same");
     let (ok, _, err) = evaluate(&[
@@ -533,6 +536,94 @@ fn tiny_pipeline_then_evaluate() {
     );
 }
 
+/// `--best-of-n 4` on the run of `dir` (`args` are its flags, for another --out): the baseline's
+/// best of 4 per (prompt, sample) is the best of its candidates by the reward model (a finished
+/// one first, ties to the first), scores above the baseline and its own candidates, gets the
+/// analytic KL ln 4 − 3/4, a column in the report and a side in samples.jsonl; the policy's and
+/// baseline's numbers are those of the run without it.
+fn best_of_n(dir: &Path, args: &[String]) {
+    let out = Path::new(&args[args.iter().position(|a| a == "--out").unwrap() + 1]).to_path_buf();
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.extend(["--best-of-n", "4"]);
+    let (ok, stdout, err) = evaluate(&a);
+    assert!(ok, "evaluate --best-of-n failed:\n{err}\n{stdout}");
+    let read = |d: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("metrics.json")).unwrap()).unwrap()
+    };
+    let (m, before) = (read(&out), read(dir));
+    all_finite(&m);
+    assert_eq!(m["policy"], before["policy"]);
+    assert_eq!(m["baseline"], before["baseline"]);
+    assert!(before.get("best_of_n").is_none_or(Value::is_null));
+    let b = &m["best_of_n"];
+    check_model(b, "best_of_n", true, false, false);
+    assert_eq!(b["n"], 4);
+    assert_eq!(b["responses"], 24);
+    assert_eq!(b["dir"], m["baseline"]["dir"]);
+    // The analytic KL, exactly: ln 4 − 3/4 = 0.6363 nats.
+    assert_eq!(num(&b["kl_analytic"], "kl_analytic"), 4f64.ln() - 3.0 / 4.0);
+    assert_eq!(b["kl_note"], "≤ 0.636 (log N − (N−1)/N)");
+    assert!(b["kl"].is_null());
+    // Every response the best of its 4 candidates.
+    let samples = jsonl(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 24);
+    let mut candidates = Vec::new();
+    for s in &samples {
+        let side = &s["best_of_n"];
+        let r: Vec<f64> = side["candidate_rewards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| num(x, "candidate"))
+            .collect();
+        let eos: Vec<bool> = side["candidate_eos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_bool().unwrap())
+            .collect();
+        assert_eq!((r.len(), eos.len()), (4, 4));
+        let k = reward::best_of_n::best(&r, &eos).unwrap();
+        assert_eq!(num(&side["reward"], "reward"), r[k], "{s}");
+        assert_eq!(side["eos"], eos[k], "{s}");
+        candidates.extend(r);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let chosen: Vec<f64> = samples
+        .iter()
+        .map(|s| num(&s["best_of_n"]["reward"], "r"))
+        .collect();
+    let best = num(&b["reward"]["mean"], "best-of-4 reward");
+    assert!((best - mean(&chosen)).abs() < 1e-9);
+    assert!((num(&b["candidate_reward"]["mean"], "candidates") - mean(&candidates)).abs() < 1e-9);
+    let baseline = num(&m["baseline"]["reward"]["mean"], "baseline reward");
+    // What choosing buys: above the baseline's samples and above its own candidates.
+    assert!(best > baseline, "best-of-4 {best} vs baseline {baseline}");
+    assert!(
+        best > mean(&candidates),
+        "best-of-4 {best} vs its candidates {}",
+        mean(&candidates)
+    );
+    // The report: a column, the finding, the note; stdout: the line.
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for want in [
+        "| metric | policy | baseline | best-of-4 (baseline) | difference (policy − baseline) |",
+        "| ≤ 0.636 (log N − (N−1)/N) |",
+        "Best-of-4 of the baseline, without training: reward ",
+        "| | policy | baseline | best-of-4 (baseline) |",
+    ] {
+        assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
+    }
+    assert!(
+        stdout.contains(&format!(
+            "best-of-4 (baseline) reward {best:.3} [{:.3}, {:.3}] at KL <= 0.636 nats",
+            num(&b["reward"]["low"], "low"),
+            num(&b["reward"]["high"], "high")
+        )),
+        "{stdout}"
+    );
+}
+
 /// Bad inputs: one clear error naming the file, line or field; exit ≠ 0; nothing written.
 fn bad_inputs(tmp: &Path, policy: &str, sft: &str, ensemble: &str) {
     // One reward model (an ensemble's member) where a causal LM belongs.
@@ -556,6 +647,14 @@ fn bad_inputs(tmp: &Path, policy: &str, sft: &str, ensemble: &str) {
         no_answer.to_str().unwrap(),
         no_prompt.to_str().unwrap(),
     );
+    let common = [
+        "--policy",
+        policy,
+        "--reward-model",
+        rm,
+        "--prompts",
+        &prompts,
+    ];
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         (
             vec!["--policy", rm, "--reward-model", rm, "--prompts", &prompts],
@@ -611,30 +710,36 @@ fn bad_inputs(tmp: &Path, policy: &str, sft: &str, ensemble: &str) {
             vec!["no_prompt.jsonl line 2, field `prompt`: missing"],
         ),
         (
-            vec![
-                "--policy",
-                policy,
-                "--reward-model",
-                rm,
-                "--prompts",
-                &prompts,
-                "--gold",
-                "fuzzy",
-            ],
+            [&common[..], &["--gold", "fuzzy"]].concat(),
             vec!["--gold", "unknown rule"],
         ),
         (
-            vec![
-                "--policy",
-                policy,
-                "--reward-model",
-                rm,
-                "--prompts",
-                &prompts,
-                "--runs",
-                e,
-            ],
+            [&common[..], &["--runs", e]].concat(),
             vec!["--runs", "metrics.jsonl"],
+        ),
+        (
+            [&common[..], &["--best-of-n", "4"]].concat(),
+            vec!["--best-of-n needs --baseline"],
+        ),
+        (
+            [&common[..], &["--baseline", sft, "--best-of-n", "0"]].concat(),
+            vec!["--best-of-n must be at least 1"],
+        ),
+        (
+            [
+                &common[..],
+                &["--baseline", sft, "--best-of-n", "4", "--temperature", "0"],
+            ]
+            .concat(),
+            vec!["--best-of-n needs --temperature > 0"],
+        ),
+        (
+            // A negative number is read as a value, and its range is the error.
+            [&common[..], &["--temperature", "-1", "--top-p", "1.5"]].concat(),
+            vec![
+                "--temperature -1: must be ≥ 0",
+                "--top-p 1.5: must be in (0, 1]",
+            ],
         ),
     ];
     for (mut args, wants) in cases {

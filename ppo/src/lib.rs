@@ -444,7 +444,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                 || logprobs(&policy_frozen),
                 || {
                     model::device::join(
-                        || reference.as_ref().map(|r| logprobs(r)).transpose(),
+                        || reference.as_ref().map(&logprobs).transpose(),
                         values,
                     )
                 },

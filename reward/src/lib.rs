@@ -11,6 +11,7 @@
 //! the loss math in [`loss`].
 
 pub mod agreement;
+pub mod best_of_n;
 pub mod data;
 pub mod ensemble;
 pub mod eval;

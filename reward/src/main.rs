@@ -1,11 +1,13 @@
 //! `reward --config configs/reward.toml [--set key=value ...] [--out DIR] [--resume DIR] [--device D] [--seed N]`
 //! `reward score DIR --input FILE.jsonl [--batch-size N] [--raw]`
 //! `reward serve DIR [--host H] [--port P] [--batch-size N] ...` (HTTP; see `reward::serve`)
+//! `reward best-of-n --policy DIR --prompts F (--reward-model DIR | --rule RULE) --n N --out F`
+//! (see `reward::best_of_n`)
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-/// Scoring: `reward score ...`, `reward agreement ...`, `reward serve ...`.
+/// Scoring: `reward score ...`, `reward agreement ...`, `reward serve ...`, `reward best-of-n ...`.
 #[derive(Parser)]
 #[command(name = "reward")]
 struct ScoreCli {
@@ -63,6 +65,11 @@ enum Command {
     /// Serve the reward model over HTTP: OpenRLHF's `POST /get_reward`, `POST /score` (as
     /// `reward score`) and `GET /health`, until SIGINT or SIGTERM.
     Serve(reward::serve::ServeArgs),
+    /// Sample N responses per prompt from a policy, score them with a reward model or a rule,
+    /// and write the best of each prompt as a demonstration for `sft` (expert iteration,
+    /// FeedME).
+    #[command(allow_negative_numbers = true)]
+    BestOfN(reward::best_of_n::BestOfNArgs),
 }
 
 /// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
@@ -74,7 +81,7 @@ fn main() {
     let sub = std::env::args().nth(1);
     let scoring = sub
         .as_deref()
-        .is_some_and(|a| a == "score" || a == "agreement" || a == "serve");
+        .is_some_and(|a| ["score", "agreement", "serve", "best-of-n"].contains(&a));
     let result = if scoring {
         match ScoreCli::parse().command {
             Command::Agreement {
@@ -118,6 +125,9 @@ fn main() {
             // Not inside `hot`: an idle server must not keep the compute threads polling (the
             // scoring thread runs each batch in `hot`).
             Command::Serve(args) => reward::serve::run(&args).map(|s| println!("{s}")),
+            Command::BestOfN(args) => {
+                model::device::hot(|| reward::best_of_n::run(&args)).map(|s| println!("{s}"))
+            }
         }
     } else {
         let args = trainer::StageArgs::parse(
