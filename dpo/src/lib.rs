@@ -108,22 +108,17 @@ impl trainer::StageConfig for DpoConfig {
                 .is_none_or(|p| p.as_os_str().is_empty()),
             "unset (it is the reward model's normalisation; DPO has none)",
         );
-        c.fraction("data.validation_fraction", self.data.validation_fraction);
-        c.at_least("data.max_length", self.data.max_length, 2);
+        self.data.check(c);
         self.train.check(c);
     }
 }
 
-/// What a run ends with (`summary.json`).
+/// What a run ends with (`summary.json`): `reward`'s fields (the validation is the implicit
+/// rewards' agreement with the held-out rankings) and the policy's folder.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
-    pub steps: usize,
-    pub train_loss: f64,
-    pub train_groups: usize,
-    pub validation_groups: usize,
-    pub dropped: reward::data::Dropped,
-    /// The implicit rewards' agreement with the held-out rankings.
-    pub validation: Option<Validation>,
+    #[serde(flatten)]
+    pub run: reward::PreferenceSummary,
     pub final_dir: PathBuf,
 }
 
@@ -309,6 +304,7 @@ fn load_policy(
 
 /// Runs DPO with the config and its TOML text as used; `resume` continues from a checkpoint.
 pub fn run(cfg: &DpoConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
+    trainer::state::check_checkpoint(resume, "dpo")?;
     let base_device = model::parse_device(&cfg.device)?;
     let device = base_device.clone().autodiff();
     println!(
@@ -458,12 +454,14 @@ pub fn run(cfg: &DpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     let final_dir = cfg.out.join("final");
     model::save_with_meta(&policy.valid(), Some(&tok), &meta, &final_dir)?;
     let summary = Summary {
-        steps: run.state.step,
-        train_loss: last_loss,
-        train_groups: train.len(),
-        validation_groups: valid.len(),
-        dropped,
-        validation: last_eval,
+        run: reward::PreferenceSummary {
+            steps: run.state.step,
+            train_loss: last_loss,
+            train_groups: train.len(),
+            validation_groups: valid.len(),
+            dropped,
+            validation: last_eval,
+        },
         final_dir,
     };
     run.finish(&summary)?;

@@ -14,7 +14,7 @@ fn main() {
         args.load::<dpo::DpoConfig>()
             .and_then(|(cfg, used)| dpo::run(&cfg, &used, args.resume.as_deref()))
     }));
-    let eval = s.validation.map_or(String::new(), |v| {
+    let eval = s.run.validation.map_or(String::new(), |v| {
         format!(
             ", validation accuracy {:.3} [{:.3}, {:.3}]",
             v.pairwise.accuracy, v.pairwise.low, v.pairwise.high
@@ -22,8 +22,8 @@ fn main() {
     });
     println!(
         "done: {} steps, train loss {:.4}{eval}; policy in {}",
-        s.steps,
-        s.train_loss,
+        s.run.steps,
+        s.run.train_loss,
         s.final_dir.display()
     );
 }

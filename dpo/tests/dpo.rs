@@ -9,16 +9,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 fn run(args: &[String]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dpo"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    e2e::run_exe(Path::new(env!("CARGO_BIN_EXE_dpo")), args)
 }
 
 /// One SFT policy on the demo task, shared by the tests (a tiny model, 400 steps).

@@ -97,14 +97,7 @@ fn evaluate(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// The lines of a JSONL file.
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use e2e::jsonl;
 
 fn num(v: &Value, what: &str) -> f64 {
     let x = v

@@ -396,8 +396,9 @@ fn policy_loss_matches_pytorch() {
     assert_scalar(out.approx_kl_k3 as f64, 0.0636454664, "approx kl (k3)");
 }
 
-#[test]
-fn policy_loss_gradient_matches_pytorch() {
+/// The policy loss of the policy-loss inputs with `clip` and `agg`, its value, clip fraction and
+/// gradient w.r.t. the log-probabilities.
+fn policy_loss_with_gradient(clip: (f64, f64), agg: LossAgg) -> (f64, f32, Vec<f32>) {
     let device = cpu().autodiff();
     let logp = t2(&PL_LOGP, &device).require_grad();
     let out = policy_loss(
@@ -405,13 +406,20 @@ fn policy_loss_gradient_matches_pytorch() {
         t2(&PL_OLD, &device),
         t2(&PL_ADV, &device),
         mask_tensor(&MASK, B, T, &device),
-        (0.2, 0.2),
-        LossAgg::TokenMean,
+        clip,
+        agg,
         T,
     );
-    assert_scalar(scalar(out.loss.clone()), 0.1051062389, "policy loss");
+    let loss = scalar(out.loss.clone());
     let grads = out.loss.backward();
     let g = to_f32_vec(logp.grad(&grads).expect("logprobs have a gradient"));
+    (loss, out.clip_fraction, g)
+}
+
+#[test]
+fn policy_loss_gradient_matches_pytorch() {
+    let (loss, _, g) = policy_loss_with_gradient((0.2, 0.2), LossAgg::TokenMean);
+    assert_scalar(loss, 0.1051062389, "policy loss");
     assert_close(
         &g,
         &[
@@ -672,21 +680,9 @@ fn loss_aggregations_match_pytorch() {
 /// ```
 #[test]
 fn asymmetric_clip_and_sequence_mean_match_pytorch() {
-    let device = cpu().autodiff();
-    let logp = t2(&PL_LOGP, &device).require_grad();
-    let out = policy_loss(
-        logp.clone(),
-        t2(&PL_OLD, &device),
-        t2(&PL_ADV, &device),
-        mask_tensor(&MASK, B, T, &device),
-        (0.2, 0.7),
-        LossAgg::SeqMeanTokenMean,
-        T,
-    );
-    assert_scalar(scalar(out.loss.clone()), 0.030175965532146118, "loss");
-    assert_scalar(out.clip_fraction as f64, 1.0 / 6.0, "clip fraction");
-    let grads = out.loss.backward();
-    let g = to_f32_vec(logp.grad(&grads).unwrap());
+    let (loss, clip_fraction, g) = policy_loss_with_gradient((0.2, 0.7), LossAgg::SeqMeanTokenMean);
+    assert_scalar(loss, 0.030175965532146118, "loss");
+    assert_scalar(clip_fraction as f64, 1.0 / 6.0, "clip fraction");
     assert_close(
         &g,
         &[

@@ -8,18 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-fn run(exe: &Path, args: &[String]) -> (bool, String, String) {
-    let out = Command::new(exe)
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use e2e::run_exe as run;
 
 fn ok(exe: &Path, args: &[String]) -> String {
     let (ok, out, err) = run(exe, args);

@@ -112,6 +112,14 @@ pub struct DataSection {
     pub demonstrations: Option<PathBuf>,
 }
 
+impl DataSection {
+    /// Adds the range errors of `[data]` to `c`.
+    pub fn check(&self, c: &mut trainer::Check) {
+        c.fraction("data.validation_fraction", self.validation_fraction);
+        c.at_least("data.max_length", self.max_length, 2);
+    }
+}
+
 fn yes() -> bool {
     true
 }

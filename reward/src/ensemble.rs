@@ -413,12 +413,14 @@ fn summarize(
         monitor,
     };
     Ok(Summary {
-        steps: cfg.train.max_steps,
-        train_loss: f64::NAN,
-        train_groups: train.len(),
-        validation_groups: valid.len(),
-        dropped,
-        validation: accuracy(&valid, &lower),
+        run: crate::PreferenceSummary {
+            steps: cfg.train.max_steps,
+            train_loss: f64::NAN,
+            train_groups: train.len(),
+            validation_groups: valid.len(),
+            dropped,
+            validation: accuracy(&valid, &lower),
+        },
         normalization: first
             .normalization
             .clone()

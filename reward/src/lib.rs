@@ -185,27 +185,33 @@ impl trainer::StageConfig for RewardConfig {
                 "none with loss.kind = \"listwise\" (Plackett–Luce has no margin)",
             );
         }
-        c.fraction("data.validation_fraction", self.data.validation_fraction);
         c.that(
             "ensemble.members",
             self.ensemble.members,
             (1..=64).contains(&self.ensemble.members),
             "1 to 64",
         );
-        c.at_least("data.max_length", self.data.max_length, 2);
+        self.data.check(c);
         self.train.check(c);
     }
 }
 
-/// What a run ends with (`summary.json`).
+/// What a run trained on ranked groups ends with, in `reward`'s and `dpo`'s `summary.json`.
 #[derive(Clone, Debug, Serialize)]
-pub struct Summary {
+pub struct PreferenceSummary {
     pub steps: usize,
     pub train_loss: f64,
     pub train_groups: usize,
     pub validation_groups: usize,
     pub dropped: data::Dropped,
     pub validation: Option<Validation>,
+}
+
+/// What a run ends with (`summary.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    #[serde(flatten)]
+    pub run: PreferenceSummary,
     pub normalization: RewardNormalization,
     pub final_dir: PathBuf,
     /// An ensemble's members and what they say together.
@@ -584,6 +590,7 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
 
 /// Trains one reward model: a single one, an ensemble member, or an ensemble's monitor.
 fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
+    trainer::state::check_checkpoint(resume, "reward")?;
     let device = model::parse_device(&cfg.device)?.autodiff();
     println!(
         "matrix products: {}",
@@ -736,12 +743,14 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         norm.offset, norm.reference, norm.std
     );
     let summary = Summary {
-        steps: run.state.step,
-        train_loss: last_loss,
-        train_groups: train.len(),
-        validation_groups: valid.len(),
-        dropped,
-        validation: last_eval,
+        run: PreferenceSummary {
+            steps: run.state.step,
+            train_loss: last_loss,
+            train_groups: train.len(),
+            validation_groups: valid.len(),
+            dropped,
+            validation: last_eval,
+        },
         normalization: norm,
         final_dir,
         ensemble: None,

@@ -139,7 +139,7 @@ fn main() {
                 .and_then(|(cfg, used)| reward::run(&cfg, &used, args.resume.as_deref()))
         })
         .map(|s| {
-            let v = s.validation.as_ref().map_or(String::new(), |v| {
+            let v = s.run.validation.as_ref().map_or(String::new(), |v| {
                 format!(
                     ", validation accuracy {:.3} [{:.3}, {:.3}] on {} pairs",
                     v.pairwise.accuracy, v.pairwise.low, v.pairwise.high, v.pairwise.total
@@ -152,11 +152,11 @@ fn main() {
                     s.ensemble.as_ref().map_or(0, |e| e.members.len())
                 )
             } else {
-                format!(", train loss {:.4}", s.train_loss)
+                format!(", train loss {:.4}", s.run.train_loss)
             };
             println!(
                 "done: {} steps{loss}{v}; model in {}",
-                s.steps,
+                s.run.steps,
                 s.final_dir.display()
             );
         })

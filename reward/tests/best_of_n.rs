@@ -55,13 +55,7 @@ fn sft(out: &Path, sets: &[String]) -> String {
     run("sft", &args)
 }
 
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use e2e::jsonl;
 
 fn best_of_n(out: &Path, samples: &Path) -> String {
     let (_, policy, prompts) = fixture();

@@ -77,13 +77,32 @@ pub fn kill_once_written(cmd: &mut Command, marker: &Path, out: &Path) -> PathBu
         .expect("a checkpoint was written before the kill")
 }
 
-/// The lines of `out/metrics.jsonl`.
-pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_else(|e| panic!("{}/metrics.jsonl: {e}", out.display()))
+/// Runs the executable `exe` with `args` from the workspace root: (succeeded, stdout, stderr).
+pub fn run_exe(exe: &Path, args: &[String]) -> (bool, String, String) {
+    let out = Command::new(exe)
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The lines of a JSONL file, each parsed.
+pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The lines of `out/metrics.jsonl`.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    jsonl(&out.join("metrics.jsonl"))
 }
 
 /// The metrics lines without what depends on the machine's speed (`time_*`, `*_per_s`).
