@@ -323,28 +323,8 @@ pub fn run(cfg: &DpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     };
     let (train_raw, valid_raw) = reward::read_data(&cfg.data, cfg.seed)?;
     let (mut policy, tok) = load_policy(cfg, resume, &device)?;
-    let tokenize =
-        |raw| reward::data::tokenize(raw, &tok, &template, cfg.data.max_length, Ties::Drop);
-    let (train, dropped) = tokenize(&train_raw)?;
-    let (valid, _) = tokenize(&valid_raw)?;
-    println!(
-        "data: {} train groups ({} pairs), {} validation groups; dropped {} responses longer than {} tokens, {} groups left with < 2 responses, {} all-tied groups; {} prompts cut from the left",
-        train.len(),
-        train.iter().map(|g| pairs_of(g, 0).len()).sum::<usize>(),
-        valid.len(),
-        dropped.long_responses,
-        cfg.data.max_length,
-        dropped.groups,
-        dropped.all_tied,
-        dropped.truncated_prompts
-    );
-    if train.is_empty() {
-        bail!(
-            "{}: no training group has two responses that fit data.max_length = {}; raise it",
-            cfg.data.path.display(),
-            cfg.data.max_length
-        );
-    }
+    let (train, valid, dropped) =
+        reward::data::tokenize_split((&train_raw, &valid_raw), &tok, &template, &cfg.data)?;
     let mut fingerprint = Fingerprint::default();
     for g in train.iter().chain(&valid) {
         for s in &g.sequences {

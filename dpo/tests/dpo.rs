@@ -2,44 +2,18 @@
 //! the demo's labeler rankings (a rankings CSV, K-way groups) with each loss; exact resume after
 //! kill -9 (the reference's log-probabilities read back, not recomputed); bad input.
 
-use e2e::{bin, root};
+use e2e::root;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
 fn run(args: &[String]) -> (bool, String, String) {
     e2e::run_exe(Path::new(env!("CARGO_BIN_EXE_dpo")), args)
 }
 
-/// One SFT policy on the demo task, shared by the tests (a tiny model, 400 steps).
+/// The demo task's SFT policy, shared by the tests.
 fn sft_policy() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("sft");
-        let o = out.to_str().unwrap();
-        e2e::run(
-            "sft",
-            &[
-                "--config",
-                "configs/sft.toml",
-                "--out",
-                o,
-                "--set",
-                "data.path=datasets/demo/task/demonstrations.jsonl",
-                "--set",
-                "train.max_steps=400",
-                "--set",
-                "train.eval_every=0",
-                "--set",
-                "train.save_every=0",
-            ],
-        );
-        assert!(bin("sft").exists());
-        (tmp, out.join("final"))
-    })
-    .1
+    e2e::demo_sft_policy()
 }
 
 /// `dpo` on the demo rankings with `sets` after the shared ones.

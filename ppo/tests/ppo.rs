@@ -4,9 +4,8 @@
 
 use e2e::{bin, root};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use e2e::run_exe as run;
 
@@ -20,32 +19,9 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
-/// One SFT policy on the demo task, shared by the tests (a tiny model, 400 steps).
+/// The demo task's SFT policy, shared by the tests.
 fn sft_policy() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("sft");
-        ok(
-            &bin("sft"),
-            &s(&[
-                "--config",
-                "configs/sft.toml",
-                "--out",
-                out.to_str().unwrap(),
-                "--set",
-                "data.path=datasets/demo/task/demonstrations.jsonl",
-                "--set",
-                "train.max_steps=400",
-                "--set",
-                "train.eval_every=0",
-                "--set",
-                "train.save_every=0",
-            ]),
-        );
-        (tmp, out.join("final"))
-    })
-    .1
+    e2e::demo_sft_policy()
 }
 
 fn ppo(sets: &[String], extra: &[&str]) -> (bool, String, String) {

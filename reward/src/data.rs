@@ -413,6 +413,36 @@ pub fn tokenize(
 /// A ranked group with the data's margin (comparisons only).
 pub type Read = (RankedGroup, Option<f64>);
 
+/// Tokenizes the training and validation groups ([`tokenize`]), prints what was kept and
+/// dropped, and stops when no training group is left. → (train, validation, what training dropped)
+pub fn tokenize_split(
+    (train, valid): (&[Read], &[Read]),
+    tok: &Tokenizer,
+    template: &PromptTemplate,
+    d: &DataSection,
+) -> Result<(Vec<Group>, Vec<Group>, Dropped)> {
+    let (train, dropped) = tokenize(train, tok, template, d.max_length, d.ties)?;
+    let (valid, _) = tokenize(valid, tok, template, d.max_length, d.ties)?;
+    println!(
+        "data: {} train groups, {} validation groups; dropped {} responses longer than {} tokens, {} groups left with < 2 responses, {} all-tied groups; {} prompts cut from the left",
+        train.len(),
+        valid.len(),
+        dropped.long_responses,
+        d.max_length,
+        dropped.groups,
+        dropped.all_tied,
+        dropped.truncated_prompts
+    );
+    if train.is_empty() {
+        bail!(
+            "{}: no training group has two responses that fit data.max_length = {}; raise it",
+            d.path.display(),
+            d.max_length
+        );
+    }
+    Ok((train, valid, dropped))
+}
+
 /// Splits groups by prompt; every error names the file and says what to change.
 pub fn split(
     groups: Vec<Read>,

@@ -623,37 +623,8 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         _ => None,
     };
     let (mut model, tok) = load_model(cfg, resume, &device)?;
-    let (train, dropped) = data::tokenize(
-        &train_raw,
-        &tok,
-        &template,
-        cfg.data.max_length,
-        cfg.data.ties,
-    )?;
-    let (valid, _) = data::tokenize(
-        &valid_raw,
-        &tok,
-        &template,
-        cfg.data.max_length,
-        cfg.data.ties,
-    )?;
-    println!(
-        "data: {} train groups, {} validation groups; dropped {} responses longer than {} tokens, {} groups left with < 2 responses, {} all-tied groups; {} prompts cut from the left",
-        train.len(),
-        valid.len(),
-        dropped.long_responses,
-        cfg.data.max_length,
-        dropped.groups,
-        dropped.all_tied,
-        dropped.truncated_prompts
-    );
-    if train.is_empty() {
-        bail!(
-            "{}: no training group has two responses that fit data.max_length = {}; raise it",
-            cfg.data.path.display(),
-            cfg.data.max_length
-        );
-    }
+    let (train, valid, dropped) =
+        data::tokenize_split((&train_raw, &valid_raw), &tok, &template, &cfg.data)?;
 
     let per_step = t.examples_per_step();
     let mut fingerprint = Fingerprint::default();

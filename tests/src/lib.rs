@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The workspace root (configs and datasets are given relative to it).
@@ -133,4 +134,33 @@ pub fn assert_same_runs(a: &Path, b: &Path, files: &[&str], why: &str) {
         metrics_without_timing(b),
         "metrics differ ({why})"
     );
+}
+
+/// One SFT policy on the demo task for a test binary's tests (the tiny preset, 400 steps, about
+/// 5 s), trained on first use; its folder lives as long as the test process.
+pub fn demo_sft_policy() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("sft");
+        run(
+            "sft",
+            &[
+                "--config",
+                "configs/sft.toml",
+                "--out",
+                out.to_str().unwrap(),
+                "--set",
+                "data.path=datasets/demo/task/demonstrations.jsonl",
+                "--set",
+                "train.max_steps=400",
+                "--set",
+                "train.eval_every=0",
+                "--set",
+                "train.save_every=0",
+            ],
+        );
+        (tmp, out.join("final"))
+    })
+    .1
 }
