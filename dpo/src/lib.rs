@@ -434,14 +434,7 @@ pub fn run(cfg: &DpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     let final_dir = cfg.out.join("final");
     model::save_with_meta(&policy.valid(), Some(&tok), &meta, &final_dir)?;
     let summary = Summary {
-        run: reward::PreferenceSummary {
-            steps: run.state.step,
-            train_loss: last_loss,
-            train_groups: train.len(),
-            validation_groups: valid.len(),
-            dropped,
-            validation: last_eval,
-        },
+        run: reward::PreferenceSummary::of(&run, last_loss, (&train, &valid), dropped, last_eval),
         final_dir,
     };
     run.finish(&summary)?;

@@ -207,6 +207,26 @@ pub struct PreferenceSummary {
     pub validation: Option<Validation>,
 }
 
+impl PreferenceSummary {
+    /// The summary of `run` after training on `train` (validated on `valid`).
+    pub fn of(
+        run: &Run,
+        train_loss: f64,
+        (train, valid): (&[Group], &[Group]),
+        dropped: data::Dropped,
+        validation: Option<Validation>,
+    ) -> Self {
+        Self {
+            steps: run.state.step,
+            train_loss,
+            train_groups: train.len(),
+            validation_groups: valid.len(),
+            dropped,
+            validation,
+        }
+    }
+}
+
 /// What a run ends with (`summary.json`).
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
@@ -714,14 +734,7 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         norm.offset, norm.reference, norm.std
     );
     let summary = Summary {
-        run: PreferenceSummary {
-            steps: run.state.step,
-            train_loss: last_loss,
-            train_groups: train.len(),
-            validation_groups: valid.len(),
-            dropped,
-            validation: last_eval,
-        },
+        run: PreferenceSummary::of(&run, last_loss, (&train, &valid), dropped, last_eval),
         normalization: norm,
         final_dir,
         ensemble: None,
