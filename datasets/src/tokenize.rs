@@ -23,25 +23,60 @@ impl SftExample {
     }
 }
 
+/// What a demonstration became for SFT: an example, or why it was dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tokenized {
+    Example(SftExample),
+    /// Longer than `max_len` tokens: `Some(its tokens)`, or `None` when it has more bytes than
+    /// `max_len` tokens of the tokenizer can stand for ([`Tokenizer::max_token_bytes`]), so that
+    /// it was dropped without being tokenized (a pasted 10 MB document takes seconds and
+    /// gigabytes to tokenize).
+    TooLong(Option<usize>),
+    /// The prompt renders to no tokens.
+    EmptyPrompt,
+}
+
+/// Tokenizes a demonstration, template(prompt) ++ response ++ EOS, of at most `max_len` tokens.
+pub fn tokenize_demonstration(
+    tok: &Tokenizer,
+    template: &PromptTemplate,
+    demo: &Demonstration,
+    max_len: usize,
+) -> model::Result<Tokenized> {
+    let bytes = template.rendered_len(&demo.prompt) + demo.response.len();
+    if bytes > max_len.saturating_mul(tok.max_token_bytes()) {
+        return Ok(Tokenized::TooLong(None));
+    }
+    let prompt = tok.encode(&template.render(&demo.prompt))?;
+    if prompt.is_empty() {
+        return Ok(Tokenized::EmptyPrompt);
+    }
+    let mut response = tok.encode(&demo.response)?;
+    response.push(tok.eos_id);
+    if prompt.len() + response.len() > max_len {
+        return Ok(Tokenized::TooLong(Some(prompt.len() + response.len())));
+    }
+    let mut is_target = vec![false; prompt.len()];
+    is_target.extend(std::iter::repeat_n(true, response.len()));
+    let mut tokens = prompt;
+    tokens.extend(response);
+    Ok(Tokenized::Example(SftExample { tokens, is_target }))
+}
+
 /// Tokenizes a demonstration; `None` when it is longer than `max_len` tokens (the caller counts
-/// what it drops) or when the prompt renders to no tokens.
+/// what it drops) or when the prompt renders to no tokens. See [`tokenize_demonstration`].
 pub fn sft_example(
     tok: &Tokenizer,
     template: &PromptTemplate,
     demo: &Demonstration,
     max_len: usize,
 ) -> model::Result<Option<SftExample>> {
-    let prompt = tok.encode(&template.render(&demo.prompt))?;
-    let mut response = tok.encode(&demo.response)?;
-    response.push(tok.eos_id);
-    if prompt.is_empty() || prompt.len() + response.len() > max_len {
-        return Ok(None);
-    }
-    let mut is_target = vec![false; prompt.len()];
-    is_target.extend(std::iter::repeat_n(true, response.len()));
-    let mut tokens = prompt;
-    tokens.extend(response);
-    Ok(Some(SftExample { tokens, is_target }))
+    Ok(
+        match tokenize_demonstration(tok, template, demo, max_len)? {
+            Tokenized::Example(e) => Some(e),
+            Tokenized::TooLong(_) | Tokenized::EmptyPrompt => None,
+        },
+    )
 }
 
 /// A next-token training batch: inputs are tokens[..n-1], targets tokens[1..], right-padded.
@@ -160,6 +195,29 @@ mod tests {
         assert!(e.is_target[n_prompt..].iter().all(|&t| t));
         assert_eq!(*e.tokens.last().unwrap(), tok.eos_id);
         assert!(sft_example(&tok, &tpl, &d, e.len() - 1).unwrap().is_none());
+        assert_eq!(
+            tokenize_demonstration(&tok, &tpl, &d, e.len() - 1).unwrap(),
+            Tokenized::TooLong(Some(e.len()))
+        );
+        // More bytes than max_len tokens can stand for: dropped without tokenizing.
+        let long = Demonstration {
+            prompt: "question 3".into(),
+            response: "x".repeat(4 * tok.max_token_bytes() + 1),
+        };
+        let bytes = tpl.rendered_len(&long.prompt) + long.response.len();
+        assert!(bytes > 4 * tok.max_token_bytes());
+        assert_eq!(
+            tokenize_demonstration(&tok, &tpl, &long, 4).unwrap(),
+            Tokenized::TooLong(None)
+        );
+        let empty = Demonstration {
+            prompt: String::new(),
+            response: " answer".into(),
+        };
+        assert_eq!(
+            tokenize_demonstration(&tok, &PromptTemplate::identity(), &empty, 512).unwrap(),
+            Tokenized::EmptyPrompt
+        );
 
         let b = lm_batch(&[e.clone(), e.clone()], tok.pad_id);
         assert_eq!(b.inputs.seq, e.len() - 1);

@@ -36,13 +36,15 @@ pub struct LabelerOptions {
     /// Prompts with their `answer` (e.g. the task's prompts.jsonl), matched by prompt text.
     #[arg(long)]
     pub answers: Option<PathBuf>,
-    #[arg(long, default_value_t = SimulateParams::default().labelers)]
+    #[arg(long, default_value_t = SimulateParams::default().labelers, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(1))]
     pub labelers: usize,
     /// The mean labeler's probability of swapping adjacent responses (0.5x to 1.5x of it from
     /// the first labeler to the last).
-    #[arg(long, default_value_t = SimulateParams::default().noise)]
+    #[arg(long, default_value_t = SimulateParams::default().noise, allow_negative_numbers = true)]
     pub noise: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<u64>(0))]
     pub seed: u64,
     /// The ranked sheet (long CSV, written atomically).
     #[arg(long)]

@@ -59,22 +59,28 @@ use std::path::Path;
 /// [`crate::suite::FamilyArgs`] and skipped here.
 #[derive(Clone, Debug, PartialEq, Serialize, clap::Args)]
 pub struct SimulateParams {
-    #[arg(long, default_value_t = SimulateParams::default().seed)]
+    #[arg(long, default_value_t = SimulateParams::default().seed, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<u64>(0))]
     pub seed: u64,
     /// Lines of `prompts.jsonl` (PPO prompts).
-    #[arg(long, default_value_t = SimulateParams::default().train_prompts)]
+    #[arg(long, default_value_t = SimulateParams::default().train_prompts, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(1))]
     pub train_prompts: usize,
     /// Lines of `eval_prompts.jsonl`.
-    #[arg(long, default_value_t = SimulateParams::default().eval_prompts)]
+    #[arg(long, default_value_t = SimulateParams::default().eval_prompts, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(1))]
     pub eval_prompts: usize,
     /// Lines of `demonstrations.jsonl`.
-    #[arg(long, default_value_t = SimulateParams::default().demonstrations)]
+    #[arg(long, default_value_t = SimulateParams::default().demonstrations, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(1))]
     pub demonstrations: usize,
     /// Prompts with K ranked candidates in `rankings.csv`.
-    #[arg(long, default_value_t = SimulateParams::default().comparison_prompts)]
+    #[arg(long, default_value_t = SimulateParams::default().comparison_prompts, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(1))]
     pub comparison_prompts: usize,
     /// Simulated labelers; each ranks every comparison prompt.
-    #[arg(long, default_value_t = SimulateParams::default().labelers)]
+    #[arg(long, default_value_t = SimulateParams::default().labelers, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(1))]
     pub labelers: usize,
     /// Candidates per comparison prompt, 2 to 5.
     #[arg(skip = SimulateParams::default().k)]

@@ -191,20 +191,20 @@ pub struct FamilyArgs {
     pub family: Family,
     /// Candidates per comparison prompt, 2 to 5 (2 to 4 for words); default: the family's (demo
     /// 4, words 3, choice 4, zh 5, json 2).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = model::flags::at_least::<usize>(2))]
     pub k: Option<usize>,
     /// Probability of swapping adjacent candidates (the mean labeler's); ties come at half of it.
     /// Default: the family's (demo 0.15, words 0.10, choice 0.30, zh 0.20, json 0.15).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub noise: Option<f64>,
     /// Share of demonstrations written by careless demonstrators: the right answer in a wrong
     /// form, which the gold rule scores 0 and the labelers rank low. Default: the family's (demo
     /// 0.5, words 0.4, choice 0.5, zh 0.5, json 0.6).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sloppy: Option<f64>,
     /// Prompts of `heldout_candidates.jsonl` (0: no such file). Default: 0 for demo, 150 for the
     /// other families.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = model::flags::at_least::<usize>(0))]
     pub heldout_candidates: Option<usize>,
 }
 

@@ -118,6 +118,7 @@ pub fn load_with(dir: &Path, heads: Option<Heads>, device: &Device) -> Result<Lo
     }
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let files = SafetensorsFiles::open(dir)?;
+    check_layers(dir, &config, &files)?;
     let declared = if config.declares_scalar_head() {
         Heads::SCALAR
     } else {
@@ -169,6 +170,28 @@ pub fn load_with(dir: &Path, heads: Option<Heads>, device: &Device) -> Result<Lo
         tokenizer,
         file_dtypes: files.dtypes(),
         meta: ModelMeta::read(dir)?,
+    })
+}
+
+/// Refuses a config.json with more layers than the weights hold, before a model of its size is
+/// laid out (the sizes of each tensor are checked against the files' headers as it is built).
+fn check_layers(dir: &Path, config: &ModelConfig, files: &SafetensorsFiles) -> Result<()> {
+    let layers = files.layers();
+    if config.num_layers <= layers {
+        return Ok(());
+    }
+    let key = match config.family {
+        crate::Family::Llama => "num_hidden_layers",
+        crate::Family::Gpt2 => "n_layer",
+    };
+    Err(ModelError::ConfigKey {
+        path: dir.join("config.json"),
+        key: key.into(),
+        msg: format!(
+            "= {}, but {} holds the weights of {layers} layers: the config does not describe these weights; use the config.json saved with them",
+            config.num_layers,
+            files.describe()
+        ),
     })
 }
 

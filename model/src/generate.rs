@@ -311,22 +311,59 @@ pub struct SamplingArgs {
     /// rlhf.json, else "Human: {prompt}\n\nAssistant:".
     #[arg(long)]
     pub template: Option<String>,
-    #[arg(long, default_value_t = 64)]
+    /// At least 1 ([`SamplingArgs::problems`]).
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true,
+          value_parser = crate::flags::at_least::<usize>(0))]
     pub max_new_tokens: usize,
     /// 0 means greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// 0 disables.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = crate::flags::at_least::<usize>(0))]
     pub top_k: usize,
     /// 1.0 disables.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = crate::flags::at_least::<u64>(0))]
     pub seed: u64,
 }
 
 impl SamplingArgs {
+    /// What is wrong with the flags, each naming its flag, value and range (the counts and
+    /// seed are checked as they are parsed: a negative one is a range error there). The same
+    /// words as `reward best-of-n`'s checks of these flags.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_new_tokens == 0 {
+            out.push("--max-new-tokens must be at least 1".to_string());
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            out.push(format!(
+                "--temperature {}: must be ≥ 0 (0 is greedy)",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            out.push(format!(
+                "--top-p {}: must be in (0, 1] (1 disables)",
+                self.top_p
+            ));
+        }
+        out
+    }
+
+    /// [`SamplingArgs::problems`] as one error.
+    pub fn check(&self) -> crate::Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::ModelError::Invalid(problems.join("; ")))
+        }
+    }
+
     /// The prompt template: `--template` (shell-typed `\n` / `\t` turned into newline / tab),
     /// else the one stored with the model folder `dir` (see
     /// [`crate::checkpoint::resolve_template`]).

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod flags;
 pub mod fused;
 pub mod generate;
 pub mod ops;

@@ -14,6 +14,107 @@ pub const EOS_TOKEN: &str = "<|endoftext|>";
 /// Padding token of new tokenizers.
 pub const PAD_TOKEN: &str = "<|pad|>";
 
+/// A new BPE is trained on the texts in order until this many bytes are reached (the rest are
+/// left out)...
+pub const BPE_MAX_BYTES: usize = 16 << 20;
+/// ...and on at most the first this many bytes of each text...
+pub const BPE_MAX_TEXT_BYTES: usize = 16 << 10;
+/// ...split where a run of one kind of character (letters, digits, spaces, others) would grow
+/// longer than this many characters.
+pub const BPE_MAX_RUN_CHARS: usize = 128;
+
+/// The texts a new BPE is trained on: each cut to its first [`BPE_MAX_TEXT_BYTES`] (at a
+/// character boundary), taken in order until [`BPE_MAX_BYTES`], and split inside runs longer
+/// than [`BPE_MAX_RUN_CHARS`]. Byte-pair training rescans every word a merged pair occurs in, at
+/// every merge, and a run of letters (or digits) is one word to the pre-tokenizer: one pasted
+/// 10 MB document kept it busy for over ten minutes, and 300 blobs of 16 KB of letters for 20 s
+/// (6 s split into runs; 16 MiB of such blobs, the worst the bounds let through, 30 s on 2 cores).
+/// Texts under the bounds, as ordinary text is, are used whole as they always were.
+#[derive(Clone, Debug, Default)]
+pub struct BpeCorpus {
+    texts: Vec<String>,
+    /// Bytes of text kept.
+    pub bytes: usize,
+    /// Texts cut to their first [`BPE_MAX_TEXT_BYTES`].
+    pub cut: usize,
+    /// Texts left out once [`BPE_MAX_BYTES`] were reached.
+    pub left_out: usize,
+    /// Texts split inside a run longer than [`BPE_MAX_RUN_CHARS`].
+    pub split: usize,
+}
+
+/// The kind of a character, as the byte-level pre-tokenizer groups them into words.
+fn char_kind(c: char) -> u8 {
+    if c.is_alphabetic() {
+        0
+    } else if c.is_numeric() {
+        1
+    } else if c.is_whitespace() {
+        2
+    } else {
+        3
+    }
+}
+
+/// `text` in pieces, split where a run of one kind of character would grow longer than
+/// [`BPE_MAX_RUN_CHARS`]; one piece (the text) when it has no such run.
+fn split_long_runs(text: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let (mut start, mut run, mut kind) = (0, 0, u8::MAX);
+    for (i, c) in text.char_indices() {
+        let k = char_kind(c);
+        if k != kind {
+            (kind, run) = (k, 0);
+        } else if run == BPE_MAX_RUN_CHARS {
+            pieces.push(&text[start..i]);
+            (start, run) = (i, 0);
+        }
+        run += 1;
+    }
+    pieces.push(&text[start..]);
+    pieces
+}
+
+impl BpeCorpus {
+    pub fn new<I, S>(texts: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut corpus = Self::default();
+        for t in texts {
+            let t = t.as_ref();
+            if corpus.bytes >= BPE_MAX_BYTES {
+                corpus.left_out += 1;
+                continue;
+            }
+            let mut end = t.len().min(BPE_MAX_TEXT_BYTES);
+            while !t.is_char_boundary(end) {
+                end -= 1;
+            }
+            if end < t.len() {
+                corpus.cut += 1;
+            }
+            corpus.bytes += end;
+            let pieces = split_long_runs(&t[..end]);
+            if pieces.len() > 1 {
+                corpus.split += 1;
+            }
+            corpus.texts.extend(pieces.into_iter().map(str::to_string));
+        }
+        corpus
+    }
+
+    /// Texts kept (cut ones included; a split one counts its pieces).
+    pub fn len(&self) -> usize {
+        self.texts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.texts.is_empty()
+    }
+}
+
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: HfTokenizer,
@@ -22,6 +123,8 @@ pub struct Tokenizer {
     pub pad_id: u32,
     /// tokenizer_config.json of the source folder, written back on save.
     config: Option<Value>,
+    /// See [`Tokenizer::max_token_bytes`].
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -31,6 +134,26 @@ impl std::fmt::Debug for Tokenizer {
             .field("eos_id", &self.eos_id)
             .field("pad_id", &self.pad_id)
             .finish()
+    }
+}
+
+/// An upper bound on the bytes of text one token of `inner` stands for: its longest vocabulary
+/// entry (special tokens included) in UTF-8 bytes, which is at least the bytes it covers for a
+/// byte-level BPE (one character per byte) and for SentencePiece (`▁` for a space, `<0x0A>` for a
+/// byte); four times that where a normalizer may shrink the text first (NFKC maps some 4-byte
+/// characters to one byte).
+fn longest_token_bytes(inner: &HfTokenizer) -> usize {
+    let longest = inner
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    if inner.get_normalizer().is_some() {
+        4 * longest
+    } else {
+        longest
     }
 }
 
@@ -99,6 +222,7 @@ impl Tokenizer {
             .or_else(|| known(&[PAD_TOKEN, "<pad>", "<|pad|>"]))
             .unwrap_or(eos_id);
         Ok(Self {
+            max_token_bytes: longest_token_bytes(&inner),
             inner,
             bos_id,
             eos_id,
@@ -108,12 +232,18 @@ impl Tokenizer {
     }
 
     /// Trains a byte-level BPE (GPT-2 style) of `vocab_size` tokens (special tokens included) on
-    /// `texts`. Token 0 is `<|endoftext|>` (bos and eos), token 1 `<|pad|>`.
+    /// `texts`, within the bounds of [`BpeCorpus`]. Token 0 is `<|endoftext|>` (bos and eos),
+    /// token 1 `<|pad|>`.
     pub fn train_bpe<I, S>(texts: I, vocab_size: usize) -> Result<Self>
     where
-        I: Iterator<Item = S> + Send,
-        S: AsRef<str> + Send,
+        I: Iterator<Item = S>,
+        S: AsRef<str>,
     {
+        Self::train_bpe_on(&BpeCorpus::new(texts), vocab_size)
+    }
+
+    /// [`Tokenizer::train_bpe`] on a corpus already bounded (whose counts a caller reports).
+    pub fn train_bpe_on(corpus: &BpeCorpus, vocab_size: usize) -> Result<Self> {
         let specials = vec![
             AddedToken::from(EOS_TOKEN, true),
             AddedToken::from(PAD_TOKEN, true),
@@ -136,7 +266,7 @@ impl Tokenizer {
         tk.with_decoder(Some(ByteLevel::default()));
         tk.with_post_processor(Some(ByteLevel::new(false, true, true)));
         tk.with_normalizer(None::<tokenizers::normalizers::Lowercase>);
-        tk.train(&mut trainer, texts)
+        tk.train(&mut trainer, corpus.texts.iter())
             .map_err(|e| ModelError::Invalid(format!("training the BPE tokenizer failed: {e}")))?;
         // Convert to the dynamic tokenizer through its JSON form.
         let json = tk
@@ -148,12 +278,20 @@ impl Tokenizer {
         let eos_id = inner.token_to_id(EOS_TOKEN).expect("special token added");
         let pad_id = inner.token_to_id(PAD_TOKEN).expect("special token added");
         Ok(Self {
+            max_token_bytes: longest_token_bytes(&inner),
             inner,
             bos_id: Some(eos_id),
             eos_id,
             pad_id,
             config: None,
         })
+    }
+
+    /// At most how many bytes of text one token stands for: a text of more than `n` times this
+    /// many bytes has more than `n` tokens, which callers use to drop what cannot fit without
+    /// tokenizing it (tokenizing 10 MB takes seconds and gigabytes).
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// Vocabulary size, added tokens included.
@@ -244,6 +382,11 @@ impl PromptTemplate {
         self.0.replace("{prompt}", prompt)
     }
 
+    /// `render(prompt).len()`, without rendering.
+    pub fn rendered_len(&self, prompt: &str) -> usize {
+        self.0.len() - "{prompt}".len() + prompt.len()
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -281,6 +424,67 @@ mod tests {
         }
         // Merges learned: a frequent word is one token.
         assert_eq!(tk.encode(" the").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bpe_corpus_cuts_long_texts_and_stops_at_its_budget() {
+        // 3 bytes a unit (a 2-byte letter and a comma), so no long runs.
+        let long = "é,".repeat(BPE_MAX_TEXT_BYTES);
+        let corpus = BpeCorpus::new(["short", long.as_str()]);
+        assert_eq!(
+            (corpus.len(), corpus.cut, corpus.left_out, corpus.split),
+            (2, 1, 0, 0)
+        );
+        // Cut at the character boundary below the limit: 16384 = 3 · 5461 + 1 is inside an é.
+        assert_eq!(corpus.texts[1].len(), BPE_MAX_TEXT_BYTES - 1);
+        assert_eq!(corpus.bytes, 5 + BPE_MAX_TEXT_BYTES - 1);
+        // Texts are taken until the budget is reached: the one that reaches it is the last.
+        let text = "ab ".repeat(BPE_MAX_TEXT_BYTES / 3);
+        let kept = BPE_MAX_BYTES.div_ceil(text.len());
+        let corpus = BpeCorpus::new(std::iter::repeat_n(text.as_str(), kept + 5));
+        assert_eq!((corpus.len(), corpus.left_out), (kept, 5));
+        assert_eq!(corpus.bytes, kept * text.len());
+        assert_eq!((corpus.cut, corpus.split), (0, 0));
+    }
+
+    #[test]
+    fn bpe_corpus_splits_runs_longer_than_its_limit_only() {
+        let word = "é".repeat(BPE_MAX_RUN_CHARS);
+        let text = format!("the {word} 1234 ...");
+        assert_eq!(split_long_runs(&text), vec![text.as_str()]);
+        let text = format!("a {word}b{word}12");
+        let pieces = split_long_runs(&text);
+        assert_eq!(pieces.concat(), text);
+        // The runs: "a", " ", é x 128 + "b" + é x 128 (257 letters), "12".
+        assert_eq!(pieces.len(), 3, "{pieces:?}");
+        assert_eq!(pieces[0], format!("a {word}"));
+        assert_eq!(
+            pieces[1],
+            format!("b{}", &word[..2 * (BPE_MAX_RUN_CHARS - 1)])
+        );
+        let corpus = BpeCorpus::new([text.as_str(), "plain text"]);
+        assert_eq!((corpus.split, corpus.cut, corpus.len()), (1, 0, 4));
+    }
+
+    #[test]
+    fn no_token_stands_for_more_bytes_than_max_token_bytes() {
+        let texts: Vec<String> = (0..60)
+            .map(|i| format!("the cat sat on the mat {i} café 東京 <|endoftext|>"))
+            .collect();
+        let tk = Tokenizer::train_bpe(texts.iter(), 300).unwrap();
+        // Entries are in the byte-level alphabet, one character per byte (of 1 or 2 UTF-8 bytes):
+        // ` 東京` (7 bytes) is an entry of 14, longer than `<|endoftext|>` (13). An overestimate
+        // is safe: it only lets more text through to the tokenizer.
+        assert_eq!(tk.max_token_bytes(), 14);
+        for t in &texts {
+            let ids = tk.encode(t).unwrap();
+            for id in ids {
+                let text = tk.inner.decode(&[id], false).unwrap();
+                assert!(text.len() <= tk.max_token_bytes(), "{text:?}");
+            }
+        }
+        let tpl = PromptTemplate::new("Human: {prompt}\n\nAssistant:").unwrap();
+        assert_eq!(tpl.rendered_len("hi 東京"), tpl.render("hi 東京").len());
     }
 
     #[test]

@@ -39,8 +39,69 @@ pub(crate) struct ParamSpec {
 /// `model.safetensors.index.json`.
 pub struct SafetensorsFiles {
     files: Vec<(PathBuf, Vec<u8>)>,
-    /// tensor name → index into `files`.
-    index: HashMap<String, usize>,
+    /// tensor name → (index into `files`, shape from the header).
+    index: HashMap<String, (usize, Vec<usize>)>,
+}
+
+/// The largest safetensors header accepted (the `safetensors` crate's limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// What a safetensors file's header declares.
+struct Header {
+    /// The file's size in bytes.
+    size: u64,
+    /// (name, shape) of each tensor.
+    tensors: Vec<(String, Vec<usize>)>,
+}
+
+/// Reads the header of the safetensors file `path` alone (no tensor data).
+fn read_header(path: &Path) -> Result<Header> {
+    use std::io::Read;
+    let bad = |msg: String| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let size = f.metadata().map_err(io_err(path))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad(format!("{size} bytes: too short for a safetensors header")))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER_BYTES || n > size - 8 {
+        return Err(bad(format!(
+            "the header claims {n} bytes in a file of {size}; the file is truncated or not safetensors"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io_err(path))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
+    let mut tensors = Vec::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| {
+                s.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<Vec<usize>>>()
+            })
+            .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape in the header")))?;
+        tensors.push((name, shape));
+    }
+    Ok(Header { size, tensors })
+}
+
+/// Bytes of memory available to this process: `MemAvailable` of /proc/meminfo (Linux); None
+/// elsewhere, or when it cannot be read.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
 }
 
 impl SafetensorsFiles {
@@ -79,27 +140,92 @@ impl SafetensorsFiles {
                 ),
             });
         };
-        let mut files = Vec::new();
+        // The headers first: what the files declare decides whether they fit in memory, before
+        // any tensor data is read.
         let mut index = HashMap::new();
-        for name in shard_names {
-            let path = dir.join(&name);
+        let (mut file_bytes, mut values) = (0u64, 0u64);
+        let paths: Vec<PathBuf> = shard_names.iter().map(|n| dir.join(n)).collect();
+        for (i, path) in paths.iter().enumerate() {
+            let header = read_header(path)?;
+            file_bytes = file_bytes.saturating_add(header.size);
+            for (name, shape) in header.tensors {
+                let n = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
+                values = values.saturating_add(n);
+                index.insert(name, (i, shape));
+            }
+        }
+        // Reading keeps the files in memory while the parameters are built from them in f32.
+        let need = file_bytes.saturating_add(values.saturating_mul(4));
+        if let Some(available) = available_memory()
+            && need > available
+        {
+            return Err(ModelError::Invalid(format!(
+                "{}: loading this model needs {need} bytes ({:.1} GB: {file_bytes} of safetensors files read into memory and {} for its {values} parameters in f32) but there are {available} bytes available (MemAvailable in /proc/meminfo); free memory, or use a smaller model or a machine with more memory",
+                dir.display(),
+                need as f64 / 1e9,
+                values.saturating_mul(4),
+            )));
+        }
+        let mut files = Vec::new();
+        for path in paths {
             let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-            let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+            SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
                 path: path.clone(),
                 msg: e.to_string(),
             })?;
-            for n in st.names() {
-                index.insert(n.to_string(), files.len());
-            }
-            drop(st);
             files.push((path, bytes));
         }
         Ok(Self { files, index })
     }
 
+    /// Layers whose weights the files hold: one more than the highest N of a tensor named
+    /// `….layers.N.…` (Llama family) or `….h.N.…` (GPT-2); 0 when there are none.
+    pub fn layers(&self) -> usize {
+        self.index
+            .keys()
+            .filter_map(|name| {
+                let parts: Vec<&str> = name.split('.').collect();
+                parts
+                    .windows(2)
+                    .find(|w| w[0] == "layers" || w[0] == "h")
+                    .and_then(|w| w[1].parse::<usize>().ok())
+            })
+            .max()
+            .map_or(0, |l| l + 1)
+    }
+
+    /// The weights' files in messages about them as a whole: the path of `model.safetensors`, or
+    /// "the N shards of model.safetensors.index.json".
+    pub fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [(p, _)] => p.display().to_string(),
+            files => format!("the {} shards of model.safetensors.index.json", files.len()),
+        }
+    }
+
+    /// Checks that tensor `name` is in the files with shape `expected` (from the header: nothing
+    /// is read or allocated).
+    pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        let Some((i, shape)) = self.index.get(name) else {
+            return Err(ModelError::MissingTensor {
+                path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+                name: name.to_string(),
+            });
+        };
+        if shape != expected {
+            return Err(ModelError::TensorShape {
+                path: self.files[*i].0.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// The path used in messages about tensor `name` (its shard, or the first file).
     pub fn path_of(&self, name: &str) -> &Path {
-        let i = self.index.get(name).copied().unwrap_or(0);
+        let i = self.index.get(name).map_or(0, |e| e.0);
         &self.files[i].0
     }
 
@@ -122,13 +248,8 @@ impl SafetensorsFiles {
 
     /// Reads tensor `name`, checks its shape, and converts it to f32.
     pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let Some(&i) = self.index.get(name) else {
-            return Err(ModelError::MissingTensor {
-                path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
-                name: name.to_string(),
-            });
-        };
-        let (path, bytes) = &self.files[i];
+        self.check_shape(name, expected)?;
+        let (path, bytes) = &self.files[self.index[name].0];
         let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
             path: path.clone(),
             msg: e.to_string(),
@@ -229,6 +350,14 @@ impl<'a> Builder<'a> {
         let data = match &mut self.source {
             Source::Random(rng) => Self::normal(rng, d_in * d_out, std),
             Source::File(files) => {
+                // Every part checked against the header before the matrix is allocated, so a
+                // config.json that disagrees with the weights allocates nothing of its sizes.
+                for (name, w) in parts {
+                    match layout {
+                        Layout::OutIn => files.check_shape(name, &[*w, d_in])?,
+                        Layout::InOut | Layout::Same => files.check_shape(name, &[d_in, *w])?,
+                    }
+                }
                 let mut full = vec![0f32; d_in * d_out];
                 let mut col0 = 0;
                 for (name, w) in parts {
@@ -267,6 +396,9 @@ impl<'a> Builder<'a> {
         let data = match &self.source {
             Source::Random(_) => vec![fill; n],
             Source::File(files) => {
+                for (name, w) in parts {
+                    files.check_shape(name, &[*w])?;
+                }
                 let mut v = Vec::with_capacity(n);
                 for (name, w) in parts {
                     v.extend(files.read(name, &[*w])?);

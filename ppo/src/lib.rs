@@ -259,6 +259,7 @@ fn iteration_seed(seed: u64, it: usize, salt: u64) -> u64 {
 
 /// Runs PPO with the config and its TOML text as used; `resume` continues from a checkpoint.
 pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
+    trainer::state::check_checkpoint(resume, "ppo")?;
     let base_device = model::parse_device(&cfg.device)?;
     println!(
         "matrix products: {}",
@@ -442,12 +443,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let forwards = || {
             model::device::join(
                 || logprobs(&policy_frozen),
-                || {
-                    model::device::join(
-                        || reference.as_ref().map(&logprobs).transpose(),
-                        values,
-                    )
-                },
+                || model::device::join(|| reference.as_ref().map(&logprobs).transpose(), values),
             )
         };
         let ((scores, t_score), (old_logprobs, (reference_logprobs, old_values))) =

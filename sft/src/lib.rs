@@ -13,11 +13,13 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
 use datasets::split::{dedup, split_by_prompt};
-use datasets::tokenize::{SftExample, lm_batch, pack, sft_example};
+use datasets::tokenize::{SftExample, Tokenized, lm_batch, pack, tokenize_demonstration};
 use datasets::{Demonstration, Format, Source, load_demonstrations};
+use model::tokenizer::{BPE_MAX_BYTES, BPE_MAX_RUN_CHARS, BPE_MAX_TEXT_BYTES, BpeCorpus};
 use model::{CausalLm, Heads, ModelConfig, ModelMeta, PromptTemplate, Tokenizer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use trainer::run::{Evaluation, Saving};
@@ -158,10 +160,15 @@ fn load_model(
         let tok = match tokenizer {
             Some(p) => Tokenizer::from_file(p, None, None, None)?,
             None => {
-                let texts = demos
-                    .iter()
-                    .flat_map(|d| [template.render(&d.prompt), d.response.clone()]);
-                Tokenizer::train_bpe(texts, cfg.model.vocab_size)?
+                let corpus = BpeCorpus::new(demos.iter().flat_map(|d| {
+                    [
+                        Cow::Owned(template.render(&d.prompt)),
+                        Cow::Borrowed(d.response.as_str()),
+                    ]
+                }));
+                let tok = Tokenizer::train_bpe_on(&corpus, cfg.model.vocab_size)?;
+                println!("{}", bpe_line(&tok, &corpus));
+                tok
             }
         };
         let mut mc = ModelConfig::preset(preset, tok.vocab_size())?;
@@ -171,7 +178,63 @@ fn load_model(
     Ok((m.with_dropout(cfg.model.dropout), tok))
 }
 
-/// De-duplicates, splits by prompt and tokenizes; prints what was dropped.
+/// "tokenizer: a BPE of N tokens trained on B bytes of the demonstrations' text", with what was
+/// cut or left out of it to keep its training bounded ([`BpeCorpus`]).
+fn bpe_line(tok: &Tokenizer, corpus: &BpeCorpus) -> String {
+    let plural = |n: usize| if n == 1 { "text" } else { "texts" };
+    let mut bounded = Vec::new();
+    if corpus.cut > 0 {
+        bounded.push(format!(
+            "{} {} cut to its first {BPE_MAX_TEXT_BYTES} bytes",
+            corpus.cut,
+            plural(corpus.cut)
+        ));
+    }
+    if corpus.left_out > 0 {
+        bounded.push(format!(
+            "{} {} left out after the first {BPE_MAX_BYTES} bytes",
+            corpus.left_out,
+            plural(corpus.left_out)
+        ));
+    }
+    if corpus.split > 0 {
+        bounded.push(format!(
+            "{} {} split inside runs of over {BPE_MAX_RUN_CHARS} characters",
+            corpus.split,
+            plural(corpus.split)
+        ));
+    }
+    let bounded = if bounded.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", bounded.join(", "))
+    };
+    format!(
+        "tokenizer: a BPE of {} tokens trained on {} bytes of the demonstrations' text{bounded}",
+        tok.vocab_size(),
+        corpus.bytes
+    )
+}
+
+/// Bytes of the largest demonstration [`why_none_left`] tokenizes to suggest a max_length.
+const SUGGEST_MAX_BYTES: usize = 1 << 20;
+
+/// Demonstrations dropped while tokenizing, by reason.
+#[derive(Default)]
+struct Dropped {
+    /// Longer than data.max_length tokens...
+    too_long: usize,
+    /// ...of which these had too many bytes to be tokenized at all.
+    untokenized: usize,
+    /// The fewest tokens of a dropped one, among those tokenized.
+    shortest: Option<usize>,
+    /// The untokenized one with the fewest bytes, if it has at most [`SUGGEST_MAX_BYTES`].
+    smallest_untokenized: Option<(usize, Demonstration)>,
+    /// Prompts that render to no tokens.
+    empty_prompt: usize,
+}
+
+/// De-duplicates, splits by prompt and tokenizes; prints what was dropped and why.
 pub fn prepare(
     cfg: &SftConfig,
     demos: &[Demonstration],
@@ -185,36 +248,140 @@ pub fn prepare(
         cfg.data.validation_fraction,
         cfg.seed,
     );
-    let mut too_long = 0;
+    let max_len = cfg.data.max_length;
+    // More bytes than max_length tokens can stand for: dropped before tokenizing.
+    let max_bytes = max_len.saturating_mul(tok.max_token_bytes());
+    let mut dropped = Dropped::default();
     let mut tokenize = |ds: &[Demonstration]| -> Result<Vec<SftExample>> {
         let mut out = Vec::with_capacity(ds.len());
         for d in ds {
-            match sft_example(tok, template, d, cfg.data.max_length)? {
-                Some(e) => out.push(e),
-                None => too_long += 1,
+            match tokenize_demonstration(tok, template, d, max_len)? {
+                Tokenized::Example(e) => out.push(e),
+                Tokenized::TooLong(n) => {
+                    dropped.too_long += 1;
+                    match n {
+                        Some(n) => {
+                            dropped.shortest = Some(dropped.shortest.map_or(n, |s| s.min(n)))
+                        }
+                        None => {
+                            dropped.untokenized += 1;
+                            let bytes = template.rendered_len(&d.prompt) + d.response.len();
+                            if bytes <= SUGGEST_MAX_BYTES
+                                && dropped
+                                    .smallest_untokenized
+                                    .as_ref()
+                                    .is_none_or(|(b, _)| bytes < *b)
+                            {
+                                dropped.smallest_untokenized = Some((bytes, d.clone()));
+                            }
+                        }
+                    }
+                }
+                Tokenized::EmptyPrompt => dropped.empty_prompt += 1,
             }
         }
         Ok(out)
     };
     let mut train = tokenize(&train_d)?;
     let valid = tokenize(&valid_d)?;
+    let untokenized = if dropped.untokenized > 0 {
+        format!(
+            " ({} of them over {max_bytes} bytes, not tokenized)",
+            dropped.untokenized
+        )
+    } else {
+        String::new()
+    };
+    let empty = if dropped.empty_prompt > 0 {
+        format!(
+            ", {} with a prompt of no tokens dropped",
+            dropped.empty_prompt
+        )
+    } else {
+        String::new()
+    };
+    let total = demos.len() + dups;
     println!(
-        "data: {} demonstrations, {} duplicates removed, {} longer than {} tokens dropped; {} train, {} validation",
-        demos.len() + dups,
-        dups,
-        too_long,
-        cfg.data.max_length,
+        "data: {total} demonstrations, {dups} duplicates removed, {} longer than {max_len} tokens dropped{untokenized}{empty}; {} train, {} validation",
+        dropped.too_long,
         train.len(),
         valid.len()
     );
     if cfg.data.packing {
-        train = pack(&train, cfg.data.max_length);
+        train = pack(&train, max_len);
         println!("packing: {} training rows", train.len());
     }
     if train.is_empty() {
-        bail!("{}: no training examples left", cfg.data.path.display());
+        bail!(
+            "{}: no training examples left: {}",
+            cfg.data.path.display(),
+            why_none_left(cfg, tok, template, &dropped, (total, dups, valid.len()))
+        );
     }
     Ok(Prepared { train, valid })
+}
+
+/// Why no training example is left (of `total` demonstrations, `dups` duplicates, `valid` held
+/// out), and what to change.
+fn why_none_left(
+    cfg: &SftConfig,
+    tok: &Tokenizer,
+    template: &PromptTemplate,
+    dropped: &Dropped,
+    (total, dups, valid): (usize, usize, usize),
+) -> String {
+    let max_len = cfg.data.max_length;
+    let mut reasons = Vec::new();
+    let mut fixes = Vec::new();
+    if dups > 0 {
+        reasons.push(format!("{dups} duplicates"));
+    }
+    if dropped.too_long > 0 {
+        reasons.push(format!(
+            "{} longer than data.max_length = {max_len} tokens (prompt with its template + response + EOS)",
+            dropped.too_long
+        ));
+        // A max_length that keeps one: the fewest tokens of a tokenized one, else the tokens
+        // of the untokenized one with the fewest bytes (when it is small enough to tokenize).
+        let untokenized = dropped
+            .smallest_untokenized
+            .as_ref()
+            .and_then(|(_, d)| tokenize_demonstration(tok, template, d, usize::MAX).ok())
+            .and_then(|t| match t {
+                Tokenized::Example(e) => Some(e.len()),
+                _ => None,
+            });
+        match dropped.shortest.into_iter().chain(untokenized).min() {
+            Some(n) => fixes.push(format!(
+                "raise data.max_length (data.max_length = {n} keeps at least one)"
+            )),
+            None => fixes.push("raise data.max_length, or shorten the records".into()),
+        }
+    }
+    if dropped.empty_prompt > 0 {
+        reasons.push(format!(
+            "{} with a prompt of no tokens",
+            dropped.empty_prompt
+        ));
+        fixes.push("check data.template and the file's prompt column".into());
+    }
+    let reasons = reasons.join(", ");
+    let fraction = cfg.data.validation_fraction;
+    let what = if valid == 0 {
+        format!("all {total} demonstrations were dropped: {reasons}")
+    } else if reasons.is_empty() {
+        fixes.push("lower data.validation_fraction".into());
+        format!(
+            "all {total} demonstrations are held out for validation (data.validation_fraction = {fraction})"
+        )
+    } else {
+        fixes.push("lower data.validation_fraction".into());
+        format!(
+            "of {total} demonstrations {valid} are held out for validation (data.validation_fraction = {fraction}) and the other {} were dropped: {reasons}",
+            total - valid
+        )
+    };
+    format!("{what}; {}", fixes.join(", or "))
 }
 
 /// Validation loss, perplexity and token accuracy of `model` (evaluated without autodiff).
@@ -246,6 +413,7 @@ pub fn evaluate(
 
 /// Runs SFT with the config and its TOML text as used; `resume` continues from a checkpoint.
 pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<Summary> {
+    trainer::state::check_checkpoint(resume, "sft")?;
     let device = model::parse_device(&cfg.device)?.autodiff();
     println!(
         "matrix products: {}",

@@ -40,7 +40,7 @@ pub struct StageArgs {
     #[arg(long)]
     pub device: Option<String>,
     /// Overrides `seed`.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = model::flags::at_least::<u64>(0))]
     pub seed: Option<u64>,
 }
 

@@ -99,6 +99,50 @@ pub fn model_dir(dir: &Path, name: &str, first: bool) -> PathBuf {
     }
 }
 
+/// Checks that `resume`, when given, is a checkpoint of a `stage` run (`sft`, `reward`, `dpo`,
+/// `ppo`): a folder with `trainer_state/state.json` whose model that stage wrote (its rlhf.json
+/// says so). A stage calls it first, before it loads any model, so that a `final/` or `best/`
+/// folder, or another stage's checkpoint, gets this one error instead of whatever its files
+/// fail on first (a PPO `final/` has no critic).
+pub fn check_checkpoint(resume: Option<&Path>, stage: &str) -> Result<()> {
+    let Some(dir) = resume else {
+        return Ok(());
+    };
+    let run_of = |stage: &str| {
+        let article = if stage == "sft" || stage.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{article} {stage} run")
+    };
+    let not = format!("{} is not a checkpoint of {}", dir.display(), run_of(stage));
+    if !dir.is_dir() {
+        bail!("{not}: there is no such folder; resume from a checkpoint-NNNNNN folder of the run");
+    }
+    if !dir.join(STATE_DIR).join("state.json").is_file() {
+        let newest = dir
+            .parent()
+            .and_then(|run| checkpoints(run).ok())
+            .and_then(|c| c.last().cloned())
+            .map_or(String::new(), |c| {
+                format!(" (the newest there: {})", c.display())
+            });
+        bail!(
+            "{not}: it has no {STATE_DIR}/ (a final/ or best/ folder holds the model only); resume from one of its checkpoint-NNNNNN folders{newest}"
+        );
+    }
+    let meta = model::ModelMeta::read(dir)?;
+    if let Some(written_by) = meta.stage.filter(|s| s != stage) {
+        bail!(
+            "{not}: it is a checkpoint of {} (rlhf.json: \"stage\": \"{written_by}\"); resume from a checkpoint-NNNNNN folder of {}, or start a new run from this model",
+            run_of(&written_by),
+            run_of(stage)
+        );
+    }
+    Ok(())
+}
+
 /// Reads `trainer_state/state.json` of a checkpoint folder.
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE_DIR).join("state.json");
@@ -177,6 +221,45 @@ mod tests {
             best_step: None,
             stage: serde_json::Value::Null,
         }
+    }
+
+    #[test]
+    fn only_a_checkpoint_of_the_stage_resumes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let ckpt = run.join("checkpoint-000004");
+        std::fs::create_dir_all(ckpt.join(STATE_DIR)).unwrap();
+        std::fs::write(ckpt.join(STATE_DIR).join("state.json"), "{}").unwrap();
+        std::fs::write(ckpt.join("rlhf.json"), r#"{"stage": "ppo"}"#).unwrap();
+        let final_dir = run.join("final");
+        std::fs::create_dir_all(&final_dir).unwrap();
+        assert!(check_checkpoint(None, "ppo").is_ok());
+        assert!(check_checkpoint(Some(&ckpt), "ppo").is_ok());
+        let e = check_checkpoint(Some(&final_dir), "ppo")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{} is not a checkpoint of a ppo run: it has no trainer_state/ (a final/ or best/ folder holds the model only); resume from one of its checkpoint-NNNNNN folders (the newest there: {})",
+                final_dir.display(),
+                ckpt.display()
+            )
+        );
+        let e = check_checkpoint(Some(&ckpt), "sft")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is not a checkpoint of an sft run: it is a checkpoint of a ppo run"),
+            "{e}"
+        );
+        let e = check_checkpoint(Some(&run.join("nope")), "dpo")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is not a checkpoint of a dpo run: there is no such folder"),
+            "{e}"
+        );
     }
 
     #[test]

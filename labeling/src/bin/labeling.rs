@@ -51,7 +51,8 @@ enum Command {
         /// Prompts file (.jsonl, .csv, .parquet) with a `prompt` column.
         #[arg(long)]
         prompts: PathBuf,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, allow_negative_numbers = true,
+              value_parser = model::flags::at_least::<usize>(2))]
         k: usize,
         #[arg(long)]
         out: PathBuf,
@@ -142,6 +143,7 @@ fn run(cli: Cli) -> Result<()> {
             sampling,
             device,
         } => {
+            sampling.check()?;
             let e = export_sheet(&ExportOptions {
                 policies,
                 id_prefix,

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
 use model::{
-    CausalLm, PromptTemplate, TokenBatch, Tokenizer, backend_name, generate,
+    CausalLm, Family, PromptTemplate, TokenBatch, Tokenizer, backend_name, flags, generate,
     generate::SamplingArgs, load, parse_device,
 };
 use serde_json::{Map, Value};
@@ -45,7 +45,8 @@ enum Command {
         #[arg(long, requires = "input")]
         out: Option<PathBuf>,
         /// Prompts sampled together with `--input` (grouped by length).
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, allow_negative_numbers = true,
+              value_parser = flags::at_least::<usize>(1))]
         batch_size: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
@@ -59,7 +60,8 @@ enum Command {
         #[arg(long)]
         input: PathBuf,
         /// Texts scored per forward pass.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, allow_negative_numbers = true,
+              value_parser = flags::at_least::<usize>(1))]
         batch_size: usize,
     },
     /// Create a new model folder from a preset, with a byte-level BPE trained on text files.
@@ -71,9 +73,11 @@ enum Command {
         #[arg(long, required = true, num_args = 1..)]
         texts: Vec<PathBuf>,
         /// Tokenizer vocabulary size, special tokens included.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, allow_negative_numbers = true,
+              value_parser = flags::at_least::<usize>(1))]
         vocab_size: usize,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+              value_parser = flags::at_least::<u64>(0))]
         seed: u64,
         #[arg(long)]
         out: PathBuf,
@@ -87,14 +91,17 @@ enum Command {
         #[arg(long)]
         python: Option<PathBuf>,
         /// Timed training steps (after 2 untimed).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, allow_negative_numbers = true,
+              value_parser = flags::at_least::<usize>(1))]
         steps: usize,
         /// Timed generation runs (after 1 untimed).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, allow_negative_numbers = true,
+              value_parser = flags::at_least::<usize>(1))]
         reps: usize,
         /// Rounds, each measuring ours then the peer; the table takes each side's best round (a
         /// shared machine's noise only ever slows a run down).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, allow_negative_numbers = true,
+              value_parser = flags::at_least::<usize>(1))]
         rounds: usize,
         /// Our matrix products: fp32, or bf16 (the `matmul` config key). With bf16 the peer runs
         /// twice: fp32 (PyTorch's default) and with oneDNN's bf16 matmuls (the like-for-like).
@@ -129,24 +136,28 @@ fn run(cli: Cli) -> Result<()> {
             sampling,
             json,
         } => {
+            sampling.check()?;
             let loaded = load(&dir, &device)?;
             let tok = loaded.tokenizer.with_context(|| {
                 format!("{}: no tokenizer.json in the model folder", dir.display())
             })?;
             let template = sampling.template(&dir)?;
+            let room = Room::new(&loaded.model, &dir, sampling.max_new_tokens)?;
             if let Some(input) = input {
-                let lines = read_prompt_lines(&input, &tok, &template)?;
+                let lines = read_prompt_lines(&input, &tok, &template, &room)?;
                 return generate_file(
                     &loaded.model,
                     &tok,
                     &sampling,
                     lines,
-                    batch_size.max(1),
+                    batch_size,
                     out.as_deref(),
                 );
             }
             let prompt = prompt.context("give --prompt TEXT or --input FILE")?;
-            let ids = tok.encode(&template.render(&prompt))?;
+            let ids = room
+                .encode(&tok, &template, &prompt)
+                .map_err(|e| anyhow::anyhow!("--prompt: {e:#}"))?;
             if ids.is_empty() {
                 bail!("the prompt is empty after tokenization");
             }
@@ -200,7 +211,7 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             input,
             batch_size,
-        } => score(&dir, &input, batch_size.max(1), &device),
+        } => score(&dir, &input, batch_size, &device),
         Command::Bench {
             shape,
             python,
@@ -211,10 +222,70 @@ fn run(cli: Cli) -> Result<()> {
         } => bench(
             &shape,
             python.as_deref(),
-            (steps.max(1), reps.max(1), rounds.max(1)),
+            (steps, reps, rounds),
             matmul,
             &device,
         ),
+    }
+}
+
+/// What a model's context leaves for a prompt after `--max-new-tokens`: a prompt that does not
+/// fit is refused (never cut: a cut prompt asks another question), naming its length, the
+/// context and what to change.
+struct Room {
+    /// Tokens a prompt may have.
+    tokens: usize,
+    /// "the model's context of C tokens (KEY in DIR/config.json) leaves T for the prompt after
+    /// --max-new-tokens N".
+    why: String,
+}
+
+impl Room {
+    fn new(model: &CausalLm, dir: &Path, max_new_tokens: usize) -> Result<Self> {
+        let cfg = model.config();
+        let context = cfg.max_position_embeddings;
+        let key = match cfg.family {
+            Family::Llama => "max_position_embeddings",
+            Family::Gpt2 => "n_positions",
+        };
+        let config = dir.join("config.json");
+        if max_new_tokens >= context {
+            bail!(
+                "--max-new-tokens {max_new_tokens} leaves no room for a prompt in the context of {context} tokens ({key} in {}); lower --max-new-tokens",
+                config.display()
+            );
+        }
+        let tokens = context - max_new_tokens;
+        Ok(Self {
+            tokens,
+            why: format!(
+                "the model's context of {context} tokens ({key} in {}) leaves {tokens} for the prompt after --max-new-tokens {max_new_tokens}; shorten the prompt or lower --max-new-tokens",
+                config.display()
+            ),
+        })
+    }
+
+    /// The tokens of the templated `prompt`, or an error when they do not fit. A prompt of more
+    /// bytes than the room's tokens can cover is refused without being tokenized.
+    fn encode(&self, tok: &Tokenizer, template: &PromptTemplate, prompt: &str) -> Result<Vec<u32>> {
+        let bytes = template.rendered_len(prompt);
+        if bytes > self.tokens.saturating_mul(tok.max_token_bytes()) {
+            bail!(
+                "the prompt is {bytes} bytes with its template, more than {} tokens can cover (a token of this tokenizer stands for at most {} bytes), and {}",
+                self.tokens,
+                tok.max_token_bytes(),
+                self.why
+            );
+        }
+        let ids = tok.encode(&template.render(prompt))?;
+        if ids.len() > self.tokens {
+            bail!(
+                "the prompt is {} tokens with its template, but {}",
+                ids.len(),
+                self.why
+            );
+        }
+        Ok(ids)
     }
 }
 
@@ -230,11 +301,12 @@ struct PromptLine {
 }
 
 /// Reads every non-blank line of `input` (`{"prompt": ..., ...}`); an error names the file, the
-/// line and the field.
+/// line and the field. A prompt that does not fit in `room` is an error too.
 fn read_prompt_lines(
     input: &Path,
     tok: &Tokenizer,
     template: &PromptTemplate,
+    room: &Room,
 ) -> Result<Vec<PromptLine>> {
     let file =
         std::fs::File::open(input).with_context(|| format!("{}: cannot open", input.display()))?;
@@ -256,7 +328,9 @@ fn read_prompt_lines(
             ))),
             None => bail!(at("field `prompt` is missing")),
         };
-        let tokens = tok.encode(&template.render(&prompt))?;
+        let tokens = room
+            .encode(tok, template, &prompt)
+            .map_err(|e| anyhow::anyhow!(at(&format!("field `prompt`: {e:#}"))))?;
         if tokens.is_empty() {
             bail!(at("field `prompt` is empty after tokenization"));
         }
