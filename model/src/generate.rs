@@ -330,28 +330,30 @@ pub struct SamplingArgs {
     pub seed: u64,
 }
 
+/// What is wrong with the sampling settings every sampling command shares, each naming its flag,
+/// value and range (`--max-new-tokens`, `--temperature`, `--top-p`).
+pub fn sampling_problems(max_new_tokens: usize, temperature: f32, top_p: f32) -> Vec<String> {
+    let mut out = Vec::new();
+    if max_new_tokens == 0 {
+        out.push("--max-new-tokens must be at least 1".to_string());
+    }
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        out.push(format!(
+            "--temperature {temperature}: must be ≥ 0 (0 is greedy)"
+        ));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        out.push(format!("--top-p {top_p}: must be in (0, 1] (1 disables)"));
+    }
+    out
+}
+
 impl SamplingArgs {
     /// What is wrong with the flags, each naming its flag, value and range (the counts and
     /// seed are checked as they are parsed: a negative one is a range error there). The same
     /// words as `reward best-of-n`'s checks of these flags.
     pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.max_new_tokens == 0 {
-            out.push("--max-new-tokens must be at least 1".to_string());
-        }
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            out.push(format!(
-                "--temperature {}: must be ≥ 0 (0 is greedy)",
-                self.temperature
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            out.push(format!(
-                "--top-p {}: must be in (0, 1] (1 disables)",
-                self.top_p
-            ));
-        }
-        out
+        sampling_problems(self.max_new_tokens, self.temperature, self.top_p)
     }
 
     /// [`SamplingArgs::problems`] as one error.

@@ -185,23 +185,7 @@ impl Sampling {
     /// What is wrong with the settings every sampling command shares, each naming its flag
     /// (`--max-new-tokens`, `--temperature`, `--top-p`); the callers check their own counts.
     pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.max_new_tokens == 0 {
-            out.push("--max-new-tokens must be at least 1".to_string());
-        }
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            out.push(format!(
-                "--temperature {}: must be ≥ 0 (0 is greedy)",
-                self.temperature
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            out.push(format!(
-                "--top-p {}: must be in (0, 1] (1 disables)",
-                self.top_p
-            ));
-        }
-        out
+        model::generate::sampling_problems(self.max_new_tokens, self.temperature, self.top_p)
     }
 }
 
