@@ -1,9 +1,11 @@
 //! The `model` binary end to end, and the errors a user sees for broken model folders.
 
+mod common;
+
+use common::tiny_model_folder;
 use model::weights::write_safetensors;
-use model::{CausalLm, ModelConfig, SafetensorsFiles, Tokenizer, load, parse_device, save};
+use model::{CausalLm, ModelConfig, SafetensorsFiles, Tokenizer, load, parse_device};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -28,36 +30,10 @@ fn load_err(dir: &Path) -> String {
 }
 
 /// A tiny from-scratch model with a trained tokenizer, saved as a model folder.
-fn tiny_model_folder(dir: &Path) -> Tokenizer {
-    let texts: Vec<String> = [
-        "Human: what is two plus two?\n\nAssistant: four.",
-        "Human: name a colour.\n\nAssistant: blue.",
-        "Human: say hello.\n\nAssistant: hello there!",
-    ]
-    .iter()
-    .cycle()
-    .take(30)
-    .map(|s| s.to_string())
-    .collect();
-    let tok = Tokenizer::train_bpe(texts.iter(), 320).unwrap();
-    let mut cfg = ModelConfig::preset("tiny", tok.vocab_size()).unwrap();
-    cfg.eos_token_id = Some(tok.eos_id);
-    let device = parse_device("cpu").unwrap();
-    let m = CausalLm::new(&cfg, false, 3, &device).unwrap();
-    save(&m, Some(&tok), dir).unwrap();
-    tok
-}
-
+/// Runs the `model` binary: (succeeded, stdout, stderr).
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_model"))
-        .args(args)
-        .output()
-        .expect("running model");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, out, err) = common::run(args);
+    (code == Some(0), out, err)
 }
 
 #[test]

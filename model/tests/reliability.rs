@@ -3,30 +3,10 @@
 //! folder whose config.json disagrees with its weights, or that cannot fit in memory, is refused
 //! before anything is allocated.
 
-use model::{CausalLm, ModelConfig, Tokenizer, parse_device, save};
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-/// A tiny from-scratch model with a trained tokenizer, saved as a model folder.
-fn tiny_model_folder(dir: &Path) -> Tokenizer {
-    let texts: Vec<String> = [
-        "Human: what is two plus two?\n\nAssistant: four.",
-        "Human: name a colour.\n\nAssistant: blue.",
-        "Human: say hello.\n\nAssistant: hello there!",
-    ]
-    .iter()
-    .cycle()
-    .take(30)
-    .map(|s| s.to_string())
-    .collect();
-    let tok = Tokenizer::train_bpe(texts.iter(), 320).unwrap();
-    let mut cfg = ModelConfig::preset("tiny", tok.vocab_size()).unwrap();
-    cfg.eos_token_id = Some(tok.eos_id);
-    let device = parse_device("cpu").unwrap();
-    let m = CausalLm::new(&cfg, false, 3, &device).unwrap();
-    save(&m, Some(&tok), dir).unwrap();
-    tok
-}
+use common::{run, tiny_model_folder};
+use std::path::Path;
 
 /// Sets keys of `dir/config.json`.
 fn edit_config(dir: &Path, keys: &[(&str, serde_json::Value)]) {
@@ -37,18 +17,6 @@ fn edit_config(dir: &Path, keys: &[(&str, serde_json::Value)]) {
         cfg[*k] = v.clone();
     }
     std::fs::write(&p, cfg.to_string()).unwrap();
-}
-
-fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_model"))
-        .args(args)
-        .output()
-        .expect("running model");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Regression (issue 29): a 3,002-token prompt on a model whose context is 2,048 generated

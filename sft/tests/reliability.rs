@@ -2,31 +2,9 @@
 //! empty training set says why, `--resume` of a folder that is not one of this stage's
 //! checkpoints says so, and a negative `--seed` is a range error.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Runs `sft` with the repo's config and overrides; returns (success, stdout, stderr).
-fn sft(sets: &[&str], extra: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sft"));
-    cmd.current_dir(root())
-        .args(["--config", "configs/sft.toml"]);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let out = cmd.args(extra).output().expect("running sft");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{root, sft};
 
 /// The first `n` lines of the demo task's demonstrations.
 fn demo_lines(n: usize) -> Vec<String> {

@@ -1,30 +1,10 @@
 //! The `sft` binary end to end on tiny configs: learning, exact resume, errors, and GSM8K.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{root, sft};
+use std::path::Path;
 use std::process::Command;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Runs `sft` with the repo's config and overrides; returns (success, stdout, stderr).
-fn sft(sets: &[&str], extra: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sft"));
-    cmd.current_dir(root())
-        .args(["--config", "configs/sft.toml"]);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let out = cmd.args(extra).output().expect("running sft");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
