@@ -87,6 +87,18 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>> {
 /// The text of `bytes`, or an error naming the line of the first byte that is not UTF-8.
 pub fn utf8_text<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    // A NUL byte is in no text file: a UTF-16 file, or binary data.
+    if let Some(at) = bytes.iter().position(|&b| b == 0) {
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        return Err(DataError::at(
+            path,
+            line,
+            None,
+            format!(
+                "a NUL byte (at byte {at}): this is not a UTF-8 text file (UTF-16, or binary data); re-save it as UTF-8"
+            ),
+        ));
+    }
     std::str::from_utf8(bytes).map_err(|e| {
         let at = e.valid_up_to();
         let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
@@ -159,7 +171,7 @@ pub fn csv_rows(path: &Path, text: &str) -> Result<(Vec<String>, CsvRows)> {
         .from_reader(text.as_bytes());
     let header: Vec<String> = reader
         .headers()
-        .map_err(|e| csv_err(path, e))?
+        .map_err(|e| csv_err(path, text.as_bytes(), e))?
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
@@ -187,15 +199,34 @@ pub fn csv_rows(path: &Path, text: &str) -> Result<(Vec<String>, CsvRows)> {
                 counted = start.max(counted);
                 rows.push((line, record.iter().map(str::to_string).collect()));
             }
-            Err(e) => return Err(csv_err(path, e)),
+            Err(e) => return Err(csv_err(path, bytes, e)),
         }
     }
     Ok((header, rows))
 }
 
-fn csv_err(path: &Path, e: csv::Error) -> DataError {
-    let line = e.position().map_or(0, |p| p.line() as usize);
+/// A CSV error at the line where its record starts (counted from the record's first byte, as
+/// [`csv_rows`] counts: the csv crate's own line lags after CRLF terminators).
+fn csv_err(path: &Path, bytes: &[u8], e: csv::Error) -> DataError {
+    let (line, rest) = match e.position() {
+        Some(p) => {
+            let mut start = (p.byte() as usize).min(bytes.len());
+            while matches!(bytes.get(start), Some(b'\r' | b'\n')) {
+                start += 1;
+            }
+            let line = 1 + bytes[..start].iter().filter(|&&b| b == b'\n').count();
+            (line, &bytes[start..])
+        }
+        None => (0, &bytes[..0]),
+    };
     let msg = match e.kind() {
+        // An odd number of quotes from the record to the end: a quoted cell never closed (a
+        // truncated file, or a stray quote) swallowed the rest of the file.
+        csv::ErrorKind::UnequalLengths { .. }
+            if rest.iter().filter(|&&b| b == b'"').count() % 2 == 1 =>
+        {
+            "a quoted cell opened on this line is never closed (a truncated file, or a stray `\"`); close it, and write a quote inside a quoted cell as `\"\"`".to_string()
+        }
         csv::ErrorKind::UnequalLengths {
             expected_len, len, ..
         } => format!(

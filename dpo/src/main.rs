@@ -6,6 +6,7 @@ static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
+    model::device::file_size_limit_as_error();
     let args = trainer::StageArgs::parse(
         "dpo",
         "Direct preference optimisation of an SFT policy on rankings or comparisons",

@@ -51,19 +51,21 @@ pub struct Options {
     #[arg(long)]
     pub prompts: PathBuf,
     /// Use only the first N prompts.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = model::flags::at_least::<usize>(0))]
     pub max_prompts: Option<usize>,
     /// The model the KL is measured from (default: the baseline).
     #[arg(long)]
     pub reference: Option<PathBuf>,
     /// Responses sampled per prompt and model.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(0))]
     pub samples_per_prompt: usize,
     /// Also report the baseline's best-of-N: for each prompt and sample, N responses of the
     /// baseline, the one the reward model scores highest kept (a finished one over one cut at
     /// --max-new-tokens), with its KL log N − (N−1)/N from the baseline (analytic, an upper
     /// bound). Needs --baseline.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(0))]
     pub best_of_n: Option<usize>,
     /// Demonstrations (`prompt`, `response`) to measure each model's perplexity on.
     #[arg(long)]
@@ -79,21 +81,25 @@ pub struct Options {
     /// Output folder: metrics.json, samples.jsonl, report.md and the plots (replaced whole).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(0))]
     pub max_new_tokens: usize,
     /// 0 means greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// 1.0 disables.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// 0 disables.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(0))]
     pub top_k: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<u64>(0))]
     pub seed: u64,
     /// Sequences per forward pass (sampling, scoring, KL, perplexity).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_negative_numbers = true,
+          value_parser = model::flags::at_least::<usize>(0))]
     pub batch_size: usize,
     /// Training-run folders (sft, reward, ppo outputs) whose metrics.jsonl to plot.
     #[arg(long, num_args = 1..)]

@@ -10,6 +10,7 @@ static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
+    model::device::file_size_limit_as_error();
     let opts = evaluate::Options::parse();
     let mut out = std::io::stdout();
     let result = model::device::hot(|| evaluate::run(&opts, &mut out))

@@ -352,7 +352,6 @@ pub fn export_sheet(opts: &ExportOptions) -> Result<Exported> {
         "{}: no prompts",
         opts.prompts.path.display()
     );
-    let texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
     // responses[i][k]: prompt i's response k.
     let mut responses: Vec<Vec<String>> = vec![vec![String::new(); opts.k]; prompts.len()];
     for (j, policy) in opts.policies.iter().enumerate() {
@@ -363,8 +362,27 @@ pub fn export_sheet(opts: &ExportOptions) -> Result<Exported> {
                 policy.display()
             )
         })?;
+        anyhow::ensure!(
+            loaded.model.has_lm_head(),
+            "--policy {}: the model has no LM head: it is a reward or value model; sample from a policy or SFT model folder",
+            policy.display()
+        );
         let template = opts.sampling.template(policy)?;
-        let encoded = datasets::tokenize::encode_prompts(&tok, &template, &texts)?;
+        let room =
+            model::generate::PromptRoom::new(&loaded.model, policy, opts.sampling.max_new_tokens)?;
+        let encoded = prompts
+            .iter()
+            .map(|p| {
+                room.encode(&tok, &template, &p.prompt).with_context(|| {
+                    format!(
+                        "{}: line {}: field `prompt` (policy {})",
+                        opts.prompts.path.display(),
+                        p.line,
+                        policy.display()
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mine: Vec<usize> = (0..opts.k)
             .filter(|k| k % opts.policies.len() == j)
             .collect();

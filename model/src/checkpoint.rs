@@ -267,8 +267,13 @@ pub fn save_with_meta(
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    write_model_files(model, tokenizer, meta, &tmp)?;
-    replace_dir(&tmp, dir)
+    // A failed write (a full disk) leaves no temporary folder behind.
+    let written =
+        write_model_files(model, tokenizer, meta, &tmp).and_then(|()| replace_dir(&tmp, dir));
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
 }
 
 /// Writes config.json, model.safetensors, `rlhf.json` (and the tokenizer files) into the existing

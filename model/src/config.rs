@@ -566,3 +566,6 @@ impl ModelConfig {
         n
     }
 }
+
+/// The names of [`ModelConfig::preset`]'s presets, smallest first.
+pub const PRESETS: [&str; 5] = ["tiny", "mini", "small", "medium", "large"];

@@ -68,6 +68,19 @@ pub fn exit_quietly_on_broken_pipe() {
     }
 }
 
+/// Makes a write past the file-size limit (`ulimit -f`, RLIMIT_FSIZE) fail as a full disk does,
+/// with an error (EFBIG) that the caller reports with the file's path, instead of the SIGXFSZ
+/// signal that by default kills the process without a word (and, for a checkpoint, without
+/// cleaning up its temporary folder).
+pub fn file_size_limit_as_error() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to ignore at the start of main, before any thread
+    // is spawned.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 /// Runs `f` on a thread of the compute pool (rayon's, on flex) and returns its result; on other
 /// backends, and when already on a pool thread, runs it here.
 ///

@@ -37,6 +37,17 @@ pub enum ModelError {
     },
     #[error("{path}: invalid safetensors file: {msg}")]
     Safetensors { path: PathBuf, msg: String },
+    #[error(
+        "{path}: tensor `{name}` holds {value} (its value {index}, counting from 0, and {count} non-finite in all): \
+         the weights are corrupt (a diverged run can save NaN); load an earlier checkpoint of the run, or the model it started from"
+    )]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        value: f32,
+        index: usize,
+        count: usize,
+    },
     #[error("{path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error(

@@ -390,3 +390,75 @@ impl SamplingArgs {
         }
     }
 }
+
+/// What a model's context leaves for a prompt after `max_new_tokens`: a prompt that does not fit
+/// is refused (never cut: a cut prompt asks another question), naming its length, the context and
+/// what to change. Every command that samples from a model folder (`model generate`, `labeling
+/// export-sheet`) checks its prompts with it.
+pub struct PromptRoom {
+    /// Tokens a prompt may have.
+    pub tokens: usize,
+    /// "the model's context of C tokens (KEY in DIR/config.json) leaves T for the prompt after
+    /// --max-new-tokens N; ...".
+    why: String,
+}
+
+impl PromptRoom {
+    /// The room `model` (loaded from `dir`) leaves a prompt after `max_new_tokens`; an error when
+    /// it leaves none.
+    pub fn new(
+        model: &CausalLm,
+        dir: &std::path::Path,
+        max_new_tokens: usize,
+    ) -> crate::Result<Self> {
+        let cfg = model.config();
+        let context = cfg.max_position_embeddings;
+        let key = match cfg.family {
+            crate::Family::Llama => "max_position_embeddings",
+            crate::Family::Gpt2 => "n_positions",
+        };
+        let config = dir.join("config.json");
+        if max_new_tokens >= context {
+            return Err(crate::ModelError::Invalid(format!(
+                "--max-new-tokens {max_new_tokens} leaves no room for a prompt in the context of {context} tokens ({key} in {}); lower --max-new-tokens",
+                config.display()
+            )));
+        }
+        let tokens = context - max_new_tokens;
+        Ok(Self {
+            tokens,
+            why: format!(
+                "the model's context of {context} tokens ({key} in {}) leaves {tokens} for the prompt after --max-new-tokens {max_new_tokens}; shorten the prompt or lower --max-new-tokens",
+                config.display()
+            ),
+        })
+    }
+
+    /// The tokens of the templated `prompt`, or an error when they do not fit. A prompt of more
+    /// bytes than the room's tokens can cover is refused without being tokenized.
+    pub fn encode(
+        &self,
+        tok: &crate::Tokenizer,
+        template: &crate::PromptTemplate,
+        prompt: &str,
+    ) -> crate::Result<Vec<u32>> {
+        let bytes = template.rendered_len(prompt);
+        if bytes > self.tokens.saturating_mul(tok.max_token_bytes()) {
+            return Err(crate::ModelError::Invalid(format!(
+                "the prompt is {bytes} bytes with its template, more than {} tokens can cover (a token of this tokenizer stands for at most {} bytes), and {}",
+                self.tokens,
+                tok.max_token_bytes(),
+                self.why
+            )));
+        }
+        let ids = tok.encode(&template.render(prompt))?;
+        if ids.len() > self.tokens {
+            return Err(crate::ModelError::Invalid(format!(
+                "the prompt is {} tokens with its template, but {}",
+                ids.len(),
+                self.why
+            )));
+        }
+        Ok(ids)
+    }
+}

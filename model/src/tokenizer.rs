@@ -397,6 +397,10 @@ pub fn tokenizer_path(dir: &Path) -> PathBuf {
     dir.join("tokenizer.json")
 }
 
+/// The smallest vocabulary [`Tokenizer::train_bpe`] can build: the 256 byte-level symbols and the
+/// two special tokens (EOS and padding). A smaller `vocab_size` would be silently raised to it.
+pub const MIN_BPE_VOCAB: usize = 258;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,9 +77,19 @@ fn read_header(path: &Path) -> Result<Header> {
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
         .map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
     let mut tensors = Vec::with_capacity(header.len());
+    // The end of the tensor data the header declares: a file cut short (a copy or a write that
+    // did not finish) is named as truncated here, before anything is read.
+    let mut data_end = 0u64;
     for (name, info) in header {
         if name == "__metadata__" {
             continue;
+        }
+        if let Some(end) = info
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|e| e.as_u64())
+        {
+            data_end = data_end.max(end);
         }
         let shape = info
             .get("shape")
@@ -91,6 +101,12 @@ fn read_header(path: &Path) -> Result<Header> {
             })
             .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape in the header")))?;
         tensors.push((name, shape));
+    }
+    let data = size - 8 - n;
+    if data_end > data {
+        return Err(bad(format!(
+            "the file is truncated: its header declares {data_end} bytes of tensor data but {data} follow it"
+        )));
     }
     Ok(Header { size, tensors })
 }
@@ -104,47 +120,81 @@ fn available_memory() -> Option<u64> {
     Some(kb.saturating_mul(1024))
 }
 
+/// The (name, shape) of every tensor of the model folder `dir`, from the safetensors headers
+/// alone (no tensor data is read).
+pub fn tensor_shapes(dir: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    let mut out = Vec::new();
+    for path in shard_paths(dir)? {
+        out.extend(read_header(&path)?.tensors);
+    }
+    Ok(out)
+}
+
+/// The safetensors files of the model folder `dir`: `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` names (plain file names inside `dir`).
+fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let index_path = dir.join("model.safetensors.index.json");
+    let shard_names: Vec<String> = if single.exists() {
+        vec!["model.safetensors".into()]
+    } else if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            path: index_path.clone(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::ConfigKey {
+                path: index_path.clone(),
+                key: "weight_map".into(),
+                msg: "is missing or not an object".into(),
+            })?;
+        let mut set = BTreeSet::new();
+        for (tensor, value) in map {
+            let file = value.as_str().filter(|f| {
+                !f.is_empty() && Path::new(f).file_name() == Some(std::ffi::OsStr::new(f))
+            });
+            let Some(file) = file else {
+                return Err(ModelError::ConfigKey {
+                    path: index_path.clone(),
+                    key: format!("weight_map.{tensor}"),
+                    msg: format!(
+                        "= {value}: expected the name of a safetensors file in the model folder"
+                    ),
+                });
+            };
+            set.insert(file.to_string());
+        }
+        if set.is_empty() {
+            return Err(ModelError::ConfigKey {
+                path: index_path.clone(),
+                key: "weight_map".into(),
+                msg: "names no tensor; write the index that belongs to the shards".into(),
+            });
+        }
+        set.into_iter().collect()
+    } else {
+        return Err(ModelError::Io {
+            path: single,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors nor model.safetensors.index.json in the model folder",
+            ),
+        });
+    };
+    Ok(shard_names.iter().map(|n| dir.join(n)).collect())
+}
+
 impl SafetensorsFiles {
     /// Opens the weights of the model folder `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index_path = dir.join("model.safetensors.index.json");
-        let shard_names: Vec<String> = if single.exists() {
-            vec!["model.safetensors".into()]
-        } else if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Json {
-                    path: index_path.clone(),
-                    msg: format!("not valid JSON: {e}"),
-                })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::ConfigKey {
-                    path: index_path.clone(),
-                    key: "weight_map".into(),
-                    msg: "is missing or not an object".into(),
-                })?;
-            let set: BTreeSet<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect();
-            set.into_iter().collect()
-        } else {
-            return Err(ModelError::Io {
-                path: single,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no model.safetensors nor model.safetensors.index.json in the model folder",
-                ),
-            });
-        };
+        let paths = shard_paths(dir)?;
         // The headers first: what the files declare decides whether they fit in memory, before
         // any tensor data is read.
         let mut index = HashMap::new();
         let (mut file_bytes, mut values) = (0u64, 0u64);
-        let paths: Vec<PathBuf> = shard_names.iter().map(|n| dir.join(n)).collect();
         for (i, path) in paths.iter().enumerate() {
             let header = read_header(path)?;
             file_bytes = file_bytes.saturating_add(header.size);
@@ -267,19 +317,10 @@ impl SafetensorsFiles {
             });
         }
         let data = view.data();
-        let out = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        let (out, non_finite) = match view.dtype() {
+            Dtype::F32 => to_f32::<4>(data, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Dtype::BF16 => to_f32::<2>(data, |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            Dtype::F16 => to_f32::<2>(data, |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
             other => {
                 return Err(ModelError::TensorDtype {
                     path: path.clone(),
@@ -288,8 +329,39 @@ impl SafetensorsFiles {
                 });
             }
         };
+        // A NaN or infinity in the weights would only show later as a run of NaN losses (or
+        // garbage samples); it is named here, with its tensor and file.
+        if let Some((index, value, count)) = non_finite {
+            return Err(ModelError::NonFinite {
+                path: path.clone(),
+                name: name.to_string(),
+                value,
+                index,
+                count,
+            });
+        }
         Ok(out)
     }
+}
+
+/// Converts little-endian values of `N` bytes each to f32 in one pass that also finds the
+/// non-finite ones: (values, (index of the first, its value, how many) when there are any).
+fn to_f32<const N: usize>(
+    data: &[u8],
+    convert: impl Fn(&[u8]) -> f32,
+) -> (Vec<f32>, Option<(usize, f32, usize)>) {
+    let mut out = Vec::with_capacity(data.len() / N);
+    let mut count = 0usize;
+    for c in data.chunks_exact(N) {
+        let x = convert(c);
+        count += usize::from(!x.is_finite());
+        out.push(x);
+    }
+    let first = (count > 0)
+        .then(|| out.iter().position(|x| !x.is_finite()))
+        .flatten()
+        .map(|i| (i, out[i], count));
+    (out, first)
 }
 
 /// Where new parameters come from.
@@ -486,8 +558,9 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// FNV-1a hash of a tensor name.
-fn stable_id(name: &str) -> u64 {
+/// FNV-1a hash of a tensor name: the id of the parameter whose first HF tensor it is, the same
+/// in every process (optimizer state saved with a checkpoint is keyed by it).
+pub fn stable_id(name: &str) -> u64 {
     name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })

@@ -174,7 +174,8 @@ fn numeric_flags_out_of_range_are_range_errors() {
             ],
             "--vocab-size",
             "0",
-            "an integer ≥ 1",
+            // The byte alphabet (256) plus the special tokens: a smaller BPE cannot exist.
+            "an integer ≥ 258",
         ),
         (
             vec!["bench", "--steps", "0"],

@@ -214,7 +214,15 @@ fn load_critic(
         PathBuf::from(choice)
     };
     let (m, t, _) = model::checkpoint::load_with_tokenizer(&dir, Some(Heads::SCALAR), None, train)
-        .with_context(|| format!("the critic ({})", dir.display()))?;
+        .with_context(|| {
+            if choice == "reward_model" {
+                format!("the critic (model.critic = \"reward_model\": {})", dir.display())
+            } else {
+                format!(
+                    "model.critic = {choice:?} (\"reward_model\", \"policy\", or a reward-model folder)"
+                )
+            }
+        })?;
     Ok((m, t))
 }
 

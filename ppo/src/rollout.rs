@@ -3,7 +3,7 @@
 //! `samples.jsonl`.
 
 use crate::PpoSection;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor};
 use datasets::tokenize::{SftExample, lm_batch, sft_example};
 use datasets::{Demonstration, Source, load_demonstrations};
@@ -319,6 +319,9 @@ impl Samples {
         let path = out.join("samples.jsonl");
         if start > 0 {
             trainer::metrics::drop_lines_after(&path, "iteration", start)?;
+        } else if path.exists() {
+            // A run from the start (rerun after one killed before its first checkpoint).
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
         Ok(Self { path })
     }

@@ -19,6 +19,7 @@ struct ScoreCli {
 enum Command {
     /// Agreement with a gold scorer: every pair of candidates of one prompt whose `gold`
     /// differs, judged by the reward (lines {"prompt_id", "prompt", "response", "gold"[, "kind"]}).
+    #[command(allow_negative_numbers = true)]
     Agreement {
         /// A reward-model or ensemble folder.
         dir: PathBuf,
@@ -26,7 +27,7 @@ enum Command {
         /// simulate` writes heldout_candidates.jsonl so).
         #[arg(long)]
         candidates: PathBuf,
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = model::flags::at_least::<usize>(1))]
         batch_size: usize,
         /// An ensemble's reward: mean, mean-minus-std or min over the members.
         #[arg(long, value_enum, default_value = "mean-minus-std")]
@@ -40,12 +41,13 @@ enum Command {
         device: String,
     },
     /// Score `{"prompt", "response"}` lines: one `{"reward": r}` line each, in order.
+    #[command(allow_negative_numbers = true)]
     Score {
         /// A reward-model folder written by `reward` (or any HF *ForSequenceClassification).
         dir: PathBuf,
         #[arg(long)]
         input: PathBuf,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = model::flags::at_least::<usize>(1))]
         batch_size: usize,
         /// The head's raw output instead of the normalised reward.
         #[arg(long)]
@@ -78,6 +80,7 @@ static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
+    model::device::file_size_limit_as_error();
     let sub = std::env::args().nth(1);
     let scoring = sub
         .as_deref()

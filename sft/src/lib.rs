@@ -40,7 +40,19 @@ impl trainer::StageConfig for SftConfig {
         c.fraction("data.validation_fraction", self.data.validation_fraction);
         c.at_least("data.max_length", self.data.max_length, 2);
         c.fraction("model.dropout", self.model.dropout);
-        c.at_least_one("model.vocab_size", self.model.vocab_size);
+        c.at_least(
+            "model.vocab_size",
+            self.model.vocab_size,
+            model::tokenizer::MIN_BPE_VOCAB,
+        );
+        if let Some(preset) = &self.model.preset {
+            c.that(
+                "model.preset",
+                format!("{preset:?}"),
+                model::config::PRESETS.contains(&preset.as_str()),
+                &format!("one of {}", model::config::PRESETS.join(", ")),
+            );
+        }
     }
 }
 
@@ -435,6 +447,12 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
         columns: cfg.data.columns.clone(),
     };
     let mut demos = load_demonstrations(&source)?;
+    if demos.is_empty() {
+        bail!(
+            "{}: no demonstrations: the file has no records; give data.path a file with `prompt` and `response` fields",
+            cfg.data.path.display()
+        );
+    }
     if cfg.data.max_examples > 0 {
         demos.truncate(cfg.data.max_examples);
     }

@@ -211,7 +211,11 @@ fn config_and_data_errors_are_clear() {
     );
     let (ok, _, err) = sft(&["model.preset=huge"], &["--out", o]);
     assert!(!ok);
-    assert!(err.contains("unknown model preset `huge`"), "{err}");
+    assert!(
+        err.contains("key `model.preset` = \"huge\" is out of range")
+            && err.contains("one of tiny, mini, small, medium, large"),
+        "{err}"
+    );
     // A value out of range is an error naming the key (it once trained with lr = -1).
     let (ok, _, err) = sft(
         &["train.lr=-1", "data.validation_fraction=1.5"],

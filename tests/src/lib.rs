@@ -164,3 +164,116 @@ pub fn demo_sft_policy() -> &'static Path {
     })
     .1
 }
+
+/// The newest `checkpoint-*` folder of `out`, if any (a checkpoint folder exists only once all
+/// its files were written: it is renamed into place).
+pub fn newest_checkpoint(out: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(out)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+        })
+        .max()
+}
+
+/// Every file under `dir` (relative path → bytes), leaving out the top-level names in `skip`.
+pub fn files_under(dir: &Path, skip: &[&str]) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(
+        base: &Path,
+        at: &Path,
+        skip: &[&str],
+        found: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    ) {
+        let entries =
+            std::fs::read_dir(at).unwrap_or_else(|e| panic!("reading {}: {e}", at.display()));
+        for e in entries {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            if at == base && skip.contains(&rel.as_str()) {
+                continue;
+            }
+            if p.is_dir() {
+                walk(base, &p, skip, found);
+            } else {
+                let bytes =
+                    std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+                found.insert(rel, bytes);
+            }
+        }
+    }
+    let mut found = std::collections::BTreeMap::new();
+    walk(dir, dir, skip, &mut found);
+    found
+}
+
+/// A small training run of `stage` (`sft`, `reward`, `ppo`, `dpo`) into `out` on the demo task,
+/// checkpointing often and keeping two checkpoints (so pruning happens), a few seconds on two
+/// cores; `reward`, `ppo` and `dpo` start from [`demo_sft_policy`]. The arguments after the
+/// binary's name.
+pub fn small_run(stage: &str, out: &Path) -> Vec<String> {
+    let policy = || demo_sft_policy().display().to_string();
+    let (config, sets): (&str, Vec<String>) = match stage {
+        "sft" => (
+            "configs/sft.toml",
+            vec![
+                "data.path=datasets/demo/task/demonstrations.jsonl".into(),
+                "train.max_steps=120".into(),
+                "train.save_every=10".into(),
+                "train.eval_every=20".into(),
+                "model.dropout=0.1".into(),
+            ],
+        ),
+        "reward" => (
+            "configs/reward.toml",
+            vec![
+                format!("model.base={}", policy()),
+                "data.path=datasets/demo/task/rankings.csv".into(),
+                "ensemble.members=1".into(),
+                "train.max_steps=24".into(),
+                "train.save_every=4".into(),
+                "train.eval_every=8".into(),
+            ],
+        ),
+        "ppo" => (
+            "configs/ppo.toml",
+            vec![
+                format!("model.policy={}", policy()),
+                "reward.rule=\"regex:^ The answer is\"".into(),
+                "model.critic=\"policy\"".into(),
+                "train.iterations=12".into(),
+                "train.save_every=3".into(),
+                "rollout.batch_size=8".into(),
+                "kl.adaptive=true".into(),
+                "monitor.enabled=false".into(),
+            ],
+        ),
+        "dpo" => (
+            "configs/dpo.toml",
+            vec![
+                format!("model.policy={}", policy()),
+                "data.path=datasets/demo/task/rankings.csv".into(),
+                "train.max_steps=40".into(),
+                "train.save_every=5".into(),
+                "train.eval_every=10".into(),
+            ],
+        ),
+        _ => panic!("no small run of stage {stage}"),
+    };
+    let mut args: Vec<String> = vec![
+        "--config".into(),
+        config.into(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for s in sets
+        .into_iter()
+        .chain(["train.keep_last=2".into(), "train.log_every=1".into()])
+    {
+        args.push("--set".into());
+        args.push(s);
+    }
+    args
+}

@@ -119,8 +119,10 @@ pub fn exit_on_error<T>(result: Result<T>) -> T {
     })
 }
 
-/// Creates `out`, and writes the config used into it as `config.toml`.
-pub fn prepare_out(out: &Path, config_used: &str) -> Result<()> {
+/// Creates `out`, locks it for this run ([`OutLock`]: a second run into the same folder is
+/// refused while this one lives), and writes the config used into it as `config.toml`. Keep the
+/// returned lock for as long as the run writes into `out`.
+pub fn prepare_out(out: &Path, config_used: &str) -> Result<OutLock> {
     if out.exists() && !out.is_dir() {
         bail!(
             "{}: the output folder is an existing file; choose another `out` (or --out)",
@@ -129,8 +131,107 @@ pub fn prepare_out(out: &Path, config_used: &str) -> Result<()> {
     }
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create the output folder", out.display()))?;
+    let lock = OutLock::acquire(out)?;
     let tmp = out.join(".config.toml.tmp");
-    std::fs::write(&tmp, config_used)?;
-    std::fs::rename(&tmp, out.join("config.toml"))?;
-    Ok(())
+    std::fs::write(&tmp, config_used).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out.join("config.toml"))
+        .with_context(|| format!("renaming {} to config.toml", tmp.display()))?;
+    Ok(lock)
+}
+
+/// The file in an output folder that the run writing there holds locked (and writes its pid in).
+pub const LOCK_FILE: &str = ".lock";
+
+/// A run's hold on its output folder: an OS advisory lock (`flock`) on `out/.lock`, which the
+/// operating system releases when the process ends in any way, `kill -9` and power loss
+/// included, so a dead run never leaves the folder locked. The file stays (it holds the last
+/// holder's pid); only a live process's lock counts. Released when dropped.
+#[derive(Debug)]
+pub struct OutLock {
+    _file: std::fs::File,
+}
+
+impl OutLock {
+    /// Locks `out` (an existing folder) for this process, or says which folder is in use and, when
+    /// known, the pid of the process using it.
+    pub fn acquire(out: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = out.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open the lock file", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let by = text
+                    .trim()
+                    .parse::<u32>()
+                    .map_or("another run".to_string(), |pid| {
+                        format!("another run (pid {pid})")
+                    });
+                bail!(
+                    "{}: {by} is writing into this output folder; wait for it to end, or choose another `out` (or --out)",
+                    out.display()
+                );
+            }
+            // A file system without advisory locks: run unlocked rather than not at all.
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+                eprintln!(
+                    "warning: {}: this file system cannot lock files; make sure no other run writes into {}",
+                    path.display(),
+                    out.display()
+                );
+                return Ok(Self { _file: file });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("{}: cannot lock", path.display()));
+            }
+        }
+        (|| -> std::io::Result<()> {
+            file.set_len(0)?;
+            file.rewind()?;
+            writeln!(file, "{}", std::process::id())
+        })()
+        .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_out_folder_is_locked_until_its_lock_is_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run");
+        let lock = prepare_out(&out, "seed = 1\n").unwrap();
+        // A second open of the lock file conflicts, even from this process (flock is per open
+        // file), and changes nothing in the folder.
+        let e = prepare_out(&out, "seed = 2\n").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: another run (pid {}) is writing into this output folder; wait for it to end, or choose another `out` (or --out)",
+                out.display(),
+                std::process::id()
+            )
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("config.toml")).unwrap(),
+            "seed = 1\n"
+        );
+        drop(lock);
+        let _again = prepare_out(&out, "seed = 2\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("config.toml")).unwrap(),
+            "seed = 2\n"
+        );
+    }
 }

@@ -31,17 +31,21 @@ pub fn drop_lines_after(path: &Path, key: &str, last: usize) -> Result<()> {
 
 pub struct Metrics {
     file: std::fs::File,
+    path: std::path::PathBuf,
     bar: Option<ProgressBar>,
     total_steps: usize,
 }
 
 impl Metrics {
     /// Opens `out/metrics.jsonl` for appending. A run resumed at `start_step` into the same folder
-    /// first drops the lines of later steps, which the resumed run writes again.
+    /// first drops the lines of later steps, which the resumed run writes again; a run from the
+    /// start (rerun after one killed before its first checkpoint) drops them all.
     pub fn open(out: &Path, total_steps: usize, start_step: usize) -> Result<Self> {
         let path = out.join("metrics.jsonl");
         if start_step > 0 {
             drop_lines_after(&path, "step", start_step)?;
+        } else if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -61,6 +65,7 @@ impl Metrics {
         });
         Ok(Self {
             file,
+            path,
             bar,
             total_steps,
         })
@@ -71,7 +76,8 @@ impl Metrics {
         let mut obj = Map::new();
         obj.insert("step".into(), step.into());
         obj.extend(fields);
-        writeln!(self.file, "{}", Value::Object(obj.clone()))?;
+        writeln!(self.file, "{}", Value::Object(obj.clone()))
+            .with_context(|| format!("writing {}", self.path.display()))?;
         let num = |k: &str| obj.get(k).and_then(Value::as_f64);
         let mut msg = String::new();
         for (k, label, digits) in [

@@ -126,10 +126,13 @@ pub struct Run {
     saving: Option<Saving>,
     /// `[train]` of a run made by `for_training`: clipping, examples per step, data size.
     training: Option<(f64, usize, usize)>,
+    /// This run's lock on `out`, held until the run is dropped (after `finish`).
+    _lock: crate::OutLock,
 }
 
 impl Run {
-    /// Creates `out` (writing the config used as `config.toml`) and, with `resume`, reads the
+    /// Creates and locks `out` (writing the config used as `config.toml`; a second run into the
+    /// same folder is refused while this one lives) and, with `resume`, reads the
     /// checkpoint's state after checking that its seed and data fingerprint match this run's.
     /// Call it after the data and models have loaded, so that bad input leaves nothing behind.
     pub fn start(
@@ -161,7 +164,7 @@ impl Run {
             state = loaded;
             state.data_fingerprint = data_fingerprint;
         }
-        crate::prepare_out(out, config_used)?;
+        let lock = crate::prepare_out(out, config_used)?;
         let metrics = Metrics::open(out, total_steps, state.step)?;
         Ok(Self {
             out: out.to_path_buf(),
@@ -180,6 +183,7 @@ impl Run {
             step_started: None,
             saving: None,
             training: None,
+            _lock: lock,
         })
     }
 

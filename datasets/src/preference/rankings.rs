@@ -250,10 +250,14 @@ fn long(
     let mut groups: HashMap<(String, String), RankedGroup> = HashMap::new();
     // (group, response_id) → line, for duplicates within a group.
     let mut seen: HashMap<(String, String, String), usize> = HashMap::new();
+    // Groups with a row already reported: their size is not checked, so that one bad rank is one
+    // error, not also "the group has 1 response".
+    let mut reported: std::collections::HashSet<(String, String)> = Default::default();
     for (line, cells) in rows {
         if errs.full() {
             break;
         }
+        let errors_before = errs.list.len();
         let line = *line;
         let pid = cells[pid_c].trim().to_string();
         let prompt = cells[prompt_c].clone();
@@ -300,6 +304,9 @@ fn long(
                 None
             }
         };
+        if errs.list.len() > errors_before {
+            reported.insert((pid.clone(), labeler.clone()));
+        }
         if !ok {
             continue;
         }
@@ -307,6 +314,7 @@ fn long(
         check.response(&pid, &rid, &response, line, &col_name("response"), errs);
         let key = (pid.clone(), labeler.clone());
         if let Some(first) = seen.get(&(pid.clone(), labeler.clone(), rid.clone())) {
+            reported.insert(key.clone());
             errs.add(
                 line,
                 Some(&col_name("response_id")),
@@ -340,7 +348,7 @@ fn long(
     let mut out = Vec::with_capacity(order.len());
     for key in order {
         let g = groups.remove(&key).expect("ordered key");
-        if g.responses.len() < 2 && !errs.full() {
+        if g.responses.len() < 2 && !errs.full() && !reported.contains(&key) {
             errs.add(
                 g.line,
                 Some(&col_name("prompt_id")),

@@ -94,6 +94,7 @@ static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
+    model::device::file_size_limit_as_error();
     let cli = Cli::parse();
     if let Err(e) = model::device::in_pool(|| run(cli)) {
         eprintln!("error: {e:#}");

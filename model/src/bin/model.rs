@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
 use model::{
     CausalLm, Family, PromptTemplate, TokenBatch, Tokenizer, backend_name, flags, generate,
-    generate::SamplingArgs, load, parse_device,
+    generate::PromptRoom, generate::SamplingArgs, load, parse_device,
 };
 use serde_json::{Map, Value};
 use std::io::{BufRead, Write};
@@ -74,7 +74,7 @@ enum Command {
         texts: Vec<PathBuf>,
         /// Tokenizer vocabulary size, special tokens included.
         #[arg(long, default_value_t = 4096, allow_negative_numbers = true,
-              value_parser = flags::at_least::<usize>(1))]
+              value_parser = flags::at_least::<usize>(model::tokenizer::MIN_BPE_VOCAB))]
         vocab_size: usize,
         #[arg(long, default_value_t = 0, allow_negative_numbers = true,
               value_parser = flags::at_least::<u64>(0))]
@@ -116,6 +116,7 @@ static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
 
 fn main() {
     model::device::exit_quietly_on_broken_pipe();
+    model::device::file_size_limit_as_error();
     let cli = Cli::parse();
     if let Err(e) = model::device::in_pool(|| run(cli)) {
         eprintln!("error: {e:#}");
@@ -142,7 +143,13 @@ fn run(cli: Cli) -> Result<()> {
                 format!("{}: no tokenizer.json in the model folder", dir.display())
             })?;
             let template = sampling.template(&dir)?;
-            let room = Room::new(&loaded.model, &dir, sampling.max_new_tokens)?;
+            if !loaded.model.has_lm_head() {
+                bail!(
+                    "{}: the model has no LM head: it is a reward or value model; sample from a policy or SFT model folder",
+                    dir.display()
+                );
+            }
+            let room = PromptRoom::new(&loaded.model, &dir, sampling.max_new_tokens)?;
             if let Some(input) = input {
                 let lines = read_prompt_lines(&input, &tok, &template, &room)?;
                 return generate_file(
@@ -180,10 +187,24 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             out,
         } => {
+            if !model::config::PRESETS.contains(&preset.as_str()) {
+                bail!(
+                    "--preset {preset:?}: unknown preset; use one of {}",
+                    model::config::PRESETS.join(", ")
+                );
+            }
             let mut lines = Vec::new();
             for path in &texts {
-                let text = std::fs::read_to_string(path)
+                let bytes = std::fs::read(path)
                     .with_context(|| format!("{}: cannot read", path.display()))?;
+                let text = std::str::from_utf8(&bytes).map_err(|e| {
+                    let at = e.valid_up_to();
+                    let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+                    anyhow::anyhow!(
+                        "{}: line {line}: bytes that are not UTF-8 (at byte {at}); re-save the file as UTF-8",
+                        path.display()
+                    )
+                })?;
                 lines.extend(
                     text.lines()
                         .filter(|l| !l.trim().is_empty())
@@ -229,66 +250,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// What a model's context leaves for a prompt after `--max-new-tokens`: a prompt that does not
-/// fit is refused (never cut: a cut prompt asks another question), naming its length, the
-/// context and what to change.
-struct Room {
-    /// Tokens a prompt may have.
-    tokens: usize,
-    /// "the model's context of C tokens (KEY in DIR/config.json) leaves T for the prompt after
-    /// --max-new-tokens N".
-    why: String,
-}
-
-impl Room {
-    fn new(model: &CausalLm, dir: &Path, max_new_tokens: usize) -> Result<Self> {
-        let cfg = model.config();
-        let context = cfg.max_position_embeddings;
-        let key = match cfg.family {
-            Family::Llama => "max_position_embeddings",
-            Family::Gpt2 => "n_positions",
-        };
-        let config = dir.join("config.json");
-        if max_new_tokens >= context {
-            bail!(
-                "--max-new-tokens {max_new_tokens} leaves no room for a prompt in the context of {context} tokens ({key} in {}); lower --max-new-tokens",
-                config.display()
-            );
-        }
-        let tokens = context - max_new_tokens;
-        Ok(Self {
-            tokens,
-            why: format!(
-                "the model's context of {context} tokens ({key} in {}) leaves {tokens} for the prompt after --max-new-tokens {max_new_tokens}; shorten the prompt or lower --max-new-tokens",
-                config.display()
-            ),
-        })
-    }
-
-    /// The tokens of the templated `prompt`, or an error when they do not fit. A prompt of more
-    /// bytes than the room's tokens can cover is refused without being tokenized.
-    fn encode(&self, tok: &Tokenizer, template: &PromptTemplate, prompt: &str) -> Result<Vec<u32>> {
-        let bytes = template.rendered_len(prompt);
-        if bytes > self.tokens.saturating_mul(tok.max_token_bytes()) {
-            bail!(
-                "the prompt is {bytes} bytes with its template, more than {} tokens can cover (a token of this tokenizer stands for at most {} bytes), and {}",
-                self.tokens,
-                tok.max_token_bytes(),
-                self.why
-            );
-        }
-        let ids = tok.encode(&template.render(prompt))?;
-        if ids.len() > self.tokens {
-            bail!(
-                "the prompt is {} tokens with its template, but {}",
-                ids.len(),
-                self.why
-            );
-        }
-        Ok(ids)
-    }
-}
-
 fn without_eos(response: &[u32], eos: u32) -> Vec<u32> {
     response.iter().copied().filter(|&t| t != eos).collect()
 }
@@ -306,7 +267,7 @@ fn read_prompt_lines(
     input: &Path,
     tok: &Tokenizer,
     template: &PromptTemplate,
-    room: &Room,
+    room: &PromptRoom,
 ) -> Result<Vec<PromptLine>> {
     let file =
         std::fs::File::open(input).with_context(|| format!("{}: cannot open", input.display()))?;
@@ -423,8 +384,23 @@ fn info(dir: &Path, device: &burn::tensor::Device) -> Result<()> {
     Ok(())
 }
 
+/// The `config.json` key of a family's context length.
+fn context_key(family: Family) -> &'static str {
+    match family {
+        Family::Llama => "max_position_embeddings",
+        Family::Gpt2 => "n_positions",
+    }
+}
+
 fn score(dir: &Path, input: &Path, batch_size: usize, device: &burn::tensor::Device) -> Result<()> {
     let loaded = load(dir, device)?;
+    if !loaded.model.has_lm_head() {
+        bail!(
+            "{}: the model has no LM head: it is a reward or value model; score texts with a causal-LM folder (or use `reward score`)",
+            dir.display()
+        );
+    }
+    let context = loaded.model.config().max_position_embeddings;
     let tok = loaded
         .tokenizer
         .with_context(|| format!("{}: no tokenizer.json in the model folder", dir.display()))?;
@@ -446,7 +422,18 @@ fn score(dir: &Path, input: &Path, batch_size: usize, device: &burn::tensor::Dev
                 i + 1
             )
         })?;
-        texts.push(tok.encode(text)?);
+        let ids = tok.encode(text)?;
+        if ids.len() > context {
+            bail!(
+                "{}: line {}: field `text`: {} tokens, more than the model's context of {context} ({} in {}); shorten the text or split it",
+                input.display(),
+                i + 1,
+                ids.len(),
+                context_key(loaded.model.config().family),
+                dir.join("config.json").display()
+            );
+        }
+        texts.push(ids);
     }
     let model = &loaded.model;
     let stdout = std::io::stdout();
