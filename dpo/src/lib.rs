@@ -18,12 +18,12 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
-use datasets::tokenize::{SftExample, lm_batch};
 use loss::{LossKind, PairStats};
-use model::ops::{select_positions, to_f32_vec, token_logprobs, token_tensor};
+use model::ops::to_f32_vec;
 use model::{CausalLm, Heads, ModelMeta, Tokenizer};
 use reward::data::{DataSection, Group, Ties};
 use reward::eval::Validation;
+use reward::sequence_logprobs;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -120,44 +120,6 @@ pub struct Summary {
     #[serde(flatten)]
     pub run: reward::PreferenceSummary,
     pub final_dir: PathBuf,
-}
-
-/// Σ log π(response and EOS | prompt) of each row: one right-padded forward, the LM head at the
-/// response positions only. rows: [R] sequences, each template(prompt) ++ response ++ EOS whose
-/// first `prompt_lens[r]` tokens are the prompt → [R]
-pub fn sequence_logprobs(
-    model: &CausalLm,
-    rows: &[Vec<u32>],
-    prompt_lens: &[usize],
-    pad: u32,
-) -> Result<Tensor<1>> {
-    let examples: Vec<SftExample> = rows
-        .iter()
-        .zip(prompt_lens)
-        .map(|(r, &p)| SftExample {
-            tokens: r.clone(),
-            is_target: (0..r.len()).map(|i| i >= p.max(1)).collect(),
-        })
-        .collect();
-    let batch = lm_batch(&examples, pad);
-    let device = model.device();
-    let targets = batch.target_tokens();
-    let n = targets.len();
-    let hidden = select_positions(model.forward(&batch.inputs), &batch.target_mask);
-    let lp = token_logprobs(model.logits(hidden)?, token_tensor(&targets, 1, n, &device));
-    // Each row's targets are consecutive in `lp`: a [R, n] 0/1 matrix sums them per row.
-    let r = rows.len();
-    let mut segments = vec![0f32; r * n];
-    let mut at = 0;
-    for (row, e) in examples.iter().enumerate() {
-        let count = e.is_target[1..].iter().filter(|&&t| t).count();
-        for k in at..at + count {
-            segments[row * n + k] = 1.0;
-        }
-        at += count;
-    }
-    let segments = Tensor::<2>::from_data(TensorData::new(segments, [r, n]), &device);
-    Ok(segments.matmul(lp.reshape([n, 1])).reshape([r]))
 }
 
 /// The response tokens (with EOS) of each sequence of `groups`, in order.

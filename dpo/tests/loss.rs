@@ -62,6 +62,7 @@ fn plan() -> BatchPlan {
             list(4, &[3, 4], 1),
         ],
         groups: vec![0..3, 3..5],
+        priors: Vec::new(),
     }
 }
 
@@ -166,6 +167,7 @@ fn listwise_plackett_luce_dpo_matches_pytorch() {
         pairs: vec![plan().pairs[3]],
         lists: vec![plan().lists[2].clone()],
         groups: std::iter::once(3..5).collect(),
+        priors: Vec::new(),
     };
     let (l, s) = (
         scalar(batch_loss(

@@ -275,6 +275,8 @@ pub struct Group {
     pub ranks: Vec<u32>,
     /// The data's margin of a comparison (K = 2); None otherwise.
     pub data_margin: Option<f64>,
+    /// The likelihood term of each response's reward ([`crate::likelihood`]); empty without one.
+    pub prior: Vec<f32>,
 }
 
 impl Group {
@@ -405,6 +407,7 @@ pub fn tokenize(
             prompt_lens,
             ranks,
             data_margin: *margin,
+            prior: Vec::new(),
         });
     }
     Ok((out, dropped))

@@ -159,25 +159,18 @@ fn train_member(m: &RewardConfig) -> Result<bool> {
     Ok(false)
 }
 
-/// Whether `out` holds nothing but the config.toml [`trainer::prepare_out`] wrote.
+/// Whether `out` holds nothing but the config.toml and the lock file [`trainer::prepare_out`]
+/// wrote.
 fn only_config(out: &Path) -> bool {
     std::fs::read_dir(out).is_ok_and(|d| {
         d.filter_map(|e| e.ok())
-            .all(|e| e.file_name() == "config.toml")
+            .all(|e| e.file_name() == "config.toml" || e.file_name() == trainer::LOCK_FILE)
     })
 }
 
-/// Copies the files of a model folder (flat: config, weights, tokenizer, rlhf.json).
+/// Copies a model folder (config, weights, tokenizer, rlhf.json, and a stored likelihood model).
 fn copy_model_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from).with_context(|| format!("{}", from.display()))? {
-        let e = e?;
-        if e.file_type()?.is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name()))
-                .with_context(|| format!("copying {}", e.path().display()))?;
-        }
-    }
-    Ok(())
+    crate::likelihood::copy_dir(from, to)
 }
 
 /// Trains the ensemble; see the module docs.
@@ -190,7 +183,8 @@ pub fn run(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
     }
     let n = cfg.ensemble.members;
     let existed = cfg.out.exists();
-    trainer::prepare_out(&cfg.out, config_used)?;
+    // Held until the ensemble's final/ and summary are written; each member locks its own folder.
+    let _lock = trainer::prepare_out(&cfg.out, config_used)?;
     let mut configs: Vec<(RewardConfig, bool)> = (0..n)
         .map(|i| (member_config(cfg, i, false), false))
         .collect();
@@ -331,7 +325,8 @@ fn summarize(
     let (train, dropped) = tokenize(&train_raw)?;
     let rewards_on = |m: &RewardModel, groups: &[data::Group]| -> Result<Vec<Vec<f32>>> {
         let flat: Vec<Vec<u32>> = groups.iter().flat_map(|g| g.sequences.clone()).collect();
-        let r = m.score_tokens(&flat, cfg.train.eval_batch_size, false)?;
+        let lens: Vec<usize> = groups.iter().flat_map(|g| g.prompt_lens.clone()).collect();
+        let r = m.score_tokens(&flat, &lens, cfg.train.eval_batch_size, false)?;
         let mut at = 0;
         Ok(groups
             .iter()

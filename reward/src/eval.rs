@@ -210,6 +210,7 @@ mod tests {
             prompt_lens: vec![1; ranks.len()],
             ranks,
             data_margin: None,
+            prior: Vec::new(),
         }
     }
 

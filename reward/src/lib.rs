@@ -15,6 +15,7 @@ pub mod best_of_n;
 pub mod data;
 pub mod ensemble;
 pub mod eval;
+pub mod likelihood;
 pub mod loss;
 pub mod score;
 pub mod scorer;
@@ -25,11 +26,13 @@ pub use scorer::{Aggregate, Item, Scorer, ScorerOptions, Scores};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor, TensorData};
 use data::{DataSection, Group, Ties};
+use datasets::tokenize::{SftExample, lm_batch};
 use datasets::{Demonstration, RankedGroup, Source, load_demonstrations};
 use eval::Validation;
 use loss::{ListTerm, PairTerm};
+use model::ops::{select_positions, token_logprobs, token_tensor};
 use model::{
     CausalLm, Heads, ModelMeta, PromptTemplate, RewardNormalization, TokenBatch, Tokenizer,
 };
@@ -104,6 +107,10 @@ pub struct ModelSection {
     /// A tokenizer.json to use instead of the base's.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// α of the likelihood term ([`likelihood`]): the reward is the head's output plus α times
+    /// the base SFT model's mean log-probability per response token; 0 is off.
+    #[serde(default)]
+    pub likelihood_coef: f64,
 }
 
 /// Pairwise (InstructGPT) or listwise (Plackett–Luce).
@@ -177,6 +184,12 @@ impl trainer::StageConfig for RewardConfig {
     fn check(&self, c: &mut Check) {
         c.within("loss.centering", self.loss.centering, 0.0, 10.0);
         c.within("loss.margin_scale", self.loss.margin_scale, 0.0, 100.0);
+        c.within(
+            "model.likelihood_coef",
+            self.model.likelihood_coef,
+            0.0,
+            100.0,
+        );
         if self.loss.kind == LossKind::Listwise && self.loss.margin != Margin::None {
             c.that(
                 "loss.margin",
@@ -246,6 +259,8 @@ pub struct BatchPlan {
     pub lists: Vec<ListTerm>,
     /// The consecutive rows of each group (they share the group's prompt).
     pub groups: Vec<std::ops::Range<usize>>,
+    /// The likelihood term of each row ([`Group::prior`]); empty without one.
+    pub priors: Vec<f32>,
 }
 
 /// Plans one forward over `groups`: each response once (K per group), or two rows per pair.
@@ -255,11 +270,15 @@ pub fn plan(groups: &[&Group], loss: &LossSection, ties: Ties) -> BatchPlan {
         pairs: Vec::new(),
         lists: Vec::new(),
         groups: Vec::new(),
+        priors: Vec::new(),
     };
+    let with_prior = groups.iter().all(|g| g.prior.len() == g.k()) && !groups.is_empty();
+    let prior = |g: &Group, i: usize| if with_prior { g.prior[i] } else { 0.0 };
     for (gi, g) in groups.iter().enumerate() {
         let base = p.rows.len();
         if loss.forward == Forward::Groups {
             p.rows.extend(g.sequences.iter().cloned());
+            p.priors.extend((0..g.k()).map(|i| prior(g, i)));
         }
         match loss.kind {
             LossKind::Pairwise => {
@@ -288,6 +307,7 @@ pub fn plan(groups: &[&Group], loss: &LossSection, ties: Ties) -> BatchPlan {
                         } else {
                             p.rows.push(g.sequences[a].clone());
                             p.rows.push(g.sequences[b].clone());
+                            p.priors.extend([prior(g, a), prior(g, b)]);
                             (p.rows.len() - 2, p.rows.len() - 1)
                         };
                         p.pairs.push(PairTerm {
@@ -303,6 +323,7 @@ pub fn plan(groups: &[&Group], loss: &LossSection, ties: Ties) -> BatchPlan {
             LossKind::Listwise => {
                 if loss.forward == Forward::Pairs {
                     p.rows.extend(g.sequences.iter().cloned());
+                    p.priors.extend((0..g.k()).map(|i| prior(g, i)));
                 }
                 let worst = *g.ranks.iter().max().expect("K ≥ 2");
                 for i in 0..g.k() {
@@ -322,7 +343,20 @@ pub fn plan(groups: &[&Group], loss: &LossSection, ties: Ties) -> BatchPlan {
         }
         p.groups.push(base..p.rows.len());
     }
+    if !with_prior {
+        p.priors.clear();
+    }
     p
+}
+
+/// `rewards` plus each row's likelihood term, when the plan has them. rewards: [rows] → [rows]
+pub fn with_priors(rewards: Tensor<1>, plan: &BatchPlan) -> Tensor<1> {
+    if plan.priors.is_empty() {
+        return rewards;
+    }
+    let n = plan.priors.len();
+    let device = rewards.device();
+    rewards + Tensor::<1>::from_data(TensorData::new(plan.priors.clone(), [n]), &device)
 }
 
 /// The loss of a planned batch. rewards: [rows]; → [1].
@@ -340,6 +374,44 @@ pub fn batch_loss(
     } else {
         main
     }
+}
+
+/// Σ log π(response and EOS | prompt) of each row: one right-padded forward, the LM head at the
+/// response positions only. rows: [R] sequences, each template(prompt) ++ response ++ EOS whose
+/// first `prompt_lens[r]` tokens are the prompt → [R]
+pub fn sequence_logprobs(
+    model: &CausalLm,
+    rows: &[Vec<u32>],
+    prompt_lens: &[usize],
+    pad: u32,
+) -> Result<Tensor<1>> {
+    let examples: Vec<SftExample> = rows
+        .iter()
+        .zip(prompt_lens)
+        .map(|(r, &p)| SftExample {
+            tokens: r.clone(),
+            is_target: (0..r.len()).map(|i| i >= p.max(1)).collect(),
+        })
+        .collect();
+    let batch = lm_batch(&examples, pad);
+    let device = model.device();
+    let targets = batch.target_tokens();
+    let n = targets.len();
+    let hidden = select_positions(model.forward(&batch.inputs), &batch.target_mask);
+    let lp = token_logprobs(model.logits(hidden)?, token_tensor(&targets, 1, n, &device));
+    // Each row's targets are consecutive in `lp`: a [R, n] 0/1 matrix sums them per row.
+    let r = rows.len();
+    let mut segments = vec![0f32; r * n];
+    let mut at = 0;
+    for (row, e) in examples.iter().enumerate() {
+        let count = e.is_target[1..].iter().filter(|&&t| t).count();
+        for k in at..at + count {
+            segments[row * n + k] = 1.0;
+        }
+        at += count;
+    }
+    let segments = Tensor::<2>::from_data(TensorData::new(segments, [r, n]), &device);
+    Ok(segments.matmul(lp.reshape([n, 1])).reshape([r]))
 }
 
 /// Scalar rewards of `rows` at their last real token. rows: [R] sequences → [R].
@@ -429,8 +501,11 @@ pub fn validate(
     let per_group: Vec<Vec<f32>> = groups
         .iter()
         .map(|g| {
-            let r = scores[at..at + g.k()].to_vec();
+            let mut r = scores[at..at + g.k()].to_vec();
             at += g.k();
+            for (x, p) in r.iter_mut().zip(&g.prior) {
+                *x += p;
+            }
             r
         })
         .collect();
@@ -500,6 +575,33 @@ fn load_model(
     Ok((m.with_dropout(0.0), tok))
 }
 
+/// The likelihood term of the reward ([`likelihood`]) when `model.likelihood_coef` > 0: the base
+/// itself when it is a causal LM, else the likelihood model stored with the base reward model.
+/// Loaded for inference only (no gradients reach it).
+fn load_likelihood(cfg: &RewardConfig, tok: &Tokenizer) -> Result<Option<likelihood::Likelihood>> {
+    let coef = cfg.model.likelihood_coef;
+    if coef == 0.0 {
+        return Ok(None);
+    }
+    let device = model::parse_device(&cfg.device)?;
+    let base = &cfg.model.base;
+    let declared = model::checkpoint::declared_heads(base)
+        .with_context(|| format!("model.base = {}", base.display()))?;
+    let dir = if declared.scalar {
+        match likelihood::read_manifest(base)? {
+            Some(m) => base.join(m.model),
+            None => bail!(
+                "model.likelihood_coef = {coef}: model.base = {} is a reward model with no likelihood model stored ({} missing); set model.likelihood_coef = 0, or start from the SFT folder",
+                base.display(),
+                base.join(likelihood::FILE).display()
+            ),
+        }
+    } else {
+        base.clone()
+    };
+    likelihood::Likelihood::load(&dir, coef, tok, &device).map(Some)
+}
+
 /// Reads the preference data, merges labelers by majority when asked, keeps the first
 /// `max_groups`, and splits by prompt (with `data.split_seed`, else `seed`). Also `dpo`'s reader.
 pub fn read_data(d: &DataSection, seed: u64) -> Result<(Vec<data::Read>, Vec<data::Read>)> {
@@ -544,10 +646,11 @@ fn normalization(
     train: &[Group],
     tok: &Tokenizer,
     template: &PromptTemplate,
+    likelihood: Option<&likelihood::Likelihood>,
 ) -> Result<RewardNormalization> {
-    let (seqs, reference) = match demos {
+    let (seqs, priors, reference) = match demos {
         Some((p, demos)) => {
-            let mut seqs = Vec::new();
+            let (mut seqs, mut lens) = (Vec::new(), Vec::new());
             for d in demos {
                 if let Some(e) = data::fit(
                     tok,
@@ -558,23 +661,47 @@ fn normalization(
                     data::Long::Drop,
                 )? {
                     seqs.push(e.tokens);
+                    lens.push(e.prompt_len);
                 }
             }
+            let priors = match likelihood {
+                Some(l) => l.terms(&seqs, &lens, cfg.train.eval_batch_size, tok.pad_id)?,
+                None => vec![0.0; seqs.len()],
+            };
             let n = seqs.len();
-            (seqs, format!("sft demonstrations {} ({n})", p.display()))
+            (
+                seqs,
+                priors,
+                format!("sft demonstrations {} ({n})", p.display()),
+            )
         }
         None => {
-            let mut seqs: Vec<Vec<u32>> = train.iter().flat_map(|g| g.sequences.clone()).collect();
-            seqs.sort();
-            seqs.dedup();
-            let n = seqs.len();
-            (seqs, format!("training responses ({n})"))
+            // Each distinct training sequence once, with its likelihood term.
+            let mut rows: Vec<(Vec<u32>, f32)> = train
+                .iter()
+                .flat_map(|g| {
+                    (0..g.k()).map(|i| {
+                        (
+                            g.sequences[i].clone(),
+                            g.prior.get(i).copied().unwrap_or(0.0),
+                        )
+                    })
+                })
+                .collect();
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            rows.dedup_by(|a, b| a.0 == b.0);
+            let n = rows.len();
+            let (seqs, priors) = rows.into_iter().unzip();
+            (seqs, priors, format!("training responses ({n})"))
         }
     };
     if seqs.is_empty() {
         bail!("{reference}: no sequence fits data.max_length to normalise the rewards on");
     }
-    let raw = score_sequences(model, &seqs, cfg.train.eval_batch_size, tok.pad_id)?;
+    let mut raw = score_sequences(model, &seqs, cfg.train.eval_batch_size, tok.pad_id)?;
+    for (r, p) in raw.iter_mut().zip(&priors) {
+        *r += p;
+    }
     let n = raw.len() as f64;
     let offset = raw.iter().map(|&r| r as f64).sum::<f64>() / n;
     let var = raw
@@ -643,8 +770,19 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         _ => None,
     };
     let (mut model, tok) = load_model(cfg, resume, &device)?;
-    let (train, valid, dropped) =
+    let (mut train, mut valid, dropped) =
         data::tokenize_split((&train_raw, &valid_raw), &tok, &template, &cfg.data)?;
+    let likelihood = load_likelihood(cfg, &tok)?;
+    if let Some(l) = &likelihood {
+        for g in train.iter_mut().chain(valid.iter_mut()) {
+            g.prior = l.terms(&g.sequences, &g.prompt_lens, t.eval_batch_size, tok.pad_id)?;
+        }
+        println!(
+            "likelihood term: {} x the mean log-probability per token under {}",
+            l.coef,
+            l.dir.display()
+        );
+    }
 
     let per_step = t.examples_per_step();
     let mut fingerprint = Fingerprint::default();
@@ -676,7 +814,7 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
             // All responses of the micro-batch's groups in one padded forward.
             let groups: Vec<&Group> = micro.iter().map(|&i| &train[i]).collect();
             let plan = plan(&groups, &cfg.loss, cfg.data.ties);
-            let rewards = rewards_of_plan(&model, &plan, tok.pad_id)?;
+            let rewards = with_priors(rewards_of_plan(&model, &plan, tok.pad_id)?, &plan);
             // Every micro-batch weighs the same in the step.
             let loss =
                 batch_loss(rewards.clone(), &plan, &cfg.loss).div_scalar(t.grad_accum as f64);
@@ -704,10 +842,21 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
     }
     // Normalise as InstructGPT, and store the shift with the final and the best model.
     let trained = model.valid();
-    let norm = normalization(&trained, cfg, demos.as_ref(), &train, &tok, &template)?;
+    let norm = normalization(
+        &trained,
+        cfg,
+        demos.as_ref(),
+        &train,
+        &tok,
+        &template,
+        likelihood.as_ref(),
+    )?;
     meta.reward_normalization = Some(norm.clone());
     let final_dir = cfg.out.join("final");
     model::save_with_meta(&trained, Some(&tok), &meta, &final_dir)?;
+    if let Some(l) = &likelihood {
+        l.save_into(&final_dir)?;
+    }
     let best = cfg.out.join("best");
     if best.exists() {
         let (best_model, _, _) = model::checkpoint::load_with_tokenizer(
@@ -724,10 +873,14 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
                 &train,
                 &tok,
                 &template,
+                likelihood.as_ref(),
             )?),
             ..meta.clone()
         };
         model::save_with_meta(&best_model, Some(&tok), &best_meta, &best)?;
+        if let Some(l) = &likelihood {
+            l.save_into(&best)?;
+        }
     }
     println!(
         "normalised: offset {:.4} (mean raw reward of the {}), std {:.4}",
@@ -759,6 +912,7 @@ mod tests {
             prompt_lens: vec![1; ranks.len()],
             ranks,
             data_margin: Some(0.5),
+            prior: Vec::new(),
         }
     }
 
@@ -854,6 +1008,7 @@ mod shared_prefix_tests {
             pairs: Vec::new(),
             lists: Vec::new(),
             groups: vec![0..3, 3..5],
+            priors: Vec::new(),
         };
         let coef = [1.0f32, -0.5, 2.0, 0.7, -1.3];
         let weights = burn::tensor::Tensor::<1>::from_data(

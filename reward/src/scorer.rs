@@ -14,6 +14,7 @@
 //! (worst-case).
 
 use crate::data::{Long, fit};
+use crate::likelihood::Likelihood;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use datasets::CompiledRule;
@@ -111,6 +112,8 @@ pub struct RewardModel {
     pub template: PromptTemplate,
     /// Applied unless the scorer is raw; None when the folder stores none.
     pub normalization: Option<RewardNormalization>,
+    /// The likelihood term of the reward, when the folder stores one ([`crate::likelihood`]).
+    pub likelihood: Option<Likelihood>,
 }
 
 impl RewardModel {
@@ -121,12 +124,15 @@ impl RewardModel {
                 .with_context(|| format!("reward model {}", dir.display()))?;
         let template = model::checkpoint::resolve_template(template, Some(dir))
             .with_context(|| format!("reward model {}", dir.display()))?;
+        let likelihood = Likelihood::stored(dir, &tokenizer, device)
+            .with_context(|| format!("reward model {}", dir.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             model: model.with_dropout(0.0),
             tokenizer,
             template,
             normalization: meta.reward_normalization,
+            likelihood,
         })
     }
 
@@ -146,6 +152,7 @@ impl RewardModel {
     ) -> Result<(Vec<f32>, Cuts)> {
         let mut cuts = Cuts::default();
         let mut seqs = Vec::with_capacity(items.len());
+        let mut prompt_lens = Vec::with_capacity(items.len());
         for it in items {
             let e = fit(
                 &self.tokenizer,
@@ -159,19 +166,34 @@ impl RewardModel {
             cuts.prompts += e.prompt_cut as usize;
             cuts.responses += e.response_cut as usize;
             seqs.push(e.tokens);
+            prompt_lens.push(e.prompt_len);
         }
-        Ok((self.score_tokens(&seqs, batch_size, raw)?, cuts))
+        Ok((
+            self.score_tokens(&seqs, &prompt_lens, batch_size, raw)?,
+            cuts,
+        ))
     }
 
-    /// Rewards of sequences already encoded with this model's tokenizer (normalised unless
-    /// `raw`).
+    /// Rewards of sequences already encoded with this model's tokenizer, whose first
+    /// `prompt_lens` tokens are the prompt (normalised unless `raw`; with the likelihood term
+    /// when the folder has one, raw or not: it is part of the reward).
     pub fn score_tokens(
         &self,
         seqs: &[Vec<u32>],
+        prompt_lens: &[usize],
         batch_size: usize,
         raw: bool,
     ) -> Result<Vec<f32>> {
-        let mut r = crate::score_sequences(&self.model, seqs, batch_size, self.tokenizer.pad_id)?;
+        let pad = self.tokenizer.pad_id;
+        let mut r = crate::score_sequences(&self.model, seqs, batch_size, pad)?;
+        if let Some(l) = &self.likelihood {
+            for (x, p) in r
+                .iter_mut()
+                .zip(l.terms(seqs, prompt_lens, batch_size, pad)?)
+            {
+                *x += p;
+            }
+        }
         if !raw && let Some(n) = &self.normalization {
             for x in r.iter_mut() {
                 *x = n.apply(*x);

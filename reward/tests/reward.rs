@@ -786,3 +786,160 @@ fn an_ensemble_trains_members_scores_as_one_and_keeps_finished_members() {
     assert!(!ok);
     assert!(err.contains("rerun the same command"), "{err}");
 }
+
+/// The mean log-probability per token of `response` and EOS after template(`prompt`) under the
+/// causal LM in `dir`, computed here on the host from the full logits (log-softmax in f64), as
+/// an independent check of `reward::likelihood`.
+fn mean_logprob(dir: &Path, prompt: &str, response: &str) -> f64 {
+    let device = model::parse_device("cpu").unwrap();
+    let loaded = model::checkpoint::load(dir, &device).unwrap();
+    let tok = loaded.tokenizer.unwrap();
+    let template = model::checkpoint::resolve_template(None, Some(dir)).unwrap();
+    let e = reward::data::fit(
+        &tok,
+        &template,
+        prompt,
+        response,
+        128,
+        reward::data::Long::Cut,
+    )
+    .unwrap()
+    .unwrap();
+    let batch = model::TokenBatch::right_padded(std::slice::from_ref(&e.tokens), tok.pad_id);
+    let m = &loaded.model;
+    let logits = model::ops::to_f32_vec(
+        m.logits(m.forward(&batch))
+            .unwrap()
+            .reshape([e.tokens.len() * m.config().vocab_size]),
+    );
+    let v = m.config().vocab_size;
+    let mut sum = 0.0;
+    let targets = e.prompt_len.max(1)..e.tokens.len();
+    for t in targets.clone() {
+        let row = &logits[(t - 1) * v..t * v];
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        sum += row[e.tokens[t] as usize] as f64 - lse;
+    }
+    sum / targets.len() as f64
+}
+
+#[test]
+fn the_likelihood_term_is_the_base_models_mean_logprob_and_travels_with_the_model() {
+    let f = fixture(120);
+    let mut s = common(&f, "lik");
+    s.extend(sets(&[
+        "model.likelihood_coef=0.5",
+        "train.max_steps=6",
+        "train.eval_every=0",
+        "train.save_every=0",
+    ]));
+    let (ok, stdout, err) = reward(&s, &[]);
+    assert!(ok, "{err}\n{stdout}");
+    assert!(stdout.contains("likelihood term: 0.5"), "{stdout}");
+    let fin = f.dir.join("lik/final");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(fin.join("likelihood.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest, json!({"coef": 0.5, "model": "likelihood"}));
+    // The base is stored with the reward model, byte for byte.
+    assert_eq!(weights(&fin.join("likelihood")), weights(&f.base));
+
+    // `reward score --raw` is the head's raw output plus 0.5 × the base's mean log-probability:
+    // the same folder without likelihood.json gives the head alone.
+    let head_only = f.dir.join("head_only");
+    std::fs::create_dir_all(&head_only).unwrap();
+    for e in std::fs::read_dir(&fin).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() && e.file_name() != "likelihood.json" {
+            std::fs::copy(e.path(), head_only.join(e.file_name())).unwrap();
+        }
+    }
+    let items = [
+        ("Say something.", " apple apple apple"),
+        ("Say something.", " pear fig"),
+        ("Name a fruit.", ""),
+    ];
+    let input = f.dir.join("lik_inputs.jsonl");
+    let lines: Vec<String> = items
+        .iter()
+        .map(|(p, r)| json!({"prompt": p, "response": r}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let score = |dir: &Path| -> Vec<f64> {
+        let o = Command::new(env!("CARGO_BIN_EXE_reward"))
+            .arg("score")
+            .arg(dir)
+            .arg("--input")
+            .arg(&input)
+            .arg("--raw")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["reward"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let with_term = score(&fin);
+    let head = score(&head_only);
+    for (i, (p, r)) in items.iter().enumerate() {
+        let expected = head[i] + 0.5 * mean_logprob(&f.base, p, r);
+        assert!(
+            (with_term[i] - expected).abs() < 1e-4,
+            "item {i}: {} vs {expected} (head {})",
+            with_term[i],
+            head[i]
+        );
+    }
+    // The normalisation covers the sum: the training responses score 0 on average.
+    let norm: Value =
+        serde_json::from_str(&std::fs::read_to_string(fin.join("rlhf.json")).unwrap()).unwrap();
+    assert!(
+        norm["reward_normalization"]["offset"].as_f64().unwrap() < 0.0,
+        "{norm}"
+    );
+
+    // An ensemble carries the term in every member (and the monitor).
+    let mut e: Vec<String> = s
+        .iter()
+        .filter(|x| !x.starts_with("ensemble.") && !x.starts_with("out="))
+        .cloned()
+        .collect();
+    e.extend(sets(&["ensemble.members=2", "ensemble.monitor=true"]));
+    e.push(format!("out={}", f.dir.join("lik_ens").display()));
+    let (ok, stdout, err) = reward(&e, &[]);
+    assert!(ok, "{err}\n{stdout}");
+    for m in ["member-0", "member-1", "monitor"] {
+        let d = f.dir.join("lik_ens/final").join(m);
+        assert!(d.join("likelihood.json").is_file(), "{}", d.display());
+        assert_eq!(weights(&d.join("likelihood")), weights(&f.base));
+    }
+
+    // A reward-model base without a stored likelihood model is refused, naming the key.
+    let mut bad = common(&f, "lik_bad");
+    bad.retain(|x| !x.starts_with("model.base="));
+    bad.push(format!("model.base={}", head_only.display()));
+    bad.extend(sets(&["model.likelihood_coef=1", "train.max_steps=2"]));
+    let (ok, _, err) = reward(&bad, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("model.likelihood_coef") && err.contains("likelihood.json"),
+        "{err}"
+    );
+    // Out of range.
+    let mut neg = common(&f, "lik_neg");
+    neg.push("model.likelihood_coef=-1".into());
+    let (ok, _, err) = reward(&neg, &[]);
+    assert!(!ok);
+    assert!(err.contains("model.likelihood_coef"), "{err}");
+}
