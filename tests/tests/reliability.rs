@@ -116,3 +116,38 @@ fn ppo_resume_from_a_final_folder_or_an_sft_checkpoint_says_it_is_not_a_ppo_chec
     assert!(ok, "{err}");
     assert!(stdout.contains("resumed from"), "{stdout}");
 }
+
+/// Regression (issue 29): a checkpoint resumed into a shorter run finished at once with exit 0
+/// and a final/ of the longer run's weights; it is refused, naming the step and what to change.
+#[test]
+fn a_checkpoint_beyond_the_runs_length_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sft");
+    let mut a = e2e::small_run("sft", &out);
+    a.extend(args(&["--set", "train.max_steps=20"]));
+    let (ok, _, err) = run("sft", &a);
+    assert!(ok, "{err}");
+    let ckpt = out.join("checkpoint-000020");
+    assert!(ckpt.is_dir());
+    let again = tmp.path().join("shorter");
+    let mut b = e2e::small_run("sft", &again);
+    b.extend(args(&[
+        "--set",
+        "train.max_steps=10",
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]));
+    let (ok, _, err) = run("sft", &b);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{}: the checkpoint is at step 20 but this run has 10 steps",
+            ckpt.display()
+        )) && err.contains("train.max_steps"),
+        "{err}"
+    );
+    assert!(
+        !again.join("final").exists(),
+        "nothing is trained or written"
+    );
+}

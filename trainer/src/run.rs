@@ -161,6 +161,14 @@ impl Run {
         if let Some(dir) = resume {
             let loaded = load_state(dir)?;
             check_resume(dir, &loaded, seed, &data_fingerprint)?;
+            if loaded.step > total_steps {
+                anyhow::bail!(
+                    "{}: the checkpoint is at step {} but this run has {total_steps} steps (train.max_steps or train.epochs; train.iterations in ppo); lengthen the run to at least {} steps, or resume from an earlier checkpoint",
+                    dir.display(),
+                    loaded.step,
+                    loaded.step
+                );
+            }
             state = loaded;
             state.data_fingerprint = data_fingerprint;
         }
