@@ -7,57 +7,17 @@
 //!
 //! Cases per property: 64 by default; `FUZZ_CASES=N` raises it for a long run.
 
+#[path = "../../tests/common/fuzz.rs"]
+mod fuzz;
+use fuzz::{Edit, apply};
+
 use labeling::{Aggregate, ImportOptions, import};
 use proptest::prelude::*;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// The system allocator, refusing any one allocation over 1 GiB.
-struct Capped;
-
-const MAX_ALLOCATION: usize = 1 << 30;
-
-unsafe impl GlobalAlloc for Capped {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Capped = Capped;
-
 fn cases() -> u32 {
-    std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64)
-}
-
-/// One change to a file's bytes.
-#[derive(Clone, Debug)]
-enum Edit {
-    Truncate(u16),
-    Set(usize, u8),
-    Insert(usize, Vec<u8>),
+    fuzz::cases(64)
 }
 
 fn hostile() -> impl Strategy<Value = Vec<u8>> {
@@ -86,32 +46,7 @@ fn hostile() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn edit() -> impl Strategy<Value = Edit> {
-    prop_oneof![
-        any::<u16>().prop_map(Edit::Truncate),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Edit::Set(i, b)),
-        (any::<usize>(), hostile()).prop_map(|(i, s)| Edit::Insert(i, s)),
-    ]
-}
-
-fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
-    for e in edits {
-        match e {
-            Edit::Truncate(f) => {
-                let n = bytes.len() * *f as usize / u16::MAX as usize;
-                bytes.truncate(n);
-            }
-            Edit::Set(i, b) if !bytes.is_empty() => {
-                let n = bytes.len();
-                bytes[i % n] = *b;
-            }
-            Edit::Set(..) => {}
-            Edit::Insert(i, s) => {
-                let at = i % (bytes.len() + 1);
-                bytes.splice(at..at, s.iter().copied());
-            }
-        }
-    }
-    bytes
+    fuzz::edit(hostile())
 }
 
 const LONG: &str = "prompt_id,prompt,response_id,response,labeler_id,rank\n\
