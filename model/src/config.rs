@@ -512,6 +512,15 @@ impl ModelConfig {
         Value::Object(m)
     }
 
+    /// The `config.json` key of the context length (`max_position_embeddings`, GPT-2's
+    /// `n_positions`), for messages about it.
+    pub fn context_key(&self) -> &'static str {
+        match self.family {
+            Family::Llama => "max_position_embeddings",
+            Family::Gpt2 => "n_positions",
+        }
+    }
+
     /// True when config.json asks for a sequence-classification (scalar) head.
     pub fn declares_scalar_head(&self) -> bool {
         self.raw

@@ -413,10 +413,7 @@ impl PromptRoom {
     ) -> crate::Result<Self> {
         let cfg = model.config();
         let context = cfg.max_position_embeddings;
-        let key = match cfg.family {
-            crate::Family::Llama => "max_position_embeddings",
-            crate::Family::Gpt2 => "n_positions",
-        };
+        let key = cfg.context_key();
         let config = dir.join("config.json");
         if max_new_tokens >= context {
             return Err(crate::ModelError::Invalid(format!(

@@ -575,6 +575,35 @@ fn load_model(
     Ok((m.with_dropout(0.0), tok))
 }
 
+/// Writes the reward-model folder `dir` atomically: the model's files and, with a likelihood
+/// term, its model and manifest ([`likelihood::Likelihood::write_into`]) go into a temporary
+/// sibling folder that is renamed into place; a failed write leaves no temporary folder.
+fn save_reward_model(
+    m: &CausalLm,
+    tok: &Tokenizer,
+    meta: &ModelMeta,
+    likelihood: Option<&likelihood::Likelihood>,
+    dir: &Path,
+) -> Result<()> {
+    use model::checkpoint::{replace_dir, sibling, write_model_files};
+    let tmp = sibling(dir, "tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        write_model_files(m, Some(tok), meta, &tmp)?;
+        if let Some(l) = likelihood {
+            l.write_into(&tmp)?;
+        }
+        Ok(replace_dir(&tmp, dir)?)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
+}
+
 /// The likelihood term of the reward ([`likelihood`]) when `model.likelihood_coef` > 0: the base
 /// itself when it is a causal LM, else the likelihood model stored with the base reward model.
 /// Loaded for inference only (no gradients reach it).
@@ -748,7 +777,7 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         cfg.data.template.as_deref(),
         resume.or(Some(cfg.model.base.as_path())),
     )?;
-    let mut meta = ModelMeta {
+    let meta = ModelMeta {
         stage: Some("reward".into()),
         prompt_template: Some(template.as_str().to_string()),
         reward_normalization: None,
@@ -841,22 +870,26 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         last_eval = evaluated.or(last_eval);
     }
     // Normalise as InstructGPT, and store the shift with the final and the best model.
+    let save = |m: &CausalLm, dir: &Path| -> Result<RewardNormalization> {
+        let norm = normalization(
+            m,
+            cfg,
+            demos.as_ref(),
+            &train,
+            &tok,
+            &template,
+            likelihood.as_ref(),
+        )?;
+        let meta = ModelMeta {
+            reward_normalization: Some(norm.clone()),
+            ..meta.clone()
+        };
+        save_reward_model(m, &tok, &meta, likelihood.as_ref(), dir)?;
+        Ok(norm)
+    };
     let trained = model.valid();
-    let norm = normalization(
-        &trained,
-        cfg,
-        demos.as_ref(),
-        &train,
-        &tok,
-        &template,
-        likelihood.as_ref(),
-    )?;
-    meta.reward_normalization = Some(norm.clone());
     let final_dir = cfg.out.join("final");
-    model::save_with_meta(&trained, Some(&tok), &meta, &final_dir)?;
-    if let Some(l) = &likelihood {
-        l.save_into(&final_dir)?;
-    }
+    let norm = save(&trained, &final_dir)?;
     let best = cfg.out.join("best");
     if best.exists() {
         let (best_model, _, _) = model::checkpoint::load_with_tokenizer(
@@ -865,22 +898,7 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
             None,
             &trained.device(),
         )?;
-        let best_meta = ModelMeta {
-            reward_normalization: Some(normalization(
-                &best_model,
-                cfg,
-                demos.as_ref(),
-                &train,
-                &tok,
-                &template,
-                likelihood.as_ref(),
-            )?),
-            ..meta.clone()
-        };
-        model::save_with_meta(&best_model, Some(&tok), &best_meta, &best)?;
-        if let Some(l) = &likelihood {
-            l.save_into(&best)?;
-        }
+        save(&best_model, &best)?;
     }
     println!(
         "normalised: offset {:.4} (mean raw reward of the {}), std {:.4}",

@@ -100,27 +100,17 @@ impl Likelihood {
         Ok(out)
     }
 
-    /// Stores the term with the reward-model folder `rm_dir`: the manifest and a copy of the
-    /// causal-LM folder (written to a temporary folder first, then renamed).
-    pub fn save_into(&self, rm_dir: &Path) -> Result<()> {
-        let to = rm_dir.join(DIR);
-        let tmp = rm_dir.join(format!(".{DIR}.tmp"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        copy_dir(&self.dir, &tmp)?;
-        if to.exists() {
-            std::fs::remove_dir_all(&to).with_context(|| format!("{}", to.display()))?;
-        }
-        std::fs::rename(&tmp, &to).with_context(|| format!("{}", to.display()))?;
+    /// Writes the term into the reward-model folder `rm_dir` being built (the caller renames the
+    /// folder into place): a copy of the causal-LM folder in `likelihood/` and the manifest.
+    pub fn write_into(&self, rm_dir: &Path) -> Result<()> {
+        copy_dir(&self.dir, &rm_dir.join(DIR))?;
         let m = Manifest {
             coef: self.coef,
             model: DIR.into(),
         };
         let p = rm_dir.join(FILE);
-        let tmp = rm_dir.join(format!(".{FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_string_pretty(&m)? + "\n")
-            .with_context(|| format!("{}", tmp.display()))?;
-        std::fs::rename(&tmp, &p).with_context(|| format!("{}", p.display()))?;
-        Ok(())
+        std::fs::write(&p, serde_json::to_string_pretty(&m)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))
     }
 }
 

@@ -120,6 +120,25 @@ fn texts_of(groups: &Path, out: &Path) {
     std::fs::write(out, t).unwrap();
 }
 
+/// The rewards `reward score DIR --input INPUT [--raw]` prints, in order.
+fn scores(dir: &Path, input: &Path, raw: bool) -> Vec<f64> {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reward"));
+    c.arg("score").arg(dir).arg("--input").arg(input);
+    if raw {
+        c.arg("--raw");
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn summary(out: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
 }
@@ -248,24 +267,10 @@ fn a_learnable_preference_is_learned_and_transformers_scores_the_same() {
         .collect::<String>(),
     )
     .unwrap();
-    let score = |raw: bool| -> Vec<f64> {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_reward"));
-        c.arg("score").arg(&final_dir).arg("--input").arg(&input);
-        if raw {
-            c.arg("--raw");
-        }
-        let o = c.output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["reward"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
-    };
-    let (norm, raw) = (score(false), score(true));
+    let (norm, raw) = (
+        scores(&final_dir, &input, false),
+        scores(&final_dir, &input, true),
+    );
     assert_eq!(norm.len(), 2);
     assert!(norm[0] > norm[1], "three apples beat none: {norm:?}");
     for (n, r) in norm.iter().zip(&raw) {
@@ -871,27 +876,8 @@ fn the_likelihood_term_is_the_base_models_mean_logprob_and_travels_with_the_mode
         .map(|(p, r)| json!({"prompt": p, "response": r}).to_string())
         .collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
-    let score = |dir: &Path| -> Vec<f64> {
-        let o = Command::new(env!("CARGO_BIN_EXE_reward"))
-            .arg("score")
-            .arg(dir)
-            .arg("--input")
-            .arg(&input)
-            .arg("--raw")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["reward"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
-    };
-    let with_term = score(&fin);
-    let head = score(&head_only);
+    let with_term = scores(&fin, &input, true);
+    let head = scores(&head_only, &input, true);
     for (i, (p, r)) in items.iter().enumerate() {
         let expected = head[i] + 0.5 * mean_logprob(&f.base, p, r);
         assert!(

@@ -3,8 +3,33 @@
 //! with its process, so after `kill -9` the run continues (`--resume`) without a stuck lock.
 
 use e2e::{bin, newest_checkpoint, root, small_run};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Starts `stage` with `args` and waits (at most five minutes) until `running` holds, failing
+/// if the run ends first; returns the live run.
+fn start_until(stage: &str, args: &[String], running: impl Fn() -> bool) -> Child {
+    let mut child = Command::new(bin(stage))
+        .current_dir(root())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !running() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the first {stage} run ended before it trained"
+        );
+        assert!(
+            start.elapsed().as_secs() < 300,
+            "the first {stage} run never logged"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
 
 #[test]
 fn a_second_run_into_the_out_of_a_live_one_is_refused_naming_it_and_its_pid() {
@@ -13,26 +38,11 @@ fn a_second_run_into_the_out_of_a_live_one_is_refused_naming_it_and_its_pid() {
     let mut args = small_run("sft", &out);
     // Long enough to be alive while the second starts (it trains a tokenizer first).
     args.extend(["--set".into(), "train.max_steps=1500".into()]);
-    let mut first = Command::new(bin("sft"))
-        .current_dir(root())
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Running: its first metrics line is written.
-    let start = Instant::now();
-    while !std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|t| t.contains('\n')) {
-        assert!(
-            first.try_wait().unwrap().is_none(),
-            "the first run ended before it trained"
-        );
-        assert!(
-            start.elapsed().as_secs() < 300,
-            "the first run never logged"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let metrics = out.join("metrics.jsonl");
+    let mut first = start_until("sft", &args, || {
+        std::fs::read_to_string(&metrics).is_ok_and(|t| t.contains('\n'))
+    });
     let config = std::fs::read(out.join("config.toml")).unwrap();
     let mut other = args.clone();
     other.extend(["--set".into(), "train.lr=1e-3".into()]);
@@ -104,25 +114,8 @@ fn a_second_ensemble_into_the_out_of_a_live_one_is_refused() {
         "--set".into(),
         "train.max_steps=200".into(),
     ]);
-    let mut first = Command::new(bin("reward"))
-        .current_dir(root())
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !out.join("member-0/metrics.jsonl").exists() {
-        assert!(
-            first.try_wait().unwrap().is_none(),
-            "the first ensemble ended before it trained"
-        );
-        assert!(
-            start.elapsed().as_secs() < 300,
-            "the first ensemble never logged"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let member_metrics = out.join("member-0/metrics.jsonl");
+    let mut first = start_until("reward", &args, || member_metrics.exists());
     let second = Command::new(bin("reward"))
         .current_dir(root())
         .args(&args)

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
 use model::{
-    CausalLm, Family, PromptTemplate, TokenBatch, Tokenizer, backend_name, flags, generate,
+    CausalLm, PromptTemplate, TokenBatch, Tokenizer, backend_name, flags, generate,
     generate::PromptRoom, generate::SamplingArgs, load, parse_device,
 };
 use serde_json::{Map, Value};
@@ -384,14 +384,6 @@ fn info(dir: &Path, device: &burn::tensor::Device) -> Result<()> {
     Ok(())
 }
 
-/// The `config.json` key of a family's context length.
-fn context_key(family: Family) -> &'static str {
-    match family {
-        Family::Llama => "max_position_embeddings",
-        Family::Gpt2 => "n_positions",
-    }
-}
-
 fn score(dir: &Path, input: &Path, batch_size: usize, device: &burn::tensor::Device) -> Result<()> {
     let loaded = load(dir, device)?;
     if !loaded.model.has_lm_head() {
@@ -429,7 +421,7 @@ fn score(dir: &Path, input: &Path, batch_size: usize, device: &burn::tensor::Dev
                 input.display(),
                 i + 1,
                 ids.len(),
-                context_key(loaded.model.config().family),
+                loaded.model.config().context_key(),
                 dir.join("config.json").display()
             );
         }
