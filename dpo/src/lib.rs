@@ -12,6 +12,8 @@
 //! (pairwise accuracy of the implicit rewards with a Wilson interval, as `reward` validates) →
 //! checkpoint → the policy as an HF causal-LM folder.
 
+#![forbid(unsafe_code)]
+
 pub mod loss;
 
 use anyhow::{Context, Result, bail};

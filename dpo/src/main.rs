@@ -1,17 +1,16 @@
 //! `dpo --config configs/dpo.toml [--set key=value ...] [--out DIR] [--resume DIR] [--device D] [--seed N]`
 
-/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
-#[global_allocator]
-static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+#![forbid(unsafe_code)]
+
+model::global_allocator!();
 
 fn main() {
-    model::device::exit_quietly_on_broken_pipe();
-    model::device::file_size_limit_as_error();
+    model::runtime::start();
     let args = trainer::StageArgs::parse(
         "dpo",
         "Direct preference optimisation of an SFT policy on rankings or comparisons",
     );
-    let s = trainer::exit_on_error(model::device::hot(|| {
+    let s = model::runtime::exit_on_error(model::device::hot(|| {
         args.load::<dpo::DpoConfig>()
             .and_then(|(cfg, used)| dpo::run(&cfg, &used, args.resume.as_deref()))
     }));

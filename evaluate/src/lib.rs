@@ -12,6 +12,8 @@
 //! Everything is read and checked before anything is computed, and written into a temporary
 //! folder that replaces `--out` at the end: a bad input leaves nothing behind.
 
+#![forbid(unsafe_code)]
+
 pub mod data;
 pub mod models;
 pub mod plots;

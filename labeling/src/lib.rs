@@ -7,6 +7,8 @@
 //!
 //! It is not a labeling UI: labelers fill the sheet in any spreadsheet program.
 
+#![forbid(unsafe_code)]
+
 /// The rankings CSV reader and the labelers' votes live in `datasets` (every stage reads them);
 /// re-exported here under their old names.
 pub use datasets::preference::{pairs, rankings as import};

@@ -297,11 +297,70 @@ pub fn write_model_files(
         serde_json::to_string_pretty(&json).expect("JSON value"),
     )
     .map_err(io_err(&cpath))?;
+    // A model with LoRA adapters: the merged weights here (any HF loader reads the folder),
+    // and the adapter as PEFT writes it in `adapter/` (what a resumed run continues from).
     write_safetensors(&tmp.join("model.safetensors"), &model.hf_tensors())?;
+    if let Some(cfg) = model.lora_config() {
+        let at = tmp.join(crate::lora::ADAPTER_DIR);
+        std::fs::create_dir_all(&at).map_err(io_err(&at))?;
+        let json =
+            crate::lora::adapter_config_json(cfg, model.config(), model.has_scalar_head(), None)?;
+        let cpath = at.join(crate::lora::ADAPTER_CONFIG);
+        std::fs::write(&cpath, json).map_err(io_err(&cpath))?;
+        write_safetensors(
+            &at.join(crate::lora::ADAPTER_WEIGHTS),
+            &model.lora_tensors(),
+        )?;
+    }
     if let Some(t) = tokenizer {
         t.save(tmp)?;
     }
     Ok(())
+}
+
+/// Saves the LoRA adapters of `model` as the adapter folder PEFT writes, at `dir`, atomically:
+/// `adapter_config.json` (with `base` as `base_model_name_or_path`), `adapter_model.safetensors`,
+/// and `rlhf.json` and the tokenizer files. An error for a model without adapters.
+pub fn save_adapter(
+    model: &CausalLm,
+    tokenizer: Option<&Tokenizer>,
+    meta: &ModelMeta,
+    base: &Path,
+    dir: &Path,
+) -> Result<()> {
+    let Some(cfg) = model.lora_config() else {
+        return Err(ModelError::Invalid(
+            "the model has no LoRA adapters to save as an adapter folder".into(),
+        ));
+    };
+    let json = crate::lora::adapter_config_json(
+        cfg,
+        model.config(),
+        model.has_scalar_head(),
+        Some(&base.to_string_lossy()),
+    )?;
+    let tmp = sibling(dir, "tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let written = (|| {
+        meta.write(&tmp)?;
+        let cpath = tmp.join(crate::lora::ADAPTER_CONFIG);
+        std::fs::write(&cpath, json).map_err(io_err(&cpath))?;
+        write_safetensors(
+            &tmp.join(crate::lora::ADAPTER_WEIGHTS),
+            &model.lora_tensors(),
+        )?;
+        if let Some(t) = tokenizer {
+            t.save(&tmp)?;
+        }
+        replace_dir(&tmp, dir)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
 }
 
 /// `dir` with a suffix on its last component, e.g. `out/ckpt` → `out/.ckpt.tmp`.

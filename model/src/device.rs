@@ -57,30 +57,6 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     ))
 }
 
-/// Lets a command-line tool end quietly when its output pipe closes (`model info DIR | head`),
-/// as Unix tools do, instead of panicking on a failed print.
-pub fn exit_quietly_on_broken_pipe() {
-    #[cfg(unix)]
-    // SAFETY: restoring the default disposition of SIGPIPE at the start of main, before any
-    // thread is spawned, is what C programs get by default.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
-/// Makes a write past the file-size limit (`ulimit -f`, RLIMIT_FSIZE) fail as a full disk does,
-/// with an error (EFBIG) that the caller reports with the file's path, instead of the SIGXFSZ
-/// signal that by default kills the process without a word (and, for a checkpoint, without
-/// cleaning up its temporary folder).
-pub fn file_size_limit_as_error() {
-    #[cfg(unix)]
-    // SAFETY: setting a signal's disposition to ignore at the start of main, before any thread
-    // is spawned.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-    }
-}
-
 /// Runs `f` on a thread of the compute pool (rayon's, on flex) and returns its result; on other
 /// backends, and when already on a pool thread, runs it here.
 ///
@@ -91,16 +67,10 @@ pub fn file_size_limit_as_error() {
 /// thread, the job goes on that thread's own queue, where the other thread steals it.
 pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
-    if rayon::current_thread_index().is_none() {
-        return rayon::scope(|_| f());
-    }
+    return crate::cpu::pool::in_pool(f);
+    #[cfg(not(feature = "flex"))]
     f()
 }
-
-/// Idle polls of [`hot`]'s helper threads before each further poll also yields the core to the
-/// operating system (a few microseconds of spinning).
-#[cfg(feature = "flex")]
-const SPINS: u32 = 2000;
 
 /// Runs `f` on a pool thread (as [`in_pool`]) while the pool's other threads stay awake, polling
 /// for work instead of going to sleep between parallel regions; on other backends, runs `f`.
@@ -115,65 +85,7 @@ const SPINS: u32 = 2000;
 /// `RLHF_NO_SPIN=1` turns this off (plain [`in_pool`]), for a machine shared with other work.
 pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
-    return in_pool(|| {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        // One `hot` region at a time in the process: a call made while another runs (a
-        // generation inside a stage binary, or concurrent callers) runs as `in_pool`. With two
-        // regions' helpers, each helper could be stolen by a thread waiting inside the other
-        // region's body and spin there until the other region ends, which it never would.
-        // With one, the helper task is the oldest on its region's queue and is stolen before
-        // any of the region's work, so it never spins on top of work its region waits for.
-        static ACTIVE: AtomicBool = AtomicBool::new(false);
-        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *OFF.get_or_init(|| std::env::var_os("RLHF_NO_SPIN").is_some())
-            || ACTIVE
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
-            return f();
-        }
-        struct Release;
-        impl Drop for Release {
-            fn drop(&mut self) {
-                ACTIVE.store(false, Ordering::Release);
-            }
-        }
-        let _release = Release;
-        let runner = rayon::current_thread_index();
-        let done = AtomicBool::new(false);
-        rayon::scope(|s| {
-            for _ in 1..rayon::current_num_threads() {
-                s.spawn(|_| {
-                    if rayon::current_thread_index() == runner {
-                        return;
-                    }
-                    let mut idle = 0u32;
-                    while !done.load(Ordering::Acquire) {
-                        if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                            idle = 0;
-                        } else if idle < SPINS {
-                            idle += 1;
-                            std::hint::spin_loop();
-                        } else {
-                            // Long idle (I/O, a serial phase): offer the core to any other
-                            // runnable process, which this returns at once without.
-                            std::thread::yield_now();
-                        }
-                    }
-                });
-            }
-            // Stops the helpers when f returns or unwinds (a panic must not leave them spinning
-            // and the scope waiting for them).
-            struct Stop<'a>(&'a AtomicBool);
-            impl Drop for Stop<'_> {
-                fn drop(&mut self) {
-                    self.0.store(true, Ordering::Release);
-                }
-            }
-            let _stop = Stop(&done);
-            f()
-        })
-    });
+    return crate::cpu::pool::hot(f);
     #[cfg(not(feature = "flex"))]
     f()
 }
@@ -211,7 +123,8 @@ pub fn tune_allocator() {
         }
         // Blocks glibc would still map and unmap on every step (see `alloc`), in binaries that
         // declare `alloc::KeepLarge` their allocator.
-        crate::alloc::enable();
+        #[cfg(feature = "flex")]
+        crate::cpu::alloc::enable();
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: mallopt only changes glibc's allocation policy; it is thread-safe and affects
         // no existing allocation.

@@ -81,6 +81,15 @@ pub fn set_matmul_precision(p: MatmulPrecision) -> &'static str {
     }
 }
 
+/// Whether this CPU multiplies bf16 on AMX tiles, which `matmul = "bf16"` needs to gain speed
+/// (flex builds; false on other backends).
+pub fn amx_available() -> bool {
+    #[cfg(feature = "flex")]
+    return amx::available();
+    #[cfg(not(feature = "flex"))]
+    false
+}
+
 /// The precision set by [`set_matmul_precision`] (fp32 until then).
 pub fn matmul_precision() -> MatmulPrecision {
     if MATMUL_BF16.load(std::sync::atomic::Ordering::Relaxed) {
@@ -234,8 +243,8 @@ pub trait Kernels: Backend {
 pub struct RowIndex<B: Backend> {
     /// Read by the flex kernels.
     #[cfg_attr(not(feature = "flex"), allow(dead_code))]
-    host: std::sync::Arc<[usize]>,
-    tensor: IntTensor<B>,
+    pub(crate) host: std::sync::Arc<[usize]>,
+    pub(crate) tensor: IntTensor<B>,
 }
 
 /// What [`Kernels::adamw`] hands back when it does not apply: parameter, gradient, moments.
@@ -780,6 +789,7 @@ where
 
 /// SwiGLU's gated activation, silu(gate) · up, on two tensors: [`swiglu_joined`] on the two
 /// side by side (the model's MLP calls that directly, on its one gate | up product).
+#[cfg(test)]
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     assert_eq!(
         gate.dims(),
@@ -876,11 +886,11 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 /// backend): under `matmul = "bf16"` on AMX, each weight's bf16 panels ([`amx::PackedB`]), which
 /// every product of that weight then uses whatever its rows (a decoding step's 16 included),
 /// instead of reading the f32 weight; in f32 on AVX-512, f32 panels of 16 columns
-/// ([`skinny::PackedF32`]) for its products of fewer than 32 rows (the same sums, in the same
+/// ([`crate::cpu::skinny::PackedF32`]) for its products of fewer than 32 rows (the same sums, in the same
 /// order, as unpacked; weights stored by rows only), when all the weights together come to at
 /// most 2^24 elements (an f32 copy doubles their memory while it lives, and beyond the cache it
 /// measured slower). Empty otherwise. Made by [`pack_weights`]; the registry the products look
-/// in is [`kept`].
+/// in is [`crate::cpu::kept`].
 #[derive(Default)]
 pub struct PackedWeights {
     #[cfg(feature = "flex")]
@@ -1016,10 +1026,6 @@ impl Rows {
     /// How many rows are picked.
     pub fn len(&self) -> usize {
         self.host.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.host.is_empty()
     }
 
     fn on<B: Backend>(&self) -> Option<RowIndex<B>>
@@ -1237,9 +1243,7 @@ pub fn rope_qkv_into_cache(
 /// Whether [`attention`] runs fused in this build and precision (the flex backend, `matmul =
 /// "fp32"`; under bf16 the attention products stay the bf16 products of the composed path).
 pub fn attention_fused() -> bool {
-    cfg!(feature = "flex")
-        && crate::backend_name() == "flex"
-        && matmul_precision() == MatmulPrecision::Fp32
+    cfg!(all(feature = "flex", not(feature = "tch"))) && matmul_precision() == MatmulPrecision::Fp32
 }
 
 /// Attention without a KV cache (a training or scoring forward) as one autodiff node on the flex
@@ -1392,13 +1396,7 @@ pub mod reference {
 // flex: the kernels as loops over contiguous f32 rows.
 
 #[cfg(feature = "flex")]
-pub mod amx;
-#[cfg(feature = "flex")]
-mod flex;
-#[cfg(feature = "flex")]
-pub mod kept;
-#[cfg(feature = "flex")]
-pub mod skinny;
+use crate::cpu::{amx, flex};
 
 #[cfg(test)]
 mod tests {

@@ -205,17 +205,17 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-crate::simd::multiversion! {
+crate::cpu::simd::multiversion! {
     /// Unnormalised probabilities of a row of logits at a temperature: probs = e^(x · s − max)
     /// with max the largest x · s, in one vectorised pass. Returns (max, Σ probs), so that
     /// log p(x) = x · s − max − ln Σ.
     fn exponentiate(row: &[f32], s: f32, probs: &mut Vec<f32>) -> (f32, f32) {
-        let max = crate::simd::max_of(row) * s;
+        let max = crate::cpu::simd::max_of(row) * s;
         probs.resize(row.len(), 0.0);
         for (p, &x) in probs.iter_mut().zip(row) {
-            *p = crate::simd::exp(x * s - max);
+            *p = crate::cpu::simd::exp(x * s - max);
         }
-        (max, crate::simd::sum_map(probs, |p| p))
+        (max, crate::cpu::simd::sum_map(probs, |p| p))
     }
 }
 

@@ -7,32 +7,36 @@
 //! It is not a trainer: schedules, loops and data live in the stage crates; [`ops`] holds the
 //! few tensor functions they all share, and [`optim`] the fused AdamW they all step with.
 
-pub mod alloc;
 pub mod batch;
-pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
+mod cpu;
 pub mod device;
 pub mod error;
 pub mod flags;
-pub mod fused;
+mod fused;
 pub mod generate;
+pub mod lora;
 pub mod ops;
 pub mod optim;
-mod simd;
+pub mod runtime;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 
 pub use batch::TokenBatch;
 pub use checkpoint::{
-    Loaded, ModelMeta, RewardNormalization, load, load_with, save, save_with_meta,
+    Loaded, ModelMeta, RewardNormalization, load, load_with, save, save_adapter, save_with_meta,
 };
 pub use config::{Family, ModelConfig};
 pub use device::{backend_name, parse_device};
 pub use error::{ModelError, Result};
-pub use fused::{MatmulPrecision, set_matmul_precision};
+pub use fused::{
+    MatmulPrecision, PackedWeights, amx_available, matmul_precision, set_matmul_precision,
+};
 pub use generate::{Generation, SamplingConfig, generate};
+pub use lora::LoraConfig;
 pub use tokenizer::{PromptTemplate, Tokenizer};
 pub use transformer::{CausalLm, Heads, KvCache};
 pub use weights::SafetensorsFiles;

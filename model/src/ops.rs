@@ -7,6 +7,10 @@ use burn::optim::GradientsParams;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
+/// A batched matrix product, through the backend's fused kernels where there are (burn's
+/// `matmul` elsewhere).
+pub use crate::fused::matmul;
+
 /// log p(targets) under `logits`. logits: [b, t, v], targets: [b, t] → [b, t]
 ///
 /// The softmax over the vocabulary, the widest tensor of a training step, is computed once,

@@ -12,11 +12,13 @@ use crate::batch::TokenBatch;
 use crate::config::{Activation, Family, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::fused;
+use crate::lora::{self, AdapterSource, Lora, LoraConfig};
 use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::fused::MASKED;
@@ -66,6 +68,9 @@ struct Attention {
     /// q | k | v fused: [d, (heads + 2·kv_heads)·head_dim].
     qkv: Linear,
     o: Linear,
+    /// LoRA adapters of `qkv` (per q, k, v module) and `o` ([`crate::lora`]).
+    qkv_lora: Option<Lora>,
+    o_lora: Option<Lora>,
 }
 
 #[derive(Module, Debug)]
@@ -73,6 +78,9 @@ struct Mlp {
     /// gate | up fused for SwiGLU ([d, 2·inter]); `c_fc` for GPT-2 ([d, inter]).
     up: Linear,
     down: Linear,
+    /// LoRA adapters of `up` (per gate, up module) and `down` ([`crate::lora`]).
+    up_lora: Option<Lora>,
+    down_lora: Option<Lora>,
 }
 
 #[derive(Module, Debug)]
@@ -81,6 +89,156 @@ struct Block {
     attn: Attention,
     norm2: Norm,
     mlp: Mlp,
+}
+
+impl Norm {
+    /// `{prefix}.weight` (and `{prefix}.bias` for GPT-2's LayerNorm).
+    fn load(b: &mut Builder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let rms = cfg.family == Family::Llama;
+        let (weight, bias) = b.norm_params(prefix, cfg.hidden_size, !rms)?;
+        Ok(Norm {
+            weight,
+            bias,
+            eps: cfg.norm_eps,
+            rms,
+        })
+    }
+}
+
+/// The standard deviation of new residual projections (`o_proj`, `down_proj`, GPT-2's
+/// `c_proj`): GPT-2's scaled init, std / sqrt(2 · layers).
+fn residual_std(cfg: &ModelConfig) -> f64 {
+    cfg.initializer_range / (2.0 * cfg.num_layers as f64).sqrt()
+}
+
+impl Attention {
+    /// Llama's `{prefix}.{q,k,v,o}_proj` (q | k | v fused) or GPT-2's `{prefix}.c_attn`,
+    /// `{prefix}.c_proj`.
+    fn load(b: &mut Builder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (d, std) = (cfg.hidden_size, cfg.initializer_range);
+        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        Ok(match cfg.family {
+            Family::Llama => Attention {
+                qkv: b.linear(
+                    &[
+                        (&format!("{prefix}.q_proj"), h * hd),
+                        (&format!("{prefix}.k_proj"), kv * hd),
+                        (&format!("{prefix}.v_proj"), kv * hd),
+                    ],
+                    d,
+                    cfg.qkv_bias,
+                    Layout::OutIn,
+                    std,
+                )?,
+                o: b.linear(
+                    &[(&format!("{prefix}.o_proj"), d)],
+                    h * hd,
+                    cfg.o_bias,
+                    Layout::OutIn,
+                    residual_std(cfg),
+                )?,
+                qkv_lora: None,
+                o_lora: None,
+            },
+            Family::Gpt2 => Attention {
+                qkv: b.linear(
+                    &[(&format!("{prefix}.c_attn"), 3 * d)],
+                    d,
+                    true,
+                    Layout::InOut,
+                    std,
+                )?,
+                o: b.linear(
+                    &[(&format!("{prefix}.c_proj"), d)],
+                    d,
+                    true,
+                    Layout::InOut,
+                    residual_std(cfg),
+                )?,
+                qkv_lora: None,
+                o_lora: None,
+            },
+        })
+    }
+}
+
+impl Mlp {
+    /// Llama's `{prefix}.{gate,up,down}_proj` (gate | up fused) or GPT-2's `{prefix}.c_fc`,
+    /// `{prefix}.c_proj`.
+    fn load(b: &mut Builder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (d, inter, std) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.initializer_range,
+        );
+        Ok(match cfg.family {
+            Family::Llama => Mlp {
+                up: b.linear(
+                    &[
+                        (&format!("{prefix}.gate_proj"), inter),
+                        (&format!("{prefix}.up_proj"), inter),
+                    ],
+                    d,
+                    cfg.mlp_bias,
+                    Layout::OutIn,
+                    std,
+                )?,
+                down: b.linear(
+                    &[(&format!("{prefix}.down_proj"), d)],
+                    inter,
+                    cfg.mlp_bias,
+                    Layout::OutIn,
+                    residual_std(cfg),
+                )?,
+                up_lora: None,
+                down_lora: None,
+            },
+            Family::Gpt2 => Mlp {
+                up: b.linear(
+                    &[(&format!("{prefix}.c_fc"), inter)],
+                    d,
+                    true,
+                    Layout::InOut,
+                    std,
+                )?,
+                down: b.linear(
+                    &[(&format!("{prefix}.c_proj"), d)],
+                    inter,
+                    true,
+                    Layout::InOut,
+                    residual_std(cfg),
+                )?,
+                up_lora: None,
+                down_lora: None,
+            },
+        })
+    }
+}
+
+impl Block {
+    /// Layer `l`: Llama's `model.layers.{l}` (`input_layernorm`, `self_attn`,
+    /// `post_attention_layernorm`, `mlp`) or GPT-2's `transformer.h.{l}` (`ln_1`, `attn`, `ln_2`,
+    /// `mlp`).
+    fn load(b: &mut Builder, cfg: &ModelConfig, l: usize) -> Result<Self> {
+        let [norm1, attn, norm2, mlp] = match cfg.family {
+            Family::Llama => [
+                "input_layernorm",
+                "self_attn",
+                "post_attention_layernorm",
+                "mlp",
+            ]
+            .map(|m| format!("model.layers.{l}.{m}")),
+            Family::Gpt2 => {
+                ["ln_1", "attn", "ln_2", "mlp"].map(|m| format!("transformer.h.{l}.{m}"))
+            }
+        };
+        Ok(Block {
+            norm1: Norm::load(b, &norm1, cfg)?,
+            attn: Attention::load(b, &attn, cfg)?,
+            norm2: Norm::load(b, &norm2, cfg)?,
+            mlp: Mlp::load(b, &mlp, cfg)?,
+        })
+    }
 }
 
 /// Keys and values of the tokens seen so far, per layer, plus what each row's next position is.
@@ -316,6 +474,10 @@ pub struct CausalLm {
     config: Arc<ModelConfig>,
     #[module(skip)]
     specs: Arc<Vec<ParamSpec>>,
+    /// The LoRA adapters' settings and tensors (PEFT names without `base_model.model.`), when
+    /// the model has adapters.
+    #[module(skip)]
+    lora: Option<Arc<(LoraConfig, Vec<ParamSpec>)>>,
     /// RoPE inverse frequencies [head_dim / 2] (llama3 scaling applied).
     #[module(skip)]
     inv_freq: Arc<Vec<f32>>,
@@ -392,12 +554,7 @@ impl CausalLm {
         crate::device::tune_allocator();
         let d = cfg.hidden_size;
         let std = cfg.initializer_range;
-        // GPT-2's scaled init of the residual projections, for new models.
-        let proj_std = std / (2.0 * cfg.num_layers as f64).sqrt();
-        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let rms = cfg.family == Family::Llama;
-        let norm_bias = !rms;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        // The order of the loads is the order random weights are drawn in (seeded models).
         let (embed, positions) = match cfg.family {
             Family::Llama => (
                 b.embedding("model.embed_tokens.weight", cfg.vocab_size, d, std)?,
@@ -413,101 +570,12 @@ impl CausalLm {
                 )?),
             ),
         };
-        for l in 0..cfg.num_layers {
-            let block = match cfg.family {
-                Family::Llama => {
-                    let p = format!("model.layers.{l}");
-                    let a = format!("{p}.self_attn");
-                    let m = format!("{p}.mlp");
-                    Block {
-                        norm1: norm(b, &format!("{p}.input_layernorm"), cfg, false)?,
-                        attn: Attention {
-                            qkv: b.linear(
-                                &[
-                                    (&format!("{a}.q_proj"), h * hd),
-                                    (&format!("{a}.k_proj"), kv * hd),
-                                    (&format!("{a}.v_proj"), kv * hd),
-                                ],
-                                d,
-                                cfg.qkv_bias,
-                                Layout::OutIn,
-                                std,
-                            )?,
-                            o: b.linear(
-                                &[(&format!("{a}.o_proj"), d)],
-                                h * hd,
-                                cfg.o_bias,
-                                Layout::OutIn,
-                                proj_std,
-                            )?,
-                        },
-                        norm2: norm(b, &format!("{p}.post_attention_layernorm"), cfg, false)?,
-                        mlp: Mlp {
-                            up: b.linear(
-                                &[
-                                    (&format!("{m}.gate_proj"), cfg.intermediate_size),
-                                    (&format!("{m}.up_proj"), cfg.intermediate_size),
-                                ],
-                                d,
-                                cfg.mlp_bias,
-                                Layout::OutIn,
-                                std,
-                            )?,
-                            down: b.linear(
-                                &[(&format!("{m}.down_proj"), d)],
-                                cfg.intermediate_size,
-                                cfg.mlp_bias,
-                                Layout::OutIn,
-                                proj_std,
-                            )?,
-                        },
-                    }
-                }
-                Family::Gpt2 => {
-                    let p = format!("transformer.h.{l}");
-                    Block {
-                        norm1: norm(b, &format!("{p}.ln_1"), cfg, norm_bias)?,
-                        attn: Attention {
-                            qkv: b.linear(
-                                &[(&format!("{p}.attn.c_attn"), 3 * d)],
-                                d,
-                                true,
-                                Layout::InOut,
-                                std,
-                            )?,
-                            o: b.linear(
-                                &[(&format!("{p}.attn.c_proj"), d)],
-                                d,
-                                true,
-                                Layout::InOut,
-                                proj_std,
-                            )?,
-                        },
-                        norm2: norm(b, &format!("{p}.ln_2"), cfg, norm_bias)?,
-                        mlp: Mlp {
-                            up: b.linear(
-                                &[(&format!("{p}.mlp.c_fc"), cfg.intermediate_size)],
-                                d,
-                                true,
-                                Layout::InOut,
-                                std,
-                            )?,
-                            down: b.linear(
-                                &[(&format!("{p}.mlp.c_proj"), d)],
-                                cfg.intermediate_size,
-                                true,
-                                Layout::InOut,
-                                proj_std,
-                            )?,
-                        },
-                    }
-                }
-            };
-            layers.push(block);
-        }
+        let layers = (0..cfg.num_layers)
+            .map(|l| Block::load(b, cfg, l))
+            .collect::<Result<Vec<_>>>()?;
         let final_norm = match cfg.family {
-            Family::Llama => norm(b, "model.norm", cfg, false)?,
-            Family::Gpt2 => norm(b, "transformer.ln_f", cfg, true)?,
+            Family::Llama => Norm::load(b, "model.norm", cfg)?,
+            Family::Gpt2 => Norm::load(b, "transformer.ln_f", cfg)?,
         };
         let lm_head = if heads.lm && !cfg.tie_word_embeddings {
             if let crate::weights::Source::File(f) = &b.source
@@ -547,6 +615,7 @@ impl CausalLm {
             rope_cache: Arc::default(),
             config: Arc::new(cfg.clone()),
             specs: Arc::new(std::mem::take(&mut b.specs)),
+            lora: None,
         })
     }
 
@@ -630,6 +699,177 @@ impl CausalLm {
         &self.config
     }
 
+    /// The model with new LoRA adapters ([`crate::lora`]) on the modules `cfg` targets (A from
+    /// `seed`, B zero: the same outputs as without) and every other weight frozen (no gradient,
+    /// so no optimizer state) but a scalar head's, which trains with them.
+    pub fn with_lora(self, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+        self.attach_lora(cfg, &mut AdapterSource::new(seed))
+    }
+
+    /// The model with the saved adapter folder `dir` (ours, or one PEFT wrote) attached, its
+    /// base weights frozen. A tensor of the adapter that fits no module is an error naming it.
+    pub fn load_lora(self, dir: &Path) -> Result<Self> {
+        let (cfg, files) = lora::read_adapter(dir)?;
+        let model = self.attach_lora(&cfg, &mut AdapterSource::File(&files))?;
+        let used: std::collections::HashSet<String> = model
+            .lora
+            .as_ref()
+            .map(|l| {
+                l.1.iter()
+                    .map(|s| format!("{}{}", lora::PEFT_PREFIX, s.parts[0].0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut extra: Vec<&str> = files.names().filter(|n| !used.contains(*n)).collect();
+        extra.sort_unstable();
+        if let Some(name) = extra.first() {
+            return Err(ModelError::Invalid(format!(
+                "{}: tensor `{name}` (and {} more) belongs to no adapted module of this {:?} model of {} layers (adapter_config.json targets {:?}); is the adapter for another base model?",
+                dir.join(lora::ADAPTER_WEIGHTS).display(),
+                extra.len() - 1,
+                model.config.family,
+                model.config.num_layers,
+                cfg.target_modules,
+            )));
+        }
+        Ok(model)
+    }
+
+    fn attach_lora(self, cfg: &LoraConfig, source: &mut AdapterSource) -> Result<Self> {
+        if self.lora.is_some() {
+            return Err(ModelError::Invalid(
+                "the model already has LoRA adapters; merge them first (`model merge`)".into(),
+            ));
+        }
+        if let Some((key, msg)) = cfg.problems().into_iter().next() {
+            return Err(ModelError::Invalid(format!("lora.{key} {msg}")));
+        }
+        let targets = cfg.targets(self.config.family);
+        let device = self.device();
+        let specs = self.specs.clone();
+        let spec_of = |lin: &Linear| {
+            specs
+                .iter()
+                .find(|s| s.id == lin.weight.id)
+                .expect("every linear layer has a spec")
+        };
+        let mut lora_specs = Vec::new();
+        let mut modules = Vec::new();
+        let mut model = self.no_grad();
+        for block in model.layers.iter_mut() {
+            let (a, m) = (&mut block.attn, &mut block.mlp);
+            for (lin, slot) in [
+                (&a.qkv, &mut a.qkv_lora),
+                (&a.o, &mut a.o_lora),
+                (&m.up, &mut m.up_lora),
+                (&m.down, &mut m.down_lora),
+            ] {
+                let d_in = lin.weight.val().dims()[0];
+                modules.extend(spec_of(lin).parts.iter().map(|p| p.0.clone()));
+                *slot = lora::build(
+                    spec_of(lin),
+                    d_in,
+                    &targets,
+                    cfg,
+                    source,
+                    &device,
+                    &mut lora_specs,
+                )?;
+            }
+        }
+        // As PEFT: a target that matches no module is an error, not an adapter that is not there.
+        for t in &targets {
+            if !modules
+                .iter()
+                .any(|m| lora::targeted(m.strip_suffix(".weight").unwrap_or(m), t))
+            {
+                return Err(ModelError::Invalid(format!(
+                    "lora.target_modules: `{t}` matches no linear layer of this {:?} model; expected some of {} (as PEFT names them), or \"all-linear\"",
+                    model.config.family,
+                    lora::module_names(model.config.family).join(", ")
+                )));
+            }
+        }
+        // A reward or value model's scalar head trains with the adapters (PEFT's
+        // `modules_to_save = ["score"]` of a sequence classifier) and is saved with them.
+        if let Some(Linear { weight, bias }) = model.score.take() {
+            let mut weight = weight.set_require_grad(true);
+            if let AdapterSource::File(files) = source {
+                let name = format!("{}score.weight", lora::PEFT_PREFIX);
+                if files.contains(&name) {
+                    let d = model.config.hidden_size;
+                    let w = files.read(&name, &[1, d])?;
+                    let id = weight.id;
+                    weight =
+                        Param::from_tensor(Tensor::from_data(TensorData::new(w, [d, 1]), &device));
+                    weight.id = id;
+                }
+            }
+            if let Some(spec) = specs.iter().find(|s| s.id == weight.id) {
+                lora_specs.push(spec.clone());
+            }
+            model.score = Some(Linear {
+                weight,
+                bias: bias.map(|b| b.set_require_grad(true)),
+            });
+        }
+        model.lora = Some(Arc::new((cfg.clone(), lora_specs)));
+        Ok(model)
+    }
+
+    /// The LoRA settings of the model's adapters, when it has any.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|l| &l.0)
+    }
+
+    /// The adapters' tensors under PEFT's names (`base_model.model.<module>.lora_A.weight`
+    /// [r, in], `lora_B.weight` [out, r]; a scalar head's `score.weight`), f32; empty without
+    /// adapters.
+    pub fn lora_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        match &self.lora {
+            None => Vec::new(),
+            Some(l) => hf_tensors(self, &l.1)
+                .into_iter()
+                .map(|(n, shape, v)| (format!("{}{n}", lora::PEFT_PREFIX), shape, v))
+                .collect(),
+        }
+    }
+
+    /// The same model without its adapters: the base weights, shared (not copied), what the
+    /// adapters were trained from (PPO's reference policy).
+    pub fn without_lora(&self) -> Self {
+        let mut m = self.clone();
+        for block in m.layers.iter_mut() {
+            block.attn.qkv_lora = None;
+            block.attn.o_lora = None;
+            block.mlp.up_lora = None;
+            block.mlp.down_lora = None;
+        }
+        m.lora = None;
+        m
+    }
+
+    /// The model with its adapters merged into the weights (W + A·B·scale) and removed.
+    pub fn merge_lora(mut self) -> Self {
+        fn merge(lin: &mut Linear, lora: Option<Lora>) {
+            if let Some(l) = lora {
+                let w = lin.weight.val() + l.merged_delta();
+                let id = lin.weight.id;
+                lin.weight = Param::from_tensor(w.detach());
+                lin.weight.id = id;
+            }
+        }
+        for block in self.layers.iter_mut() {
+            let (a, m) = (&mut block.attn, &mut block.mlp);
+            merge(&mut a.qkv, a.qkv_lora.take());
+            merge(&mut a.o, a.o_lora.take());
+            merge(&mut m.up, m.up_lora.take());
+            merge(&mut m.down, m.down_lora.take());
+        }
+        self.lora = None;
+        self
+    }
+
     pub fn has_scalar_head(&self) -> bool {
         self.score.is_some()
     }
@@ -640,7 +880,13 @@ impl CausalLm {
 
     /// The model's tensors under their HF names, as saved (f32). A model with a scalar head is
     /// saved as `*ForSequenceClassification`, which has no LM head.
+    ///
+    /// A model with LoRA adapters gives its merged weights (the adapters' own tensors are
+    /// [`Self::lora_tensors`]).
     pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        if self.lora.is_some() {
+            return self.clone().merge_lora().hf_tensors();
+        }
         let mut t = hf_tensors(self, &self.specs);
         if self.score.is_some() {
             t.retain(|(n, _, _)| n != "lm_head.weight");
@@ -824,10 +1070,10 @@ impl CausalLm {
                 Some(rows) => [rows.bsz, rows.t],
                 None => [x.dims()[0], x.dims()[1]],
             };
-            let y = apply(&attn.qkv, x.clone());
+            let y = project(&attn.qkv, &attn.qkv_lora, x.clone());
             let rows_idx = rows.map(|r| &r.idx);
             match fused::attention(&y, rows_idx, [bsz, t], bias, rope, [h, kv, hd], scale) {
-                Some(ctx) => return apply(&attn.o, ctx),
+                Some(ctx) => return project(&attn.o, &attn.o_lora, ctx),
                 None => Some(y),
             }
         } else {
@@ -839,7 +1085,7 @@ impl CausalLm {
             self.split_heads(qkv, rows, rope, cache, capacity)
         } else if x.is_autodiff() {
             self.split_heads(
-                split_linear(&attn.qkv, x, parts),
+                split_project(&attn.qkv, &attn.qkv_lora, x, parts),
                 rows,
                 rope,
                 cache,
@@ -847,7 +1093,7 @@ impl CausalLm {
             )
         } else {
             // Inference: one product, whose column blocks are q, k and v.
-            let y = apply(&attn.qkv, x);
+            let y = project(&attn.qkv, &attn.qkv_lora, x);
             let fused = match (rows, rope) {
                 (None, Some(tables)) => self.rope_into_cache(&y, tables, cache, capacity),
                 _ => None,
@@ -865,7 +1111,7 @@ impl CausalLm {
             && let Some(ctx) = fused::decode_attention(&q, &k, &v, bias, scale)
         {
             // A decoding step: scores, softmax and weighted values per head in one pass.
-            return apply(&attn.o, ctx);
+            return project(&attn.o, &attn.o_lora, ctx);
         }
         let total = k.dims()[2];
         let (k, v) = if h == kv {
@@ -887,7 +1133,7 @@ impl CausalLm {
             Some(rows) => rows.gather(ctx),
             None => ctx,
         };
-        apply(&attn.o, ctx)
+        project(&attn.o, &attn.o_lora, ctx)
     }
 
     /// [`Self::split_heads`] for a cache that appends in place, from the fused projection
@@ -955,11 +1201,11 @@ impl CausalLm {
     fn mlp(&self, mlp: &Mlp, x: Tensor<3>) -> Tensor<3> {
         let hidden = match self.config.activation {
             // One product by the gate | up weight, then the activation on its two halves.
-            Activation::Silu => fused::swiglu_joined(apply(&mlp.up, x)),
-            Activation::GeluTanh => gelu_tanh(apply(&mlp.up, x)),
-            Activation::Gelu => gelu(apply(&mlp.up, x)),
+            Activation::Silu => fused::swiglu_joined(project(&mlp.up, &mlp.up_lora, x)),
+            Activation::GeluTanh => gelu_tanh(project(&mlp.up, &mlp.up_lora, x)),
+            Activation::Gelu => gelu(project(&mlp.up, &mlp.up_lora, x)),
         };
-        apply(&mlp.down, hidden)
+        project(&mlp.down, &mlp.down_lora, hidden)
     }
 
     /// The weights that every step of a generation multiplies (each layer's projections and the
@@ -1090,13 +1336,32 @@ fn split_linear<const N: usize>(
     })
 }
 
-fn norm(b: &mut Builder, prefix: &str, cfg: &ModelConfig, bias: bool) -> Result<Norm> {
-    let (weight, bias) = b.norm_params(prefix, cfg.hidden_size, bias)?;
-    Ok(Norm {
-        weight,
-        bias,
-        eps: cfg.norm_eps,
-        rms: cfg.family == Family::Llama,
+/// A linear layer and its LoRA adapter, if it has one: x · w + b + the adapter's delta.
+fn project<const D: usize>(lin: &Linear, lora: &Option<Lora>, x: Tensor<D>) -> Tensor<D> {
+    match lora {
+        None => apply(lin, x),
+        Some(l) => apply(lin, x.clone()) + l.delta(x),
+    }
+}
+
+/// [`split_linear`] of a layer with its LoRA adapter: each part plus its columns of the delta.
+fn split_project<const N: usize>(
+    lin: &Linear,
+    lora: &Option<Lora>,
+    x: Tensor<3>,
+    parts: [std::ops::Range<usize>; N],
+) -> [Tensor<3>; N] {
+    let Some(l) = lora else {
+        return split_linear(lin, x, parts);
+    };
+    let delta = l.delta(x.clone());
+    let [b, t, _] = x.dims();
+    let base = split_linear(lin, x, parts.clone());
+    let mut i = 0;
+    base.map(|y| {
+        let r = parts[i].clone();
+        i += 1;
+        y + delta.clone().slice([0..b, 0..t, r])
     })
 }
 

@@ -130,6 +130,11 @@ pub fn tensor_shapes(dir: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     Ok(out)
 }
 
+/// The (name, shape) of every tensor of the one safetensors file `path`, from its header.
+pub fn file_tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    Ok(read_header(path)?.tensors)
+}
+
 /// The safetensors files of the model folder `dir`: `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` names (plain file names inside `dir`).
 fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -190,7 +195,21 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
 impl SafetensorsFiles {
     /// Opens the weights of the model folder `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let paths = shard_paths(dir)?;
+        Self::open_paths(dir, shard_paths(dir)?)
+    }
+
+    /// Opens one safetensors file (an adapter's `adapter_model.safetensors`).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::open_paths(path, vec![path.to_path_buf()])
+    }
+
+    /// The names of all tensors in the files.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Opens `paths`, the weights of `dir` (named in errors).
+    fn open_paths(dir: &Path, paths: Vec<PathBuf>) -> Result<Self> {
         // The headers first: what the files declare decides whether they fit in memory, before
         // any tensor data is read.
         let mut index = HashMap::new();
@@ -566,14 +585,17 @@ pub fn stable_id(name: &str) -> u64 {
     })
 }
 
-/// Collects every float parameter's current value by id.
+/// Collects the current values of the float parameters `wanted` by id.
 struct Collect {
+    wanted: std::collections::HashSet<ParamId>,
     values: HashMap<ParamId, TensorData>,
 }
 
 impl ModuleVisitor for Collect {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.values.insert(param.id, param.val().into_data());
+        if self.wanted.contains(&param.id) {
+            self.values.insert(param.id, param.val().into_data());
+        }
     }
 }
 
@@ -583,6 +605,7 @@ pub(crate) fn hf_tensors<M: Module>(
     specs: &[ParamSpec],
 ) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut c = Collect {
+        wanted: specs.iter().map(|s| s.id).collect(),
         values: HashMap::new(),
     };
     module.visit(&mut c);

@@ -5,9 +5,9 @@
 
 #![cfg(feature = "flex")]
 
-use model::fused::{MatmulPrecision, amx, matmul_precision, set_matmul_precision};
 use model::ops::to_f32_vec;
 use model::{CausalLm, KvCache, ModelConfig, SamplingConfig, TokenBatch, generate, parse_device};
+use model::{MatmulPrecision, amx_available, matmul_precision, set_matmul_precision};
 
 /// One decoding step's logits ([rows, vocab]) after `prompts`, with the weights packed or not.
 fn step_logits(model: &CausalLm, prompts: &[Vec<u32>], next: &[u32], pack: bool) -> Vec<f32> {
@@ -61,7 +61,7 @@ fn bf16_decoding_reads_the_packed_weights() {
 
     set_matmul_precision(MatmulPrecision::Bf16);
     let packed = model.pack_for_decoding();
-    if !amx::available() {
+    if !amx_available() {
         // Without AMX nothing is packed: asking for it changes no number.
         assert!(packed.is_empty());
         assert!(

@@ -28,6 +28,10 @@ trainer::stage_config! {
         pub train: TrainSection,
         #[serde(default)]
         pub monitor: MonitorSection,
+        /// LoRA adapters on the policy and the critic instead of training all their weights;
+        /// the KL reference is then the policy with its adapters off (no second copy).
+        #[serde(default)]
+        pub lora: Option<model::LoraConfig>,
     }
 }
 
@@ -358,6 +362,7 @@ impl PpoConfig {
 impl trainer::StageConfig for PpoConfig {
     fn check(&self, c: &mut Check) {
         let (r, p) = (&self.rollout, &self.ppo);
+        c.lora(self.lora.as_ref(), "model.policy", true);
         c.at_least_one("rollout.batch_size", r.batch_size);
         c.at_least_one("rollout.samples_per_prompt", r.samples_per_prompt);
         if self.advantage.estimator.needs_group() {

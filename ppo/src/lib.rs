@@ -22,6 +22,8 @@
 //!    clipping; an epoch stops early when the approximate KL passes a limit;
 //! 7. update β, log an [`step::IterationRecord`], write samples, checkpoint.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod core;
 pub mod monitor;
@@ -89,13 +91,27 @@ struct Models {
 fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Result<Models> {
     let frozen = device.clone(); // the inner (non-autodiff) device
     let train = device.clone().autodiff();
-    let policy_dir = resume.unwrap_or(&cfg.model.policy);
+    // With LoRA the policy is model.policy, frozen, with new adapters or the checkpoint's.
+    let policy_dir = match (&cfg.lora, resume) {
+        (None, Some(dir)) => dir,
+        _ => &cfg.model.policy,
+    };
     let load_policy = |d: &Device| {
         model::checkpoint::load_with_tokenizer(policy_dir, Some(Heads::LM), None, d)
             .with_context(|| format!("model.policy = {}", policy_dir.display()))
     };
-    let (policy, tokenizer, policy_meta) = load_policy(&train)?;
-    let reference = if cfg.measures_kl() {
+    let (policy, tokenizer, mut policy_meta) = load_policy(&train)?;
+    let policy = match (&cfg.lora, resume) {
+        (None, _) => policy,
+        (Some(l), None) => policy.with_lora(l, cfg.seed)?,
+        (Some(_), Some(dir)) => {
+            policy_meta = model::ModelMeta::read(dir)?;
+            policy.load_lora(&dir.join(model::lora::ADAPTER_DIR))?
+        }
+    };
+    // The KL reference: model.reference when given; else the policy's start, which with LoRA
+    // is the policy itself with its adapters off (taken at each iteration, nothing loaded).
+    let reference = if cfg.measures_kl() && !(cfg.lora.is_some() && cfg.model.reference.is_none()) {
         let dir = cfg.model.reference.as_ref().unwrap_or(&cfg.model.policy);
         let key = if cfg.model.reference.is_some() {
             "model.reference"
@@ -183,6 +199,23 @@ fn load_critic(
     resume: Option<&Path>,
     train: &Device,
 ) -> Result<(CausalLm, Tokenizer)> {
+    if let Some(l) = &cfg.lora {
+        // LoRA on the critic's start (its trunk frozen, its value head trained), new or the
+        // checkpoint's.
+        let (m, t) = load_critic(
+            &PpoConfig {
+                lora: None,
+                ..cfg.clone()
+            },
+            None,
+            train,
+        )?;
+        let m = match resume {
+            Some(dir) => m.load_lora(&dir.join("critic").join(model::lora::ADAPTER_DIR))?,
+            None => m.with_lora(l, cfg.seed.wrapping_add(1))?,
+        };
+        return Ok((m, t));
+    }
     if let Some(dir) = resume {
         let d = dir.join("critic");
         if !d.exists() {
@@ -394,8 +427,16 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     let mut samples = rollout::Samples::open(&cfg.out, run.state.step)?;
     let (mut first_score, mut last_score, mut last_kl) = (f64::NAN, f64::NAN, f64::NAN);
 
+    let lora_dropout = cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
     while !run.done() {
         run.begin_step();
+        // Dropout masks (LoRA's) are a function of (seed, iteration), so a resumed run draws the
+        // same ones; nothing else of a run draws from the device's generator.
+        device.seed(
+            cfg.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(run.state.step as u64),
+        );
         let it = run.state.step;
         let started = Instant::now();
 
@@ -415,6 +456,10 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
             pad_token_id: tok.pad_id,
         };
         let policy_frozen = policy.valid();
+        // With LoRA and no model.reference, the reference is the policy's base weights.
+        let base_reference =
+            (reference.is_none() && cfg.measures_kl()).then(|| policy_frozen.without_lora());
+        let reference = reference.as_ref().or(base_reference.as_ref());
         let prompt_tokens: Vec<Vec<u32>> = batch_prompts.iter().map(|p| p.tokens.clone()).collect();
         let generation = model::generate(&policy_frozen, &prompt_tokens, &sampling)?;
         let roll = Rollout::new(&prompt_tokens, &generation, &tok)?;
@@ -451,7 +496,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         let forwards = || {
             model::device::join(
                 || logprobs(&policy_frozen),
-                || model::device::join(|| reference.as_ref().map(&logprobs).transpose(), values),
+                || model::device::join(|| reference.map(&logprobs).transpose(), values),
             )
         };
         let ((scores, t_score), (old_logprobs, (reference_logprobs, old_values))) =
@@ -537,7 +582,13 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
                 // each other: they run side by side (`model::device::join`; each still splits
                 // its own operations across the pool), in separate autodiff graphs. Every
                 // operation's result is the same whichever thread computes it.
+                // With LoRA dropout both draw masks from the device's generator: one after the
+                // other then, in a fixed order, so that a run (and its resume) is reproducible.
                 let (p, c) = match critic.take() {
+                    Some(cr) if lora_dropout => {
+                        let p = policy_step(policy)?;
+                        (p, Some(step::critic_step(&cx, cr, &roll, &mb, &batch)?))
+                    }
                     Some(cr) => {
                         let (p, c) = model::device::join(
                             || policy_step(policy),

@@ -1,17 +1,16 @@
 //! `ppo --config configs/ppo.toml [--set key=value ...] [--out DIR] [--resume DIR] [--device D] [--seed N]`
 
-/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
-#[global_allocator]
-static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+#![forbid(unsafe_code)]
+
+model::global_allocator!();
 
 fn main() {
-    model::device::exit_quietly_on_broken_pipe();
-    model::device::file_size_limit_as_error();
+    model::runtime::start();
     let args = trainer::StageArgs::parse(
         "ppo",
         "PPO of an SFT policy against a reward model (or a rule reward), with a KL penalty",
     );
-    let s = trainer::exit_on_error(model::device::hot(|| {
+    let s = model::runtime::exit_on_error(model::device::hot(|| {
         args.load::<ppo::PpoConfig>()
             .and_then(|(cfg, used)| ppo::run(&cfg, &used, args.resume.as_deref()))
     }));

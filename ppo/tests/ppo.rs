@@ -586,3 +586,77 @@ fn killed_and_resumed_critic_free_runs_end_bit_identical() {
         );
     }
 }
+
+/// `[lora]`: adapters on the policy and the critic (the critic's value head trains with its
+/// adapters), the reference is the policy with its adapters off (the first iteration's KL is 0:
+/// B starts at zero), the optimizer state covers the adapters alone, and a killed run resumed
+/// from its checkpoint ends bit for bit as the uninterrupted one, LoRA dropout included.
+#[test]
+fn lora_policy_and_critic_resume_bit_identical_with_the_base_as_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = s(&[
+        "train.save_every=3",
+        "train.keep_last=10",
+        "rollout.batch_size=8",
+        "lora.r=4",
+        "lora.alpha=16",
+        "lora.dropout=0.1",
+        "lora.target_modules=[\"all-linear\"]",
+        "train.log_every=1",
+    ]);
+    let full = tmp.path().join("full");
+    let (ok, _, err) = ppo(&rule_run(&full, 6, &lora), &[]);
+    assert!(ok, "{err}");
+    let m = metrics(&full);
+    assert_eq!(
+        m[0]["kl_per_response"].as_f64(),
+        Some(0.0),
+        "a new adapter is the reference: {}",
+        m[0]
+    );
+    for sub in ["", "critic/"] {
+        let adapter = full.join(format!("checkpoint-000006/{sub}adapter"));
+        assert!(
+            adapter.join("adapter_model.safetensors").is_file(),
+            "{}",
+            adapter.display()
+        );
+    }
+    let critic_cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(full.join("checkpoint-000006/critic/adapter/adapter_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(critic_cfg["modules_to_save"], serde_json::json!(["score"]));
+    let state = |f: &str| {
+        std::fs::metadata(full.join("checkpoint-000006/trainer_state").join(f))
+            .unwrap()
+            .len()
+    };
+    let weights = std::fs::metadata(full.join("final/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        state("optimizer-policy.bpk") * 4 < weights,
+        "adapters' state only"
+    );
+    assert!(
+        state("optimizer-critic.bpk") * 4 < weights,
+        "adapters' and head's state only"
+    );
+    let resumed = tmp.path().join("resumed");
+    let (ok, stdout, err) = ppo(
+        &rule_run(&resumed, 6, &lora),
+        &["--resume", full.join("checkpoint-000003").to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert!(stdout.contains("resumed from"), "{stdout}");
+    for f in [
+        "final/model.safetensors",
+        "final/adapter/adapter_model.safetensors",
+        "checkpoint-000006/critic/adapter/adapter_model.safetensors",
+    ] {
+        let read = |d: &Path| std::fs::read(d.join(f)).unwrap();
+        assert!(read(&full) == read(&resumed), "{f} differs after resume");
+    }
+}

@@ -10,6 +10,8 @@
 //! labeler, the human ceiling) → checkpoint → normalise and save. The plumbing is in `trainer`,
 //! the loss math in [`loss`].
 
+#![forbid(unsafe_code)]
+
 pub mod agreement;
 pub mod best_of_n;
 pub mod data;

@@ -4,6 +4,8 @@
 //! `reward best-of-n --policy DIR --prompts F (--reward-model DIR | --rule RULE) --n N --out F`
 //! (see `reward::best_of_n`)
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -74,13 +76,10 @@ enum Command {
     BestOfN(reward::best_of_n::BestOfNArgs),
 }
 
-/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
-#[global_allocator]
-static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+model::global_allocator!();
 
 fn main() {
-    model::device::exit_quietly_on_broken_pipe();
-    model::device::file_size_limit_as_error();
+    model::runtime::start();
     let sub = std::env::args().nth(1);
     let scoring = sub
         .as_deref()
@@ -164,7 +163,7 @@ fn main() {
             );
         })
     };
-    trainer::exit_on_error(result);
+    model::runtime::exit_on_error(result);
 }
 
 fn score(

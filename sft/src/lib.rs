@@ -6,6 +6,8 @@
 //! with warmup + decay → log, evaluate, checkpoint. The shared plumbing is in the `trainer` crate.
 //! It is not a chat-template engine: one prompt template string formats every prompt.
 
+#![forbid(unsafe_code)]
+
 pub mod loss;
 
 use anyhow::{Context, Result, bail};
@@ -31,6 +33,9 @@ trainer::stage_config! {
         pub model: ModelSection,
         pub data: DataSection,
         pub train: TrainSection,
+        /// LoRA adapters instead of full fine-tuning (absent: every weight trains).
+        #[serde(default)]
+        pub lora: Option<model::LoraConfig>,
     }
 }
 
@@ -45,6 +50,7 @@ impl trainer::StageConfig for SftConfig {
             self.model.vocab_size,
             model::tokenizer::MIN_BPE_VOCAB,
         );
+        c.lora(self.lora.as_ref(), "model.base", self.model.base.is_some());
         if let Some(preset) = &self.model.preset {
             c.that(
                 "model.preset",
@@ -161,6 +167,16 @@ fn load_model(
     device: &Device,
 ) -> Result<(CausalLm, Tokenizer)> {
     let tokenizer = cfg.model.tokenizer.as_deref();
+    if let (Some(lora), Some(base)) = (&cfg.lora, &cfg.model.base) {
+        // The base as given, frozen, with new adapters or (resuming) the checkpoint's.
+        let (m, tok, _) =
+            model::checkpoint::load_with_tokenizer(base, Some(Heads::LM), tokenizer, device)?;
+        let m = match resume {
+            Some(dir) => m.load_lora(&dir.join(model::lora::ADAPTER_DIR))?,
+            None => m.with_lora(lora, cfg.seed)?,
+        };
+        return Ok((m.with_dropout(cfg.model.dropout), tok));
+    }
     let (m, tok) = if let Some(dir) = resume.or(cfg.model.base.as_deref()) {
         let (m, tok, _) =
             model::checkpoint::load_with_tokenizer(dir, Some(Heads::LM), tokenizer, device)?;

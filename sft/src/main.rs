@@ -1,17 +1,16 @@
 //! `sft --config configs/sft.toml [--set key=value ...] [--out DIR] [--resume DIR] [--device D] [--seed N]`
 
-/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
-#[global_allocator]
-static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+#![forbid(unsafe_code)]
+
+model::global_allocator!();
 
 fn main() {
-    model::device::exit_quietly_on_broken_pipe();
-    model::device::file_size_limit_as_error();
+    model::runtime::start();
     let args = trainer::StageArgs::parse(
         "sft",
         "Supervised fine-tuning of a causal LM on demonstrations",
     );
-    let s = trainer::exit_on_error(model::device::hot(|| {
+    let s = model::runtime::exit_on_error(model::device::hot(|| {
         args.load::<sft::SftConfig>()
             .and_then(|(cfg, used)| sft::run(&cfg, &used, args.resume.as_deref()))
     }));

@@ -364,3 +364,90 @@ fn same_config_and_seed_give_the_same_weights_and_metrics() {
     assert!(ok, "{err}");
     assert_ne!(weights(&a.join("final")), weights(&out.join("final")));
 }
+
+/// `[lora]`: only the adapters train (the checkpoint's optimizer state covers them alone), the
+/// run resumes bit for bit, `final/` holds the merged model and `final/adapter/` the adapter as
+/// PEFT writes it; without model.base it is a config error.
+#[test]
+fn lora_trains_the_adapters_alone_and_resumes_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let (ok, _, err) = sft(
+        &["train.max_steps=5", "train.eval_every=0"],
+        &["--out", base.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let base_final = base.join("final");
+    let base_set = format!("model.base={}", base_final.display());
+    let sets = [
+        base_set.as_str(),
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0.1",
+        "lora.target_modules=[\"all-linear\"]",
+        "train.lr=1e-3",
+        "train.max_steps=12",
+        "train.save_every=6",
+        "train.eval_every=0",
+        "train.log_every=1",
+    ];
+    let full = tmp.path().join("full");
+    let (ok, stdout, err) = sft(&sets, &["--out", full.to_str().unwrap()]);
+    assert!(ok, "{err}\n{stdout}");
+    let adapter = full.join("final/adapter");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    // The merged model moved away from the base.
+    assert_ne!(weights(&full.join("final")), weights(&base_final));
+    // The optimizer state is the adapters' only: far smaller than the full model's (two f32
+    // moments per weight would be twice model.safetensors).
+    let opt = |d: &Path| {
+        std::fs::metadata(d.join("trainer_state/optimizer.bpk"))
+            .unwrap()
+            .len()
+    };
+    let model_bytes = std::fs::metadata(base_final.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let lora_opt = opt(&full.join("checkpoint-000012"));
+    assert!(
+        lora_opt * 4 < model_bytes,
+        "optimizer state {lora_opt} bytes for a model of {model_bytes}"
+    );
+    // Resumed from step 6: the same adapter and merged weights, bit for bit.
+    let resumed = tmp.path().join("resumed");
+    let ckpt = full.join("checkpoint-000006");
+    let (ok, stdout, err) = sft(
+        &sets,
+        &[
+            "--out",
+            resumed.to_str().unwrap(),
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(stdout.contains("at step 6"), "{stdout}");
+    for f in ["model.safetensors", "adapter/adapter_model.safetensors"] {
+        assert_eq!(
+            std::fs::read(full.join("final").join(f)).unwrap(),
+            std::fs::read(resumed.join("final").join(f)).unwrap(),
+            "{f} after resume"
+        );
+    }
+    // [lora] on a new model (no model.base) is refused, naming the key.
+    let (ok, _, err) = sft(
+        &["lora.r=4"],
+        &["--out", tmp.path().join("x").to_str().unwrap()],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("[lora]") && err.contains("model.base"),
+        "{err}"
+    );
+}

@@ -3,6 +3,8 @@
 //! killing a training run with SIGKILL mid-way, as the exact-resume tests of `reward` and `ppo` do,
 //! and comparing two runs' metrics and weights.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;

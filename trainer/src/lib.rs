@@ -5,6 +5,8 @@
 //!
 //! It holds no algorithm: each stage's loop reads top to bottom in its own crate.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod metrics;
 pub mod optim;
@@ -109,14 +111,6 @@ pub fn check_finite(
     bail!(
         "{what} is {value} at step {step}; stopping. The last good checkpoint is {last}. Lower the learning rate or check the data."
     )
-}
-
-/// Prints the error chain of a failed command (`error: …: …`) and exits with status 1.
-pub fn exit_on_error<T>(result: Result<T>) -> T {
-    result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
-        std::process::exit(1)
-    })
 }
 
 /// Creates `out`, locks it for this run ([`OutLock`]: a second run into the same folder is

@@ -154,6 +154,21 @@ impl<'a> Check<'a> {
         self.that(key, v, (0.0..1.0).contains(&v), "in [0, 1)");
     }
 
+    /// The `[lora]` table, when there is one: r ≥ 1, alpha > 0, dropout in [0, 1), and a base
+    /// model to adapt (`base_key`, e.g. `model.base`, set: `has_base`).
+    pub fn lora(&mut self, lora: Option<&model::LoraConfig>, base_key: &str, has_base: bool) {
+        let Some(l) = lora else { return };
+        self.at_least_one("lora.r", l.r);
+        self.positive("lora.alpha", l.alpha);
+        self.fraction("lora.dropout", l.dropout);
+        if !has_base {
+            self.errors.push(format!(
+                "{}: [lora] is set without {base_key}: LoRA adapts a trained model; set {base_key} to its HF folder, or remove [lora] to train every weight",
+                self.file.display()
+            ));
+        }
+    }
+
     pub fn finish(self) -> Result<()> {
         if self.errors.is_empty() {
             Ok(())

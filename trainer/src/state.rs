@@ -335,7 +335,24 @@ pub fn check_optimizer_file(dir: &Path, name: &str) -> Result<()> {
     } else {
         dir.to_path_buf()
     };
-    let weights = model::weights::tensor_shapes(&model_dir)?;
+    // A model trained with LoRA: only its adapter's tensors (in adapter/) have optimizer state.
+    let adapter = model_dir
+        .join(model::lora::ADAPTER_DIR)
+        .join(model::lora::ADAPTER_WEIGHTS);
+    let weights = if adapter.is_file() {
+        model::weights::file_tensor_shapes(&adapter)?
+            .into_iter()
+            .map(|(n, s)| {
+                let n = n
+                    .strip_prefix(model::lora::PEFT_PREFIX)
+                    .unwrap_or(&n)
+                    .to_string();
+                (n, s)
+            })
+            .collect()
+    } else {
+        model::weights::tensor_shapes(&model_dir)?
+    };
     let by_id: std::collections::HashMap<u64, (&str, &[usize])> = weights
         .iter()
         .map(|(n, s)| (model::weights::stable_id(n), (n.as_str(), s.as_slice())))

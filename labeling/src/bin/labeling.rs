@@ -1,6 +1,8 @@
 //! `labeling import`, `labeling export-sheet`, `labeling simulate` and `labeling
 //! simulate-labelers`.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use labeling::import::CsvFormat;
@@ -88,18 +90,12 @@ enum Command {
     SimulateLabelers(labeling::flywheel::LabelerOptions),
 }
 
-/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
-#[global_allocator]
-static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+model::global_allocator!();
 
 fn main() {
-    model::device::exit_quietly_on_broken_pipe();
-    model::device::file_size_limit_as_error();
+    model::runtime::start();
     let cli = Cli::parse();
-    if let Err(e) = model::device::in_pool(|| run(cli)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    model::runtime::exit_on_error(model::device::in_pool(|| run(cli)));
 }
 
 fn run(cli: Cli) -> Result<()> {

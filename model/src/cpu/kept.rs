@@ -1,6 +1,6 @@
 //! Weight matrices packed for as long as their [`Kept`] handles live, found by the products that
 //! read them through the same view (address, strides, shape) at the same precision: the
-//! registry behind [`super::pack_weights`], for both packed formats.
+//! registry behind [`crate::fused::pack_weights`], for both packed formats.
 
 use super::amx::{PackedB, View};
 use super::skinny::PackedF32;

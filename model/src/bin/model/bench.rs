@@ -1,16 +1,22 @@
-//! Throughput of the two hot paths, on the benchmark shapes: a training step (forward, backward,
-//! AdamW, global-norm clip) and KV-cache sampling. `model bench` runs these and the PyTorch peer
-//! (`scripts/bench_peer.py`) in one run and prints both.
+//! `model bench`: throughput of the two hot paths, on the benchmark shapes: a training step
+//! (forward, backward, AdamW, global-norm clip) and KV-cache sampling, next to the PyTorch peer
+//! (`scripts/bench_peer.py`) in one run, with the roofs they are measured against (a matmul's
+//! GFLOP/s, the memory read rate). Part of the `model` binary, not of the library: it uses only
+//! the model crate's public API.
 
-use crate::config::ModelConfig;
-use crate::generate::{SamplingConfig, generate};
-use crate::ops::{clip_coef, grad_norm, token_logprobs, token_tensor};
-use crate::transformer::CausalLm;
-use crate::{Result, TokenBatch};
+use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor};
+use model::device::hot;
+use model::ops::{clip_coef, grad_norm, matmul, to_f32_vec, token_logprobs, token_tensor};
+use model::optim::{adamw, with_grad_scale};
+use model::{
+    CausalLm, Family, KvCache, MatmulPrecision, ModelConfig, SamplingConfig, TokenBatch,
+    backend_name, generate, set_matmul_precision,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
+use std::path::Path;
 use std::time::Instant;
 
 /// A benchmark shape: the model and the batch sizes.
@@ -49,7 +55,7 @@ pub const SHAPES: &[Shape] = &[
     },
 ];
 
-pub fn shape(name: &str) -> Option<Shape> {
+pub fn shape_named(name: &str) -> Option<Shape> {
     SHAPES.iter().copied().find(|s| s.name == name)
 }
 
@@ -69,7 +75,7 @@ pub fn train_tokens_per_s(s: &Shape, steps: usize, warmup: usize, device: &Devic
     let cfg = shape_config(s)?;
     let device = device.clone().autodiff();
     let mut model = CausalLm::new(&cfg, false, 0, &device)?;
-    let mut optim = crate::optim::adamw(0.9, 0.999, 1e-8, 0.01);
+    let mut optim = adamw(0.9, 0.999, 1e-8, 0.01);
     let mut rng = StdRng::seed_from_u64(0);
     let (b, t) = (s.train_batch, s.train_seq);
     let mut timed = 0.0;
@@ -90,7 +96,7 @@ pub fn train_tokens_per_s(s: &Shape, steps: usize, warmup: usize, device: &Devic
         let grads = GradientsParams::from_grads(grads, &model);
         // Global-norm clip as the stages do it: the coefficient applied inside AdamW's pass.
         let coef = clip_coef(grad_norm(&model, &grads), 1.0);
-        model = crate::optim::with_grad_scale(coef, || optim.step(3e-4, model, grads));
+        model = with_grad_scale(coef, || optim.step(3e-4, model, grads));
         // Force the step to finish before stopping the clock.
         let _ = loss.into_scalar::<f32>();
         if step >= warmup {
@@ -159,16 +165,19 @@ pub fn generate_rate(s: &Shape, reps: usize, device: &Device) -> Result<Generate
     let mut bf16_weights = false;
     for rep in 0..=reps {
         let start = Instant::now();
-        crate::device::hot(|| -> Result<()> {
+        hot(|| -> Result<()> {
             let packed = model.pack_for_decoding();
             bf16_weights = packed.bf16();
             let batch = TokenBatch::left_padded(&prompts, 0);
-            let mut cache = crate::KvCache::with_capacity(
-                cfg.num_layers,
-                s.gen_batch,
-                s.gen_prompt + s.gen_new,
-            );
-            crate::generate::next_logits(&model, &batch, &mut cache).map(drop)
+            let mut cache =
+                KvCache::with_capacity(cfg.num_layers, s.gen_batch, s.gen_prompt + s.gen_new);
+            // The first step of a generation: the prompts through the model, the last
+            // position's logits to the host.
+            let hidden = model.forward_cached(&batch, &mut cache);
+            let [b, t, d] = hidden.dims();
+            let logits = model.logits(hidden.slice([0..b, t - 1..t, 0..d]))?;
+            drop(to_f32_vec(logits));
+            Ok(())
         })?;
         if rep > 0 {
             prompt_timed += start.elapsed().as_secs_f64();
@@ -234,13 +243,13 @@ pub fn matmul_params(s: &Shape, device: &Device) -> Result<usize> {
 
 fn params_in_products(model: &CausalLm, cfg: &ModelConfig) -> usize {
     let mut embed = cfg.vocab_size * cfg.hidden_size;
-    if cfg.family == crate::config::Family::Gpt2 {
+    if cfg.family == Family::Gpt2 {
         embed += cfg.max_position_embeddings * cfg.hidden_size;
     }
     model.num_params() - embed
 }
 
-/// The machine's matmul roof through our product path (`fused::matmul`, at the precision set by
+/// The machine's matmul roof through our product path (`model::ops::matmul`, at the precision set by
 /// `set_matmul_precision`): GFLOP/s of an n × n × n product (the best of `reps` timed runs after
 /// one untimed).
 pub fn sgemm_gflops(n: usize, reps: usize, device: &Device) -> f64 {
@@ -249,13 +258,205 @@ pub fn sgemm_gflops(n: usize, reps: usize, device: &Device) -> f64 {
     let mut best = f64::INFINITY;
     for rep in 0..=reps {
         let start = Instant::now();
-        let c = crate::fused::matmul(a.clone(), b.clone());
+        let c = matmul(a.clone(), b.clone());
         let _ = c.slice([0..1, 0..1]).into_scalar::<f32>();
         if rep > 0 {
             best = best.min(start.elapsed().as_secs_f64());
         }
     }
     2.0 * (n as f64).powi(3) / best / 1e9
+}
+
+/// `model bench`: prints each round's rates as JSON lines, then the table of each side's best
+/// round, the training step's MFU and decoding's MBU.
+pub fn run(
+    shape: &str,
+    python: Option<&Path>,
+    (steps, reps, rounds): (usize, usize, usize),
+    matmul: MatmulPrecision,
+    device: &Device,
+) -> Result<()> {
+    let shapes: Vec<_> = if shape == "all" {
+        SHAPES.to_vec()
+    } else {
+        vec![
+            shape_named(shape)
+                .with_context(|| format!("unknown shape `{shape}`; use small, medium or all"))?,
+        ]
+    };
+    // Model FLOP utilisation of the training step: 6 · matmul params · tokens/s over the matmul
+    // roof measured here (a 2048³ matmul through the same backend, at the precision benchmarked).
+    let what_runs = set_matmul_precision(matmul);
+    let roof = sgemm_gflops(2048, 3, device);
+    let bf16 = matmul == MatmulPrecision::Bf16;
+    let ours = if bf16 {
+        format!("{}-bf16", backend_name())
+    } else {
+        backend_name().to_string()
+    };
+    let ours = ours.as_str();
+    let peers: &[&str] = if bf16 {
+        &["pytorch", "pytorch-bf16"]
+    } else {
+        &["pytorch"]
+    };
+    println!("our matrix products: {what_runs}");
+    let mut rows = Vec::new();
+    // Our generation's best round per shape, for its bandwidth utilisation.
+    let mut decoding: Vec<(&str, GenerateRate)> = Vec::new();
+    for round in 1..=rounds {
+        for s in &shapes {
+            let mut line = |what: &str, imp: &str, tps: f64| {
+                println!(
+                    "{}",
+                    serde_json::json!({"shape": s.name, "what": what, "impl": imp, "round": round, "tokens_per_s": (tps * 10.0).round() / 10.0})
+                );
+                rows.push((s.name, what.to_string(), imp.to_string(), tps));
+            };
+            // As the stage binaries train (`hot`: the pool's threads poll between regions);
+            // `generate` does so itself. The peer runs after, with our threads asleep.
+            let train = hot(|| train_tokens_per_s(s, steps, 2, device))?;
+            line("train", ours, train);
+            let rate = generate_rate(s, reps, device)?;
+            line("generate", ours, rate.tokens_per_s);
+            match decoding.iter_mut().find(|(name, _)| *name == s.name) {
+                Some((_, best)) if best.tokens_per_s >= rate.tokens_per_s => {}
+                Some((_, best)) => *best = rate,
+                None => decoding.push((s.name, rate)),
+            }
+            if let Some(py) = python {
+                for p in peers {
+                    let precision = if p.ends_with("-bf16") { "bf16" } else { "fp32" };
+                    for (what, imp, tps) in peer(py, s.name, steps, reps, precision)? {
+                        line(&what, &imp, tps);
+                    }
+                }
+            }
+        }
+    }
+    // Each side's best round, and the range over the rounds.
+    let best = |shape: &str, what: &str, imp: &str| {
+        rows.iter()
+            .filter(|r| r.0 == shape && r.1 == what && r.2 == imp)
+            .map(|r| r.3)
+            .fold(None, |a: Option<(f64, f64)>, x| {
+                Some(a.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x))))
+            })
+    };
+    println!();
+    let mut head = format!("{:<8} {:<9} {:>12}", "shape", "what", ours);
+    for p in peers {
+        head += &format!(" {p:>12} {:>8}", "ratio");
+    }
+    println!(
+        "{head}   range over {rounds} round(s): {ours} / {}",
+        peers.join(" / ")
+    );
+    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}"));
+    let range =
+        |r: Option<(f64, f64)>| r.map_or("-".to_string(), |(lo, hi)| format!("{lo:.0}-{hi:.0}"));
+    for s in &shapes {
+        for what in ["train", "generate"] {
+            let ours_range = best(s.name, what, ours);
+            let a = ours_range.map(|r| r.1);
+            let mut line = format!("{:<8} {:<9} {:>12}", s.name, what, fmt(a));
+            let mut ranges = vec![range(ours_range)];
+            for p in peers {
+                let b_range = best(s.name, what, p);
+                let b = b_range.map(|r| r.1);
+                let ratio = match (a, b) {
+                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
+                    _ => "-".into(),
+                };
+                line += &format!(" {:>12} {ratio:>8}", fmt(b));
+                ranges.push(range(b_range));
+            }
+            println!("{line}   {}", ranges.join(" / "));
+        }
+    }
+    println!("(tokens/s, each side's best round; ratio = ours / that peer, above 1 is faster)");
+    println!();
+    println!(
+        "{} matmul roof (2048^3 through {ours}): {roof:.1} GFLOP/s",
+        if bf16 { "bf16" } else { "fp32" }
+    );
+    let mut mfu = Vec::new();
+    for s in &shapes {
+        let params = matmul_params(s, device)?;
+        let train = best(s.name, "train", ours).map_or(0.0, |r| r.1);
+        mfu.push((s.name, params, 6.0 * params as f64 * train / 1e9));
+    }
+    for (name, params, gflops) in &mfu {
+        println!(
+            "{name:<8} train     MFU {:>5.1}%  (6 x {:.2}M matmul params x tokens/s = {gflops:.1} GFLOP/s)",
+            100.0 * gflops / roof,
+            *params as f64 / 1e6
+        );
+    }
+    // Memory-bandwidth utilisation of decoding: the bytes a step must read (each weight matrix
+    // once, the keys and values cached so far) per second of a step, over the rate at which
+    // this machine reads a working set of the same size.
+    for (name, rate) in &decoding {
+        let read_roof = read_gbps(rate.working_set_bytes as usize);
+        let gbps = rate.decode_gbps();
+        println!(
+            "{name:<8} generate  MBU {:>5.1}%  ({:.1} MB weights + {:.1} MB keys/values per decoding step in {:.2} ms = {gbps:.1} GB/s; read roof over {:.0} MB: {read_roof:.1} GB/s)",
+            100.0 * gbps / read_roof,
+            rate.weight_bytes / 1e6,
+            rate.kv_bytes / 1e6,
+            rate.decode_step_s * 1e3,
+            rate.working_set_bytes / 1e6,
+        );
+    }
+    Ok(())
+}
+
+/// Runs the PyTorch peer script (embedded in this binary) and reads its JSON lines.
+fn peer(
+    python: &Path,
+    shape: &str,
+    steps: usize,
+    reps: usize,
+    matmul: &str,
+) -> Result<Vec<(String, String, f64)>> {
+    let script = std::env::temp_dir().join(format!("rlhf_bench_peer_{}.py", std::process::id()));
+    std::fs::write(&script, include_str!("../../../../scripts/bench_peer.py"))?;
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args([
+            "--shape",
+            shape,
+            "--steps",
+            &steps.to_string(),
+            "--reps",
+            &reps.to_string(),
+            "--matmul",
+            matmul,
+        ])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    let _ = std::fs::remove_file(&script);
+    if !out.status.success() {
+        bail!(
+            "the PyTorch peer failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut rows = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(w), Some(i), Some(t)) = (
+            v["what"].as_str(),
+            v["impl"].as_str(),
+            v["tokens_per_s"].as_f64(),
+        ) {
+            rows.push((w.to_string(), i.to_string(), t));
+        }
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -269,8 +470,8 @@ mod tests {
     /// positions on average over steps 1..=63 (33..=95).
     #[test]
     fn decoding_reads_every_weight_once_and_the_cache_so_far() {
-        let device = crate::device::parse_device("cpu").unwrap();
-        let s = shape("small").unwrap();
+        let device = model::parse_device("cpu").unwrap();
+        let s = shape_named("small").unwrap();
         let rate = generate_rate(&s, 1, &device).unwrap();
         let linear = 4 * (256 * 768 + 256 * 256 + 256 * 1376 + 688 * 256) + 256 * 8192;
         let norms = 2 * 4 * 256 + 256;

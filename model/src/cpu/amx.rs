@@ -1,5 +1,5 @@
 //! f32 matrix products computed with bf16 operands and f32 accumulation, on Intel AMX tiles
-//! where the CPU has them: the `bf16` setting of [`super::MatmulPrecision`].
+//! where the CPU has them: the `bf16` setting of [`crate::MatmulPrecision`].
 //!
 //! Both operands are rounded to bf16 (round to nearest even) while they are packed, the products
 //! are summed in f32 by `tdpbf16ps`, and the output is f32: mixed precision as in PyTorch's

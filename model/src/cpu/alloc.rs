@@ -1,6 +1,6 @@
 //! A global allocator that keeps freed blocks of 16 MiB and more for the next allocation of the
-//! same size class, as PyTorch's caching allocator does: the binaries declare it
-//! (`#[global_allocator] static A: model::alloc::KeepLarge = model::alloc::KeepLarge;`).
+//! same size class, as PyTorch's caching allocator does: the binaries declare it through
+//! [`crate::runtime`] (`model::global_allocator!()`).
 //!
 //! [`crate::device::tune_allocator`] makes glibc serve every size from its heaps and never trim
 //! them, but one case escapes it: a worker thread's arena holds at most 64 MiB, and glibc maps

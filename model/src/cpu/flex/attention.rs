@@ -31,12 +31,12 @@ use std::sync::Arc;
 const BLOCK: usize = 32;
 
 /// The position of a padded layout that holds no input row.
-pub(in crate::fused) const PADDING: usize = usize::MAX;
+pub(crate) const PADDING: usize = usize::MAX;
 
 /// The attention's sizes: b sequences of t positions, h query heads sharing kv key-value heads
 /// (h / kv each), head dimension hd, softmax scale.
 #[derive(Clone, Copy, Debug)]
-pub(in crate::fused) struct Dims {
+pub(crate) struct Dims {
     pub b: usize,
     pub t: usize,
     pub h: usize,
@@ -62,7 +62,7 @@ impl Dims {
 
 /// What the backward reads: the forward's rotated heads and softmax weights, and the layout.
 #[derive(Clone, Debug)]
-pub(in crate::fused) struct Saved {
+pub(crate) struct Saved {
     dims: Dims,
     layout: Layout,
     /// [b, h + 2 · kv, t, hd]: each sequence's rotated queries, rotated keys and values, by head.
@@ -217,7 +217,7 @@ fn per_task(dims: &Dims, task: impl Fn(usize, usize) + Sync) {
 /// layout, or the padded layout itself) with the bias [b, 1, t, t] and RoPE tables cos, sin
 /// [b, t, 1, hd] (none: no rotation, GPT-2): the context [.., h · hd] in qkv's rows, and with
 /// `save` what the backward needs. None where the shapes or dtypes do not fit.
-pub(in crate::fused) fn forward(
+pub(crate) fn forward(
     qkv: &FlexTensor,
     src: Option<Arc<[usize]>>,
     bias: &FlexTensor,
@@ -377,7 +377,7 @@ pub(in crate::fused) fn forward(
 }
 
 /// The gradient of qkv from the context's gradient `grad` (qkv's rows, [.., h · hd]).
-pub(in crate::fused) fn backward(saved: &Saved, grad: &FlexTensor) -> FlexTensor {
+pub(crate) fn backward(saved: &Saved, grad: &FlexTensor) -> FlexTensor {
     let dims = saved.dims;
     let Dims { t, h, kv, hd, .. } = dims;
     let layout = &saved.layout;

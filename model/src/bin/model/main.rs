@@ -1,5 +1,7 @@
 //! `model`: inspect checkpoints, sample from them, score texts, and benchmark against PyTorch.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
@@ -10,6 +12,8 @@ use model::{
 use serde_json::{Map, Value};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(
@@ -110,18 +114,12 @@ enum Command {
     },
 }
 
-/// Keeps freed blocks of 16 MiB and more for reuse (see `model::alloc`).
-#[global_allocator]
-static ALLOCATOR: model::alloc::KeepLarge = model::alloc::KeepLarge;
+model::global_allocator!();
 
 fn main() {
-    model::device::exit_quietly_on_broken_pipe();
-    model::device::file_size_limit_as_error();
+    model::runtime::start();
     let cli = Cli::parse();
-    if let Err(e) = model::device::in_pool(|| run(cli)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    model::runtime::exit_on_error(model::device::in_pool(|| run(cli)));
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -240,7 +238,7 @@ fn run(cli: Cli) -> Result<()> {
             reps,
             rounds,
             matmul,
-        } => bench(
+        } => bench::run(
             &shape,
             python.as_deref(),
             (steps, reps, rounds),
@@ -480,195 +478,4 @@ fn score(dir: &Path, input: &Path, batch_size: usize, device: &burn::tensor::Dev
         }
     }
     Ok(())
-}
-
-fn bench(
-    shape: &str,
-    python: Option<&Path>,
-    (steps, reps, rounds): (usize, usize, usize),
-    matmul: model::MatmulPrecision,
-    device: &burn::tensor::Device,
-) -> Result<()> {
-    use model::bench::{GenerateRate, SHAPES, generate_rate, train_tokens_per_s};
-    let shapes: Vec<_> = if shape == "all" {
-        SHAPES.to_vec()
-    } else {
-        vec![
-            model::bench::shape(shape)
-                .with_context(|| format!("unknown shape `{shape}`; use small, medium or all"))?,
-        ]
-    };
-    // Model FLOP utilisation of the training step: 6 · matmul params · tokens/s over the matmul
-    // roof measured here (a 2048³ matmul through the same backend, at the precision benchmarked).
-    let what_runs = model::set_matmul_precision(matmul);
-    let roof = model::bench::sgemm_gflops(2048, 3, device);
-    let bf16 = matmul == model::MatmulPrecision::Bf16;
-    let ours = if bf16 {
-        format!("{}-bf16", backend_name())
-    } else {
-        backend_name().to_string()
-    };
-    let ours = ours.as_str();
-    let peers: &[&str] = if bf16 {
-        &["pytorch", "pytorch-bf16"]
-    } else {
-        &["pytorch"]
-    };
-    println!("our matrix products: {what_runs}");
-    let mut rows = Vec::new();
-    // Our generation's best round per shape, for its bandwidth utilisation.
-    let mut decoding: Vec<(&str, GenerateRate)> = Vec::new();
-    for round in 1..=rounds {
-        for s in &shapes {
-            let mut line = |what: &str, imp: &str, tps: f64| {
-                println!(
-                    "{}",
-                    serde_json::json!({"shape": s.name, "what": what, "impl": imp, "round": round, "tokens_per_s": (tps * 10.0).round() / 10.0})
-                );
-                rows.push((s.name, what.to_string(), imp.to_string(), tps));
-            };
-            // As the stage binaries train (`hot`: the pool's threads poll between regions);
-            // `generate` does so itself. The peer runs after, with our threads asleep.
-            let train = model::device::hot(|| train_tokens_per_s(s, steps, 2, device))?;
-            line("train", ours, train);
-            let rate = generate_rate(s, reps, device)?;
-            line("generate", ours, rate.tokens_per_s);
-            match decoding.iter_mut().find(|(name, _)| *name == s.name) {
-                Some((_, best)) if best.tokens_per_s >= rate.tokens_per_s => {}
-                Some((_, best)) => *best = rate,
-                None => decoding.push((s.name, rate)),
-            }
-            if let Some(py) = python {
-                for p in peers {
-                    let precision = if p.ends_with("-bf16") { "bf16" } else { "fp32" };
-                    for (what, imp, tps) in peer(py, s.name, steps, reps, precision)? {
-                        line(&what, &imp, tps);
-                    }
-                }
-            }
-        }
-    }
-    // Each side's best round, and the range over the rounds.
-    let best = |shape: &str, what: &str, imp: &str| {
-        rows.iter()
-            .filter(|r| r.0 == shape && r.1 == what && r.2 == imp)
-            .map(|r| r.3)
-            .fold(None, |a: Option<(f64, f64)>, x| {
-                Some(a.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x))))
-            })
-    };
-    println!();
-    let mut head = format!("{:<8} {:<9} {:>12}", "shape", "what", ours);
-    for p in peers {
-        head += &format!(" {p:>12} {:>8}", "ratio");
-    }
-    println!(
-        "{head}   range over {rounds} round(s): {ours} / {}",
-        peers.join(" / ")
-    );
-    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}"));
-    let range =
-        |r: Option<(f64, f64)>| r.map_or("-".to_string(), |(lo, hi)| format!("{lo:.0}-{hi:.0}"));
-    for s in &shapes {
-        for what in ["train", "generate"] {
-            let ours_range = best(s.name, what, ours);
-            let a = ours_range.map(|r| r.1);
-            let mut line = format!("{:<8} {:<9} {:>12}", s.name, what, fmt(a));
-            let mut ranges = vec![range(ours_range)];
-            for p in peers {
-                let b_range = best(s.name, what, p);
-                let b = b_range.map(|r| r.1);
-                let ratio = match (a, b) {
-                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
-                    _ => "-".into(),
-                };
-                line += &format!(" {:>12} {ratio:>8}", fmt(b));
-                ranges.push(range(b_range));
-            }
-            println!("{line}   {}", ranges.join(" / "));
-        }
-    }
-    println!("(tokens/s, each side's best round; ratio = ours / that peer, above 1 is faster)");
-    println!();
-    println!(
-        "{} matmul roof (2048^3 through {ours}): {roof:.1} GFLOP/s",
-        if bf16 { "bf16" } else { "fp32" }
-    );
-    let mut mfu = Vec::new();
-    for s in &shapes {
-        let params = model::bench::matmul_params(s, device)?;
-        let train = best(s.name, "train", ours).map_or(0.0, |r| r.1);
-        mfu.push((s.name, params, 6.0 * params as f64 * train / 1e9));
-    }
-    for (name, params, gflops) in &mfu {
-        println!(
-            "{name:<8} train     MFU {:>5.1}%  (6 x {:.2}M matmul params x tokens/s = {gflops:.1} GFLOP/s)",
-            100.0 * gflops / roof,
-            *params as f64 / 1e6
-        );
-    }
-    // Memory-bandwidth utilisation of decoding: the bytes a step must read (each weight matrix
-    // once, the keys and values cached so far) per second of a step, over the rate at which
-    // this machine reads a working set of the same size.
-    for (name, rate) in &decoding {
-        let read_roof = model::bench::read_gbps(rate.working_set_bytes as usize);
-        let gbps = rate.decode_gbps();
-        println!(
-            "{name:<8} generate  MBU {:>5.1}%  ({:.1} MB weights + {:.1} MB keys/values per decoding step in {:.2} ms = {gbps:.1} GB/s; read roof over {:.0} MB: {read_roof:.1} GB/s)",
-            100.0 * gbps / read_roof,
-            rate.weight_bytes / 1e6,
-            rate.kv_bytes / 1e6,
-            rate.decode_step_s * 1e3,
-            rate.working_set_bytes / 1e6,
-        );
-    }
-    Ok(())
-}
-
-/// Runs the PyTorch peer script (embedded in this binary) and reads its JSON lines.
-fn peer(
-    python: &Path,
-    shape: &str,
-    steps: usize,
-    reps: usize,
-    matmul: &str,
-) -> Result<Vec<(String, String, f64)>> {
-    let script = std::env::temp_dir().join(format!("rlhf_bench_peer_{}.py", std::process::id()));
-    std::fs::write(&script, include_str!("../../../scripts/bench_peer.py"))?;
-    let out = std::process::Command::new(python)
-        .arg(&script)
-        .args([
-            "--shape",
-            shape,
-            "--steps",
-            &steps.to_string(),
-            "--reps",
-            &reps.to_string(),
-            "--matmul",
-            matmul,
-        ])
-        .output()
-        .with_context(|| format!("running {}", python.display()))?;
-    let _ = std::fs::remove_file(&script);
-    if !out.status.success() {
-        bail!(
-            "the PyTorch peer failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let mut rows = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if let (Some(w), Some(i), Some(t)) = (
-            v["what"].as_str(),
-            v["impl"].as_str(),
-            v["tokens_per_s"].as_f64(),
-        ) {
-            rows.push((w.to_string(), i.to_string(), t));
-        }
-    }
-    Ok(rows)
 }

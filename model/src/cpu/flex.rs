@@ -2,8 +2,9 @@
 //! once, rows split across rayon's threads when a tensor is large enough for that to pay. Other
 //! dtypes take the composed kernels.
 
-use super::{Kernels, amx, generic, kept, skinny};
-use crate::simd::{exp, max_of, multiversion, sum_map, sum_map2};
+use super::{amx, kept, skinny};
+use crate::cpu::simd::{exp, max_of, multiversion, sum_map, sum_map2};
+use crate::fused::{Kernels, generic};
 use burn::backend::Flex;
 use burn::backend::TensorMetadata;
 use burn::backend::flex::{FlexTensor, Layout};
@@ -11,7 +12,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
-pub(super) mod attention;
+pub(crate) mod attention;
 
 /// Below this many elements a kernel runs on the calling thread (rayon's hand-off costs more).
 const PARALLEL_MIN: usize = 1 << 15;
@@ -58,14 +59,14 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
 /// A weight matrix held packed ([`kept::keep`]) and the tensor whose memory the
 /// packed copy was made from, kept alive and unchanged (a tensor is copied on write while
 /// another handle shares its memory) until this is dropped.
-pub(super) struct KeptWeight {
+pub(crate) struct KeptWeight {
     kept: kept::Kept,
     _tensor: FlexTensor,
 }
 
 impl KeptWeight {
     /// Whether it is packed as bf16.
-    pub(super) fn bf16(&self) -> bool {
+    pub(crate) fn bf16(&self) -> bool {
         self.kept.bf16()
     }
 }
@@ -74,7 +75,7 @@ impl KeptWeight {
 /// products (`bf16`, on AMX) or for f32 products of fewer than 32 rows (on AVX-512, and only a
 /// weight stored by rows: a transposed view, the tied LM head, is read by the skinny kernel
 /// along its contiguous columns already); None otherwise.
-pub(super) fn keep(w: FlexTensor, bf16: bool) -> Option<KeptWeight> {
+pub(crate) fn keep(w: FlexTensor, bf16: bool) -> Option<KeptWeight> {
     let shape = w.shape();
     if w.dtype() != DType::F32 || shape.num_dims() != 2 || shape[0] < 32 || shape[1] < 32 {
         return None;
@@ -484,7 +485,7 @@ multiversion! {
 
 multiversion! {
     /// AdamW's first step over a run of parameters: [p, g] → [p', m, v] (see `AdamWStep`).
-    fn adamw_first(out: [&mut [Uninit]; 3], input: [&[f32]; 2], step: &super::AdamWStep) {
+    fn adamw_first(out: [&mut [Uninit]; 3], input: [&[f32]; 2], step: &crate::fused::AdamWStep) {
         let [po, mo, vo] = out;
         let [p, g] = input;
         for i in 0..po.len() {
@@ -498,7 +499,7 @@ multiversion! {
 
 multiversion! {
     /// AdamW's later steps over a run of parameters: [p, g, m, v] → [p', m', v'].
-    fn adamw_next(out: [&mut [Uninit]; 3], input: [&[f32]; 4], step: &super::AdamWStep) {
+    fn adamw_next(out: [&mut [Uninit]; 3], input: [&[f32]; 4], step: &crate::fused::AdamWStep) {
         let [po, mo, vo] = out;
         let [p, g, m, v] = input;
         let n = po.len();
@@ -519,7 +520,7 @@ multiversion! {
 fn adamw_runs(
     [w, m, v]: [&mut [f32]; 3],
     r: &[f32],
-    step: &super::AdamWStep,
+    step: &crate::fused::AdamWStep,
     order: impl Fn(f32, f32) -> (f32, f32),
 ) {
     let n = w.len();
@@ -533,7 +534,7 @@ fn adamw_runs(
 multiversion! {
     /// AdamW's later steps over a run of parameters, written over the inputs: `w` holds the
     /// parameter (`w_is_param`) or else the gradient, `r` the other; w, m, v ← (p', m', v').
-    fn adamw_over(wmv: [&mut [f32]; 3], r: &[f32], w_is_param: bool, step: &super::AdamWStep) {
+    fn adamw_over(wmv: [&mut [f32]; 3], r: &[f32], w_is_param: bool, step: &crate::fused::AdamWStep) {
         if w_is_param {
             adamw_runs(wmv, r, step, |w, r| (w, r));
         } else {
@@ -573,7 +574,7 @@ fn rope_row<T>(out: &mut [T], x: &[f32], c: &[f32], s: &[f32], put: impl Fn(&mut
 /// reshape copies, two RoPE passes, a transposing copy and two slice assignments. None, with
 /// nothing written, unless every tensor is f32, the buffers are owned alone, contiguous and
 /// have the room, and the shapes agree.
-pub(super) fn rope_qkv_into_cache(
+pub(crate) fn rope_qkv_into_cache(
     qkv: &FlexTensor,
     cos: &FlexTensor,
     sin: &FlexTensor,
@@ -679,7 +680,7 @@ fn block(t: &FlexTensor, at: usize, len: usize) -> Option<&[f32]> {
 /// three-step path (scores, `masked_softmax`, weighted values), so bit for bit its numbers;
 /// one parallel region instead of three, and each head's scores stay in the level-1 cache.
 /// None where the layouts do not fit (the caller then takes the three steps).
-pub(super) fn decode_attention(
+pub(crate) fn decode_attention(
     q: &FlexTensor,
     k: &FlexTensor,
     v: &FlexTensor,
@@ -980,7 +981,7 @@ impl Kernels for Flex {
         // A weight packed for this generation ([`keep`]): bf16 whatever the rows, so a decoding
         // step reads the weights at half the bytes, and nothing is packed per product.
         // In f32, a weight packed in f32 panels serves the products of fewer than 32 rows.
-        let in_bf16 = super::matmul_precision() == super::MatmulPrecision::Bf16;
+        let in_bf16 = crate::fused::matmul_precision() == crate::fused::MatmulPrecision::Bf16;
         // B of a single product (a weight times the rows of a step).
         let weight = amx::View {
             ptr: r.as_ptr(),
@@ -992,7 +993,7 @@ impl Kernels for Flex {
         } else {
             None
         };
-        let bf16 = packed.is_some() && in_bf16 || super::bf16_product(m, n, k);
+        let bf16 = packed.is_some() && in_bf16 || crate::fused::bf16_product(m, n, k);
         // A few rows times a weight matrix (a decoding step): the skinny kernel.
         let skinny = !bf16 && packed.is_none() && batch == 1 && skinny::usable(m, n, k, &weight);
         let product = |i: usize, dst: *mut f32, parallelism: gemm::Parallelism| {
@@ -1148,7 +1149,7 @@ impl Kernels for Flex {
 
     fn scatter_rows(
         x: FloatTensor<Self>,
-        idx: &super::RowIndex<Self>,
+        idx: &crate::fused::RowIndex<Self>,
         rows: usize,
     ) -> FloatTensor<Self> {
         let Some(xv) = values(&x) else {
@@ -1202,7 +1203,7 @@ impl Kernels for Flex {
         tensor(y, Shape::new([rows, d]))
     }
 
-    fn gather_rows(x: FloatTensor<Self>, idx: &super::RowIndex<Self>) -> FloatTensor<Self> {
+    fn gather_rows(x: FloatTensor<Self>, idx: &crate::fused::RowIndex<Self>) -> FloatTensor<Self> {
         let Some(xv) = values(&x) else {
             return <Self as burn::backend::ops::FloatTensorOps<Self>>::float_select(
                 x,
@@ -1256,8 +1257,8 @@ impl Kernels for Flex {
         mut param: FloatTensor<Self>,
         mut grad: FloatTensor<Self>,
         moments: Option<[FloatTensor<Self>; 2]>,
-        step: &super::AdamWStep,
-    ) -> Result<[FloatTensor<Self>; 3], super::AdamWInputs<Self>> {
+        step: &crate::fused::AdamWStep,
+    ) -> Result<[FloatTensor<Self>; 3], crate::fused::AdamWInputs<Self>> {
         let n = param.shape().num_elements();
         let fits = |t: &FlexTensor| t.dtype() == DType::F32 && t.shape().num_elements() == n;
         if !fits(&param)
@@ -1383,7 +1384,7 @@ mod tests {
     /// when shared tensors make it write fresh buffers.
     #[test]
     fn adamw_writes_in_place_when_it_owns_the_memory() {
-        let step = super::super::AdamWStep {
+        let step = crate::fused::AdamWStep {
             grad_scale: 1.0,
             lr: 0.01,
             beta1: 0.9,
