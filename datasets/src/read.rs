@@ -300,6 +300,24 @@ fn any_to_json(v: polars::prelude::AnyValue) -> Value {
         A::Float32(x) => serde_json::Number::from_f64(x as f64).map_or(Value::Null, Value::Number),
         A::Float64(x) => serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number),
         A::List(s) => Value::Array(s.iter().map(any_to_json).collect()),
+        // A struct (e.g. one {role, content} message of a list) as a JSON object.
+        ref s @ A::Struct(_, _, fields) => Value::Object(
+            fields
+                .iter()
+                .zip(s._iter_struct_av())
+                .map(|(f, v)| (f.name().to_string(), any_to_json(v)))
+                .collect(),
+        ),
+        A::StructOwned(payload) => {
+            let (values, fields) = *payload;
+            Value::Object(
+                fields
+                    .iter()
+                    .zip(values)
+                    .map(|(f, v)| (f.name().to_string(), any_to_json(v)))
+                    .collect(),
+            )
+        }
         other => Value::String(other.to_string()),
     }
 }

@@ -50,24 +50,24 @@ impl Source {
         }
     }
 
-    fn records(&self) -> Result<Vec<Record>> {
+    pub(crate) fn records(&self) -> Result<Vec<Record>> {
         read_records(&self.path, self.format)
     }
 
-    fn column<'a>(&'a self, field: &'a str) -> &'a str {
+    pub(crate) fn column<'a>(&'a self, field: &'a str) -> &'a str {
         self.columns.get(field).map_or(field, String::as_str)
     }
 }
 
 /// Typed access to one record's fields, with errors naming file, line and column.
-struct Fields<'a> {
-    path: &'a Path,
-    src: &'a Source,
-    rec: &'a Record,
+pub(crate) struct Fields<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) src: &'a Source,
+    pub(crate) rec: &'a Record,
 }
 
 impl Fields<'_> {
-    fn value(&self, field: &str) -> Result<&Value> {
+    pub(crate) fn value(&self, field: &str) -> Result<&Value> {
         let col = self.src.column(field);
         self.rec.fields.get(col).ok_or_else(|| {
             DataError::at(
@@ -82,7 +82,7 @@ impl Fields<'_> {
     }
 
     /// The field's value, None when the column is absent or the cell null.
-    fn present(&self, field: &str) -> Option<&Value> {
+    pub(crate) fn present(&self, field: &str) -> Option<&Value> {
         match self.rec.fields.get(self.src.column(field)) {
             None | Some(Value::Null) => None,
             Some(v) => Some(v),
@@ -90,7 +90,7 @@ impl Fields<'_> {
     }
 
     /// An optional string column: empty when absent or null.
-    fn opt_string(&self, field: &str) -> Result<String> {
+    pub(crate) fn opt_string(&self, field: &str) -> Result<String> {
         match self.present(field) {
             None => Ok(String::new()),
             Some(_) => self.string(field),
@@ -99,7 +99,7 @@ impl Fields<'_> {
 
     /// An optional flag: a bool, 0 or 1, or the strings "true"/"false"/"1"/"0" (any case); false
     /// when absent, null or an empty cell.
-    fn opt_bool(&self, field: &str) -> Result<bool> {
+    pub(crate) fn opt_bool(&self, field: &str) -> Result<bool> {
         const EXPECTED: &str = "true or false (or 1 or 0)";
         match self.present(field) {
             None => Ok(false),
@@ -118,7 +118,7 @@ impl Fields<'_> {
         }
     }
 
-    fn string(&self, field: &str) -> Result<String> {
+    pub(crate) fn string(&self, field: &str) -> Result<String> {
         match self.value(field)? {
             Value::String(s) => Ok(s.clone()),
             Value::Null => Ok(String::new()),
@@ -127,7 +127,7 @@ impl Fields<'_> {
         }
     }
 
-    fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
+    pub(crate) fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
         let col = self.src.column(field);
         match self.rec.fields.get(col) {
             None | Some(Value::Null) => Ok(None),
@@ -142,7 +142,7 @@ impl Fields<'_> {
         }
     }
 
-    fn string_list(&self, field: &str) -> Result<Vec<String>> {
+    pub(crate) fn string_list(&self, field: &str) -> Result<Vec<String>> {
         match self.value(field)? {
             Value::Array(a) => a
                 .iter()
@@ -157,7 +157,7 @@ impl Fields<'_> {
     }
 
     /// A list of ids: strings, or numbers taken as their text.
-    fn id_list(&self, field: &str) -> Result<Vec<String>> {
+    pub(crate) fn id_list(&self, field: &str) -> Result<Vec<String>> {
         const EXPECTED: &str = "a list of ids (strings)";
         match self.value(field)? {
             Value::Array(a) => a
@@ -172,7 +172,7 @@ impl Fields<'_> {
         }
     }
 
-    fn rank_list(&self, field: &str) -> Result<Vec<u32>> {
+    pub(crate) fn rank_list(&self, field: &str) -> Result<Vec<u32>> {
         match self.value(field)? {
             Value::Array(a) => a
                 .iter()
@@ -185,11 +185,11 @@ impl Fields<'_> {
         }
     }
 
-    fn err(&self, field: &str, msg: String) -> DataError {
+    pub(crate) fn err(&self, field: &str, msg: String) -> DataError {
         DataError::at(self.path, self.rec.line, Some(self.src.column(field)), msg)
     }
 
-    fn type_err(&self, field: &str, expected: &str, found: &Value) -> DataError {
+    pub(crate) fn type_err(&self, field: &str, expected: &str, found: &Value) -> DataError {
         let mut shown = found.to_string();
         if shown.len() > 60 {
             shown = format!("{}…", &shown[..shown.floor_char_boundary(60)]);
@@ -203,7 +203,7 @@ impl Fields<'_> {
     }
 }
 
-fn load<T>(src: &Source, f: impl Fn(&Fields) -> Result<T>) -> Result<Vec<T>> {
+pub(crate) fn load<T>(src: &Source, f: impl Fn(&Fields) -> Result<T>) -> Result<Vec<T>> {
     let recs = src.records()?;
     recs.iter()
         .map(|rec| {
