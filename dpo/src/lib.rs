@@ -40,6 +40,9 @@ trainer::stage_config! {
         #[serde(default)]
         pub loss: LossSection,
         pub train: TrainSection,
+        /// LoRA adapters on the policy (frozen) instead of training all its weights.
+        #[serde(default)]
+        pub lora: Option<model::LoraConfig>,
     }
 }
 
@@ -77,6 +80,7 @@ impl Default for LossSection {
 
 impl trainer::StageConfig for DpoConfig {
     fn check(&self, c: &mut Check) {
+        c.lora(self.lora.as_ref(), "model.policy", true);
         c.within("loss.beta", self.loss.beta, 1e-6, 1e3);
         c.that(
             "loss.label_smoothing",
@@ -260,9 +264,18 @@ fn load_policy(
     resume: Option<&Path>,
     device: &Device,
 ) -> Result<(CausalLm, Tokenizer)> {
-    let dir = resume.unwrap_or(&cfg.model.policy);
+    // With LoRA: model.policy, frozen, with new adapters or the checkpoint's.
+    let dir = match (&cfg.lora, resume) {
+        (None, Some(r)) => r,
+        _ => &cfg.model.policy,
+    };
     let (m, tok, _) = model::checkpoint::load_with_tokenizer(dir, Some(Heads::LM), None, device)
         .with_context(|| format!("model.policy = {}", dir.display()))?;
+    let m = match (&cfg.lora, resume) {
+        (None, _) => m,
+        (Some(l), None) => m.with_lora(l, cfg.seed)?,
+        (Some(_), Some(r)) => m.load_lora(&r.join(model::lora::ADAPTER_DIR))?,
+    };
     Ok((m.with_dropout(0.0), tok))
 }
 
@@ -284,6 +297,7 @@ pub fn run(cfg: &DpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         stage: Some("dpo".into()),
         prompt_template: Some(template.as_str().to_string()),
         reward_normalization: None,
+        chat_template: None,
     };
     let (train_raw, valid_raw) = reward::read_data(&cfg.data, cfg.seed)?;
     let (mut policy, tok) = load_policy(cfg, resume, &device)?;
@@ -331,6 +345,13 @@ pub fn run(cfg: &DpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     run.baseline(|| validate(&policy.valid(), &valid, &reference.validation, cfg, pad))?;
     while !run.done() {
         run.begin_step();
+        // Dropout masks (LoRA's) are a function of (seed, step), so a resumed run draws the
+        // same ones; nothing else of a run draws from the device's generator.
+        device.seed(
+            cfg.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(run.state.step as u64),
+        );
         let idx = order.take(run.state.examples_seen, t.examples_per_step());
         let mut accumulator = GradientsAccumulator::new();
         let (mut step_loss, mut responses) = (0.0, 0);

@@ -27,6 +27,11 @@ pub struct ModelMeta {
     /// Reward models: how raw scores become normalised ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_normalization: Option<RewardNormalization>,
+    /// The chat template conversations were trained with: `"model folder"` (the base's), or the
+    /// `.jinja` file given as `data.chat_template`. Its text is in the folder's
+    /// `tokenizer_config.json` (`chat_template`) either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 /// A reward model's normalisation, as InstructGPT: `normalised = raw − offset`, with `offset`

@@ -332,6 +332,17 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Sets the `chat_template` that [`Tokenizer::save`] writes into tokenizer_config.json (the
+    /// template a model was trained with, so transformers and later stages render the same way).
+    pub fn set_chat_template(&mut self, source: &str) {
+        let mut cfg = match self.config.take() {
+            Some(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        cfg.insert("chat_template".into(), json!(source));
+        self.config = Some(Value::Object(cfg));
+    }
+
     /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join("tokenizer.json");

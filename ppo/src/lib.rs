@@ -347,6 +347,7 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
         stage: Some("ppo".into()),
         prompt_template: Some(template.as_str().to_string()),
         reward_normalization: None,
+        chat_template: None,
     };
 
     // Derived values, computed once.

@@ -54,6 +54,11 @@ trainer::stage_config! {
         pub train: TrainSection,
         #[serde(default)]
         pub ensemble: EnsembleSection,
+        /// LoRA adapters on the base's trunk (frozen) instead of training all its weights; the
+        /// scalar head trains with them and is saved in the adapter (PEFT's
+        /// `modules_to_save = ["score"]`).
+        #[serde(default)]
+        pub lora: Option<model::LoraConfig>,
     }
 }
 
@@ -184,6 +189,7 @@ impl Default for LossSection {
 
 impl trainer::StageConfig for RewardConfig {
     fn check(&self, c: &mut Check) {
+        c.lora(self.lora.as_ref(), "model.base", true);
         c.within("loss.centering", self.loss.centering, 0.0, 10.0);
         c.within("loss.margin_scale", self.loss.margin_scale, 0.0, 100.0);
         c.within(
@@ -541,6 +547,23 @@ fn load_model(
     device: &Device,
 ) -> Result<(CausalLm, Tokenizer)> {
     let tokenizer = cfg.model.tokenizer.as_deref();
+    if let Some(lora) = &cfg.lora {
+        // The base as given, frozen, with a new head and new adapters, or (resuming) the
+        // checkpoint's adapters and head.
+        let (m, tok) = load_model(
+            &RewardConfig {
+                lora: None,
+                ..cfg.clone()
+            },
+            None,
+            device,
+        )?;
+        let m = match resume {
+            Some(dir) => m.load_lora(&dir.join(model::lora::ADAPTER_DIR))?,
+            None => m.with_lora(lora, cfg.seed)?,
+        };
+        return Ok((m, tok));
+    }
     let (m, tok) = match resume {
         Some(dir) => {
             let (m, t, _) = model::checkpoint::load_with_tokenizer(
@@ -783,6 +806,7 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
         stage: Some("reward".into()),
         prompt_template: Some(template.as_str().to_string()),
         reward_normalization: None,
+        chat_template: None,
     };
     let (mut train_raw, mut valid_raw) = read_data(&cfg.data, cfg.seed)?;
     if cfg.ensemble.is_monitor {
@@ -838,6 +862,13 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
     run.baseline(|| validate(&model.valid(), &valid, &tok, t.eval_batch_size))?;
     while !run.done() {
         run.begin_step();
+        // Dropout masks (LoRA's) are a function of (seed, step), so a resumed run draws the
+        // same ones; nothing else of a run draws from the device's generator.
+        device.seed(
+            cfg.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(run.state.step as u64),
+        );
         let idx = order.take(run.state.examples_seen, per_step);
         let mut accumulator = GradientsAccumulator::new();
         let (mut step_loss, mut responses, mut correct, mut judged) = (0.0, 0, 0, 0);

@@ -929,3 +929,73 @@ fn the_likelihood_term_is_the_base_models_mean_logprob_and_travels_with_the_mode
     assert!(!ok);
     assert!(err.contains("model.likelihood_coef"), "{err}");
 }
+
+/// `[lora]`: a frozen trunk with adapters and a trained head, saved as PEFT's sequence-
+/// classifier adapter (`modules_to_save = ["score"]`, the head's `score.weight` in it); the
+/// merged final/ scores as the adapter does; a resumed run (LoRA dropout on) ends bit for bit.
+#[test]
+fn lora_trains_adapters_and_the_head_and_resumes_bit_identical() {
+    let f = fixture(64);
+    let mut s = common(&f, "full");
+    s.extend(sets(&[
+        "train.max_steps=12",
+        "train.save_every=6",
+        "train.keep_last=10",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "train.lr=1e-3",
+        "lora.r=4",
+        "lora.dropout=0.1",
+        "lora.target_modules=[\"q_proj\", \"v_proj\", \"down_proj\"]",
+    ]));
+    let (ok, _, err) = reward(&s, &[]);
+    assert!(ok, "{err}");
+    let full = f.dir.join("full");
+    let adapter = full.join("final/adapter");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], json!(["score"]));
+    let names: Vec<String> =
+        model::weights::file_tensor_shapes(&adapter.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+    assert!(
+        names.contains(&"base_model.model.score.weight".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains("lora_") || n.ends_with("score.weight"))
+    );
+    let state = std::fs::metadata(full.join("checkpoint-000012/trainer_state/optimizer.bpk"))
+        .unwrap()
+        .len();
+    assert!(
+        state * 4 < weights(&full.join("final")).len() as u64,
+        "adapter state only"
+    );
+    let mut s2: Vec<String> = s
+        .iter()
+        .filter(|x| !x.starts_with("out="))
+        .cloned()
+        .collect();
+    let resumed = f.dir.join("resumed");
+    s2.push(format!("out={}", resumed.display()));
+    let ckpt = full.join("checkpoint-000006");
+    let (ok, stdout, err) = reward(&s2, &["--resume", ckpt.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("resumed from"), "{stdout}");
+    for file in ["model.safetensors", "adapter/adapter_model.safetensors"] {
+        assert!(
+            std::fs::read(full.join("final").join(file)).unwrap()
+                == std::fs::read(resumed.join("final").join(file)).unwrap(),
+            "{file} differs after resume"
+        );
+    }
+}

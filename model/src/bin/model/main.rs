@@ -1,9 +1,11 @@
-//! `model`: inspect checkpoints, sample from them, score texts, and benchmark against PyTorch.
+//! `model`: inspect checkpoints, sample from them (plain prompts, or chat through the folder's chat
+//! template), score texts, merge LoRA adapters, and benchmark against PyTorch.
 
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use model::chat::{ChatTemplate, Message};
 use model::ops::{to_f32_vec, token_logprobs, token_tensor};
 use model::{
     CausalLm, PromptTemplate, TokenBatch, Tokenizer, backend_name, flags, generate,
@@ -19,7 +21,7 @@ mod bench;
 #[command(
     name = "model",
     version,
-    about = "Inspect, sample from, score and benchmark causal LM checkpoints"
+    about = "Inspect, sample from, chat with, score, merge and benchmark causal LM checkpoints"
 )]
 struct Cli {
     /// Compute device: `cpu`, or `cuda:N` with the tch backend.
@@ -57,6 +59,33 @@ enum Command {
         /// Print {"prompt", "completion", "tokens"} as JSON (`--input` always writes JSON).
         #[arg(long)]
         json: bool,
+    },
+    /// Chat through the model folder's chat template: each line of stdin is a user turn, each
+    /// reply is printed and kept in the conversation (end of input ends it). With `--messages`,
+    /// one reply to the conversation in a file.
+    Chat {
+        dir: PathBuf,
+        /// A system message that opens the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        /// A JSON file holding a list of `{"role", "content"}` messages ending with a user turn:
+        /// print one reply and exit.
+        #[arg(long)]
+        messages: Option<PathBuf>,
+        /// With `--messages`: print {"prompt" (the rendered conversation), "reply", "tokens"}.
+        #[arg(long, requires = "messages")]
+        json: bool,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Merge a LoRA adapter folder (PEFT's format, or `adapter/` of a LoRA run) into the base
+    /// model it was trained on, written as a full model folder.
+    Merge {
+        base: PathBuf,
+        adapter: PathBuf,
+        /// The model folder to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Sum of token log-probabilities of each `{"text": ...}` line of a JSONL file.
     Score {
@@ -231,6 +260,14 @@ fn run(cli: Cli) -> Result<()> {
             input,
             batch_size,
         } => score(&dir, &input, batch_size, &device),
+        Command::Chat {
+            dir,
+            system,
+            messages,
+            json,
+            sampling,
+        } => chat(&dir, system, messages.as_deref(), json, &sampling, &device),
+        Command::Merge { base, adapter, out } => merge(&base, &adapter, &out, &device),
         Command::Bench {
             shape,
             python,
@@ -349,6 +386,205 @@ fn generate_file(
         }
         None => std::io::stdout().lock().write_all(text.as_bytes())?,
     }
+    Ok(())
+}
+
+/// End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma): a reply stops at the
+/// tokenizer's EOS and at any of these the vocabulary holds.
+const END_OF_TURN: [&str; 3] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>"];
+
+/// A model folder loaded for chat: its model, tokenizer, chat template and what ends a reply.
+struct Chat {
+    model: CausalLm,
+    tok: Tokenizer,
+    template: ChatTemplate,
+    room: PromptRoom,
+    stops: Vec<u32>,
+}
+
+impl Chat {
+    fn load(dir: &Path, max_new_tokens: usize, device: &burn::tensor::Device) -> Result<Self> {
+        let Some(template) = ChatTemplate::from_dir(dir)? else {
+            bail!(
+                "{}: the model folder has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja); add one, train the model with `sft` on conversations, or sample plain prompts with `model generate`",
+                dir.display()
+            );
+        };
+        let loaded = load(dir, device)?;
+        let tok = loaded
+            .tokenizer
+            .with_context(|| format!("{}: no tokenizer.json in the model folder", dir.display()))?;
+        if !loaded.model.has_lm_head() {
+            bail!(
+                "{}: the model has no LM head: it is a reward or value model; chat with a policy or SFT model folder",
+                dir.display()
+            );
+        }
+        let room = PromptRoom::new(&loaded.model, dir, max_new_tokens)?;
+        let mut stops = vec![tok.eos_id];
+        stops.extend(END_OF_TURN.iter().filter_map(|t| tok.token_to_id(t)));
+        stops.sort_unstable();
+        stops.dedup();
+        Ok(Self {
+            model: loaded.model,
+            tok,
+            template,
+            room,
+            stops,
+        })
+    }
+
+    /// The rendered prompt, and the reply to `messages` (text and tokens, the stop token left
+    /// out), sampled with `seed`.
+    fn reply(
+        &self,
+        messages: &[Message],
+        sampling: &SamplingArgs,
+        seed: u64,
+    ) -> Result<(String, String, Vec<u32>)> {
+        let prompt = self.template.render_prompt(messages)?;
+        let ids = self.tok.encode(&prompt)?;
+        if ids.len() > self.room.tokens {
+            bail!(
+                "the conversation is {} tokens with its chat template, more than the {} the model's context leaves after --max-new-tokens {}; start a new conversation or lower --max-new-tokens",
+                ids.len(),
+                self.room.tokens,
+                sampling.max_new_tokens
+            );
+        }
+        let mut cfg = sampling.config(self.tok.eos_id, self.tok.pad_id);
+        cfg.eos_token_ids = self.stops.clone();
+        cfg.seed = seed;
+        let g = generate(&self.model, &[ids], &cfg)?;
+        let tokens: Vec<u32> = g.responses()[0]
+            .iter()
+            .copied()
+            .filter(|t| !self.stops.contains(t))
+            .collect();
+        Ok((prompt, self.tok.decode(&tokens)?, tokens))
+    }
+}
+
+/// Reads a `--messages` file: a JSON list of `{"role", "content"}`.
+fn read_messages(path: &Path) -> Result<Vec<Message>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let messages: Vec<Message> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of {{\"role\": ..., \"content\": ...}} messages",
+            path.display()
+        )
+    })?;
+    match messages.last() {
+        Some(m) if m.role == "user" => Ok(messages),
+        Some(m) => bail!(
+            "{}: the last message is `{}`; end the list with a user message to reply to",
+            path.display(),
+            m.role
+        ),
+        None => bail!(
+            "{}: no messages; give at least one user message",
+            path.display()
+        ),
+    }
+}
+
+fn chat(
+    dir: &Path,
+    system: Option<String>,
+    messages: Option<&Path>,
+    json: bool,
+    sampling: &SamplingArgs,
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    sampling.check()?;
+    if sampling.template.is_some() {
+        bail!(
+            "--template is for `model generate`'s plain prompts; `model chat` renders the conversation with the folder's chat template"
+        );
+    }
+    let opening: Vec<Message> = system.map(Message::system).into_iter().collect();
+    if let Some(path) = messages {
+        let mut conversation = read_messages(path)?;
+        if !opening.is_empty() && conversation.first().is_some_and(|m| m.role == "system") {
+            bail!(
+                "--system and a system message in {}: give one of them",
+                path.display()
+            );
+        }
+        conversation.splice(0..0, opening);
+        let chat = Chat::load(dir, sampling.max_new_tokens, device)?;
+        let (prompt, reply, tokens) = chat.reply(&conversation, sampling, sampling.seed)?;
+        if json {
+            let v = serde_json::json!({"prompt": prompt, "reply": reply, "tokens": tokens});
+            println!("{v}");
+        } else {
+            println!("{reply}");
+        }
+        return Ok(());
+    }
+    let chat = Chat::load(dir, sampling.max_new_tokens, device)?;
+    let mut conversation = opening;
+    let stdin = std::io::stdin();
+    // A prompt for a person at a terminal; none when the turns come from a pipe.
+    let interactive = std::io::IsTerminal::is_terminal(&stdin);
+    let mut lines = stdin.lock().lines();
+    // Turn k (the k-th user line, blank lines skipped) samples with seed + k, so a replayed
+    // conversation gets the same replies.
+    let mut turn = 0u64;
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush()?;
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        conversation.push(Message::user(line));
+        let (_, reply, _) =
+            chat.reply(&conversation, sampling, sampling.seed.wrapping_add(turn))?;
+        println!("{reply}");
+        conversation.push(Message::assistant(reply));
+        turn += 1;
+    }
+    Ok(())
+}
+
+/// `model merge`: BASE with ADAPTER attached and merged (W + B·A·scale), saved with the base's
+/// tokenizer (else the adapter folder's) and rlhf.json.
+fn merge(base: &Path, adapter: &Path, out: &Path, device: &burn::tensor::Device) -> Result<()> {
+    let loaded = load(base, device)?;
+    let adapted = loaded.model.load_lora(adapter).with_context(|| {
+        format!(
+            "attaching the adapter {} to {}",
+            adapter.display(),
+            base.display()
+        )
+    })?;
+    let lora = adapted
+        .lora_config()
+        .cloned()
+        .context("the adapter attached no modules")?;
+    let merged = adapted.merge_lora();
+    let tokenizer =
+        match loaded.tokenizer {
+            Some(t) => Some(t),
+            None if model::tokenizer::tokenizer_path(adapter).is_file() => Some(
+                Tokenizer::from_file(&model::tokenizer::tokenizer_path(adapter), None, None, None)?,
+            ),
+            None => None,
+        };
+    model::save_with_meta(&merged, tokenizer.as_ref(), &loaded.meta, out)?;
+    println!(
+        "wrote {}: {} with the adapter {} (r = {}, alpha = {}) merged in",
+        out.display(),
+        base.display(),
+        adapter.display(),
+        lora.r,
+        lora.alpha
+    );
     Ok(())
 }
 
