@@ -304,7 +304,7 @@ pub fn write_model_files(
     .map_err(io_err(&cpath))?;
     // A model with LoRA adapters: the merged weights here (any HF loader reads the folder),
     // and the adapter as PEFT writes it in `adapter/` (what a resumed run continues from).
-    write_safetensors(&tmp.join("model.safetensors"), &model.hf_tensors())?;
+    model.write_weights(&tmp.join("model.safetensors"))?;
     if let Some(cfg) = model.lora_config() {
         let at = tmp.join(crate::lora::ADAPTER_DIR);
         std::fs::create_dir_all(&at).map_err(io_err(&at))?;

@@ -10,7 +10,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -38,9 +38,11 @@ pub(crate) struct ParamSpec {
 /// The tensors of a checkpoint: `model.safetensors`, or the shards listed in
 /// `model.safetensors.index.json`.
 pub struct SafetensorsFiles {
-    files: Vec<(PathBuf, Vec<u8>)>,
+    files: Vec<PathBuf>,
     /// tensor name → (index into `files`, shape from the header).
     index: HashMap<String, (usize, Vec<usize>)>,
+    /// tensor name → (dtype, where its bytes are in its file: [start, end)).
+    data: HashMap<String, (String, [u64; 2])>,
 }
 
 /// The largest safetensors header accepted (the `safetensors` crate's limit).
@@ -48,10 +50,14 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// What a safetensors file's header declares.
 struct Header {
-    /// The file's size in bytes.
-    size: u64,
     /// (name, shape) of each tensor.
     tensors: Vec<(String, Vec<usize>)>,
+    /// Each tensor's dtype (as the header spells it) and data offsets, relative to `data_start`.
+    entries: Vec<(String, String, [u64; 2])>,
+    /// Where the tensor data starts in the file (after the length and the header).
+    data_start: u64,
+    /// Bytes of tensor data after the header.
+    data_len: u64,
 }
 
 /// Reads the header of the safetensors file `path` alone (no tensor data).
@@ -77,6 +83,7 @@ fn read_header(path: &Path) -> Result<Header> {
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
         .map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
     let mut tensors = Vec::with_capacity(header.len());
+    let mut entries = Vec::with_capacity(header.len());
     // The end of the tensor data the header declares: a file cut short (a copy or a write that
     // did not finish) is named as truncated here, before anything is read.
     let mut data_end = 0u64;
@@ -100,6 +107,24 @@ fn read_header(path: &Path) -> Result<Header> {
                     .collect::<Option<Vec<usize>>>()
             })
             .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape in the header")))?;
+        let dtype = info
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let offsets = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| match o.as_slice() {
+                [a, b] => Some([a.as_u64()?, b.as_u64()?]),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has no valid data_offsets in the header"
+                ))
+            })?;
+        entries.push((name.clone(), dtype, offsets));
         tensors.push((name, shape));
     }
     let data = size - 8 - n;
@@ -108,7 +133,65 @@ fn read_header(path: &Path) -> Result<Header> {
             "the file is truncated: its header declares {data_end} bytes of tensor data but {data} follow it"
         )));
     }
-    Ok(Header { size, tensors })
+    Ok(Header {
+        tensors,
+        entries,
+        data_start: 8 + n,
+        data_len: data,
+    })
+}
+
+/// Bytes per element of a safetensors dtype, as the format names them; None for an unknown one.
+fn dtype_bytes(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// The checks `SafeTensors::deserialize` makes of a header, from the header alone: every dtype
+/// known, each tensor's bytes its shape's, the tensors' data back to back from offset 0 and
+/// ending where the file does.
+fn validate(path: &Path, header: &Header) -> Result<()> {
+    let bad = |msg: String| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(header.entries.len());
+    for ((name, dtype, [start, end]), (_, shape)) in header.entries.iter().zip(&header.tensors) {
+        let size = dtype_bytes(dtype)
+            .ok_or_else(|| bad(format!("tensor `{name}` has an unknown dtype `{dtype}`")))?;
+        let n = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .and_then(|n| n.checked_mul(size));
+        if end < start || n != Some(end - start) {
+            return Err(bad(format!(
+                "tensor `{name}`: data_offsets [{start}, {end}] do not hold its shape {shape:?} of {dtype}"
+            )));
+        }
+        spans.push((*start, *end, name));
+    }
+    spans.sort_unstable();
+    let mut at = 0u64;
+    for (start, end, name) in spans {
+        if start != at {
+            return Err(bad(format!(
+                "tensor `{name}` starts at byte {start} of the data, where {at} was expected (tensors overlap or leave a gap)"
+            )));
+        }
+        at = end;
+    }
+    if at != header.data_len {
+        return Err(bad(format!(
+            "the header's tensors hold {at} bytes but {} follow the header",
+            header.data_len
+        )));
+    }
+    Ok(())
 }
 
 /// Bytes of memory available to this process: `MemAvailable` of /proc/meminfo (Linux); None
@@ -208,43 +291,45 @@ impl SafetensorsFiles {
         self.index.keys().map(String::as_str)
     }
 
-    /// Opens `paths`, the weights of `dir` (named in errors).
+    /// Opens `paths`, the weights of `dir` (named in errors): their headers, validated; the
+    /// tensors are read one at a time when asked for ([`Self::read`]), so loading holds one
+    /// tensor's bytes at a time besides the model, not the files.
     fn open_paths(dir: &Path, paths: Vec<PathBuf>) -> Result<Self> {
         // The headers first: what the files declare decides whether they fit in memory, before
         // any tensor data is read.
-        let mut index = HashMap::new();
-        let (mut file_bytes, mut values) = (0u64, 0u64);
+        let (mut index, mut data) = (HashMap::new(), HashMap::new());
+        let (mut values, mut largest) = (0u64, 0u64);
         for (i, path) in paths.iter().enumerate() {
             let header = read_header(path)?;
-            file_bytes = file_bytes.saturating_add(header.size);
-            for (name, shape) in header.tensors {
+            validate(path, &header)?;
+            for ((name, shape), (_, dtype, [start, end])) in
+                header.tensors.into_iter().zip(header.entries)
+            {
                 let n = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
                 values = values.saturating_add(n);
+                largest = largest.max(end - start);
+                let at = [header.data_start + start, header.data_start + end];
+                data.insert(name.clone(), (dtype, at));
                 index.insert(name, (i, shape));
             }
         }
-        // Reading keeps the files in memory while the parameters are built from them in f32.
-        let need = file_bytes.saturating_add(values.saturating_mul(4));
+        // The parameters in f32, and the largest tensor's bytes while it is converted.
+        let need = values.saturating_mul(4).saturating_add(largest);
         if let Some(available) = available_memory()
             && need > available
         {
             return Err(ModelError::Invalid(format!(
-                "{}: loading this model needs {need} bytes ({:.1} GB: {file_bytes} of safetensors files read into memory and {} for its {values} parameters in f32) but there are {available} bytes available (MemAvailable in /proc/meminfo); free memory, or use a smaller model or a machine with more memory",
+                "{}: loading this model needs {need} bytes ({:.1} GB: {} for its {values} parameters in f32 and {largest} to read its largest tensor) but there are {available} bytes available (MemAvailable in /proc/meminfo); free memory, or use a smaller model or a machine with more memory",
                 dir.display(),
                 need as f64 / 1e9,
                 values.saturating_mul(4),
             )));
         }
-        let mut files = Vec::new();
-        for path in paths {
-            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-            SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
-                path: path.clone(),
-                msg: e.to_string(),
-            })?;
-            files.push((path, bytes));
-        }
-        Ok(Self { files, index })
+        Ok(Self {
+            files: paths,
+            index,
+            data,
+        })
     }
 
     /// Layers whose weights the files hold: one more than the highest N of a tensor named
@@ -267,7 +352,7 @@ impl SafetensorsFiles {
     /// "the N shards of model.safetensors.index.json".
     pub fn describe(&self) -> String {
         match self.files.as_slice() {
-            [(p, _)] => p.display().to_string(),
+            [p] => p.display().to_string(),
             files => format!("the {} shards of model.safetensors.index.json", files.len()),
         }
     }
@@ -277,13 +362,13 @@ impl SafetensorsFiles {
     pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
         let Some((i, shape)) = self.index.get(name) else {
             return Err(ModelError::MissingTensor {
-                path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+                path: self.files.first().cloned().unwrap_or_default(),
                 name: name.to_string(),
             });
         };
         if shape != expected {
             return Err(ModelError::TensorShape {
-                path: self.files[*i].0.clone(),
+                path: self.files[*i].clone(),
                 name: name.to_string(),
                 expected: expected.to_vec(),
                 found: shape.clone(),
@@ -295,7 +380,7 @@ impl SafetensorsFiles {
     /// The path used in messages about tensor `name` (its shard, or the first file).
     pub fn path_of(&self, name: &str) -> &Path {
         let i = self.index.get(name).map_or(0, |e| e.0);
-        &self.files[i].0
+        &self.files[i]
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -304,47 +389,33 @@ impl SafetensorsFiles {
 
     /// Dtypes found in the files, e.g. `["BF16"]`.
     pub fn dtypes(&self) -> Vec<String> {
-        let mut set = BTreeSet::new();
-        for (_, bytes) in &self.files {
-            if let Ok(st) = SafeTensors::deserialize(bytes) {
-                for (_, view) in st.tensors() {
-                    set.insert(format!("{:?}", view.dtype()));
-                }
-            }
-        }
+        let set: BTreeSet<String> = self.data.values().map(|(d, _)| d.clone()).collect();
         set.into_iter().collect()
     }
 
     /// Reads tensor `name`, checks its shape, and converts it to f32.
     pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        use std::io::{Read, Seek, SeekFrom};
         self.check_shape(name, expected)?;
-        let (path, bytes) = &self.files[self.index[name].0];
-        let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
-        let view = st.tensor(name).map_err(|e| ModelError::Safetensors {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
-        if view.shape() != expected {
-            return Err(ModelError::TensorShape {
-                path: path.clone(),
-                name: name.to_string(),
-                expected: expected.to_vec(),
-                found: view.shape().to_vec(),
-            });
-        }
-        let data = view.data();
-        let (out, non_finite) = match view.dtype() {
-            Dtype::F32 => to_f32::<4>(data, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            Dtype::BF16 => to_f32::<2>(data, |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-            Dtype::F16 => to_f32::<2>(data, |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        let path = &self.files[self.index[name].0];
+        let (dtype, [start, end]) = &self.data[name];
+        let bytes = {
+            let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+            f.seek(SeekFrom::Start(*start)).map_err(io_err(path))?;
+            let mut b = vec![0u8; (end - start) as usize];
+            f.read_exact(&mut b).map_err(io_err(path))?;
+            b
+        };
+        let data = bytes.as_slice();
+        let (out, non_finite) = match dtype.as_str() {
+            "F32" => to_f32::<4>(data, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            "BF16" => to_f32::<2>(data, |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            "F16" => to_f32::<2>(data, |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
             other => {
                 return Err(ModelError::TensorDtype {
                     path: path.clone(),
                     name: name.to_string(),
-                    dtype: format!("{other:?}"),
+                    dtype: other.to_string(),
                 });
             }
         };
@@ -611,45 +682,93 @@ pub(crate) fn hf_tensors<M: Module>(
     module.visit(&mut c);
     let mut out = Vec::new();
     for spec in specs {
-        let Some(data) = c.values.get(&spec.id) else {
+        let Some(data) = c.values.remove(&spec.id) else {
             continue;
         };
         let shape: Vec<usize> = data.shape().to_vec();
-        let values = crate::ops::data_f32(data.clone());
-        if shape.len() == 1 {
-            let mut off = 0;
-            for (name, w) in &spec.parts {
-                out.push((name.clone(), vec![*w], values[off..off + w].to_vec()));
-                off += w;
-            }
-            continue;
-        }
-        let (d_in, d_out) = (shape[0], shape[1]);
-        let mut col0 = 0;
-        for (name, w) in &spec.parts {
-            let w = *w;
-            match spec.layout {
-                Layout::OutIn => {
-                    let mut t = vec![0f32; w * d_in];
-                    for i in 0..d_in {
-                        for o in 0..w {
-                            t[o * d_in + i] = values[i * d_out + col0 + o];
-                        }
-                    }
-                    out.push((name.clone(), vec![w, d_in], t));
-                }
-                Layout::InOut | Layout::Same => {
-                    let mut t = Vec::with_capacity(w * d_in);
-                    for i in 0..d_in {
-                        t.extend_from_slice(&values[i * d_out + col0..i * d_out + col0 + w]);
-                    }
-                    out.push((name.clone(), vec![d_in, w], t));
-                }
-            }
-            col0 += w;
+        let values = crate::ops::data_f32(data);
+        for k in 0..spec.parts.len() {
+            out.push(hf_part(spec, k, &shape, &values));
         }
     }
     out
+}
+
+/// HF tensor `k` of the parameter `spec` describes, from the parameter's values (burn layout,
+/// `shape`): its name, HF shape and values.
+pub(crate) fn hf_part(
+    spec: &ParamSpec,
+    k: usize,
+    shape: &[usize],
+    values: &[f32],
+) -> (String, Vec<usize>, Vec<f32>) {
+    let (name, w) = (&spec.parts[k].0, spec.parts[k].1);
+    let col0: usize = spec.parts[..k].iter().map(|p| p.1).sum();
+    if shape.len() == 1 {
+        return (name.clone(), vec![w], values[col0..col0 + w].to_vec());
+    }
+    let (d_in, d_out) = (shape[0], shape[1]);
+    match spec.layout {
+        Layout::OutIn => {
+            let mut t = vec![0f32; w * d_in];
+            for i in 0..d_in {
+                for o in 0..w {
+                    t[o * d_in + i] = values[i * d_out + col0 + o];
+                }
+            }
+            (name.clone(), vec![w, d_in], t)
+        }
+        Layout::InOut | Layout::Same => {
+            let mut t = Vec::with_capacity(w * d_in);
+            for i in 0..d_in {
+                t.extend_from_slice(&values[i * d_out + col0..i * d_out + col0 + w]);
+            }
+            (name.clone(), vec![d_in, w], t)
+        }
+    }
+}
+
+/// One f32 tensor to write whose values are computed when it is written ([`write_lazy`]).
+pub(crate) struct LazyTensor<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Box<dyn Fn() -> Vec<f32> + 'a>,
+}
+
+impl safetensors::View for &LazyTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let v = (self.values)();
+        assert_eq!(
+            v.len(),
+            self.shape.iter().product::<usize>(),
+            "{}: values for its shape",
+            self.name
+        );
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * 4
+    }
+}
+
+/// [`write_safetensors`] of tensors computed one at a time as they are written, so that saving
+/// a model holds one tensor's copy at a time, not the whole model's: the same bytes.
+pub(crate) fn write_lazy(path: &Path, tensors: &[LazyTensor]) -> Result<()> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let views = tensors.iter().map(|t| (t.name.clone(), t));
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg: format!("cannot write: {e}"),
+    })
 }
 
 /// Writes f32 tensors to a safetensors file (with `format = pt` metadata, as transformers expects).
