@@ -21,7 +21,10 @@
 use crate::error::{DataError, Result};
 use crate::preference::{Comparison, RankedGroup};
 use crate::read::{Format, Record};
-use crate::records::{Demonstration, Fields, PromptRecord, Source, load};
+use crate::records::{
+    Demonstration, Fields, PromptRecord, Source, answer, comparison, demonstration, load,
+    prompt_record,
+};
 pub use model::chat::Message;
 use serde_json::Value;
 
@@ -443,12 +446,7 @@ pub fn load_sft_records(src: &Source) -> Result<SftRecords> {
         "prompt",
         "plain (`prompt`/`response` strings)",
         is_chat_sft,
-        |f| {
-            Ok(Demonstration {
-                prompt: f.string("prompt")?,
-                response: f.string("response")?,
-            })
-        },
+        demonstration,
         conversation,
     )?;
     Ok(if chat.is_empty() {
@@ -456,13 +454,6 @@ pub fn load_sft_records(src: &Source) -> Result<SftRecords> {
     } else {
         SftRecords::Chat(chat)
     })
-}
-
-fn answer(f: &Fields) -> Result<Option<String>> {
-    match f.present("answer") {
-        None => Ok(None),
-        Some(_) => Ok(Some(f.string("answer")?)),
-    }
 }
 
 fn chat_prompt(f: &Fields) -> Result<ChatPrompt> {
@@ -489,13 +480,7 @@ pub fn load_prompt_records(src: &Source) -> Result<PromptRecords> {
         "prompt",
         "plain (a `prompt` string)",
         |f| is_list(f, "prompt"),
-        |f| {
-            Ok(PromptRecord {
-                prompt: f.string("prompt")?,
-                answer: answer(f)?,
-                line: f.rec.line,
-            })
-        },
+        prompt_record,
         chat_prompt,
     )?;
     Ok(if chat.is_empty() {
@@ -572,19 +557,7 @@ pub fn load_preference_records(src: &Source) -> Result<PreferenceRecords> {
         "chosen",
         "plain (`prompt`/`chosen`/`rejected` strings)",
         |f| is_list(f, "chosen"),
-        |f| {
-            Ok(Comparison {
-                prompt_id: f.opt_string("prompt_id")?,
-                prompt: f.string("prompt")?,
-                labeler_id: f.opt_string("labeler_id")?,
-                chosen_id: f.opt_string("chosen_id")?,
-                chosen: f.string("chosen")?,
-                rejected_id: f.opt_string("rejected_id")?,
-                rejected: f.string("rejected")?,
-                margin: f.opt_f64("margin")?,
-                tie: f.opt_bool("tie")?,
-            })
-        },
+        comparison,
         chat_comparison,
     )?;
     Ok(if chat.is_empty() {

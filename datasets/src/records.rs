@@ -218,25 +218,36 @@ pub(crate) fn load<T>(src: &Source, f: impl Fn(&Fields) -> Result<T>) -> Result<
 
 /// Demonstrations: fields `prompt`, `response`.
 pub fn load_demonstrations(src: &Source) -> Result<Vec<Demonstration>> {
-    load(src, |f| {
-        Ok(Demonstration {
-            prompt: f.string("prompt")?,
-            response: f.string("response")?,
-        })
+    load(src, demonstration)
+}
+
+/// One plain demonstration record (also read by [`crate::chat::load_sft_records`]).
+pub(crate) fn demonstration(f: &Fields) -> Result<Demonstration> {
+    Ok(Demonstration {
+        prompt: f.string("prompt")?,
+        response: f.string("response")?,
     })
 }
 
 /// Prompts: field `prompt`, optional `answer`.
 pub fn load_prompts(src: &Source) -> Result<Vec<PromptRecord>> {
-    load(src, |f| {
-        Ok(PromptRecord {
-            prompt: f.string("prompt")?,
-            answer: match f.present("answer") {
-                None => None,
-                Some(_) => Some(f.string("answer")?),
-            },
-            line: f.rec.line,
-        })
+    load(src, prompt_record)
+}
+
+/// The optional `answer` field (a string or a number).
+pub(crate) fn answer(f: &Fields) -> Result<Option<String>> {
+    match f.present("answer") {
+        None => Ok(None),
+        Some(_) => Ok(Some(f.string("answer")?)),
+    }
+}
+
+/// One plain prompt record (also read by [`crate::chat::load_prompt_records`]).
+pub(crate) fn prompt_record(f: &Fields) -> Result<PromptRecord> {
+    Ok(PromptRecord {
+        prompt: f.string("prompt")?,
+        answer: answer(f)?,
+        line: f.rec.line,
     })
 }
 
@@ -244,18 +255,21 @@ pub fn load_prompts(src: &Source) -> Result<Vec<PromptRecord>> {
 /// `chosen_id`, `rejected_id` (empty when absent), `margin` (a number) and `tie` (a bool, 0/1 or
 /// "true"/"false"; false when absent), as `labeling import` writes them to `pairs.parquet`.
 pub fn load_comparisons(src: &Source) -> Result<Vec<Comparison>> {
-    load(src, |f| {
-        Ok(Comparison {
-            prompt_id: f.opt_string("prompt_id")?,
-            prompt: f.string("prompt")?,
-            labeler_id: f.opt_string("labeler_id")?,
-            chosen_id: f.opt_string("chosen_id")?,
-            chosen: f.string("chosen")?,
-            rejected_id: f.opt_string("rejected_id")?,
-            rejected: f.string("rejected")?,
-            margin: f.opt_f64("margin")?,
-            tie: f.opt_bool("tie")?,
-        })
+    load(src, comparison)
+}
+
+/// One plain comparison record (also read by [`crate::chat::load_preference_records`]).
+pub(crate) fn comparison(f: &Fields) -> Result<Comparison> {
+    Ok(Comparison {
+        prompt_id: f.opt_string("prompt_id")?,
+        prompt: f.string("prompt")?,
+        labeler_id: f.opt_string("labeler_id")?,
+        chosen_id: f.opt_string("chosen_id")?,
+        chosen: f.string("chosen")?,
+        rejected_id: f.opt_string("rejected_id")?,
+        rejected: f.string("rejected")?,
+        margin: f.opt_f64("margin")?,
+        tie: f.opt_bool("tie")?,
     })
 }
 

@@ -4,25 +4,17 @@
 mod common;
 
 use common::{run, tiny_model_folder};
-use model::ops::to_f32_vec;
-use model::{CausalLm, SamplingConfig, TokenBatch, generate, load, parse_device};
+use model::{SamplingConfig, generate, load, parse_device};
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+
+#[path = "common/fixtures.rs"]
+mod fixtures;
+use fixtures::{fixture, logits, max_real_diff, read_json, reference_batch};
 
 /// ChatML without a default system turn.
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + \
                       message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if \
                       add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 #[test]
 fn chat_replies_to_the_conversation_rendered_with_the_folder_template() {
@@ -130,37 +122,6 @@ fn chat_replies_to_the_conversation_rendered_with_the_folder_template() {
     assert!(err.contains("end the list with a user message"), "{err}");
 }
 
-fn rows(v: &Value) -> Vec<Vec<u32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
-
-fn logits(model: &CausalLm, batch: &TokenBatch) -> Vec<f32> {
-    to_f32_vec(model.logits(model.forward(batch)).unwrap())
-}
-
-/// Max |a - b| over the batch's real positions (`v` logits each).
-fn max_diff(a: &[f32], b: &[f32], batch: &TokenBatch, v: usize) -> f32 {
-    let mut worst = 0f32;
-    for (p, &real) in batch.mask.iter().enumerate() {
-        if real {
-            for k in 0..v {
-                worst = worst.max((a[p * v + k] - b[p * v + k]).abs());
-            }
-        }
-    }
-    worst
-}
-
 #[test]
 fn merge_writes_a_folder_with_the_adapted_models_logits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -193,19 +154,13 @@ fn merge_writes_a_folder_with_the_adapted_models_logits() {
     let merged = load(&out, &device).unwrap().model;
     assert!(merged.lora_config().is_none());
     let r = read_json(&base.join("reference.json"));
-    let (ids, mask) = (rows(&r["input_ids"]), rows(&r["attention_mask"]));
-    let batch = TokenBatch {
-        batch: ids.len(),
-        seq: ids[0].len(),
-        tokens: ids.concat(),
-        mask: mask.concat().iter().map(|&m| m == 1).collect(),
-    };
+    let batch = reference_batch(&r);
     let v = plain.config().vocab_size;
     let want = logits(&adapted, &batch);
-    let diff = max_diff(&logits(&merged, &batch), &want, &batch, v);
+    let diff = max_real_diff(&logits(&merged, &batch), &want, &batch, v);
     assert!(diff < 1e-4, "max |merged - adapted| {diff:e}");
     // The adapter matters: the base alone is far from the adapted logits.
-    let off = max_diff(&logits(&plain, &batch), &want, &batch, v);
+    let off = max_real_diff(&logits(&plain, &batch), &want, &batch, v);
     assert!(off > 0.1, "the adapter changes the logits by only {off}");
 
     // An adapter that is not one: one error naming it.

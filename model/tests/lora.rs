@@ -5,65 +5,20 @@
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
-use model::ops::to_f32_vec;
 use model::{CausalLm, LoraConfig, ModelMeta, TokenBatch, load, parse_device, save_adapter};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+#[path = "common/fixtures.rs"]
+mod fixtures;
+use fixtures::{fixture, logits, max_real_diff, read_json as json, reference_batch};
 
 /// (base fixture, its PEFT adapter fixture).
 const CASES: &[&str] = &["llama_gqa_untied", "qwen2_bias_sharded", "gpt2"];
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn rows(v: &Value) -> Vec<Vec<u32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
-
 /// The base fixture's padded reference batch.
 fn batch_of(base: &str) -> TokenBatch {
-    let r = json(&fixture(base).join("reference.json"));
-    let (ids, mask) = (rows(&r["input_ids"]), rows(&r["attention_mask"]));
-    TokenBatch {
-        batch: ids.len(),
-        seq: ids[0].len(),
-        tokens: ids.concat(),
-        mask: mask.concat().iter().map(|&m| m == 1).collect(),
-    }
-}
-
-fn logits(model: &CausalLm, batch: &TokenBatch) -> Vec<f32> {
-    to_f32_vec(model.logits(model.forward(batch)).unwrap())
-}
-
-/// Max |a - b| over the batch's real positions.
-fn max_diff(a: &[f32], b: &[f32], batch: &TokenBatch, v: usize) -> f32 {
-    let mut worst = 0f32;
-    for (p, &real) in batch.mask.iter().enumerate() {
-        if real {
-            for k in 0..v {
-                worst = worst.max((a[p * v + k] - b[p * v + k]).abs());
-            }
-        }
-    }
-    worst
+    reference_batch(&json(&fixture(base).join("reference.json")))
 }
 
 fn flat(v: &Value) -> Vec<f32> {
@@ -84,10 +39,10 @@ fn adapters_peft_wrote_give_peft_logits_and_merge_into_the_weights() {
         let adapted = plain.clone().load_lora(&adapter).unwrap();
         let want = flat(&json(&adapter.join("reference.json"))["logits"]);
         let got = logits(&adapted, &batch);
-        let diff = max_diff(&got, &want, &batch, v);
+        let diff = max_real_diff(&got, &want, &batch, v);
         assert!(diff < 1e-4, "{base}: max |ours - peft| {diff:e}");
         // The adapter matters: the base alone is far from PEFT's adapted logits.
-        let off = max_diff(&logits(&plain, &batch), &want, &batch, v);
+        let off = max_real_diff(&logits(&plain, &batch), &want, &batch, v);
         assert!(
             off > 0.1,
             "{base}: the adapter changes the logits by only {off}"
@@ -95,7 +50,7 @@ fn adapters_peft_wrote_give_peft_logits_and_merge_into_the_weights() {
         // Merged: the same function without the adapters, and saved as a plain model.
         let merged = adapted.clone().merge_lora();
         assert!(merged.lora_config().is_none());
-        let diff = max_diff(&logits(&merged, &batch), &want, &batch, v);
+        let diff = max_real_diff(&logits(&merged, &batch), &want, &batch, v);
         assert!(diff < 1e-4, "{base}: merged max |ours - peft| {diff:e}");
         let (a, b) = (adapted.hf_tensors(), merged.hf_tensors());
         assert_eq!(a.len(), b.len(), "{base}");
@@ -193,7 +148,7 @@ fn a_new_adapter_is_the_identity_trains_alone_and_reloads_bit_for_bit() {
         );
         let after = logits(&trained, &batch);
         assert!(
-            max_diff(&after, &before, &batch, v) > 1e-3,
+            max_real_diff(&after, &before, &batch, v) > 1e-3,
             "{base}: training moved the outputs"
         );
         // Saved as PEFT's folder, reloaded onto a fresh base: the same outputs, bit for bit.
@@ -217,7 +172,7 @@ fn a_new_adapter_is_the_identity_trains_alone_and_reloads_bit_for_bit() {
             (cfg.r, cfg.alpha, cfg.use_rslora, cfg.targets(family)),
             "{base}"
         );
-        let merged = max_diff(
+        let merged = max_real_diff(
             &logits(&trained.clone().merge_lora(), &batch),
             &after,
             &batch,

@@ -5,7 +5,11 @@
 use model::ops::to_f32_vec;
 use model::{CausalLm, KvCache, SamplingConfig, TokenBatch, generate, load, parse_device, save};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+#[path = "common/fixtures.rs"]
+mod fixtures;
+use fixtures::{fixture, reference_batch, rows_u32};
 
 const CAUSAL: &[&str] = &[
     "llama_gqa_untied",
@@ -15,41 +19,9 @@ const CAUSAL: &[&str] = &[
     "gpt2",
 ];
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
 fn reference(name: &str) -> Value {
     let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn rows_u32(v: &Value) -> Vec<Vec<u32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
-
-/// The reference's padded input batch.
-fn reference_batch(r: &Value) -> TokenBatch {
-    let ids = rows_u32(&r["input_ids"]);
-    let mask = rows_u32(&r["attention_mask"]);
-    TokenBatch {
-        batch: ids.len(),
-        seq: ids[0].len(),
-        tokens: ids.concat(),
-        mask: mask.concat().iter().map(|&m| m == 1).collect(),
-    }
 }
 
 fn load_fixture(name: &str) -> CausalLm {
