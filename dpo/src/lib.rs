@@ -271,10 +271,9 @@ fn load_policy(
     };
     let (m, tok, _) = model::checkpoint::load_with_tokenizer(dir, Some(Heads::LM), None, device)
         .with_context(|| format!("model.policy = {}", dir.display()))?;
-    let m = match (&cfg.lora, resume) {
-        (None, _) => m,
-        (Some(l), None) => m.with_lora(l, cfg.seed)?,
-        (Some(_), Some(r)) => m.load_lora(&r.join(model::lora::ADAPTER_DIR))?,
+    let m = match &cfg.lora {
+        None => m,
+        Some(l) => m.adapt(l, cfg.seed, resume)?,
     };
     Ok((m.with_dropout(0.0), tok))
 }
@@ -345,13 +344,8 @@ pub fn run(cfg: &DpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     run.baseline(|| validate(&policy.valid(), &valid, &reference.validation, cfg, pad))?;
     while !run.done() {
         run.begin_step();
-        // Dropout masks (LoRA's) are a function of (seed, step), so a resumed run draws the
-        // same ones; nothing else of a run draws from the device's generator.
-        device.seed(
-            cfg.seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(run.state.step as u64),
-        );
+        // Nothing else of a run draws from the device's generator than dropout (LoRA's).
+        trainer::seed_step(&device, cfg.seed, run.state.step);
         let idx = order.take(run.state.examples_seen, t.examples_per_step());
         let mut accumulator = GradientsAccumulator::new();
         let (mut step_loss, mut responses) = (0.0, 0);

@@ -706,6 +706,15 @@ impl CausalLm {
         self.attach_lora(cfg, &mut AdapterSource::new(seed))
     }
 
+    /// The model as a LoRA run trains it: with the adapters of the run's checkpoint `resume`
+    /// (its `adapter/` folder) when resuming, else with new ones ([`Self::with_lora`]).
+    pub fn adapt(self, cfg: &LoraConfig, seed: u64, resume: Option<&Path>) -> Result<Self> {
+        match resume {
+            Some(dir) => self.load_lora(&dir.join(lora::ADAPTER_DIR)),
+            None => self.with_lora(cfg, seed),
+        }
+    }
+
     /// The model with the saved adapter folder `dir` (ours, or one PEFT wrote) attached, its
     /// base weights frozen. A tensor of the adapter that fits no module is an error naming it.
     pub fn load_lora(self, dir: &Path) -> Result<Self> {

@@ -101,12 +101,13 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
             .with_context(|| format!("model.policy = {}", policy_dir.display()))
     };
     let (policy, tokenizer, mut policy_meta) = load_policy(&train)?;
-    let policy = match (&cfg.lora, resume) {
-        (None, _) => policy,
-        (Some(l), None) => policy.with_lora(l, cfg.seed)?,
-        (Some(_), Some(dir)) => {
-            policy_meta = model::ModelMeta::read(dir)?;
-            policy.load_lora(&dir.join(model::lora::ADAPTER_DIR))?
+    let policy = match &cfg.lora {
+        None => policy,
+        Some(l) => {
+            if let Some(dir) = resume {
+                policy_meta = model::ModelMeta::read(dir)?;
+            }
+            policy.adapt(l, cfg.seed, resume)?
         }
     };
     // The KL reference: model.reference when given; else the policy's start, which with LoRA
@@ -210,10 +211,8 @@ fn load_critic(
             None,
             train,
         )?;
-        let m = match resume {
-            Some(dir) => m.load_lora(&dir.join("critic").join(model::lora::ADAPTER_DIR))?,
-            None => m.with_lora(l, cfg.seed.wrapping_add(1))?,
-        };
+        let critic_dir = resume.map(|dir| dir.join("critic"));
+        let m = m.adapt(l, cfg.seed.wrapping_add(1), critic_dir.as_deref())?;
         return Ok((m, t));
     }
     if let Some(dir) = resume {
@@ -431,13 +430,8 @@ pub fn run(cfg: &PpoConfig, config_used: &str, resume: Option<&Path>) -> Result<
     let lora_dropout = cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
     while !run.done() {
         run.begin_step();
-        // Dropout masks (LoRA's) are a function of (seed, iteration), so a resumed run draws the
-        // same ones; nothing else of a run draws from the device's generator.
-        device.seed(
-            cfg.seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(run.state.step as u64),
-        );
+        // Nothing else of a run draws from the device's generator than dropout (LoRA's).
+        trainer::seed_step(&device, cfg.seed, run.state.step);
         let it = run.state.step;
         let started = Instant::now();
 

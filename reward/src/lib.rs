@@ -558,10 +558,7 @@ fn load_model(
             None,
             device,
         )?;
-        let m = match resume {
-            Some(dir) => m.load_lora(&dir.join(model::lora::ADAPTER_DIR))?,
-            None => m.with_lora(lora, cfg.seed)?,
-        };
+        let m = m.adapt(lora, cfg.seed, resume)?;
         return Ok((m, tok));
     }
     let (m, tok) = match resume {
@@ -862,13 +859,8 @@ fn run_one(cfg: &RewardConfig, config_used: &str, resume: Option<&Path>) -> Resu
     run.baseline(|| validate(&model.valid(), &valid, &tok, t.eval_batch_size))?;
     while !run.done() {
         run.begin_step();
-        // Dropout masks (LoRA's) are a function of (seed, step), so a resumed run draws the
-        // same ones; nothing else of a run draws from the device's generator.
-        device.seed(
-            cfg.seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(run.state.step as u64),
-        );
+        // Nothing else of a run draws from the device's generator than dropout (LoRA's).
+        trainer::seed_step(&device, cfg.seed, run.state.step);
         let idx = order.take(run.state.examples_seen, per_step);
         let mut accumulator = GradientsAccumulator::new();
         let (mut step_loss, mut responses, mut correct, mut judged) = (0.0, 0, 0, 0);

@@ -192,10 +192,7 @@ fn load_model(
         // The base as given, frozen, with new adapters or (resuming) the checkpoint's.
         let (m, tok, _) =
             model::checkpoint::load_with_tokenizer(base, Some(Heads::LM), tokenizer, device)?;
-        let m = match resume {
-            Some(dir) => m.load_lora(&dir.join(model::lora::ADAPTER_DIR))?,
-            None => m.with_lora(lora, cfg.seed)?,
-        };
+        let m = m.adapt(lora, cfg.seed, resume)?;
         return Ok((m.with_dropout(cfg.model.dropout), tok));
     }
     let (m, tok) = if let Some(dir) = resume.or(cfg.model.base.as_deref()) {
@@ -872,8 +869,7 @@ pub fn run(cfg: &SftConfig, config_used: &str, resume: Option<&Path>) -> Result<
     while !run.done() {
         run.begin_step();
         let step = run.state.step;
-        // Dropout masks are a function of (seed, step), so a resumed run draws the same ones.
-        device.seed(cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        trainer::seed_step(&device, cfg.seed, step);
         let batches: Vec<_> = order
             .take(run.state.examples_seen, per_step)
             .chunks(t.batch_size)

@@ -113,6 +113,13 @@ pub fn check_finite(
     )
 }
 
+/// Seeds the device's generator for optimizer step `step` of a run with seed `seed`: dropout
+/// masks (the model's, LoRA's) are then a function of (seed, step), so a resumed run draws the
+/// same ones.
+pub fn seed_step(device: &burn::tensor::Device, seed: u64, step: usize) {
+    device.seed(seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+}
+
 /// Creates `out`, locks it for this run ([`OutLock`]: a second run into the same folder is
 /// refused while this one lives), and writes the config used into it as `config.toml`. Keep the
 /// returned lock for as long as the run writes into `out`.
