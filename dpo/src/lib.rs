@@ -217,7 +217,7 @@ impl ReferenceLogprobs {
                 tok.vocab_size()
             );
         }
-        let reference = reference.with_dropout(0.0);
+        let reference = reference.with_dropout(0.0).keep_frozen(cfg.dtype);
         let b = cfg.train.eval_batch_size;
         Ok(Self {
             reference: dir.clone(),
@@ -273,7 +273,7 @@ fn load_policy(
         .with_context(|| format!("model.policy = {}", dir.display()))?;
     let m = match &cfg.lora {
         None => m,
-        Some(l) => m.adapt(l, cfg.seed, resume)?,
+        Some(l) => m.adapt(l, cfg.seed, resume)?.keep_frozen(cfg.dtype),
     };
     Ok((m.with_dropout(0.0), tok))
 }

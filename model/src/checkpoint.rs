@@ -295,7 +295,7 @@ pub fn write_model_files(
     if let Some(t) = tokenizer {
         config.set_special_tokens(t);
     }
-    let json = config.to_hf_json(model.has_scalar_head());
+    let json = config.to_hf_json(model.has_scalar_head(), model.keeps_bf16());
     let cpath = tmp.join("config.json");
     std::fs::write(
         &cpath,

@@ -438,9 +438,11 @@ impl ModelConfig {
         }
     }
 
-    /// The config.json to write next to saved weights: the keys read at load time, refreshed with
-    /// the values in force, plus any other keys of the original file unchanged.
-    pub fn to_hf_json(&self, scalar_head: bool) -> Value {
+    /// The config.json to write next to saved weights (f32, or bf16 when `bf16`): the keys read
+    /// at load time, refreshed with the values in force, plus any other keys of the original file
+    /// unchanged.
+    pub fn to_hf_json(&self, scalar_head: bool, bf16: bool) -> Value {
+        let dtype = if bf16 { "bfloat16" } else { "float32" };
         let mut m = self.raw.clone();
         let mut set = |k: &str, v: Value| {
             m.insert(k.to_string(), v);
@@ -451,8 +453,8 @@ impl ModelConfig {
             json!([self.architecture_name(scalar_head)]),
         );
         set("vocab_size", json!(self.vocab_size));
-        set("torch_dtype", json!("float32"));
-        set("dtype", json!("float32"));
+        set("torch_dtype", json!(dtype));
+        set("dtype", json!(dtype));
         set("initializer_range", json!(self.initializer_range));
         set("tie_word_embeddings", json!(self.tie_word_embeddings));
         let id = |x: Option<u32>| x.map_or(Value::Null, |v| json!(v));

@@ -162,8 +162,13 @@ pub trait Kernels: Backend {
     }
 
     /// lhs [.., m, k] · rhs [.., k, n] → [.., m, n] with equal batch dimensions; either operand may
-    /// be a strided view (a transpose, a slice).
+    /// be a strided view (a transpose, a slice). rhs may be a frozen weight kept in bf16
+    /// ([`crate::WeightDtype`]) under f32 activations: it is widened to lhs's dtype (exactly).
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let rhs = match (lhs.dtype(), rhs.dtype()) {
+            (l, r) if l == r => rhs,
+            (l, _) => Self::float_cast(rhs, l.into()),
+        };
         Self::float_matmul(lhs, rhs)
     }
 
@@ -879,7 +884,19 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     {
         return y;
     }
+    let rhs = same_dtype(rhs, &lhs);
     lhs.matmul(rhs)
+}
+
+/// `t` in `like`'s dtype (a frozen weight kept in bf16 under f32 activations, widened exactly
+/// for a backend whose products take one dtype).
+fn same_dtype<const D: usize, const E: usize>(t: Tensor<D>, like: &Tensor<E>) -> Tensor<D> {
+    let dtype = like.dtype();
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(burn::tensor::FloatDType::from(dtype))
+    }
 }
 
 /// Weight matrices packed once for the many products that read them while this lives (flex
@@ -981,7 +998,7 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) 
     let x2 = x.clone().reshape([rows, d]);
     let y = match on_backends!(|B| binary_on::<B, 2, _>(&x2, &w, MatmulOp, B::matmul)) {
         Some(y) => y,
-        None => return burn::tensor::module::linear(x, w, b),
+        None => return burn::tensor::module::linear(x.clone(), same_dtype(w, &x), b),
     };
     let y = match b {
         Some(b) => y + b.unsqueeze::<2>(),
@@ -1043,8 +1060,17 @@ impl Rows {
 /// table row's sum of its lookups' gradients (in their order), zero for the others; burn's
 /// `select` backward builds the same from a zeroed table on one thread, which on flex also copies
 /// the zeros.
+///
+/// A frozen table kept in bf16 ([`crate::WeightDtype`]) gives its rows in f32 (exactly), with no
+/// gradient.
 pub fn embedding(table: Tensor<2>, ids: Vec<usize>) -> Tensor<2> {
     let ids = Rows::new(ids, &table.device());
+    if table.dtype() != burn::tensor::DType::F32 {
+        return table
+            .detach()
+            .select(0, ids.tensor.clone())
+            .cast(burn::tensor::FloatDType::F32);
+    }
     gather_rows(table, &ids)
 }
 

@@ -39,4 +39,4 @@ pub use generate::{Generation, SamplingConfig, generate};
 pub use lora::LoraConfig;
 pub use tokenizer::{PromptTemplate, Tokenizer};
 pub use transformer::{CausalLm, Heads, KvCache};
-pub use weights::SafetensorsFiles;
+pub use weights::{SafetensorsFiles, WeightDtype};

@@ -13,7 +13,7 @@ use crate::config::{Activation, Family, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::fused;
 use crate::lora::{self, AdapterSource, Lora, LoraConfig};
-use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, hf_tensors};
+use crate::weights::{Builder, Layout, ParamSpec, SafetensorsFiles, WeightDtype, hf_tensors};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::activation::gelu;
@@ -478,6 +478,9 @@ pub struct CausalLm {
     /// the model has adapters.
     #[module(skip)]
     lora: Option<Arc<(LoraConfig, Vec<ParamSpec>)>>,
+    /// The dtypes of the files the weights were read from (empty for a new model).
+    #[module(skip)]
+    file_dtypes: Arc<Vec<String>>,
     /// RoPE inverse frequencies [head_dim / 2] (llama3 scaling applied).
     #[module(skip)]
     inv_freq: Arc<Vec<f32>>,
@@ -611,6 +614,10 @@ impl CausalLm {
             has_lm: heads.lm,
             score,
             dropout: DropoutConfig::new(cfg.dropout).init(),
+            file_dtypes: Arc::new(match &b.source {
+                crate::weights::Source::File(f) => f.dtypes(),
+                crate::weights::Source::Random(_) => Vec::new(),
+            }),
             inv_freq: Arc::new(rope_inv_freq(cfg)),
             rope_cache: Arc::default(),
             config: Arc::new(cfg.clone()),
@@ -858,11 +865,59 @@ impl CausalLm {
         m
     }
 
+    /// The model with its frozen matrices (embeddings, attention and MLP projections, the LM
+    /// head) kept in bf16 when `dtype` says so for the files it was read from
+    /// ([`WeightDtype::keeps_bf16`]); unchanged otherwise. Only for weights that are not
+    /// trained: a model that is not trained at all (a KL reference, a scoring reward model), or
+    /// the base under LoRA adapters ([`Self::with_lora`]; the adapters and a scalar head stay f32
+    /// and train). Each matrix is converted in turn (one f32 matrix extra at a time).
+    pub fn keep_frozen(mut self, dtype: WeightDtype) -> Self {
+        if !dtype.keeps_bf16(&self.file_dtypes) {
+            return self;
+        }
+        fn to_bf16<const D: usize>(p: &mut Param<Tensor<D>>) {
+            let id = p.id;
+            let t = p.val().detach().cast(burn::tensor::FloatDType::BF16);
+            *p = Param::from_tensor(t).set_require_grad(false);
+            p.id = id;
+        }
+        to_bf16(&mut self.embed.weight);
+        if let Some(pos) = self.positions.as_mut() {
+            to_bf16(&mut pos.weight);
+        }
+        for block in self.layers.iter_mut() {
+            for lin in [
+                &mut block.attn.qkv,
+                &mut block.attn.o,
+                &mut block.mlp.up,
+                &mut block.mlp.down,
+            ] {
+                to_bf16(&mut lin.weight);
+            }
+        }
+        if let Some(head) = self.lm_head.as_mut() {
+            to_bf16(&mut head.weight);
+        }
+        self
+    }
+
+    /// Whether the token embedding (and with it every frozen matrix, [`Self::keep_frozen`]) is
+    /// kept in bf16.
+    pub fn keeps_bf16(&self) -> bool {
+        self.embed.weight.val().dtype() == burn::tensor::DType::BF16
+    }
+
+    /// The dtypes of the weight files the model was read from, e.g. `["BF16"]` (empty for a new
+    /// model).
+    pub fn file_dtypes(&self) -> &[String] {
+        &self.file_dtypes
+    }
+
     /// The model with its adapters merged into the weights (W + A·B·scale) and removed.
     pub fn merge_lora(mut self) -> Self {
         fn merge(lin: &mut Linear, lora: Option<Lora>) {
             if let Some(l) = lora {
-                let w = lin.weight.val() + l.merged_delta();
+                let w = f32_of(lin.weight.val()) + l.merged_delta();
                 let id = lin.weight.id;
                 lin.weight = Param::from_tensor(w.detach());
                 lin.weight.id = id;
@@ -907,6 +962,11 @@ impl CausalLm {
     /// if any), to the safetensors file `path`, computing each tensor as it is written: the same
     /// bytes as `write_safetensors(path, &self.hf_tensors())`, without a copy of the whole model
     /// in memory (for a 0.5B model that copy was ~4 GB on top of the run's own).
+    ///
+    /// In f32, or in bf16 when the model keeps its frozen matrices in bf16
+    /// ([`Self::keep_frozen`]: a LoRA base read from a bf16 file saves as bf16, as PEFT's merge of
+    /// a bf16 model does; the merged sums and trained heads rounded to nearest). A fully trained
+    /// model holds f32 weights and writes f32 (its checkpoints resume from them bit for bit).
     pub fn write_weights(&self, path: &Path) -> Result<()> {
         use burn::module::{ModuleVisitor, ParamId};
         use std::collections::{HashMap, HashSet};
@@ -946,6 +1006,7 @@ impl CausalLm {
             }
         }
         let (found, adapted) = (&h.found, &adapted);
+        let bf16 = self.keeps_bf16();
         let mut tensors = Vec::new();
         for spec in self.specs.iter() {
             let Some((flat, dims)) = found.get(&spec.id) else {
@@ -966,11 +1027,12 @@ impl CausalLm {
                     shape,
                     values: Box::new(move || {
                         let data = match adapted.get(&spec.id) {
-                            Some((w, l)) => (w.clone() + l.merged_delta()).into_data(),
+                            Some((w, l)) => (f32_of(w.clone()) + l.merged_delta()).into_data(),
                             None => flat.clone().into_data(),
                         };
                         crate::weights::hf_part(spec, k, dims, &crate::ops::data_f32(data)).2
                     }),
+                    bf16,
                 });
             }
         }
@@ -1417,6 +1479,15 @@ fn split_linear<const N: usize>(
             bias.clone().map(|bias| bias.slice([r])),
         )
     })
+}
+
+/// `t` in f32 (a matrix kept in bf16, [`CausalLm::keep_frozen`], widened exactly).
+fn f32_of<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.dtype() == burn::tensor::DType::F32 {
+        t
+    } else {
+        t.cast(burn::tensor::FloatDType::F32)
+    }
 }
 
 /// A linear layer and its LoRA adapter, if it has one: x · w + b + the adapter's delta.

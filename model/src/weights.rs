@@ -14,6 +14,46 @@ use safetensors::Dtype;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+/// How a frozen model's weight matrices are kept in memory (the stages' `dtype` key): the
+/// embeddings, the attention and MLP projections and the LM head of a model that is not
+/// trained (a KL reference, a reward model that scores, a LoRA base). Norms, biases, scalar
+/// heads and every trained weight stay f32 (trained weights keep f32 master copies).
+///
+/// A weight kept in bf16 is widened to f32 exactly for each product that reads it (or packed
+/// once for a generation, [`crate::PackedWeights`]): the numbers are those of an f32 model whose
+/// weights have the bf16 values, which is what a bf16 file holds. Half the memory.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// The file's: bf16 when every weight file of the model is bf16, f32 otherwise.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl WeightDtype {
+    /// Whether a frozen model read from files of `file_dtypes` (as [`SafetensorsFiles::dtypes`]
+    /// gives them; empty for a model not read from files) keeps its matrices in bf16.
+    pub fn keeps_bf16(self, file_dtypes: &[String]) -> bool {
+        match self {
+            WeightDtype::Auto => !file_dtypes.is_empty() && file_dtypes.iter().all(|d| d == "BF16"),
+            WeightDtype::F32 => false,
+            WeightDtype::Bf16 => true,
+        }
+    }
+}
+
 /// How a weight matrix is stored in the HF file, relative to burn's `[in, out]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Layout {
@@ -728,16 +768,18 @@ pub(crate) fn hf_part(
     }
 }
 
-/// One f32 tensor to write whose values are computed when it is written ([`write_lazy`]).
+/// One tensor to write whose values are computed when it is written ([`write_lazy`]): as f32,
+/// or rounded to bf16 (to nearest, ties to even, as torch rounds) when `bf16`.
 pub(crate) struct LazyTensor<'a> {
     pub name: String,
     pub shape: Vec<usize>,
     pub values: Box<dyn Fn() -> Vec<f32> + 'a>,
+    pub bf16: bool,
 }
 
 impl safetensors::View for &LazyTensor<'_> {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        if self.bf16 { Dtype::BF16 } else { Dtype::F32 }
     }
 
     fn shape(&self) -> &[usize] {
@@ -752,11 +794,17 @@ impl safetensors::View for &LazyTensor<'_> {
             "{}: values for its shape",
             self.name
         );
-        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        std::borrow::Cow::Owned(if self.bf16 {
+            v.iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect()
+        } else {
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        })
     }
 
     fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * 4
+        self.shape.iter().product::<usize>() * if self.bf16 { 2 } else { 4 }
     }
 }
 

@@ -118,5 +118,33 @@ fn bf16_decoding_reads_the_packed_weights() {
             .zip(a.mask.iter().flatten())
             .all(|(&lp, &m)| !m || (lp.is_finite() && lp <= 0.0))
     );
+
+    // A frozen model kept in bf16 (`dtype = "bf16"`): packed from its bf16 memory, the same
+    // panels as from the f32 weights of the same values, so the same step and generation.
+    let rounded = model.clone().keep_frozen(model::WeightDtype::Bf16);
+    let values = {
+        let mut m = model.clone().keep_frozen(model::WeightDtype::Bf16);
+        // The f32 model of the bf16 values: its weights written back and read as f32.
+        let dir = std::env::temp_dir().join(format!("decode-bf16-{}", std::process::id()));
+        model::save(&m, None, &dir).unwrap();
+        let files = model::SafetensorsFiles::open(&dir).unwrap();
+        m = CausalLm::from_safetensors(model.config(), &files, model::Heads::LM, &device).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        m
+    };
+    assert!(rounded.keeps_bf16() && !values.keeps_bf16());
+    assert!(
+        step_logits(&rounded, &prompts, &next, true) == step_logits(&values, &prompts, &next, true)
+    );
+    assert!(
+        step_logits(&rounded, &prompts, &next, false)
+            == step_logits(&values, &prompts, &next, false)
+    );
+    let (a, b) = (
+        generate(&rounded, &prompts, &cfg).unwrap(),
+        generate(&values, &prompts, &cfg).unwrap(),
+    );
+    assert_eq!(a.tokens, b.tokens);
+    assert!(a.logprobs == b.logprobs);
     set_matmul_precision(MatmulPrecision::Fp32);
 }

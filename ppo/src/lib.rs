@@ -107,7 +107,7 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
             if let Some(dir) = resume {
                 policy_meta = model::ModelMeta::read(dir)?;
             }
-            policy.adapt(l, cfg.seed, resume)?
+            policy.adapt(l, cfg.seed, resume)?.keep_frozen(cfg.dtype)
         }
     };
     // The KL reference: model.reference when given; else the policy's start, which with LoRA
@@ -129,7 +129,7 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
                 tokenizer.vocab_size()
             );
         }
-        Some(reference.with_dropout(0.0))
+        Some(reference.with_dropout(0.0).keep_frozen(cfg.dtype))
     } else {
         None
     };
@@ -143,6 +143,7 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
             let options = ScorerOptions {
                 aggregate: cfg.reward.ensemble,
                 uncertainty_coef: cfg.reward.uncertainty_coef,
+                dtype: cfg.dtype,
                 ..ScorerOptions::default()
             };
             let scorer = Scorer::load(dir, options, &frozen)
@@ -165,8 +166,15 @@ fn load_models(cfg: &PpoConfig, resume: Option<&Path>, device: &Device) -> Resul
     };
     let monitor = match monitor_dir {
         Some(d) => Some(
-            Scorer::load(&d, ScorerOptions::default(), &frozen)
-                .with_context(|| format!("the monitor's reward model {}", d.display()))?,
+            Scorer::load(
+                &d,
+                ScorerOptions {
+                    dtype: cfg.dtype,
+                    ..ScorerOptions::default()
+                },
+                &frozen,
+            )
+            .with_context(|| format!("the monitor's reward model {}", d.display()))?,
         ),
         None => None,
     };
@@ -212,7 +220,9 @@ fn load_critic(
             train,
         )?;
         let critic_dir = resume.map(|dir| dir.join("critic"));
-        let m = m.adapt(l, cfg.seed.wrapping_add(1), critic_dir.as_deref())?;
+        let m = m
+            .adapt(l, cfg.seed.wrapping_add(1), critic_dir.as_deref())?
+            .keep_frozen(cfg.dtype);
         return Ok((m, t));
     }
     if let Some(dir) = resume {

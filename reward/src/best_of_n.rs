@@ -115,7 +115,9 @@ impl Policy {
             .with_context(|| format!("{what} {}", dir.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            model: model.with_dropout(0.0),
+            model: model
+                .with_dropout(0.0)
+                .keep_frozen(model::WeightDtype::Auto),
             tokenizer,
             template,
         })

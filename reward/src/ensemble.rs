@@ -310,7 +310,12 @@ fn summarize(
     let manifest = Manifest::read(final_dir)?.context("the ensemble manifest just written")?;
     let first_member = member_config(cfg, 0, false);
     let (train_raw, valid_raw) = read_data(&first_member.data, first_member.seed)?;
-    let first = RewardModel::load(&final_dir.join(&manifest.members[0]), None, &device)?;
+    let first = RewardModel::load(
+        &final_dir.join(&manifest.members[0]),
+        None,
+        cfg.dtype,
+        &device,
+    )?;
     let tok = &first.tokenizer;
     let tokenize = |raw: &[Read]| {
         data::tokenize(
@@ -346,7 +351,12 @@ fn summarize(
         let m = if i == 0 {
             None
         } else {
-            Some(RewardModel::load(&final_dir.join(name), None, &device)?)
+            Some(RewardModel::load(
+                &final_dir.join(name),
+                None,
+                cfg.dtype,
+                &device,
+            )?)
         };
         let m = m.as_ref().unwrap_or(&first);
         let r = rewards_on(m, &valid)?;
@@ -360,7 +370,7 @@ fn summarize(
     }
     let monitor = match &manifest.monitor {
         Some(name) => {
-            let m = RewardModel::load(&final_dir.join(name), None, &device)?;
+            let m = RewardModel::load(&final_dir.join(name), None, cfg.dtype, &device)?;
             let r = rewards_on(&m, &train)?;
             let i = configs.len() - 1;
             Some(MemberSummary {

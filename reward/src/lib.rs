@@ -558,7 +558,7 @@ fn load_model(
             None,
             device,
         )?;
-        let m = m.adapt(lora, cfg.seed, resume)?;
+        let m = m.adapt(lora, cfg.seed, resume)?.keep_frozen(cfg.dtype);
         return Ok((m, tok));
     }
     let (m, tok) = match resume {
@@ -635,6 +635,7 @@ fn load_likelihood(cfg: &RewardConfig, tok: &Tokenizer) -> Result<Option<likelih
         return Ok(None);
     }
     let device = model::parse_device(&cfg.device)?;
+    let dtype = cfg.dtype;
     let base = &cfg.model.base;
     let declared = model::checkpoint::declared_heads(base)
         .with_context(|| format!("model.base = {}", base.display()))?;
@@ -650,7 +651,7 @@ fn load_likelihood(cfg: &RewardConfig, tok: &Tokenizer) -> Result<Option<likelih
     } else {
         base.clone()
     };
-    likelihood::Likelihood::load(&dir, coef, tok, &device).map(Some)
+    likelihood::Likelihood::load(&dir, coef, tok, dtype, &device).map(Some)
 }
 
 /// Reads the preference data, merges labelers by majority when asked, keeps the first

@@ -20,7 +20,7 @@
 use crate::sequence_logprobs;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
-use model::{CausalLm, Heads, Tokenizer};
+use model::{CausalLm, Heads, Tokenizer, WeightDtype};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -49,7 +49,13 @@ pub struct Likelihood {
 impl Likelihood {
     /// The causal LM of folder `dir` (dropout off), with weight `coef`; its tokenizer must have
     /// the reward model's vocabulary.
-    pub fn load(dir: &Path, coef: f64, tokenizer: &Tokenizer, device: &Device) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        coef: f64,
+        tokenizer: &Tokenizer,
+        dtype: WeightDtype,
+        device: &Device,
+    ) -> Result<Self> {
         let (model, tok, _) =
             model::checkpoint::load_with_tokenizer(dir, Some(Heads::LM), None, device)
                 .with_context(|| format!("likelihood model {}", dir.display()))?;
@@ -62,18 +68,23 @@ impl Likelihood {
             );
         }
         Ok(Self {
-            model: model.with_dropout(0.0),
+            model: model.with_dropout(0.0).keep_frozen(dtype),
             coef,
             dir: dir.to_path_buf(),
         })
     }
 
     /// The likelihood term stored with the reward-model folder `rm_dir`, if it has one.
-    pub fn stored(rm_dir: &Path, tokenizer: &Tokenizer, device: &Device) -> Result<Option<Self>> {
+    pub fn stored(
+        rm_dir: &Path,
+        tokenizer: &Tokenizer,
+        dtype: WeightDtype,
+        device: &Device,
+    ) -> Result<Option<Self>> {
         let Some(m) = read_manifest(rm_dir)? else {
             return Ok(None);
         };
-        Self::load(&rm_dir.join(&m.model), m.coef, tokenizer, device).map(Some)
+        Self::load(&rm_dir.join(&m.model), m.coef, tokenizer, dtype, device).map(Some)
     }
 
     /// α · ℓ̄ of each sequence (template(prompt) ++ response ++ EOS, whose first `prompt_lens`

@@ -121,6 +121,7 @@ fn main() {
                     raw,
                     template,
                     batch_size,
+                    ..reward::ScorerOptions::default()
                 };
                 model::device::hot(|| score(&dir, &input, options, &device))
             }

@@ -18,7 +18,9 @@ use crate::likelihood::Likelihood;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use datasets::CompiledRule;
-use model::{CausalLm, Heads, ModelMeta, PromptTemplate, RewardNormalization, Tokenizer};
+use model::{
+    CausalLm, Heads, ModelMeta, PromptTemplate, RewardNormalization, Tokenizer, WeightDtype,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -117,14 +119,21 @@ pub struct RewardModel {
 }
 
 impl RewardModel {
-    /// Loads a reward-model folder (dropout off); `template` overrides the stored one.
-    pub fn load(dir: &Path, template: Option<&str>, device: &Device) -> Result<Self> {
+    /// Loads a reward-model folder (dropout off, its matrices kept as `dtype` says:
+    /// [`model::WeightDtype`]); `template` overrides the stored one.
+    pub fn load(
+        dir: &Path,
+        template: Option<&str>,
+        dtype: WeightDtype,
+        device: &Device,
+    ) -> Result<Self> {
         let (model, tokenizer, meta): (_, _, ModelMeta) =
             model::checkpoint::load_with_tokenizer(dir, Some(Heads::SCALAR), None, device)
                 .with_context(|| format!("reward model {}", dir.display()))?;
+        let model = model.keep_frozen(dtype);
         let template = model::checkpoint::resolve_template(template, Some(dir))
             .with_context(|| format!("reward model {}", dir.display()))?;
-        let likelihood = Likelihood::stored(dir, &tokenizer, device)
+        let likelihood = Likelihood::stored(dir, &tokenizer, dtype, device)
             .with_context(|| format!("reward model {}", dir.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -305,6 +314,8 @@ pub struct ScorerOptions {
     pub template: Option<String>,
     /// Sequences per scoring forward.
     pub batch_size: usize,
+    /// How the models' matrices are kept ([`model::WeightDtype`]).
+    pub dtype: WeightDtype,
 }
 
 impl Default for ScorerOptions {
@@ -315,6 +326,7 @@ impl Default for ScorerOptions {
             raw: false,
             template: None,
             batch_size: 32,
+            dtype: WeightDtype::Auto,
         }
     }
 }
@@ -337,7 +349,7 @@ impl Scorer {
         };
         let members = dirs
             .iter()
-            .map(|d| RewardModel::load(d, options.template.as_deref(), device))
+            .map(|d| RewardModel::load(d, options.template.as_deref(), options.dtype, device))
             .collect::<Result<Vec<_>>>()?;
         Ok(Scorer::Models { members, options })
     }

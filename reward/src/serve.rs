@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// λ of mean-minus-std.
     #[arg(long, default_value_t = 1.0)]
     pub uncertainty_coef: f64,
+    /// How the reward models' matrices are kept: auto (the files' dtype: a bf16 model stays
+    /// bf16, half the memory, the same scores), f32 or bf16.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: model::WeightDtype,
     /// The head's raw output instead of the normalised reward.
     #[arg(long)]
     pub raw: bool,
@@ -1042,6 +1046,7 @@ pub fn run(args: &ServeArgs) -> Result<Summary> {
         raw: args.raw,
         template: None,
         batch_size: args.batch_size,
+        dtype: args.dtype,
     };
     let scorer = Scorer::load(&args.dir, options, &device)?;
     if !args.raw

@@ -192,7 +192,7 @@ fn load_model(
         // The base as given, frozen, with new adapters or (resuming) the checkpoint's.
         let (m, tok, _) =
             model::checkpoint::load_with_tokenizer(base, Some(Heads::LM), tokenizer, device)?;
-        let m = m.adapt(lora, cfg.seed, resume)?;
+        let m = m.adapt(lora, cfg.seed, resume)?.keep_frozen(cfg.dtype);
         return Ok((m.with_dropout(cfg.model.dropout), tok));
     }
     let (m, tok) = if let Some(dir) = resume.or(cfg.model.base.as_deref()) {

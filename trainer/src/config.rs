@@ -34,6 +34,10 @@ macro_rules! stage_config {
             /// tiles where the CPU has them).
             #[serde(default)]
             pub matmul: model::MatmulPrecision,
+            /// How frozen models' matrices are kept (the KL reference, a scoring reward model,
+            /// a LoRA base): `auto` (the file's dtype), `f32` or `bf16`; trained weights are f32.
+            #[serde(default)]
+            pub dtype: model::WeightDtype,
             $($(#[$fmeta])* pub $field: $ty,)*
         }
 

@@ -71,28 +71,67 @@ impl KeptWeight {
     }
 }
 
-/// Packs the 2-D f32 weight `w` for the products that read it through this same view: for bf16
-/// products (`bf16`, on AMX) or for f32 products of fewer than 32 rows (on AVX-512, and only a
-/// weight stored by rows: a transposed view, the tied LM head, is read by the skinny kernel
-/// along its contiguous columns already); None otherwise.
+/// Packs the 2-D weight `w` (f32, or bf16: a frozen weight kept in bf16, widened to f32 for the
+/// packing) for the products that read it through this same view: for bf16 products (`bf16`,
+/// on AMX) or for f32 products of fewer than 32 rows (on AVX-512, and only a weight stored by
+/// rows: a transposed view, the tied LM head, is read by the skinny kernel along its contiguous
+/// columns already); None otherwise.
 pub(crate) fn keep(w: FlexTensor, bf16: bool) -> Option<KeptWeight> {
     let shape = w.shape();
-    if w.dtype() != DType::F32 || shape.num_dims() != 2 || shape[0] < 32 || shape[1] < 32 {
+    let stored = w.dtype();
+    if !matches!(stored, DType::F32 | DType::BF16)
+        || shape.num_dims() != 2
+        || shape[0] < 32
+        || shape[1] < 32
+    {
         return None;
     }
     let st = w.layout().strides().to_vec();
     if !bf16 && st[1] != 1 {
         return None;
     }
-    let view = amx::View {
-        ptr: w.storage::<f32>()[w.layout().start_offset()..].as_ptr(),
+    let view_of = |t: &FlexTensor| amx::View {
+        ptr: match t.dtype() {
+            DType::BF16 => t.storage::<burn::tensor::bf16>()[t.layout().start_offset()..]
+                .as_ptr()
+                .cast(),
+            _ => t.storage::<f32>()[t.layout().start_offset()..].as_ptr(),
+        },
         rs: st[0],
         cs: st[1],
     };
-    // SAFETY: the view is burn's layout of `w`, whose memory the returned value keeps alive;
-    // nothing writes to memory that another handle (ours) shares.
-    let kept = unsafe { kept::keep(view, shape[0], shape[1], bf16) }?;
+    let widened = (stored == DType::BF16).then(|| widen(&w));
+    let source = widened.as_ref().unwrap_or(&w);
+    // SAFETY: the views are burn's layouts of `w` (whose memory the returned value keeps
+    // alive; its products find the packed copy by this address) and of its f32 copy, alive
+    // during the packing; nothing writes to memory that another handle (ours) shares.
+    let kept = unsafe { kept::keep(view_of(&w), view_of(source), shape[0], shape[1], bf16) }?;
     Some(KeptWeight { kept, _tensor: w })
+}
+
+/// The bf16 tensor `t` in f32, element for element in the same layout (a transposed or sliced
+/// view stays one): the operand a product reads in place of a frozen weight kept in bf16.
+fn widen(t: &FlexTensor) -> FlexTensor {
+    let src = t.storage::<burn::tensor::bf16>();
+    let mut out: Vec<f32> = Vec::with_capacity(src.len());
+    let spare = &mut out.spare_capacity_mut()[..src.len()];
+    // bf16 is the upper half of an f32: the conversion is exact.
+    let widen_chunk = |(d, s): (&mut [std::mem::MaybeUninit<f32>], &[burn::tensor::bf16])| {
+        for (d, &s) in d.iter_mut().zip(s) {
+            d.write(f32::from_bits(u32::from(s.to_bits()) << 16));
+        }
+    };
+    if src.len() >= PARALLEL_MIN {
+        spare
+            .par_chunks_mut(PARALLEL_MIN)
+            .zip(src.par_chunks(PARALLEL_MIN))
+            .for_each(widen_chunk);
+    } else {
+        widen_chunk((spare, src));
+    }
+    // SAFETY: every element was written above.
+    unsafe { out.set_len(src.len()) };
+    FlexTensor::new(Bytes::from_elems(out), t.layout().clone(), DType::F32)
 }
 
 type Uninit = std::mem::MaybeUninit<f32>;
@@ -948,6 +987,55 @@ impl Kernels for Flex {
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let (ls, rs) = (lhs.shape(), rhs.shape());
         let nd = ls.num_dims();
+        if lhs.dtype() == DType::F32 && rhs.dtype() == DType::BF16 {
+            // A frozen weight kept in bf16: its packed copy when a generation made one, else
+            // the product of its exact f32 widening (the same numbers as an f32 weight of the
+            // same values).
+            if nd == 2 && rs.num_dims() == 2 {
+                let in_bf16 =
+                    crate::fused::matmul_precision() == crate::fused::MatmulPrecision::Bf16;
+                let (m, k, n) = (ls[0], ls[1], rs[1]);
+                let st = rhs.layout().strides();
+                let key = amx::View {
+                    ptr: rhs.storage::<burn::tensor::bf16>()[rhs.layout().start_offset()..]
+                        .as_ptr()
+                        .cast(),
+                    rs: st[0],
+                    cs: st[1],
+                };
+                if (in_bf16 || m < 32)
+                    && let Some(packed) = kept::find(&key, k, n, in_bf16)
+                {
+                    let lhs = if lhs.layout().strides()[1] == 1 {
+                        lhs
+                    } else {
+                        lhs.to_contiguous()
+                    };
+                    let l = &lhs.storage::<f32>()[lhs.layout().start_offset()..];
+                    let a = amx::View {
+                        ptr: l.as_ptr(),
+                        rs: lhs.layout().strides()[0],
+                        cs: lhs.layout().strides()[1],
+                    };
+                    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+                    // SAFETY: `a` is burn's layout of lhs (m x k, alive for the call); the
+                    // packed products write all m x n elements of `out`'s capacity.
+                    unsafe {
+                        match &*packed {
+                            kept::PackedWeight::Bf16(b) => {
+                                amx::gemm_packed(m, out.as_mut_ptr(), a, b, true)
+                            }
+                            kept::PackedWeight::F32(b) => {
+                                skinny::gemm_packed(m, out.as_mut_ptr(), a, b, true)
+                            }
+                        }
+                        out.set_len(m * n);
+                    }
+                    return tensor(out, Shape::new([m, n]));
+                }
+            }
+            return Self::matmul(lhs, widen(&rhs));
+        }
         if lhs.dtype() != DType::F32
             || rhs.dtype() != DType::F32
             || rs.num_dims() != nd

@@ -59,13 +59,14 @@ impl Kept {
 }
 
 /// Packs B for bf16 products (`bf16`; None without AMX) or for few-row f32 products (None
-/// without AVX-512).
+/// without AVX-512), found by the products that read the matrix through `key` (B's own view,
+/// or, for a weight stored in bf16, the view of its bf16 memory that `b` was widened from).
 ///
 /// # Safety
-/// `b` describes a k × n matrix inside an allocation that stays alive and unchanged until
-/// the returned handle is dropped.
-pub unsafe fn keep(b: View, k: usize, n: usize, bf16: bool) -> Option<Kept> {
-    let key = Key::of(&b, k, n, bf16);
+/// `b` describes a k × n matrix inside a live allocation (read during the call only); `key`'s
+/// memory stays alive and unchanged until the returned handle is dropped.
+pub unsafe fn keep(key: View, b: View, k: usize, n: usize, bf16: bool) -> Option<Kept> {
+    let key = Key::of(&key, k, n, bf16);
     let held = |entries: &mut Vec<Entry>| {
         let e = entries.iter_mut().find(|e| e.key == key)?;
         e.holders += 1;
@@ -161,7 +162,7 @@ mod tests {
             cs: 64,
         };
         // SAFETY: b outlives both handles.
-        let (first, second) = unsafe { (keep(vb, 64, 48, bf16), keep(vb, 64, 48, bf16)) };
+        let (first, second) = unsafe { (keep(vb, vb, 64, 48, bf16), keep(vb, vb, 64, 48, bf16)) };
         assert!(first.is_some() && second.is_some());
         assert!(find(&vb, 64, 48, bf16).is_some());
         assert!(

@@ -556,13 +556,18 @@ fn chat(
 /// tokenizer (else the adapter folder's) and rlhf.json.
 fn merge(base: &Path, adapter: &Path, out: &Path, device: &burn::tensor::Device) -> Result<()> {
     let loaded = load(base, device)?;
-    let adapted = loaded.model.load_lora(adapter).with_context(|| {
-        format!(
-            "attaching the adapter {} to {}",
-            adapter.display(),
-            base.display()
-        )
-    })?;
+    // The base's dtype kept: a bf16 base is merged (in f32) and written in bf16.
+    let adapted = loaded
+        .model
+        .keep_frozen(model::WeightDtype::Auto)
+        .load_lora(adapter)
+        .with_context(|| {
+            format!(
+                "attaching the adapter {} to {}",
+                adapter.display(),
+                base.display()
+            )
+        })?;
     let lora = adapted
         .lora_config()
         .cloned()
