@@ -5,8 +5,10 @@
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
+use model::ops::to_f32_vec;
 use model::{
-    CausalLm, LoraConfig, SamplingConfig, TokenBatch, WeightDtype, generate, load, parse_device,
+    CausalLm, KvCache, LoraConfig, SamplingConfig, TokenBatch, WeightDtype, generate, load,
+    parse_device,
 };
 
 #[path = "common/fixtures.rs"]
@@ -35,6 +37,32 @@ fn frozen_weights_of_a_bf16_file_stay_bf16_with_the_numbers_of_f32() {
         logits(&frozen, &batch) == logits(&plain, &batch),
         "bf16 weights widened exactly: the f32 model's logits bit for bit"
     );
+
+    // Decoding steps without packed weights (few-row products that read the bf16 values where
+    // they lie) after a 40-row prompt forward: the same logits.
+    let step = |m: &CausalLm| {
+        let prompts: Vec<Vec<u32>> = (0..5)
+            .map(|r| (0..8).map(|i| ((i * 5 + r * 13) % 60 + 3) as u32).collect())
+            .collect();
+        let mut cache = KvCache::new(m.config().num_layers, 5);
+        let mut out = to_f32_vec(
+            m.logits(m.forward_cached(&TokenBatch::left_padded(&prompts, 0), &mut cache))
+                .unwrap(),
+        );
+        for t in 0..3u32 {
+            let next = TokenBatch {
+                tokens: (0..5).map(|r| 4 + r + t).collect(),
+                mask: vec![true; 5],
+                batch: 5,
+                seq: 1,
+            };
+            out.extend(to_f32_vec(
+                m.logits(m.forward_cached(&next, &mut cache)).unwrap(),
+            ));
+        }
+        out
+    };
+    assert!(step(&frozen) == step(&plain));
 
     // Sampling (a KV cache, few-row products, the weights packed for decoding where the CPU
     // packs them): the same tokens and log-probabilities.

@@ -1033,6 +1033,25 @@ impl Kernels for Flex {
                     }
                     return tensor(out, Shape::new([m, n]));
                 }
+                // A decoding step's few rows (the weights not packed): the skinny kernel reads
+                // the bf16 weight where it lies, widening each value as it loads it.
+                if !crate::fused::bf16_product(m, n, k) && skinny::usable(m, n, k, &key) {
+                    let l = &lhs.storage::<f32>()[lhs.layout().start_offset()..];
+                    let lst = lhs.layout().strides();
+                    let a = amx::View {
+                        ptr: l.as_ptr(),
+                        rs: lst[0],
+                        cs: lst[1],
+                    };
+                    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+                    // SAFETY: `a` and `key` are burn's layouts of lhs (m x k) and of rhs's bf16
+                    // values (k x n), alive for the call; the kernel writes all m x n elements.
+                    unsafe {
+                        skinny::gemm_bf16(m, n, k, out.as_mut_ptr(), a, key, true);
+                        out.set_len(m * n);
+                    }
+                    return tensor(out, Shape::new([m, n]));
+                }
             }
             return Self::matmul(lhs, widen(&rhs));
         }

@@ -32,9 +32,12 @@ pub fn usable(m: usize, n: usize, k: usize, b: &View) -> bool {
 }
 
 fn avx512() -> bool {
-    // std caches the CPU's features: this is one atomic load.
+    // std caches the CPU's features: these are atomic loads. (BW and VL: the masked 16-bit
+    // loads of a bf16 B; every AVX-512 CPU but the Xeon Phi has them.)
     #[cfg(target_arch = "x86_64")]
-    return is_x86_feature_detected!("avx512f");
+    return is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -170,7 +173,10 @@ struct Product {
     n: usize,
     k: usize,
     at: *const f32,
+    /// B's elements: f32, or bf16 (`bf16`: `b.ptr` then points to u16 values, its strides in
+    /// elements).
     b: View,
+    bf16: bool,
     c: *mut f32,
 }
 // SAFETY: A's packed copy and B are only read; each half writes its own columns of C.
@@ -185,6 +191,44 @@ unsafe impl Sync for Product {}
 /// inside live allocations; `c` points to m · n writable f32s that nothing else reads or writes
 /// during the call.
 pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, threads: bool) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_of(m, n, k, c, a, b, false, threads) }
+}
+
+/// [`gemm`] with B in bf16: `b.ptr` points to its u16 values (strides in elements), each widened
+/// to f32 exactly as it is loaded: the numbers of [`gemm`] on B's f32 values, reading half the
+/// bytes (a decoding step on frozen weights kept in bf16).
+///
+/// # Safety
+/// As [`gemm`], with `b` describing a k × n matrix of bf16 values.
+pub unsafe fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    a: View,
+    b: View,
+    threads: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_of(m, n, k, c, a, b, true, threads) }
+}
+
+/// [`gemm`] for B's elements in f32 or bf16.
+///
+/// # Safety
+/// As [`gemm`] / [`gemm_bf16`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_of(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    a: View,
+    b: View,
+    bf16: bool,
+    threads: bool,
+) {
     debug_assert!(usable(m, n, k, &b));
     // SAFETY: `a` describes an m × k matrix (the caller's contract).
     let at = unsafe { pack_a(m, k, a) };
@@ -194,6 +238,7 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
         k,
         at: at.as_ptr(),
         b,
+        bf16,
         c,
     };
     // Split between threads at vectors of C's columns (a 512-column product in halves of 256,
@@ -205,10 +250,11 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, a: View, b: View, 
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract, and `usable` checked AVX-512 and B's layout.
         unsafe {
-            if p.b.cs == 1 {
-                rows_of_b(p, j0, j1);
-            } else {
-                cols_of_b(p, j0, j1);
+            match (p.b.cs == 1, p.bf16) {
+                (true, false) => rows_of_b::<false>(p, j0, j1),
+                (true, true) => rows_of_b::<true>(p, j0, j1),
+                (false, false) => cols_of_b::<false>(p, j0, j1),
+                (false, true) => cols_of_b::<true>(p, j0, j1),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -230,6 +276,55 @@ use std::arch::x86_64::*;
 #[cfg(target_arch = "x86_64")]
 pub(super) fn lanes(w: usize) -> __mmask16 {
     if w >= LANES { !0 } else { (1u16 << w) - 1 }
+}
+
+/// The address of B's element `i` (an index in elements: f32, or bf16 when H), for a prefetch
+/// (wrapping: it may lie past B, which a prefetch never faults on).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn b_addr<const H: bool>(b: &View, i: isize) -> *const i8 {
+    if H {
+        b.ptr.cast::<u16>().wrapping_offset(i).cast()
+    } else {
+        b.ptr.wrapping_offset(i).cast()
+    }
+}
+
+/// B's elements i..i + 16 (those `mask` selects; zero elsewhere) in f32: bf16 values (H) widened
+/// exactly (a bf16 is the upper half of an f32).
+///
+/// # Safety
+/// The selected elements lie inside B.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn load_b<const H: bool>(b: &View, i: isize, mask: __mmask16) -> __m512 {
+    // SAFETY: the caller's contract; masked-off lanes are not read.
+    unsafe {
+        if H {
+            let h = _mm256_maskz_loadu_epi16(mask, b.ptr.cast::<u16>().offset(i).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        } else {
+            _mm512_maskz_loadu_ps(mask, b.ptr.offset(i))
+        }
+    }
+}
+
+/// B's element i in f32 (a bf16 value, H, widened exactly).
+///
+/// # Safety
+/// Element i lies inside B.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn b_at<const H: bool>(b: &View, i: isize) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if H {
+            f32::from_bits(u32::from(*b.ptr.cast::<u16>().offset(i)) << 16)
+        } else {
+            *b.ptr.offset(i)
+        }
+    }
 }
 
 /// Rows of B per sweep of [`rows_of_b`] (the accumulators are loaded and stored once per sweep).
@@ -258,8 +353,8 @@ thread_local! {
 /// # Safety
 /// AVX-512F; `p` from [`gemm`], whose contract holds; j0..j1 inside 0..n.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn rows_of_b(p: Product, j0: usize, j1: usize) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn rows_of_b<const H: bool>(p: Product, j0: usize, j1: usize) {
     let mut j = j0;
     while j < j1 {
         let end = (j + CHUNK).min(j1);
@@ -267,10 +362,10 @@ unsafe fn rows_of_b(p: Product, j0: usize, j1: usize) {
         // accumulators, 3 vectors of B and one of A in the 32 registers.
         unsafe {
             match p.m {
-                1 => rows_of_b_chunk::<1>(p, j, end),
-                2 => rows_of_b_chunk::<2>(p, j, end),
-                3 | 4 => rows_of_b_chunk::<4>(p, j, end),
-                _ => rows_of_b_chunk::<8>(p, j, end),
+                1 => rows_of_b_chunk::<1, H>(p, j, end),
+                2 => rows_of_b_chunk::<2, H>(p, j, end),
+                3 | 4 => rows_of_b_chunk::<4, H>(p, j, end),
+                _ => rows_of_b_chunk::<8, H>(p, j, end),
             }
         }
         j = end;
@@ -282,8 +377,8 @@ unsafe fn rows_of_b(p: Product, j0: usize, j1: usize) {
 /// # Safety
 /// As [`rows_of_b`]; R divides 16.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn rows_of_b_chunk<const R: usize, const H: bool>(p: Product, j0: usize, j1: usize) {
     let row_blocks = p.m.div_ceil(R);
     let groups = (j1 - j0).div_ceil(GROUP);
     let stride = groups * GROUP;
@@ -316,9 +411,9 @@ unsafe fn rows_of_b_chunk<const R: usize>(p: Product, j0: usize, j1: usize) {
                     // The last group of a range narrower than 48 columns takes fewer vectors
                     // (a thread's half of a 512-column product ends in one of 16 or 32).
                     match (j1 - j).div_ceil(LANES) {
-                        1 => block::<R, 1>(p, at),
-                        2 => block::<R, 2>(p, at),
-                        _ => block::<R, 3>(p, at),
+                        1 => block::<R, 1, H>(p, at),
+                        2 => block::<R, 2, H>(p, at),
+                        _ => block::<R, 3, H>(p, at),
                     }
                 }
             }
@@ -350,9 +445,9 @@ struct Block {
 /// AVX-512F; `p` from [`gemm`], whose contract holds; R divides 16; the block's columns are
 /// inside 0..n and `tile` points to R rows of `stride` writable f32s, 16 · V columns each.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
-unsafe fn block<const R: usize, const V: usize>(p: Product, at: Block) {
+unsafe fn block<const R: usize, const V: usize, const H: bool>(p: Product, at: Block) {
     let Product {
         m,
         n,
@@ -360,6 +455,7 @@ unsafe fn block<const R: usize, const V: usize>(p: Product, at: Block) {
         at: a,
         b,
         c,
+        ..
     } = p;
     let Block {
         row0,
@@ -387,26 +483,27 @@ unsafe fn block<const R: usize, const V: usize>(p: Product, at: Block) {
                 }
             })
         });
-        let mut bp = b.ptr.offset(k0 as isize * b.rs).add(j);
+        // B's element index (in f32 or bf16 elements) of row k0, column j.
+        let mut bi = k0 as isize * b.rs + j as isize;
         let mut ap = a.add(((row0 / LANES) * k + k0) * LANES + row0 % LANES);
         for _ in 0..kb {
             if prefetch && !last {
                 // The next sweep's row, one line per vector (prefetches do not fault past B).
-                let ahead = bp.wrapping_offset(SWEEP as isize * b.rs);
+                let ahead = bi + SWEEP as isize * b.rs;
                 for v in 0..V {
-                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(v * LANES).cast());
+                    _mm_prefetch::<_MM_HINT_T1>(b_addr::<H>(&b, ahead + (v * LANES) as isize));
                 }
             }
             let bv: [__m512; V] =
-                std::array::from_fn(|v| _mm512_maskz_loadu_ps(mask[v], bp.wrapping_add(v * LANES)));
+                std::array::from_fn(|v| load_b::<H>(&b, bi + (v * LANES) as isize, mask[v]));
             for (i, acc) in acc.iter_mut().enumerate() {
                 let a = _mm512_set1_ps(*ap.add(i));
                 for v in 0..V {
                     acc[v] = _mm512_fmadd_ps(a, bv[v], acc[v]);
                 }
             }
-            // Wrapping: after the last row it points past B and is not read.
-            bp = bp.wrapping_offset(b.rs);
+            // After the last row it indexes past B and is not read.
+            bi += b.rs;
             ap = ap.add(LANES);
         }
         if last {
@@ -432,16 +529,18 @@ unsafe fn block<const R: usize, const V: usize>(p: Product, at: Block) {
 /// # Safety
 /// As [`rows_of_b`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn cols_of_b(p: Product, j0: usize, j1: usize) {
-    let Product { m, n, k, at, b, c } = p;
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn cols_of_b<const H: bool>(p: Product, j0: usize, j1: usize) {
+    let Product {
+        m, n, k, at, b, c, ..
+    } = p;
     const W: usize = 8;
     let mut j = j0;
     while j < j1 {
         let w = (j1 - j).min(W);
-        // Past the last column, repeat it (computed, never stored).
-        let col: [*const f32; W] =
-            std::array::from_fn(|x| unsafe { b.ptr.offset((j + x.min(w - 1)) as isize * b.cs) });
+        // Past the last column, repeat it (computed, never stored): each column's first
+        // element index.
+        let col: [isize; W] = std::array::from_fn(|x| (j + x.min(w - 1)) as isize * b.cs);
         for blk in 0..m.div_ceil(LANES) {
             let rows = (m - blk * LANES).min(LANES);
             let mut even = [_mm512_setzero_ps(); W];
@@ -455,22 +554,27 @@ unsafe fn cols_of_b(p: Product, j0: usize, j1: usize) {
                         // The next 8 columns' lines at this depth: read 8 columns ahead
                         // (wrapping: some may lie past B's last column; a prefetch never faults).
                         for c in &col {
-                            let ahead = c.wrapping_offset(W as isize * b.cs).wrapping_add(kk);
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                            let ahead = c + W as isize * b.cs + kk as isize;
+                            _mm_prefetch::<_MM_HINT_T0>(b_addr::<H>(&b, ahead));
                         }
                     }
                     let a0 = _mm512_loadu_ps(ap.add(kk * LANES));
                     let a1 = _mm512_loadu_ps(ap.add((kk + 1) * LANES));
                     for x in 0..W {
-                        even[x] = _mm512_fmadd_ps(_mm512_set1_ps(*col[x].add(kk)), a0, even[x]);
-                        odd[x] = _mm512_fmadd_ps(_mm512_set1_ps(*col[x].add(kk + 1)), a1, odd[x]);
+                        let (b0, b1) = (
+                            b_at::<H>(&b, col[x] + kk as isize),
+                            b_at::<H>(&b, col[x] + kk as isize + 1),
+                        );
+                        even[x] = _mm512_fmadd_ps(_mm512_set1_ps(b0), a0, even[x]);
+                        odd[x] = _mm512_fmadd_ps(_mm512_set1_ps(b1), a1, odd[x]);
                     }
                     kk += 2;
                 }
                 if kk < k {
                     let a0 = _mm512_loadu_ps(ap.add(kk * LANES));
                     for x in 0..W {
-                        even[x] = _mm512_fmadd_ps(_mm512_set1_ps(*col[x].add(kk)), a0, even[x]);
+                        let b0 = b_at::<H>(&b, col[x] + kk as isize);
+                        even[x] = _mm512_fmadd_ps(_mm512_set1_ps(b0), a0, even[x]);
                     }
                 }
                 let mut tile = [[0f32; LANES]; W];
