@@ -4,7 +4,6 @@
 //! as a LoRA base, the adapters' training.
 
 use burn::optim::GradientsParams;
-use burn::tensor::{Int, Tensor, TensorData};
 use model::ops::to_f32_vec;
 use model::{
     CausalLm, KvCache, LoraConfig, SamplingConfig, TokenBatch, WeightDtype, generate, load,
@@ -13,7 +12,7 @@ use model::{
 
 #[path = "common/fixtures.rs"]
 mod fixtures;
-use fixtures::{fixture, logits, read_json, reference_batch};
+use fixtures::{fixture, logits, next_tokens, read_json, reference_batch};
 
 /// A Llama fixture whose file is bf16 (written by transformers).
 const BF16_FIXTURE: &str = "llama_tied_llama3_bf16";
@@ -114,17 +113,7 @@ fn frozen_weights_of_a_bf16_file_stay_bf16_with_the_numbers_of_f32() {
 fn train_adapters(mut model: CausalLm, batch: &TokenBatch, steps: usize) -> Vec<Vec<f32>> {
     let mut optim = model::optim::adamw(0.9, 0.999, 1e-8, 0.0);
     let device = model.device();
-    let (b, t) = (batch.batch, batch.seq);
-    let targets: Vec<i64> = (0..b * t)
-        .map(|p| {
-            if p % t + 1 < t {
-                batch.tokens[p + 1] as i64
-            } else {
-                0
-            }
-        })
-        .collect();
-    let targets: Tensor<2, Int> = Tensor::from_data(TensorData::new(targets, [b, t]), &device);
+    let targets = next_tokens(batch, &device);
     for _ in 0..steps {
         let lp = model::ops::token_logprobs(
             model.logits(model.forward(batch)).unwrap(),

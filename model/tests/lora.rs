@@ -4,14 +4,13 @@
 //! (when RLHF_PYTHON names a Python with peft); bad adapters are one clear error.
 
 use burn::optim::GradientsParams;
-use burn::tensor::{Int, Tensor, TensorData};
 use model::{CausalLm, LoraConfig, ModelMeta, TokenBatch, load, parse_device, save_adapter};
 use serde_json::Value;
 use std::path::Path;
 
 #[path = "common/fixtures.rs"]
 mod fixtures;
-use fixtures::{fixture, logits, max_real_diff, read_json as json, reference_batch};
+use fixtures::{fixture, logits, max_real_diff, next_tokens, read_json as json, reference_batch};
 
 /// (base fixture, its PEFT adapter fixture).
 const CASES: &[&str] = &["llama_gqa_untied", "qwen2_bias_sharded", "gpt2"];
@@ -70,17 +69,7 @@ fn train(mut model: CausalLm, batch: &TokenBatch, steps: usize) -> (CausalLm, us
     let mut optim = model::optim::adamw(0.9, 0.999, 1e-8, 0.0);
     let mut with_grads = 0;
     let device = model.device();
-    let (b, t) = (batch.batch, batch.seq);
-    let targets: Vec<i64> = (0..b * t)
-        .map(|p| {
-            if p % t + 1 < t {
-                batch.tokens[p + 1] as i64
-            } else {
-                0
-            }
-        })
-        .collect();
-    let targets: Tensor<2, Int> = Tensor::from_data(TensorData::new(targets, [b, t]), &device);
+    let targets = next_tokens(batch, &device);
     for step in 0..steps {
         let lp = model::ops::token_logprobs(
             model.logits(model.forward(batch)).unwrap(),

@@ -1,8 +1,9 @@
-//! What the tests on the HF fixtures share (`#[path]`-included by parity.rs, lora.rs and
+//! What the tests on the HF fixtures share (`#[path]`-included by parity.rs, lora.rs, dtype.rs and
 //! chat_merge.rs): the fixture folders, their reference batch, and logits compared over its real
 //! positions. Not every test uses every function.
 #![allow(dead_code)]
 
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use model::ops::to_f32_vec;
 use model::{CausalLm, TokenBatch};
 use serde_json::Value;
@@ -62,4 +63,20 @@ pub fn max_real_diff(a: &[f32], b: &[f32], batch: &TokenBatch, v: usize) -> f32 
         }
     }
     worst
+}
+
+/// Next-token targets of `batch` ([b, t]: each position's following token, 0 after the last),
+/// for the tests that train a few steps of next-token loss.
+pub fn next_tokens(batch: &TokenBatch, device: &Device) -> Tensor<2, Int> {
+    let (b, t) = (batch.batch, batch.seq);
+    let targets: Vec<i64> = (0..b * t)
+        .map(|p| {
+            if p % t + 1 < t {
+                batch.tokens[p + 1] as i64
+            } else {
+                0
+            }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(targets, [b, t]), device)
 }
